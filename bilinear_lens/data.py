@@ -1,0 +1,689 @@
+"""Training data: load documents, tokenize them once into a memory-mapped cache, serve blocks.
+
+Pipeline (:func:`prepare_data` runs all of it)::
+
+    source ──iter_texts──> documents ──is_val_document──> train / val documents
+           ──encode_documents──> uint16 token stream  [SEP, doc0..., SEP, doc1..., ...]
+           ──write (atomic) ──> <cache_dir>/<key>.{train,val}.bin + .json sidecars
+           ──TokenBlocks──> blocks [n_blocks, n_ctx + 1]; input = block[:-1], target = block[1:]
+
+Sources (:func:`iter_texts`):
+
+- ``"synthetic"``: the built-in story generator (:mod:`bilinear_lens.synthetic`);
+- a local file, read through ``datasets``: ``.txt`` (documents separated by a blank line,
+  as in this project's TinyStories exports), ``.jsonl`` / ``.json`` (a text field) or
+  ``.parquet`` (a text column);
+- otherwise a Hugging Face hub dataset name, e.g. ``"roneneldan/TinyStories"``.
+
+The validation split is chosen per document by a seeded hash of its text, so it is
+deterministic, independent of corpus order and size limits, and duplicate documents (which
+TinyStories has) never straddle train and val.
+
+The token cache is keyed by a hash of the source spec (for a local file: its path, size
+and mtime) and the tokenizer, so a later run with the same inputs memory-maps the files
+instead of tokenizing again. Files are written to temporaries and renamed into place, with
+the JSON sidecars written last, so an interrupted run never leaves a cache that looks valid.
+
+Batches (:meth:`TokenBlocks.batch`) are a pure function of ``(step, batch_size, rank,
+world_size, seed)``: resuming at step ``k`` needs only ``k``, and the ranks of one step get
+disjoint blocks whose concatenation is the single-process batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from itertools import chain, islice
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from bilinear_lens.synthetic import iter_synthetic_stories
+from bilinear_lens.tokenizer import (
+    DEFAULT_VOCAB_SIZE,
+    SEPARATOR_ID,
+    load_tokenizer,
+    save_tokenizer,
+    tokenizer_hash,
+    train_tokenizer,
+)
+
+__all__ = [
+    "SYNTHETIC_SOURCE",
+    "SYNTHETIC_DEFAULT_DOCS",
+    "SUPPORTED_EXTENSIONS",
+    "TOKEN_DTYPE",
+    "iter_texts",
+    "load_texts",
+    "is_val_document",
+    "split_documents",
+    "encode_documents",
+    "pack_blocks",
+    "source_spec",
+    "token_cache_key",
+    "build_token_cache",
+    "open_token_file",
+    "TokenBlocks",
+    "prepare_data",
+]
+
+SYNTHETIC_SOURCE = "synthetic"
+# Stories drawn from the synthetic source when neither max_docs nor max_chars is given
+# (about 100k stories, ~20M characters, ~5M tokens).
+SYNTHETIC_DEFAULT_DOCS = 100_000
+# extension -> (datasets builder, extra builder kwargs)
+SUPPORTED_EXTENSIONS: dict[str, tuple[str, dict[str, Any]]] = {
+    ".txt": ("text", {"sample_by": "paragraph"}),  # documents separated by a blank line
+    ".jsonl": ("json", {}),
+    ".json": ("json", {}),
+    ".parquet": ("parquet", {}),
+}
+TOKEN_DTYPE = np.uint16
+_MAX_TOKEN_ID = int(np.iinfo(TOKEN_DTYPE).max)
+_CACHE_FORMAT_VERSION = 1
+_ENCODE_BATCH_DOCS = 1024
+
+
+# --- loading documents ------------------------------------------------------------------
+
+
+def _is_local_source(source: str) -> bool:
+    """A source names a local file if it exists, is explicitly a path, or has a file
+    extension; anything else (``"owner/name"``) is a hub dataset."""
+    path = Path(source).expanduser()
+    return (
+        path.exists()
+        or path.is_absolute()
+        or source.startswith((".", "~"))
+        or path.suffix != ""
+    )
+
+
+def _local_dataset(path: Path, split: str, hf_cache_dir: Optional[str]) -> Any:
+    if not path.exists():
+        raise FileNotFoundError(f"corpus file not found: {path}")
+    if not path.is_file():
+        raise ValueError(f"corpus path is not a file: {path}")
+    suffix = path.suffix.lower()
+    if suffix not in SUPPORTED_EXTENSIONS:
+        raise ValueError(
+            f"unsupported corpus file extension {suffix!r} for {path}; "
+            f"supported: {', '.join(SUPPORTED_EXTENSIONS)}"
+        )
+    import datasets
+
+    builder, kwargs = SUPPORTED_EXTENSIONS[suffix]
+    # Streaming reads the file in place: no Arrow copy in the HF cache for a one-pass read.
+    return datasets.load_dataset(
+        builder, data_files={split: str(path)}, split=split, streaming=True, cache_dir=hf_cache_dir, **kwargs
+    )
+
+
+def _hub_dataset(name: str, split: str, streaming: bool, hf_cache_dir: Optional[str]) -> Any:
+    import datasets
+
+    return datasets.load_dataset(name, split=split, streaming=streaming, cache_dir=hf_cache_dir)
+
+
+def _dataset_texts(dataset: Any, text_column: str, source: str) -> Iterator[str]:
+    columns = getattr(dataset, "column_names", None)  # None for some streaming datasets
+    if columns is not None and text_column not in columns:
+        raise ValueError(f"no text column {text_column!r} in {source}; columns: {list(columns)}")
+    for row in dataset:
+        if text_column not in row:
+            raise ValueError(f"no text column {text_column!r} in {source}; columns: {list(row)}")
+        yield row[text_column]
+
+
+def iter_texts(
+    source: str | os.PathLike[str],
+    split: str = "train",
+    *,
+    max_docs: Optional[int] = None,
+    max_chars: Optional[int] = None,
+    text_column: str = "text",
+    seed: int = 0,
+    streaming: bool = False,
+    hf_cache_dir: Optional[str] = None,
+) -> Iterator[str]:
+    """Stream the documents of ``source``, stripped of surrounding whitespace, empty ones
+    dropped.
+
+    Args:
+        source: ``"synthetic"``, a local ``.txt``/``.jsonl``/``.json``/``.parquet`` file, or
+            a hub dataset name (loaded with ``datasets.load_dataset(name, split=split,
+            streaming=streaming)``).
+        split: dataset split. Local files have a single split, named ``split``. For
+            ``"synthetic"``, ``"train"`` uses ``seed`` and any other split an independent
+            seed derived from ``seed`` and the split name.
+        max_docs: stop after this many documents. The synthetic source is endless, so it
+            yields :data:`SYNTHETIC_DEFAULT_DOCS` when neither limit is given.
+        max_chars: stop once the documents yielded hold at least this many characters (the
+            document crossing the limit is included).
+        text_column: column (field) holding the text.
+        seed: synthetic generator seed (ignored for other sources).
+        streaming: stream a hub dataset instead of downloading it. Local files are always
+            streamed (read in place).
+        hf_cache_dir: ``datasets`` cache directory (default: HF's); hub downloads go
+            there, local files leave only lock files.
+
+    Raises ``FileNotFoundError`` (missing local file), ``ValueError`` (unsupported
+    extension, missing text column, bad limits). An empty corpus yields nothing; see
+    :func:`load_texts` for the check.
+    """
+    if max_docs is not None and max_docs < 1:
+        raise ValueError(f"max_docs must be >= 1 or None, got {max_docs}")
+    if max_chars is not None and max_chars < 1:
+        raise ValueError(f"max_chars must be >= 1 or None, got {max_chars}")
+    source = os.fspath(source)
+    raw: Iterator[str]
+    if source == SYNTHETIC_SOURCE:
+        raw = iter_synthetic_stories(seed if split == "train" else f"{seed}:{split}")
+        if max_docs is None and max_chars is None:
+            max_docs = SYNTHETIC_DEFAULT_DOCS
+    elif _is_local_source(source):
+        path = Path(source).expanduser()
+        raw = _dataset_texts(_local_dataset(path, split, hf_cache_dir), text_column, str(path))
+    else:
+        raw = _dataset_texts(_hub_dataset(source, split, streaming, hf_cache_dir), text_column, source)
+
+    n_docs = n_chars = 0
+    for text in raw:
+        text = text.strip() if text else ""
+        if not text:
+            continue
+        yield text
+        n_docs += 1
+        n_chars += len(text)
+        if (max_docs is not None and n_docs >= max_docs) or (max_chars is not None and n_chars >= max_chars):
+            return
+
+
+def load_texts(
+    source: str | os.PathLike[str],
+    split: str = "train",
+    *,
+    max_docs: Optional[int] = None,
+    max_chars: Optional[int] = None,
+    text_column: str = "text",
+    seed: int = 0,
+    streaming: bool = False,
+    hf_cache_dir: Optional[str] = None,
+) -> list[str]:
+    """All documents of ``source`` as a list (see :func:`iter_texts` for the arguments).
+
+    Raises ``ValueError`` naming the source if it holds no non-empty document.
+    """
+    texts = list(
+        iter_texts(
+            source, split, max_docs=max_docs, max_chars=max_chars, text_column=text_column,
+            seed=seed, streaming=streaming, hf_cache_dir=hf_cache_dir,
+        )
+    )
+    if not texts:
+        raise ValueError(f"empty corpus: {os.fspath(source)!r} (split {split!r}) has no non-empty documents")
+    return texts
+
+
+# --- train / validation split ------------------------------------------------------------
+
+
+def is_val_document(text: str, val_fraction: float, seed: int = 0) -> bool:
+    """Whether ``text`` belongs to the validation split: a seeded hash of the text, mapped
+    to [0, 1), is below ``val_fraction``. Identical texts always land in the same split."""
+    if val_fraction <= 0.0:
+        return False
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8, key=str(seed).encode()).digest()
+    return int.from_bytes(digest, "little") < val_fraction * 2**64
+
+
+def split_documents(texts: Iterable[str], val_fraction: float, seed: int = 0) -> tuple[list[str], list[str]]:
+    """``(train, val)`` document lists by :func:`is_val_document`, order kept."""
+    _check_val_fraction(val_fraction)
+    train: list[str] = []
+    val: list[str] = []
+    for text in texts:
+        (val if is_val_document(text, val_fraction, seed) else train).append(text)
+    return train, val
+
+
+def _check_val_fraction(val_fraction: float) -> None:
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+
+
+# --- tokenizing and packing ---------------------------------------------------------------
+
+
+def _check_vocab_fits(tokenizer: Tokenizer) -> None:
+    vocab_size = tokenizer.get_vocab_size()
+    if vocab_size > _MAX_TOKEN_ID + 1:
+        raise ValueError(
+            f"vocab size {vocab_size} does not fit the uint16 token files (max {_MAX_TOKEN_ID + 1}); "
+            "use a smaller vocab_size"
+        )
+
+
+def encode_documents(tokenizer: Tokenizer, texts: Sequence[str]) -> np.ndarray:
+    """Token stream of ``texts``, each document preceded by the separator (BOS) token.
+
+    Returns a uint16 array ``[sum(len(doc) + 1)]``: ``[SEP, doc0..., SEP, doc1..., ...]``.
+    """
+    _check_vocab_fits(tokenizer)
+    ids = [enc.ids for enc in tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+    count = sum(len(doc) for doc in ids) + len(ids)
+    stream = chain.from_iterable(chain.from_iterable(([SEPARATOR_ID], doc) for doc in ids))
+    return np.fromiter(stream, dtype=TOKEN_DTYPE, count=count)
+
+
+def pack_blocks(tokens: np.ndarray, n_ctx: int, name: str = "token") -> np.ndarray:
+    """View a token stream ``[n_tokens]`` as non-overlapping blocks ``[n_blocks, n_ctx + 1]``
+    (the tail shorter than a block is dropped); no copy, so it works on a memmap.
+
+    Raises ``ValueError`` naming ``n_ctx`` and the token count if not even one block fits.
+    """
+    if n_ctx < 1:
+        raise ValueError(f"n_ctx must be >= 1, got {n_ctx}")
+    if tokens.ndim != 1:
+        raise ValueError(f"expected a 1-D token stream, got shape {tokens.shape}")
+    block_len = n_ctx + 1
+    n_blocks = len(tokens) // block_len
+    if n_blocks == 0:
+        raise ValueError(
+            f"n_ctx={n_ctx} is too large for the {name} split: a block needs {block_len} tokens "
+            f"but the split has only {len(tokens)} tokens; use a smaller n_ctx or more data"
+        )
+    return tokens[: n_blocks * block_len].reshape(n_blocks, block_len)
+
+
+# --- token cache ------------------------------------------------------------------------
+
+
+def source_spec(
+    source: str | os.PathLike[str],
+    split: str = "train",
+    *,
+    max_docs: Optional[int] = None,
+    max_chars: Optional[int] = None,
+    text_column: str = "text",
+    seed: int = 0,
+) -> dict[str, Any]:
+    """JSON-able description of a corpus, precise enough to key a cache on: a local file is
+    identified by its resolved path, size and modification time (an edit invalidates)."""
+    source = os.fspath(source)
+    spec: dict[str, Any] = {
+        "source": source, "split": split, "max_docs": max_docs, "max_chars": max_chars,
+    }
+    if source == SYNTHETIC_SOURCE:
+        spec["seed"] = seed
+    elif _is_local_source(source):
+        path = Path(source).expanduser().resolve()
+        if not path.is_file():
+            raise FileNotFoundError(f"corpus file not found: {path}")
+        stat = path.stat()
+        spec.update(source=str(path), size=stat.st_size, mtime_ns=stat.st_mtime_ns, text_column=text_column)
+    else:
+        spec["text_column"] = text_column
+    return spec
+
+
+def token_cache_key(spec: dict[str, Any], tokenizer_sha256: str, val_fraction: float, seed: int) -> str:
+    """Hex key of a token cache: hash of the source spec, the tokenizer and the split."""
+    payload = json.dumps(
+        {"format": _CACHE_FORMAT_VERSION, "spec": spec, "tokenizer": tokenizer_sha256,
+         "val_fraction": val_fraction, "split_seed": seed},
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:24]
+
+
+def _cache_paths(cache_dir: Path, key: str, split: str) -> tuple[Path, Path]:
+    return cache_dir / f"{key}.{split}.bin", cache_dir / f"{key}.{split}.json"
+
+
+def _write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def build_token_cache(
+    texts: Iterable[str],
+    tokenizer: Tokenizer,
+    cache_dir: str | os.PathLike[str],
+    key: str,
+    *,
+    val_fraction: float,
+    seed: int = 0,
+    description: Optional[dict[str, Any]] = None,
+    progress: bool = False,
+) -> dict[str, Path]:
+    """Tokenize ``texts`` in one streaming pass into ``<cache_dir>/<key>.{train,val}.bin``.
+
+    Each document goes to train or val by :func:`is_val_document`; each split's file is
+    its :func:`encode_documents` stream (uint16, native byte order), with a JSON sidecar
+    (``token_count``, ``n_docs``, ``vocab_size``, ``tokenizer_sha256``, ``source``...).
+    Binaries are renamed into place first and sidecars last, so a sidecar implies a
+    complete binary. Returns ``{"train": path, "val": path}`` (no val without val_fraction).
+
+    Raises ``ValueError`` if ``texts`` is empty (nothing is written).
+    """
+    _check_val_fraction(val_fraction)
+    _check_vocab_fits(tokenizer)
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    splits = ["train", "val"] if val_fraction > 0 else ["train"]
+    tmp_paths = {s: cache_dir / f"{key}.{s}.bin.tmp-{os.getpid()}" for s in splits}
+    counts = {s: {"token_count": 0, "n_docs": 0} for s in splits}
+    files = {s: open(tmp_paths[s], "wb") for s in splits}
+    try:
+        pending: dict[str, list[str]] = {s: [] for s in splits}
+
+        def flush(split: str) -> None:
+            tokens = encode_documents(tokenizer, pending[split])
+            files[split].write(tokens.tobytes())
+            counts[split]["token_count"] += len(tokens)
+            counts[split]["n_docs"] += len(pending[split])
+            pending[split].clear()
+
+        for text in tqdm(texts, desc="tokenizing", unit="doc", disable=not progress):
+            split = "val" if is_val_document(text, val_fraction, seed) else "train"
+            pending[split].append(text)
+            if len(pending[split]) >= _ENCODE_BATCH_DOCS:
+                flush(split)
+        for split in splits:
+            if pending[split]:
+                flush(split)
+        for f in files.values():
+            f.close()
+        if sum(c["n_docs"] for c in counts.values()) == 0:
+            name = (description or {}).get("source", "corpus")
+            raise ValueError(f"empty corpus: {name!r} has no non-empty documents")
+        meta_common = {
+            "format_version": _CACHE_FORMAT_VERSION, "dtype": np.dtype(TOKEN_DTYPE).name,
+            "separator_id": SEPARATOR_ID, "vocab_size": tokenizer.get_vocab_size(),
+            "tokenizer_sha256": tokenizer_hash(tokenizer), "source": description or {},
+            "val_fraction": val_fraction, "split_seed": seed,
+        }
+        out: dict[str, Path] = {}
+        for split in splits:
+            bin_path, _ = _cache_paths(cache_dir, key, split)
+            os.replace(tmp_paths[split], bin_path)
+            out[split] = bin_path
+        for split in reversed(splits):  # train's sidecar last: it marks the cache complete
+            _write_json_atomic(_cache_paths(cache_dir, key, split)[1], {**meta_common, "split": split, **counts[split]})
+        return out
+    finally:
+        for f in files.values():
+            f.close()
+        for tmp in tmp_paths.values():
+            tmp.unlink(missing_ok=True)
+
+
+def _read_sidecar(bin_path: Path) -> dict[str, Any]:
+    sidecar = bin_path.with_suffix(".json")
+    if not sidecar.is_file():
+        raise FileNotFoundError(f"token file sidecar not found: {sidecar}")
+    return json.loads(sidecar.read_text())
+
+
+def open_token_file(path: str | os.PathLike[str]) -> np.ndarray:
+    """Memory-map a cached token file read-only: uint16 ``[token_count]``.
+
+    Checks the sidecar's ``token_count`` against the file size (``ValueError`` if not).
+    """
+    path = Path(path)
+    meta = _read_sidecar(path)
+    expected = meta["token_count"] * np.dtype(meta["dtype"]).itemsize
+    if not path.is_file() or path.stat().st_size != expected:
+        raise ValueError(f"token file {path} is missing or truncated (expected {expected} bytes)")
+    if meta["token_count"] == 0:  # np.memmap refuses empty files
+        return np.zeros(0, dtype=meta["dtype"])
+    return np.memmap(path, dtype=meta["dtype"], mode="r", shape=(meta["token_count"],))
+
+
+def _cache_is_valid(cache_dir: Path, key: str, splits: Sequence[str], tokenizer_sha256: str) -> bool:
+    for split in splits:
+        bin_path, sidecar = _cache_paths(cache_dir, key, split)
+        try:
+            meta = json.loads(sidecar.read_text())
+            ok = (
+                meta.get("format_version") == _CACHE_FORMAT_VERSION
+                and meta.get("tokenizer_sha256") == tokenizer_sha256
+                and bin_path.stat().st_size == meta["token_count"] * np.dtype(meta["dtype"]).itemsize
+            )
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        if not ok:
+            return False
+    return True
+
+
+# --- blocks and batches -------------------------------------------------------------------
+
+
+class TokenBlocks:
+    """A token stream cut into blocks ``[n_blocks, n_ctx + 1]``, served as deterministic
+    batches.
+
+    Training order: epoch ``e`` visits the blocks in the permutation
+    ``default_rng([seed, e]).permutation(n_blocks)``, in global batches of ``batch_size``
+    blocks (the last partial batch of each epoch is dropped, so no batch repeats a block).
+    Step ``s`` is batch ``s % batches_per_epoch`` of epoch ``s // batches_per_epoch``, and
+    rank ``r`` of ``world_size`` takes rows ``[r * b, (r + 1) * b)`` of it with
+    ``b = batch_size // world_size``.
+
+    Args:
+        tokens: 1-D integer token stream (a memmap from :func:`open_token_file` is not
+            copied).
+        n_ctx: context length; blocks hold ``n_ctx + 1`` tokens (input and shifted target).
+        name: split name for error messages.
+    """
+
+    def __init__(self, tokens: np.ndarray, n_ctx: int, name: str = "train") -> None:
+        self.tokens = tokens
+        self.n_ctx = n_ctx
+        self.name = name
+        self.blocks = pack_blocks(tokens, n_ctx, name)
+        self.path: Optional[Path] = None
+        self._perm_cache: tuple[tuple[int, int], np.ndarray] | None = None
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str], n_ctx: int, name: Optional[str] = None) -> "TokenBlocks":
+        """Blocks over a cached token file (memory-mapped, read-only)."""
+        meta = _read_sidecar(Path(path))
+        blocks = cls(open_token_file(path), n_ctx, name or meta.get("split", "train"))
+        blocks.path = Path(path)
+        return blocks
+
+    # Pickle a file-backed instance by path, not by value (DataLoader workers, spawn).
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__, _perm_cache=None)
+        if self.path is not None:
+            state.update(tokens=None, blocks=None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self.path is not None:
+            self.tokens = open_token_file(self.path)
+            self.blocks = pack_blocks(self.tokens, self.n_ctx, self.name)
+
+    @property
+    def n_blocks(self) -> int:
+        return int(self.blocks.shape[0])
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens in the stream (including the dropped tail)."""
+        return int(len(self.tokens))
+
+    def __len__(self) -> int:
+        return self.n_blocks
+
+    def __getitem__(self, index: int) -> Tensor:
+        """Block ``index``: LongTensor ``[n_ctx + 1]``."""
+        return torch.from_numpy(self.blocks[index].astype(np.int64))
+
+    def __repr__(self) -> str:
+        return f"TokenBlocks(name={self.name!r}, n_blocks={self.n_blocks}, n_ctx={self.n_ctx}, n_tokens={self.n_tokens})"
+
+    def _check_batch_args(self, batch_size: int, rank: int, world_size: int) -> None:
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        if batch_size < 1 or batch_size % world_size:
+            raise ValueError(f"batch_size must be a positive multiple of world_size={world_size}, got {batch_size}")
+
+    def batches_per_epoch(self, batch_size: int) -> int:
+        """Full global batches per epoch: ``n_blocks // batch_size``."""
+        if batch_size > self.n_blocks:
+            raise ValueError(
+                f"batch_size={batch_size} exceeds the {self.n_blocks} blocks of n_ctx={self.n_ctx} "
+                f"in the {self.name} split; use a smaller batch_size or n_ctx, or more data"
+            )
+        return self.n_blocks // batch_size
+
+    def _permutation(self, seed: int, epoch: int) -> np.ndarray:
+        if self._perm_cache is None or self._perm_cache[0] != (seed, epoch):
+            self._perm_cache = ((seed, epoch), np.random.default_rng([seed, epoch]).permutation(self.n_blocks))
+        return self._perm_cache[1]
+
+    def block_indices(self, step: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0) -> np.ndarray:
+        """Indices of the blocks of ``step`` for ``rank``: int64 ``[batch_size // world_size]``."""
+        self._check_batch_args(batch_size, rank, world_size)
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        per_epoch = self.batches_per_epoch(batch_size)
+        epoch, within = divmod(step, per_epoch)
+        per_rank = batch_size // world_size
+        start = within * batch_size + rank * per_rank
+        return self._permutation(seed, epoch)[start : start + per_rank]
+
+    def epoch(self, step: int, batch_size: int) -> int:
+        """The epoch that ``step`` falls in."""
+        return step // self.batches_per_epoch(batch_size)
+
+    def batch(self, step: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0) -> Tensor:
+        """Training batch of ``step`` for ``rank``: LongTensor ``[batch_size // world_size, n_ctx + 1]``.
+
+        ``batch_size`` is the global batch size (a multiple of ``world_size``); input is
+        ``batch[:, :-1]``, target ``batch[:, 1:]``.
+        """
+        indices = self.block_indices(step, batch_size, rank, world_size, seed)
+        return torch.from_numpy(self.blocks[indices].astype(np.int64))
+
+    def eval_batches(self, batch_size: int, rank: int = 0, world_size: int = 1) -> Iterator[Tensor]:
+        """All blocks in file order, as LongTensors ``[<= batch_size, n_ctx + 1]`` (the last
+        batch may be short); rank ``r`` gets batches ``r, r + world_size, ...``."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        for start in range(rank * batch_size, self.n_blocks, batch_size * world_size):
+            yield torch.from_numpy(self.blocks[start : start + batch_size].astype(np.int64))
+
+
+# --- entry point --------------------------------------------------------------------------
+
+
+def prepare_data(
+    source: str | os.PathLike[str] = SYNTHETIC_SOURCE,
+    tokenizer: Tokenizer | str | os.PathLike[str] | None = None,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
+    n_ctx: int = 256,
+    cache_dir: str | os.PathLike[str] = "data_cache",
+    val_fraction: float = 0.05,
+    seed: int = 0,
+    max_docs: Optional[int] = None,
+    *,
+    split: str = "train",
+    max_chars: Optional[int] = None,
+    text_column: str = "text",
+    streaming: bool = False,
+    tokenizer_train_docs: Optional[int] = 100_000,
+    hf_cache_dir: Optional[str] = None,
+    progress: bool = False,
+) -> tuple[Tokenizer, TokenBlocks, Optional[TokenBlocks]]:
+    """Tokenizer, train blocks and validation blocks for ``source``, cached in ``cache_dir``.
+
+    Args:
+        source, split, max_docs, max_chars, text_column, streaming, hf_cache_dir: the
+            corpus, as in :func:`iter_texts` (``seed`` also seeds the synthetic source).
+        tokenizer: a ``Tokenizer``, a path to a ``tokenizer.json``, or ``None`` to train a
+            byte-level BPE of ``vocab_size`` on the first ``tokenizer_train_docs`` training
+            documents (``None``: all); the trained tokenizer is cached in ``cache_dir`` too.
+        vocab_size: requested vocabulary size when training (the result may be smaller
+            on a small corpus; read ``tokenizer.get_vocab_size()``).
+        n_ctx: context length; blocks are ``[n_ctx + 1]`` tokens.
+        val_fraction: fraction of documents held out for validation (0: no val split).
+        seed: seeds the synthetic corpus and the train/val split (the batch order has its
+            own seed, passed to :meth:`TokenBlocks.batch`).
+
+    Returns ``(tokenizer, train_blocks, val_blocks)``; ``val_blocks`` is ``None`` when
+    ``val_fraction == 0``. A second call with the same arguments reads only the cache.
+
+    Raises ``ValueError`` for bad parameters, an empty corpus, or an ``n_ctx`` too large to
+    fill one block of either split (the message names ``n_ctx`` and the token count).
+    """
+    if n_ctx < 1:
+        raise ValueError(f"n_ctx must be >= 1, got {n_ctx}")
+    _check_val_fraction(val_fraction)
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    if tokenizer_train_docs is not None and tokenizer_train_docs < 1:
+        raise ValueError(f"tokenizer_train_docs must be >= 1 or None, got {tokenizer_train_docs}")
+    cache_dir = Path(cache_dir)
+    spec = source_spec(source, split, max_docs=max_docs, max_chars=max_chars, text_column=text_column, seed=seed)
+
+    def texts() -> Iterator[str]:
+        return iter_texts(
+            source, split, max_docs=max_docs, max_chars=max_chars, text_column=text_column,
+            seed=seed, streaming=streaming, hf_cache_dir=hf_cache_dir,
+        )
+
+    if tokenizer is None:
+        tok_key = hashlib.sha256(
+            json.dumps({"spec": spec, "vocab_size": vocab_size, "train_docs": tokenizer_train_docs,
+                        "val_fraction": val_fraction, "seed": seed}, sort_keys=True).encode()
+        ).hexdigest()[:24]
+        tok_path = cache_dir / f"tokenizer-{tok_key}.json"
+        if tok_path.is_file():
+            tok = load_tokenizer(tok_path)
+        else:
+            if vocab_size > _MAX_TOKEN_ID + 1:  # refuse before spending time training
+                raise ValueError(f"vocab_size={vocab_size} does not fit uint16 token files (max {_MAX_TOKEN_ID + 1})")
+            train_texts = (t for t in texts() if not is_val_document(t, val_fraction, seed))
+            sample = list(islice(train_texts, tokenizer_train_docs))
+            if not sample:
+                raise ValueError(f"empty corpus: {spec['source']!r} has no training documents")
+            tok = train_tokenizer(sample, vocab_size, show_progress=progress)
+            save_tokenizer(tok, tok_path)
+    elif isinstance(tokenizer, Tokenizer):
+        tok = tokenizer
+    else:
+        tok = load_tokenizer(tokenizer)
+    _check_vocab_fits(tok)
+
+    tok_sha = tokenizer_hash(tok)
+    key = token_cache_key(spec, tok_sha, val_fraction, seed)
+    splits = ["train", "val"] if val_fraction > 0 else ["train"]
+    if not _cache_is_valid(cache_dir, key, splits, tok_sha):
+        build_token_cache(
+            texts(), tok, cache_dir, key, val_fraction=val_fraction, seed=seed,
+            description=spec, progress=progress,
+        )
+    train_blocks = TokenBlocks.from_file(_cache_paths(cache_dir, key, "train")[0], n_ctx, "train")
+    val_blocks = (
+        TokenBlocks.from_file(_cache_paths(cache_dir, key, "val")[0], n_ctx, "val") if val_fraction > 0 else None
+    )
+    return tok, train_blocks, val_blocks

@@ -1,0 +1,168 @@
+"""MLP blocks with TransformerLens hook points: the bilinear MLP and its baselines.
+
+Every MLP kind the toolkit builds lives here, with one layout so the kinds compare
+fairly and so TransformerLens' ``TransformerBridge`` can map them:
+
+- gated kinds (``bilinear``, ``swiglu``) hold ``nn.Linear`` submodules ``gate``, ``in``
+  and ``out`` (the slots of TransformerLens' ``GatedMLPBridge``);
+- plain kinds (``relu``, ``gelu``, ``linear``) hold ``in`` and ``out`` (``MLPBridge``).
+
+Weights are stored as ``nn.Linear`` (``[out_features, in_features]``) and exposed through
+TransformerLens-orientation properties ``W_in``/``W_gate`` ``[d_model, d_mlp]`` and
+``W_out`` ``[d_mlp, d_model]``, the same orientation ``TransformerBridge`` reports, so
+weight-based analysis code runs on either object.
+
+Hook points, named as in TransformerLens' gated MLP:
+
+=================  ==========================  =====================
+hook               gated kinds                 plain kinds
+=================  ==========================  =====================
+``hook_in``        input ``x``                 input ``x``
+``hook_pre``       ``x @ W_gate + b_gate``     ``x @ W_in + b_in``
+``hook_pre_linear`` ``x @ W_in + b_in``         (absent)
+``hook_post``      ``act(pre) * pre_linear``   ``act(pre)``
+``hook_out``       output                      output
+=================  ==========================  =====================
+
+For the bilinear MLP ``act`` is the identity, so
+``out = W_out^T ((W_in^T x + b_in) * (W_gate^T x + b_gate)) + b_out``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, cast
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+
+Activation = Callable[[Tensor], Tensor]
+
+# name -> elementwise function; None is the identity (bilinear / linear MLPs).
+ACTIVATIONS: dict[str, Optional[Activation]] = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "silu": F.silu,
+    "identity": None,
+}
+
+
+def _activation(name: str) -> Optional[Activation]:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; allowed: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+class _WeightViews:
+    """TransformerLens-orientation views of the ``nn.Linear`` weights (no copies)."""
+
+    @property
+    def W_in(self) -> Float[Tensor, "d_model d_mlp"]:
+        return cast(nn.Linear, getattr(self, "in")).weight.T
+
+    @property
+    def b_in(self) -> Optional[Float[Tensor, "d_mlp"]]:
+        return cast(nn.Linear, getattr(self, "in")).bias
+
+    @property
+    def W_out(self) -> Float[Tensor, "d_mlp d_model"]:
+        return cast(nn.Linear, getattr(self, "out")).weight.T
+
+    @property
+    def b_out(self) -> Optional[Float[Tensor, "d_model"]]:
+        return cast(nn.Linear, getattr(self, "out")).bias
+
+
+class GatedMLP(_WeightViews, nn.Module):
+    """``out = W_out^T (act(W_gate^T x + b_gate) * (W_in^T x + b_in)) + b_out``.
+
+    ``act="silu"`` is SwiGLU; ``act="identity"`` is the bilinear MLP (see :class:`BilinearMLP`).
+    """
+
+    gated = True
+
+    def __init__(self, d_model: int, d_mlp: int, act: str = "silu", bias: bool = False):
+        super().__init__()
+        self.d_model, self.d_mlp, self.act_name = d_model, d_mlp, act
+        self.act = _activation(act)
+        self.gate = nn.Linear(d_model, d_mlp, bias=bias)
+        # ``in`` is a Python keyword: register it by name (TransformerLens' native model
+        # and GatedMLPBridge address the slot the same way).
+        self.add_module("in", nn.Linear(d_model, d_mlp, bias=bias))
+        self.out = nn.Linear(d_mlp, d_model, bias=bias)
+        self.hook_in = HookPoint()  # [batch, pos, d_model]
+        self.hook_pre = HookPoint()  # [batch, pos, d_mlp]
+        self.hook_pre_linear = HookPoint()  # [batch, pos, d_mlp]
+        self.hook_post = HookPoint()  # [batch, pos, d_mlp]
+        self.hook_out = HookPoint()  # [batch, pos, d_model]
+
+    @property
+    def W_gate(self) -> Float[Tensor, "d_model d_mlp"]:
+        return self.gate.weight.T
+
+    @property
+    def b_gate(self) -> Optional[Float[Tensor, "d_mlp"]]:
+        return self.gate.bias
+
+    def forward(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        x = self.hook_in(x)
+        pre = self.hook_pre(self.gate(x))
+        pre_linear = self.hook_pre_linear(getattr(self, "in")(x))
+        act = pre if self.act is None else self.act(pre)
+        post = self.hook_post(act * pre_linear)
+        return self.hook_out(self.out(post))
+
+
+class BilinearMLP(GatedMLP):
+    """The bilinear MLP: a GLU with no elementwise nonlinearity.
+
+    ``out = W_out^T ((W_in^T x + b_in) * (W_gate^T x + b_gate)) + b_out``. With no biases
+    (the default, as in Pearce et al. 2024) it is the third-order tensor
+    ``B[a, i, j] = sum_h W_out[h, a] W_in[i, h] W_gate[j, h]`` applied to ``x`` twice,
+    so ``u . out = x^T Q(u) x`` (see :mod:`bilinear_lens.tensor`).
+    """
+
+    def __init__(self, d_model: int, d_mlp: int, bias: bool = False):
+        super().__init__(d_model, d_mlp, act="identity", bias=bias)
+
+
+class MLP(_WeightViews, nn.Module):
+    """``out = W_out^T act(W_in^T x + b_in) + b_out`` (``act`` relu, gelu, or identity)."""
+
+    gated = False
+
+    def __init__(self, d_model: int, d_mlp: int, act: str = "relu", bias: bool = False):
+        super().__init__()
+        self.d_model, self.d_mlp, self.act_name = d_model, d_mlp, act
+        self.act = _activation(act)
+        self.add_module("in", nn.Linear(d_model, d_mlp, bias=bias))
+        self.out = nn.Linear(d_mlp, d_model, bias=bias)
+        self.hook_in = HookPoint()  # [batch, pos, d_model]
+        self.hook_pre = HookPoint()  # [batch, pos, d_mlp]
+        self.hook_post = HookPoint()  # [batch, pos, d_mlp]
+        self.hook_out = HookPoint()  # [batch, pos, d_model]
+
+    def forward(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        x = self.hook_in(x)
+        pre = self.hook_pre(getattr(self, "in")(x))
+        post = self.hook_post(pre if self.act is None else self.act(pre))
+        return self.hook_out(self.out(post))
+
+
+# mlp kind (config value) -> constructor. "none" (attention-only) has no MLP.
+MLP_KINDS: dict[str, Callable[[int, int, bool], nn.Module]] = {
+    "bilinear": lambda d_model, d_mlp, bias: BilinearMLP(d_model, d_mlp, bias=bias),
+    "swiglu": lambda d_model, d_mlp, bias: GatedMLP(d_model, d_mlp, act="silu", bias=bias),
+    "relu": lambda d_model, d_mlp, bias: MLP(d_model, d_mlp, act="relu", bias=bias),
+    "gelu": lambda d_model, d_mlp, bias: MLP(d_model, d_mlp, act="gelu", bias=bias),
+    "linear": lambda d_model, d_mlp, bias: MLP(d_model, d_mlp, act="identity", bias=bias),
+}
+
+
+def make_mlp(kind: str, d_model: int, d_mlp: int, bias: bool = False) -> nn.Module:
+    """Build the MLP of ``kind`` (one of :data:`MLP_KINDS`)."""
+    if kind not in MLP_KINDS:
+        raise ValueError(f"mlp_kind={kind!r} is not an MLP kind; allowed: {sorted(MLP_KINDS)}")
+    return MLP_KINDS[kind](d_model, d_mlp, bias)

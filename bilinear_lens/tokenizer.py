@@ -1,0 +1,120 @@
+"""Byte-level BPE tokenizers: train, save, load, fingerprint, and wrap for TransformerLens.
+
+One special token, ``<|endoftext|>``, always has id 0 (:data:`SEPARATOR_ID`); it is the BOS
+token and the separator between packed documents. Byte-level BPE has no unknown token, so
+``decode(encode(text)) == text`` for any text without the special token in it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Iterable, Optional
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+__all__ = [
+    "SPECIAL_TOKEN",
+    "SEPARATOR_ID",
+    "DEFAULT_VOCAB_SIZE",
+    "train_tokenizer",
+    "save_tokenizer",
+    "load_tokenizer",
+    "tokenizer_hash",
+    "to_hf_tokenizer",
+]
+
+SPECIAL_TOKEN = "<|endoftext|>"
+SEPARATOR_ID = 0
+DEFAULT_VOCAB_SIZE = 4096
+# 256 byte symbols plus the special token: the smallest vocabulary a byte-level BPE can have.
+_MIN_VOCAB_SIZE = 257
+
+
+def _check_special_token(tokenizer: Tokenizer, where: str) -> None:
+    if tokenizer.token_to_id(SPECIAL_TOKEN) != SEPARATOR_ID:
+        raise ValueError(
+            f"{where}: expected {SPECIAL_TOKEN!r} to have id {SEPARATOR_ID}, "
+            f"got {tokenizer.token_to_id(SPECIAL_TOKEN)}"
+        )
+
+
+def train_tokenizer(
+    texts: Iterable[str],
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
+    *,
+    min_frequency: int = 2,
+    show_progress: bool = False,
+) -> Tokenizer:
+    """Train a byte-level BPE tokenizer on ``texts`` (any iterable of documents).
+
+    The vocabulary holds the 256 byte symbols, ``<|endoftext|>`` (id 0) and up to
+    ``vocab_size - 257`` merges. On a small corpus (e.g. the synthetic stories, a few
+    hundred words) BPE runs out of merges first, so ``get_vocab_size()`` may be smaller
+    than ``vocab_size``: size the model's embedding from the tokenizer, not the request.
+    """
+    if vocab_size < _MIN_VOCAB_SIZE:
+        raise ValueError(f"vocab_size must be >= {_MIN_VOCAB_SIZE} (256 bytes + {SPECIAL_TOKEN}), got {vocab_size}")
+    if min_frequency < 1:
+        raise ValueError(f"min_frequency must be >= 1, got {min_frequency}")
+    tokenizer = Tokenizer(models.BPE())
+    # add_prefix_space=False keeps decode(encode(text)) == text exactly.
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[SPECIAL_TOKEN],  # first special token gets id 0
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=show_progress,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    _check_special_token(tokenizer, "trained tokenizer")
+    return tokenizer
+
+
+def save_tokenizer(tokenizer: Tokenizer, path: str | os.PathLike[str]) -> Path:
+    """Write ``tokenizer`` to ``path`` (a ``tokenizer.json``) atomically; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tokenizer.save(str(tmp))
+    os.replace(tmp, path)  # readers see the old file or the whole new one, never a part
+    return path
+
+
+def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
+    """Load a ``tokenizer.json`` (a file, or a directory holding one).
+
+    Raises ``FileNotFoundError`` naming the path, and ``ValueError`` if the tokenizer does
+    not have ``<|endoftext|>`` as id 0 (the packing in :mod:`bilinear_lens.data` needs it).
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer file not found: {path}")
+    tokenizer = Tokenizer.from_file(str(path))
+    _check_special_token(tokenizer, str(path))
+    return tokenizer
+
+
+def tokenizer_hash(tokenizer: Tokenizer) -> str:
+    """SHA-256 hex digest of the tokenizer's JSON serialization (stable across save/load)."""
+    return hashlib.sha256(tokenizer.to_str().encode("utf-8")).hexdigest()
+
+
+def to_hf_tokenizer(tokenizer: Tokenizer, model_max_length: Optional[int] = None) -> PreTrainedTokenizerFast:
+    """Wrap ``tokenizer`` as a ``transformers`` fast tokenizer with bos/eos/pad set to
+    ``<|endoftext|>`` (what TransformerLens' ``TransformerBridge`` expects)."""
+    _check_special_token(tokenizer, "to_hf_tokenizer")
+    kwargs = {} if model_max_length is None else {"model_max_length": model_max_length}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=SPECIAL_TOKEN,
+        eos_token=SPECIAL_TOKEN,
+        pad_token=SPECIAL_TOKEN,
+        **kwargs,
+    )

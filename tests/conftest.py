@@ -1,0 +1,21 @@
+"""Shared fixtures: tiny models (d_model <= 64) so the suite stays fast on 2 CPU cores."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bilinear_lens.config import ModelConfig
+
+MLP_KINDS = ["bilinear", "swiglu", "relu", "gelu", "linear", "none"]
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    base = dict(d_vocab=97, d_model=32, n_layers=2, n_heads=4, d_mlp=48, n_ctx=16, seed=0)
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+@pytest.fixture
+def tokens() -> torch.Tensor:
+    return torch.randint(0, 97, (3, 11), generator=torch.Generator().manual_seed(0))
