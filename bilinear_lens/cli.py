@@ -1,0 +1,50 @@
+"""``bilinear-lens`` command line: ``bilinear-lens COMMAND [options]``.
+
+Each command lives in ``bilinear_lens/commands/<name>.py`` with ``build_parser()`` and
+``main(argv) -> int``; this module only dispatches (and imports lazily, so ``--help``
+is fast).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Optional
+
+COMMANDS = {
+    "train": "train a model from a TOML recipe",
+    "eigen": "eigendecompose a bilinear layer's interaction matrix for a token/direction",
+    "ablate": "neuron ablation sweep of an MLP layer",
+    "polytope": "polytope-region statistics of an MLP layer over a text file",
+    "report": "self-contained HTML report of a checkpoint",
+}
+
+
+def _usage() -> str:
+    lines = ["usage: bilinear-lens COMMAND [options]", "", "commands:"]
+    lines += [f"  {name:<10} {help_}" for name, help_ in COMMANDS.items()]
+    lines += ["", "run `bilinear-lens COMMAND --help` for a command's options"]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"bilinear-lens: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    try:
+        module = importlib.import_module(f"bilinear_lens.commands.{name}")
+    except ModuleNotFoundError as err:
+        if err.name == f"bilinear_lens.commands.{name}":
+            print(f"bilinear-lens: command {name!r} is not available in this version", file=sys.stderr)
+            return 2
+        raise
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per ``bilinear-lens`` subcommand (``build_parser()`` + ``main(argv)``)."""
