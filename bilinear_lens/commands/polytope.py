@@ -1,0 +1,223 @@
+"""``bilinear-lens polytope``: polytope-region statistics of an MLP layer over a text file.
+
+    bilinear-lens polytope --checkpoint runs/tiny/final --layer 0 --text-file stories.txt
+
+Prints the number of tokens and distinct regions (spline codes, see
+:mod:`bilinear_lens.spline_codes`), tokens-per-region statistics, the most common regions
+with example contexts, the mean Hamming distance between sampled tokens' codes and, when
+tokens carry labels (word classes of the synthetic vocabulary by default), the purity of
+regions vs k-means clusters (:func:`bilinear_lens.polytope.compare_purity`). ``--json``
+prints the same as one JSON object. BOS/padding tokens are not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from bilinear_lens.checkpoint import CheckpointError
+from bilinear_lens.polytope import (
+    compare_purity,
+    decode_context,
+    region_summary,
+    token_blocks,
+    track_regions,
+    word_class_labels,
+)
+from bilinear_lens.spline_codes import CODE_FACTORS, code_layout
+
+LABEL_KINDS = ("word-class", "token", "none")
+
+
+class UsageError(Exception):
+    """A problem with the arguments or inputs, reported as ``error: ...`` with exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bilinear-lens polytope",
+        description="Polytope-region statistics of an MLP layer over a text file.",
+    )
+    parser.add_argument("--checkpoint", required=True, help="model directory (save_pretrained format, with tokenizer)")
+    parser.add_argument("--layer", type=int, nargs="+", default=[0], help="layer(s); several layers make one joint code")
+    parser.add_argument("--text-file", required=True, help="UTF-8 text to run the model on")
+    parser.add_argument("--max-tokens", type=int, default=20_000, help="read at most this many tokens (default 20000)")
+    parser.add_argument("--factors", nargs="+", choices=CODE_FACTORS, help="MLP hooks whose signs make the code (default: per MLP kind)")
+    parser.add_argument("--labels", choices=LABEL_KINDS, default="word-class", help="token labels for purity (default word-class)")
+    parser.add_argument("--top", type=int, default=10, help="most common regions to show")
+    parser.add_argument("--examples", type=int, default=3, help="example contexts kept per region")
+    parser.add_argument("--context", type=int, default=8, help="tokens of context per example")
+    parser.add_argument("--purity-tokens", type=int, default=2000, help="tokens sampled for k-means (default 2000)")
+    parser.add_argument("--k", type=int, default=None, help="k-means clusters (default: as many as regions in the sample)")
+    parser.add_argument("--min-size", type=int, default=5, help="clusters of at least this many tokens count in weighted purity")
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    return parser
+
+
+def _load_model(path: str) -> Any:
+    from bilinear_lens.model import BilinearTransformer
+
+    try:
+        model = BilinearTransformer.from_pretrained(path)
+    except (FileNotFoundError, CheckpointError, ValueError) as err:
+        raise UsageError(f"cannot load checkpoint {path}: {err}") from err
+    if model.tokenizer is None:
+        raise UsageError(f"checkpoint {path} has no tokenizer.json; the polytope command needs one to read text")
+    return model
+
+
+def _read_token_ids(model: Any, path: str, max_tokens: int) -> list[int]:
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"text file not found: {path}")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UsageError(f"text file {path} is not UTF-8: {err}") from err
+    ids = model.tokenizer.encode(text, add_special_tokens=False)[:max_tokens]
+    if not ids:
+        raise UsageError(f"text file {path} has no tokens")
+    return ids
+
+
+def _token_labels(model: Any, kind: str) -> tuple[Optional[np.ndarray], list[str]]:
+    if kind == "word-class":
+        return word_class_labels(model.tokenizer, model.cfg.d_vocab)
+    if kind == "token":
+        return np.arange(model.cfg.d_vocab), []
+    return None, []
+
+
+def analyse(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the analysis; everything the command prints, as a JSON-ready dict."""
+    if args.max_tokens < 1 or args.batch_size < 1 or args.context < 1:
+        raise UsageError("--max-tokens, --batch-size and --context must be positive")
+    model = _load_model(args.checkpoint)
+    try:
+        layout = code_layout(model, args.layer, args.factors)
+    except (ValueError, KeyError) as err:  # bad layer, MLP kind without units, factor the kind lacks
+        raise UsageError(str(err)) from err
+    ids = _read_token_ids(model, args.text_file, args.max_tokens)
+    tok = model.tokenizer
+    special = {i for i in (tok.bos_token_id, tok.pad_token_id) if i is not None}
+    blocks = token_blocks(ids, model.cfg.n_ctx, tok.bos_token_id, tok.pad_token_id or 0)
+    labels, label_names = _token_labels(model, args.labels)
+    sample_hook = f"blocks.{args.layer[0]}.mlp.hook_in"
+    tracker, sample = track_regions(
+        model,
+        blocks.split(args.batch_size),
+        args.layer,
+        args.factors,
+        ignore_tokens=sorted(special),
+        token_labels=labels,
+        examples_per_region=args.examples,
+        context_width=args.context,
+        sample_hook=sample_hook if labels is not None else None,
+        sample_size=args.purity_tokens,
+        seed=args.seed,
+    )
+    result: dict[str, Any] = {
+        "checkpoint": str(args.checkpoint),
+        "mlp_kind": model.cfg.mlp_kind,
+        "layers": list(args.layer),
+        "hooks": layout.hook_names,
+        "n_units": layout.n_units,
+        "code_bytes": layout.n_bytes,
+    }
+    result.update(region_summary(tracker, args.top, render=lambda w: decode_context(tok, w)))
+    result["purity"] = _purity(args, tracker, sample, labels, label_names, sample_hook)
+    return result
+
+
+def _purity(args: argparse.Namespace, tracker: Any, sample: Any, labels: Any, label_names: list[str], hook: str) -> Optional[dict[str, Any]]:
+    if labels is None or not tracker.label_counts:
+        return None
+    sample_labels = labels[sample.token_ids]
+    out: dict[str, Any] = {
+        "labels": args.labels,
+        "label_names": label_names,
+        "all_tokens": tracker.purity_report(args.min_size, seed=args.seed).as_dict(),
+        "kmeans_hook": hook,
+    }
+    if (sample_labels >= 0).any():
+        comparison = compare_purity(sample.activations, sample.region_ids, sample_labels, args.k, args.min_size, seed=args.seed)
+        out["sample"] = comparison.as_dict()
+    return out
+
+
+def _fmt(x: float) -> str:
+    return "n/a" if isinstance(x, float) and math.isnan(x) else f"{x:.3f}"
+
+
+def format_report(result: dict[str, Any]) -> str:
+    """The human-readable tables."""
+    sizes, ham = result["tokens_per_region"], result["hamming"]
+    lines = [
+        f"polytope regions of {', '.join(result['hooks'])} ({result['mlp_kind']}): {result['n_units']} units, "
+        f"{result['code_bytes']} bytes per code",
+        f"  tokens                 {result['tokens']}",
+        f"  distinct regions       {result['distinct_regions']}",
+        f"  tokens per region      mean {sizes['mean']:.2f}, median {sizes['median']:g}, max {sizes['max']}",
+        f"  singleton regions      {sizes['singleton_regions']} ({100 * sizes['tokens_in_singletons']:.1f}% of tokens)",
+        f"  mean Hamming distance  {_fmt(ham['mean'])} units"
+        + (f" ({100 * ham['mean_fraction']:.1f}% of units)" if "mean_fraction" in ham else "")
+        + f", over {ham['n_sampled']} sampled tokens",
+        "",
+        "most common regions",
+        f"  {'#':>3}  {'region':<16}  {'tokens':>6}  {'share':>6}  examples",
+    ]
+    for i, region in enumerate(result["most_common"], 1):
+        examples = " | ".join(e.replace("\n", "\\n") for e in region["examples"])
+        lines.append(f"  {i:>3}  {region['region']:<16}  {region['count']:>6}  {100 * region['fraction']:>5.1f}%  {examples}")
+    purity = result["purity"]
+    if purity is None:
+        lines += ["", "purity: no labelled tokens (use --labels token, or text in the synthetic vocabulary)"]
+        return "\n".join(lines)
+    rows = [("regions, all tokens", purity["all_tokens"])]
+    if "sample" in purity:
+        rows += [("regions, sample", purity["sample"]["regions"]), ("k-means, sample", purity["sample"]["kmeans"])]
+    min_size = purity["all_tokens"]["min_size"]
+    lines += [
+        "",
+        f"purity w.r.t. {purity['labels']} labels"
+        + (f" (k-means on unit-normalised {purity['kmeans_hook']}, k = {purity['sample']['k']})" if "sample" in purity else ""),
+        f"  {'':<20} {'tokens':>6} {'clusters':>8} {'purity':>7} {'shuffled':>8} "
+        f"{f'w>={min_size}':>7} {'shuffled':>8} {'covered':>7}",
+    ]
+    for name, r in rows:
+        lines.append(
+            f"  {name:<20} {r['n_tokens']:>6} {r['n_clusters']:>8} {_fmt(r['purity']):>7} {_fmt(r['shuffled_purity']):>8} "
+            f"{_fmt(r['weighted_purity']):>7} {_fmt(r['shuffled_weighted_purity']):>8} {_fmt(r['covered_fraction']):>7}"
+        )
+    lines.append(f"  majority-class rate  {_fmt(purity['all_tokens']['majority_rate'])}")
+    return "\n".join(lines)
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN -> null (JSON has no NaN)."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = analyse(args)
+    except UsageError as err:
+        print(f"bilinear-lens polytope: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(_json_safe(result), indent=2) if args.json else format_report(result))
+    return 0

@@ -1,0 +1,700 @@
+"""The polytope lens (Black et al. 2022): regions over a dataset, boundaries along paths, purity.
+
+Built on :mod:`bilinear_lens.spline_codes` (what a token's code is; read its docstring for
+what a "region" means for each MLP kind, bilinear layers included).
+
+- **Regions over a dataset.** :class:`RegionTracker` streams packed codes batch by batch
+  and keeps a count per region, a bounded reservoir of example contexts per region, a
+  bounded reservoir of codes for Hamming statistics and, when tokens carry labels,
+  ``(region, label)`` counts. Memory grows with the number of distinct regions, never
+  with the number of tokens. :func:`track_regions` runs a model over token batches into
+  a tracker.
+- **Boundary density along a path.** :func:`residual_path_profile` (a straight line
+  between two residual vectors) and :func:`embedding_path_profile` (between two tokens'
+  embeddings at one position of a prompt) give a :class:`PathProfile`: plot-ready arrays
+  of position, cumulative distance, code changes per step and Hamming distance to the
+  start.
+- **Purity.** The paper's prediction: regions are purer w.r.t. a label than clusters of
+  directions. :func:`compare_purity` reports both, with the caveats made numbers: plain
+  purity is 1 whenever clusters are singletons, so :class:`PurityReport` also has the
+  size-weighted purity of clusters with at least ``min_size`` tokens and the expected
+  purity of a label-shuffled assignment with the same cluster sizes.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass
+from itertools import repeat
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from jaxtyping import Float, Int, UInt8
+from torch import Tensor
+
+from bilinear_lens.spline_codes import (
+    Layers,
+    code_layout,
+    codes_from_activations,
+    hamming,
+    pairwise_hamming,
+    region_ids,
+    residual_codes,
+    run_capturing,
+)
+from bilinear_lens.synthetic import word_class
+
+ArrayLike = Union[np.ndarray, Tensor]
+
+
+def _numpy(x: ArrayLike) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
+
+
+# ---- regions over a dataset ------------------------------------------------------------------
+
+
+class RegionTracker:
+    """Streaming region statistics; memory is O(distinct regions), not O(tokens).
+
+    ``update`` takes a batch of packed codes (and optionally one context object and one
+    integer label per token; label ``< 0`` means unlabelled). Region ids are
+    :func:`~bilinear_lens.spline_codes.region_ids` (64-bit hashes of the codes). Examples
+    are a uniform reservoir sample (Algorithm R) of ``examples_per_region`` contexts per
+    region; codes for Hamming statistics a uniform reservoir of ``hamming_sample`` tokens.
+    Counts do not depend on how the stream is split into batches.
+
+    Memory: a counter entry per region, at most ``examples_per_region`` contexts per
+    region, a ``(region, label)`` entry per pair seen, and ``hamming_sample`` codes.
+    """
+
+    def __init__(
+        self, examples_per_region: int = 3, hamming_sample: int = 1024, n_units: Optional[int] = None, seed: int = 0
+    ):
+        self.examples_per_region = examples_per_region
+        self.hamming_sample = hamming_sample
+        self.n_units = n_units
+        self.counts: Counter[int] = Counter()
+        self.label_counts: Counter[tuple[int, int]] = Counter()
+        self.n_tokens = 0
+        self._examples: dict[int, list[Any]] = {}
+        self._sample: Optional[np.ndarray] = None
+        self._n_sampled = 0
+        self._rng = np.random.default_rng(seed)
+
+    @property
+    def n_regions(self) -> int:
+        return len(self.counts)
+
+    def update(
+        self,
+        packed: UInt8[ArrayLike, "n n_bytes"],
+        contexts: Optional[Sequence[Any]] = None,
+        labels: Optional[Int[ArrayLike, "n"]] = None,
+    ) -> None:
+        """Add a batch of codes (rows of ``packed``; leading axes are flattened)."""
+        codes = _numpy(packed)
+        codes = codes.reshape(-1, codes.shape[-1])
+        ids = region_ids(codes)
+        id_list = ids.tolist()
+        if contexts is not None and len(contexts) != len(id_list):
+            raise ValueError(f"got {len(contexts)} contexts for {len(id_list)} codes")
+        if self.examples_per_region > 0 and contexts is not None:
+            self._sample_examples(ids, id_list, contexts)  # needs the counts before this batch
+        self.counts.update(id_list)
+        if labels is not None:
+            self._count_labels(id_list, _numpy(labels).reshape(-1))
+        self._sample_codes(codes)
+        self.n_tokens += len(id_list)
+
+    def _sample_examples(self, ids: np.ndarray, id_list: list[int], contexts: Sequence[Any]) -> None:
+        k = self.examples_per_region
+        prior = np.fromiter(map(self.counts.get, id_list, repeat(0)), dtype=np.int64, count=len(id_list))
+        seen = prior + _rank_within_groups(ids) + 1  # 1-based index of each token in its region's stream
+        keep = np.flatnonzero((seen <= k) | (self._rng.random(len(id_list)) * seen < k))
+        slots = self._rng.integers(0, k, size=keep.size)
+        for i, slot in zip(keep.tolist(), slots.tolist()):
+            examples = self._examples.setdefault(id_list[i], [])
+            item = _own_copy(contexts[i])
+            if seen[i] <= k:
+                examples.append(item)
+            else:
+                examples[slot] = item
+
+    def _count_labels(self, id_list: list[int], labels: np.ndarray) -> None:
+        if labels.shape[0] != len(id_list):
+            raise ValueError(f"got {labels.shape[0]} labels for {len(id_list)} codes")
+        labelled = np.flatnonzero(labels >= 0).tolist()
+        label_list = labels.tolist()
+        self.label_counts.update((id_list[i], label_list[i]) for i in labelled)
+
+    def _sample_codes(self, codes: np.ndarray) -> None:
+        size = self.hamming_sample
+        if size <= 0 or codes.shape[0] == 0:
+            return
+        if self._sample is None:
+            self._sample = np.zeros((size, codes.shape[1]), dtype=np.uint8)
+        elif self._sample.shape[1] != codes.shape[1]:
+            raise ValueError(f"codes have {codes.shape[1]} bytes; earlier batches had {self._sample.shape[1]}")
+        seen = self.n_tokens + np.arange(1, codes.shape[0] + 1)
+        keep = np.flatnonzero((seen <= size) | (self._rng.random(codes.shape[0]) * seen < size))
+        slots = np.where(seen[keep] <= size, seen[keep] - 1, self._rng.integers(0, size, size=keep.size))
+        # Later tokens win a contested slot, as in sequential Algorithm R.
+        self._sample[slots] = codes[keep]
+        self._n_sampled = min(size, self._n_sampled + codes.shape[0])
+
+    # ---- results ----
+    def most_common(self, n: int = 10) -> list[tuple[int, int]]:
+        """The ``n`` largest regions as ``(region_id, count)``."""
+        return self.counts.most_common(n)
+
+    def examples(self, region_id: int) -> list[Any]:
+        """Up to ``examples_per_region`` contexts of tokens in the region."""
+        return list(self._examples.get(region_id, []))
+
+    def region_sizes(self) -> np.ndarray:
+        """Tokens per region, one entry per region (unordered)."""
+        return np.fromiter(self.counts.values(), dtype=np.int64, count=len(self.counts))
+
+    def size_stats(self) -> dict[str, float]:
+        """Tokens-per-region statistics."""
+        sizes = self.region_sizes()
+        if sizes.size == 0:
+            return {"mean": 0.0, "median": 0.0, "max": 0, "singleton_regions": 0, "tokens_in_singletons": 0.0, "tokens_in_top10": 0.0}
+        top = np.sort(sizes)[::-1]
+        return {
+            "mean": float(sizes.mean()),
+            "median": float(np.median(sizes)),
+            "max": int(top[0]),
+            "singleton_regions": int((sizes == 1).sum()),
+            "tokens_in_singletons": float((sizes == 1).sum() / self.n_tokens),
+            "tokens_in_top10": float(top[:10].sum() / self.n_tokens),
+        }
+
+    def code_sample(self) -> np.ndarray:
+        """The reservoir of packed codes (uniform over all tokens seen)."""
+        return np.zeros((0, 0), np.uint8) if self._sample is None else self._sample[: self._n_sampled].copy()
+
+    def hamming_stats(self) -> dict[str, float]:
+        """Pairwise Hamming distances between distinct sampled tokens: mean, median, and
+        (when ``n_units`` is known) the mean as a fraction of units."""
+        sample = self.code_sample()
+        if sample.shape[0] < 2:
+            return {"n_sampled": int(sample.shape[0]), "mean": float("nan"), "median": float("nan")}
+        distances = pairwise_hamming(sample).numpy()
+        upper = distances[np.triu_indices(sample.shape[0], k=1)]
+        stats = {"n_sampled": int(sample.shape[0]), "mean": float(upper.mean()), "median": float(np.median(upper))}
+        if self.n_units:
+            stats["mean_fraction"] = stats["mean"] / self.n_units
+        return stats
+
+    def purity_report(self, min_size: int = 5, n_shuffles: int = 20, seed: int = 0) -> "PurityReport":
+        """Purity of regions w.r.t. the labels given to ``update`` (labelled tokens only)."""
+        if not self.label_counts:
+            raise ValueError("no labelled tokens: pass labels to update()")
+        keys = np.array(list(self.label_counts.keys()), dtype=np.uint64).reshape(-1, 2)
+        values = np.fromiter(self.label_counts.values(), dtype=np.int64, count=len(self.label_counts))
+        return _report(_Contingency.from_pairs(keys[:, 0], keys[:, 1].astype(np.int64), values), min_size, n_shuffles, seed)
+
+
+def _rank_within_groups(keys: np.ndarray) -> np.ndarray:
+    """For each element, how many earlier elements share its key."""
+    _, inverse = np.unique(keys, return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    sorted_keys = inverse[order]
+    starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+    group_start = np.repeat(starts, np.diff(np.r_[starts, keys.size]))
+    rank = np.empty(keys.size, dtype=np.int64)
+    rank[order] = np.arange(keys.size) - group_start
+    return rank
+
+
+def _own_copy(item: Any) -> Any:
+    """Contexts kept by the tracker must not pin the caller's whole batch in memory."""
+    if isinstance(item, np.ndarray):
+        return tuple(item.tolist())
+    if isinstance(item, Tensor):
+        return tuple(item.tolist())
+    return item
+
+
+def context_windows(tokens: Int[Tensor, "batch pos"], width: int) -> Int[np.ndarray, "batch*pos width"]:
+    """For each token, the ``width`` token ids ending at it (``-1`` before the sequence start)."""
+    ids = _numpy(tokens).astype(np.int64)
+    padded = np.concatenate([np.full((ids.shape[0], width - 1), -1, dtype=np.int64), ids], axis=1)
+    windows = np.lib.stride_tricks.sliding_window_view(padded, width, axis=1)
+    return windows.reshape(-1, width)
+
+
+def decode_context(tokenizer: Any, window: Sequence[int]) -> str:
+    """Render a context window as ``"text before [token]"``."""
+    ids = [int(i) for i in window if int(i) >= 0]
+    if not ids:
+        return ""
+    before = tokenizer.decode(ids[:-1], skip_special_tokens=True)
+    return f"{before}[{tokenizer.decode(ids[-1:])}]"
+
+
+def word_class_labels(tokenizer: Any, d_vocab: int) -> tuple[np.ndarray, list[str]]:
+    """Per token id, the :func:`~bilinear_lens.synthetic.word_class` of the decoded token as
+    an index into the returned class names; ``-1`` for ``"other"`` (sub-word pieces,
+    punctuation, special tokens), which purity then ignores."""
+    classes = [word_class(tokenizer.decode([i])) for i in range(d_vocab)]
+    names = sorted({c for c in classes if c != "other"})
+    index = {name: i for i, name in enumerate(names)}
+    return np.array([index.get(c, -1) for c in classes], dtype=np.int64), names
+
+
+@dataclass
+class ActivationSample:
+    """In-memory sample of tokens from a :func:`track_regions` pass (for k-means)."""
+
+    region_ids: np.ndarray  # [n] uint64
+    activations: np.ndarray  # [n, d] float32, at ``hook_name``
+    token_ids: np.ndarray  # [n]
+    hook_name: str
+
+
+@torch.no_grad()
+def track_regions(
+    model: Any,
+    batches: Iterable[Int[Tensor, "batch pos"]],
+    layers: Layers = 0,
+    factors: Optional[Sequence[str]] = None,
+    ignore_tokens: Sequence[int] = (),
+    token_labels: Optional[Int[np.ndarray, "d_vocab"]] = None,
+    examples_per_region: int = 3,
+    context_width: int = 8,
+    hamming_sample: int = 1024,
+    sample_hook: Optional[str] = None,
+    sample_size: int = 0,
+    seed: int = 0,
+) -> tuple[RegionTracker, Optional[ActivationSample]]:
+    """Stream ``batches`` of tokens through ``model`` into a :class:`RegionTracker`.
+
+    Tokens in ``ignore_tokens`` (e.g. BOS/padding, whose codes would pile into one
+    region) are skipped. ``token_labels`` maps token id to label (``-1``: unlabelled).
+    With ``sample_hook`` and ``sample_size > 0`` the activations at that hook of the
+    first ``sample_size`` kept tokens are returned too, with their region ids.
+    """
+    layout = code_layout(model, layers, factors)
+    tracker = RegionTracker(examples_per_region, hamming_sample, n_units=layout.n_units, seed=seed)
+    names = layout.hook_names + ([sample_hook] if sample_hook and sample_hook not in layout.hook_names else [])
+    ignore = np.asarray(list(ignore_tokens), dtype=np.int64)
+    sampled: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    n_sampled = 0
+    for tokens in batches:
+        _, cache = model.run_with_cache(tokens, names_filter=names)
+        token_ids = _numpy(tokens).reshape(-1).astype(np.int64)
+        keep = np.flatnonzero(~np.isin(token_ids, ignore))
+        codes = codes_from_activations(cache, layout).numpy().reshape(token_ids.size, -1)[keep]
+        contexts = context_windows(tokens, context_width)[keep] if examples_per_region > 0 else None
+        labels = token_labels[token_ids[keep]] if token_labels is not None else None
+        tracker.update(codes, contexts, labels)
+        if sample_hook and n_sampled < sample_size:
+            take = keep[: sample_size - n_sampled]
+            acts = cache[sample_hook].detach().float().cpu().numpy().reshape(token_ids.size, -1)[take]
+            sampled.append((region_ids(codes[: take.size]), acts, token_ids[take]))
+            n_sampled += take.size
+    if not sample_hook or sample_size <= 0:
+        return tracker, None
+    if not sampled:
+        return tracker, ActivationSample(np.zeros(0, np.uint64), np.zeros((0, 0), np.float32), np.zeros(0, np.int64), sample_hook)
+    ids, acts, toks = (np.concatenate(parts) for parts in zip(*sampled))
+    return tracker, ActivationSample(ids, acts, toks, sample_hook)
+
+
+def token_blocks(
+    token_ids: Sequence[int], n_ctx: int, bos_token_id: Optional[int], pad_token_id: int
+) -> Int[Tensor, "n_blocks pos"]:
+    """Cut a token stream into rows of ``n_ctx`` tokens, each starting with BOS (when
+    given); the last row is padded with ``pad_token_id``."""
+    body = n_ctx - (bos_token_id is not None)
+    if body < 1:
+        raise ValueError(f"n_ctx={n_ctx} leaves no room for tokens after BOS")
+    ids = np.asarray(token_ids, dtype=np.int64)
+    n_blocks = -(-ids.size // body)
+    rows = np.full((n_blocks, body), pad_token_id, dtype=np.int64)
+    rows.reshape(-1)[: ids.size] = ids
+    if bos_token_id is not None:
+        rows = np.concatenate([np.full((n_blocks, 1), bos_token_id, dtype=np.int64), rows], axis=1)
+    return torch.from_numpy(rows)
+
+
+# ---- boundary density along a path ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PathProfile:
+    """Code changes along a path of ``n_steps + 1`` points (plot-ready arrays).
+
+    ``changes[i]`` is the Hamming distance between the codes of points ``i - 1`` and
+    ``i`` (``changes[0] = 0``): how many unit boundaries the step crossed, at least (a
+    unit that crosses twice inside one step is missed; refine ``n_steps`` to check).
+    """
+
+    t: np.ndarray  # [n_points] in [0, 1]
+    distance: np.ndarray  # [n_points] cumulative Euclidean path length
+    changes: np.ndarray  # [n_points] int
+    hamming_to_start: np.ndarray  # [n_points] int
+    n_units: int
+
+    @property
+    def length(self) -> float:
+        return float(self.distance[-1])
+
+    @property
+    def n_flips(self) -> int:
+        """Total unit flips along the path (sum of ``changes``)."""
+        return int(self.changes.sum())
+
+    @property
+    def n_boundary_steps(self) -> int:
+        """Steps whose endpoints lie in different regions."""
+        return int((self.changes > 0).sum())
+
+    @property
+    def flips_per_unit_distance(self) -> float:
+        return self.n_flips / self.length if self.length > 0 else float("nan")
+
+    @property
+    def boundary_steps_per_unit_distance(self) -> float:
+        return self.n_boundary_steps / self.length if self.length > 0 else float("nan")
+
+    def as_dict(self) -> dict[str, Any]:
+        data = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in asdict(self).items()}
+        data.update(
+            length=self.length,
+            n_flips=self.n_flips,
+            n_boundary_steps=self.n_boundary_steps,
+            flips_per_unit_distance=self.flips_per_unit_distance,
+        )
+        return data
+
+
+def interpolate(
+    start: Float[Tensor, "d"], end: Float[Tensor, "d"], n_steps: int
+) -> tuple[Float[Tensor, "n_points"], Float[Tensor, "n_points d"]]:
+    """``n_steps + 1`` evenly spaced points from ``start`` to ``end`` (both included)."""
+    if n_steps < 1:
+        raise ValueError(f"n_steps must be >= 1, got {n_steps}")
+    t = torch.linspace(0, 1, n_steps + 1, dtype=start.dtype, device=start.device)
+    return t, start[None, :] + t[:, None] * (end - start)[None, :]
+
+
+def path_profile(
+    t: Float[ArrayLike, "n_points"], points: Float[ArrayLike, "n_points d"], codes: UInt8[ArrayLike, "n_points n_bytes"], n_units: int
+) -> PathProfile:
+    """Profile of codes sampled along a path of points."""
+    points_np, codes_np = _numpy(points).astype(np.float64), _numpy(codes)
+    steps = np.linalg.norm(np.diff(points_np, axis=0), axis=1)
+    changes = np.r_[0, hamming(codes_np[1:], codes_np[:-1]).numpy()].astype(np.int64)
+    return PathProfile(
+        t=_numpy(t).astype(np.float64),
+        distance=np.r_[0.0, np.cumsum(steps)],
+        changes=changes,
+        hamming_to_start=hamming(codes_np, codes_np[:1]).numpy().astype(np.int64),
+        n_units=n_units,
+    )
+
+
+def code_path_profile(
+    code_fn: Callable[[Tensor], Tensor], start: Float[Tensor, "d"], end: Float[Tensor, "d"], n_units: int, n_steps: int = 256
+) -> PathProfile:
+    """Profile of ``code_fn`` (points ``[n, d]`` -> packed codes ``[n, n_bytes]``) on the
+    straight path from ``start`` to ``end``."""
+    t, points = interpolate(start, end, n_steps)
+    return path_profile(t, points, code_fn(points), n_units)
+
+
+def residual_path_profile(
+    model: Any,
+    layer: int,
+    start: Float[Tensor, "d_model"],
+    end: Float[Tensor, "d_model"],
+    n_steps: int = 256,
+    factors: Optional[Sequence[str]] = None,
+) -> PathProfile:
+    """Boundaries of layer ``layer``'s units crossed on the straight line between two
+    residual vectors (read as ``hook_resid_mid``; see
+    :func:`~bilinear_lens.spline_codes.residual_codes`). Distance is in residual space."""
+    n_units = code_layout(model, layer, factors).n_units
+    return code_path_profile(lambda x: residual_codes(model, layer, x, factors), start, end, n_units, n_steps)
+
+
+@torch.no_grad()
+def embedding_path_profile(
+    model: Any,
+    tokens: Int[Tensor, "pos"],
+    position: int,
+    token_a: int,
+    token_b: int,
+    layers: Layers = 0,
+    n_steps: int = 256,
+    factors: Optional[Sequence[str]] = None,
+    batch_size: int = 256,
+) -> PathProfile:
+    """Walk the input embedding at ``position`` of the prompt ``tokens`` from token
+    ``token_a``'s embedding to ``token_b``'s, and profile the spline code of ``layers``
+    at that position. The walk substitutes ``hook_embed`` (positional embeddings are
+    added after it), so every other position keeps its token. Distance is in embedding
+    space."""
+    if tokens.dim() != 1 or not 0 <= position < tokens.shape[0]:
+        raise ValueError(f"tokens must be one sequence [pos] and position in range, got {tuple(tokens.shape)}, {position}")
+    layout = code_layout(model, layers, factors)
+    endpoints = tokens.repeat(2, 1)
+    endpoints[0, position], endpoints[1, position] = token_a, token_b
+    embeds = run_capturing(model, endpoints, ["hook_embed"])["hook_embed"][:, position]
+    t, points = interpolate(embeds[0], embeds[1], n_steps)
+    codes = []
+    for start in range(0, points.shape[0], batch_size):
+        chunk = points[start : start + batch_size]
+
+        def substitute(value: Tensor, hook: Any, chunk: Tensor = chunk) -> Tensor:
+            value = value.clone()
+            value[:, position] = chunk.to(value.dtype)
+            return value
+
+        batch = tokens.repeat(chunk.shape[0], 1)
+        acts = run_capturing(model, batch, layout.hook_names, [("hook_embed", substitute)])
+        codes.append(codes_from_activations({k: v[:, position] for k, v in acts.items()}, layout))
+    return path_profile(t, points, torch.cat(codes), layout.n_units)
+
+
+# ---- purity --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PurityReport:
+    """Purity of a clustering of labelled tokens, with the numbers that keep it honest.
+
+    - ``purity``: ``sum_c max_l n(c, l) / N``; 1 for singleton clusters whatever the labels.
+    - ``weighted_purity``: the same over clusters with at least ``min_size`` tokens only
+      (size-weighted; ``covered_fraction`` of the tokens lie in them; NaN if none).
+    - ``shuffled_purity`` / ``shuffled_weighted_purity``: expected values when the same
+      labels are dealt at random to the same cluster sizes (mean of ``n_shuffles`` draws,
+      each cluster's label counts from its multivariate hypergeometric marginal).
+    - ``majority_rate``: the share of the most common label (purity of one big cluster).
+    """
+
+    n_tokens: int
+    n_clusters: int
+    purity: float
+    shuffled_purity: float
+    min_size: int
+    n_clusters_min_size: int
+    covered_fraction: float
+    weighted_purity: float
+    shuffled_weighted_purity: float
+    majority_rate: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class _Contingency:
+    """Per cluster: labelled tokens and the count of its majority label; per label: total."""
+
+    sizes: np.ndarray
+    majority: np.ndarray
+    label_totals: np.ndarray
+
+    @classmethod
+    def from_pairs(cls, clusters: np.ndarray, labels: np.ndarray, counts: np.ndarray) -> "_Contingency":
+        """From distinct ``(cluster, label)`` pairs and their counts."""
+        _, cluster_index = np.unique(clusters, return_inverse=True)
+        _, label_index = np.unique(labels, return_inverse=True)
+        n_clusters = int(cluster_index.max()) + 1 if counts.size else 0
+        sizes = np.bincount(cluster_index, weights=counts, minlength=n_clusters).astype(np.int64)
+        majority = np.zeros(n_clusters, dtype=np.int64)
+        np.maximum.at(majority, cluster_index, counts)
+        totals = np.bincount(label_index, weights=counts).astype(np.int64) if counts.size else np.zeros(0, np.int64)
+        return cls(sizes, majority, totals)
+
+    @classmethod
+    def from_tokens(cls, clusters: ArrayLike, labels: ArrayLike) -> "_Contingency":
+        """From one cluster id and one label per token (labels ``< 0`` are dropped)."""
+        c, l = _numpy(clusters).reshape(-1), _numpy(labels).reshape(-1).astype(np.int64)
+        if c.shape != l.shape:
+            raise ValueError(f"got {c.size} cluster ids for {l.size} labels")
+        c, l = c[l >= 0], l[l >= 0]
+        pairs, counts = np.unique(np.stack([_dense(c), l]), axis=1, return_counts=True)
+        return cls.from_pairs(pairs[0], pairs[1], counts)
+
+
+def _dense(ids: np.ndarray) -> np.ndarray:
+    """Any hashable ids (uint64 hashes included) -> int64 indices."""
+    return np.unique(ids, return_inverse=True)[1].astype(np.int64)
+
+
+def _report(table: _Contingency, min_size: int, n_shuffles: int, seed: int) -> PurityReport:
+    n = int(table.sizes.sum())
+    if n == 0:
+        raise ValueError("purity needs at least one labelled token")
+    big = table.sizes >= min_size
+    covered = int(table.sizes[big].sum())
+    shuffled_all, shuffled_big = _shuffled_majorities(table, big, n_shuffles, seed)
+    return PurityReport(
+        n_tokens=n,
+        n_clusters=int(table.sizes.size),
+        purity=float(table.majority.sum() / n),
+        shuffled_purity=shuffled_all / n,
+        min_size=min_size,
+        n_clusters_min_size=int(big.sum()),
+        covered_fraction=covered / n,
+        weighted_purity=float(table.majority[big].sum() / covered) if covered else float("nan"),
+        shuffled_weighted_purity=shuffled_big / covered if covered else float("nan"),
+        majority_rate=float(table.label_totals.max() / n),
+    )
+
+
+def _shuffled_majorities(table: _Contingency, big: np.ndarray, n_shuffles: int, seed: int) -> tuple[float, float]:
+    """Expected sum of majority counts over all clusters and over ``big`` ones, under
+    random labels. Clusters of one size share a distribution, so they are drawn together."""
+    rng = np.random.default_rng(seed)
+    total_all = total_big = 0.0
+    for size in np.unique(table.sizes):
+        of_size = table.sizes == size
+        n_all, n_big = int(of_size.sum()), int((of_size & big).sum())
+        if size == 1:  # a singleton's majority is 1 whatever the labels
+            total_all, total_big = total_all + n_all, total_big + n_big
+            continue
+        draws = [rng.multivariate_hypergeometric(table.label_totals, int(size), size=n_all).max(axis=1).sum() for _ in range(n_shuffles)]
+        mean = float(np.mean(draws))
+        total_all += mean
+        total_big += mean * n_big / n_all
+    return total_all, total_big
+
+
+def purity(clusters: ArrayLike, labels: ArrayLike) -> float:
+    """``sum over clusters of the majority label count / labelled tokens``."""
+    table = _Contingency.from_tokens(clusters, labels)
+    return float(table.majority.sum() / table.sizes.sum())
+
+
+def purity_report(clusters: ArrayLike, labels: ArrayLike, min_size: int = 5, n_shuffles: int = 20, seed: int = 0) -> PurityReport:
+    """:class:`PurityReport` of a clustering (one id per token) w.r.t. ``labels``."""
+    return _report(_Contingency.from_tokens(clusters, labels), min_size, n_shuffles, seed)
+
+
+def kmeans(
+    x: Float[ArrayLike, "n d"], k: int, n_iter: int = 50, seed: int = 0
+) -> tuple[Int[np.ndarray, "n"], Float[np.ndarray, "k d"]]:
+    """Seeded k-means (k-means++ init, then Lloyd until assignments stop changing).
+
+    Returns ``(assignment, centroids)``. ``k`` is capped at the number of distinct points
+    (then every distinct point is its own cluster). An empty cluster keeps its centroid.
+    """
+    points = _numpy(x).astype(np.float64)
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    distinct, inverse = np.unique(points, axis=0, return_inverse=True)
+    if k >= distinct.shape[0]:
+        return inverse.reshape(-1).astype(np.int64), distinct
+    rng = np.random.default_rng(seed)
+    centroids = _kmeans_plus_plus(points, k, rng)
+    assignment = np.full(points.shape[0], -1, dtype=np.int64)
+    for _ in range(n_iter):
+        new = _nearest(points, centroids)
+        if np.array_equal(new, assignment):
+            break
+        assignment = new
+        sums = np.zeros_like(centroids)
+        np.add.at(sums, assignment, points)
+        counts = np.bincount(assignment, minlength=k)
+        filled = counts > 0
+        centroids[filled] = sums[filled] / counts[filled, None]
+    return assignment, centroids
+
+
+def _kmeans_plus_plus(points: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k-means++ seeding (Arthur & Vassilvitskii 2007): each next centre with probability
+    proportional to the squared distance to the nearest centre so far."""
+    centroids = np.empty((k, points.shape[1]))
+    centroids[0] = points[rng.integers(points.shape[0])]
+    nearest = ((points - centroids[0]) ** 2).sum(1)
+    for i in range(1, k):
+        total = nearest.sum()
+        index = rng.choice(points.shape[0], p=nearest / total) if total > 0 else rng.integers(points.shape[0])
+        centroids[i] = points[index]
+        nearest = np.minimum(nearest, ((points - centroids[i]) ** 2).sum(1))
+    return centroids
+
+
+def _nearest(points: np.ndarray, centroids: np.ndarray, max_block: int = 1 << 22) -> np.ndarray:
+    """Index of the nearest centroid per point, in row blocks of at most ``max_block`` distances."""
+    rows = max(1, max_block // centroids.shape[0])
+    c_sq = (centroids**2).sum(1)
+    out = np.empty(points.shape[0], dtype=np.int64)
+    for start in range(0, points.shape[0], rows):
+        block = points[start : start + rows]
+        out[start : start + rows] = (c_sq[None, :] - 2 * block @ centroids.T).argmin(1)
+    return out
+
+
+@dataclass(frozen=True)
+class PurityComparison:
+    """Polytope regions vs k-means clusters of the same tokens, same ``k``."""
+
+    k: int
+    regions: PurityReport
+    kmeans: PurityReport
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"k": self.k, "regions": self.regions.as_dict(), "kmeans": self.kmeans.as_dict()}
+
+
+def compare_purity(
+    activations: Float[ArrayLike, "n d"],
+    region_ids: ArrayLike,
+    labels: Int[ArrayLike, "n"],
+    k: Optional[int] = None,
+    min_size: int = 5,
+    normalize: bool = True,
+    n_shuffles: int = 20,
+    seed: int = 0,
+) -> PurityComparison:
+    """Purity of polytope regions vs k-means clusters of the activations.
+
+    Only labelled tokens (``label >= 0``) take part. ``k`` defaults to the number of
+    distinct regions among them, so both partitions have the same number of parts.
+    ``normalize`` clusters unit-normalised activations, i.e. clusters of *directions*
+    (Black et al.'s comparison).
+    """
+    acts, ids, labs = _numpy(activations), _numpy(region_ids).reshape(-1), _numpy(labels).reshape(-1)
+    labelled = labs >= 0
+    acts, ids, labs = acts[labelled], ids[labelled], labs[labelled]
+    if acts.shape[0] == 0:
+        raise ValueError("compare_purity needs at least one labelled token")
+    if normalize:
+        acts = acts / np.maximum(np.linalg.norm(acts, axis=1, keepdims=True), 1e-12)
+    n_clusters = k if k is not None else int(np.unique(ids).size)
+    assignment, _ = kmeans(acts, n_clusters, seed=seed)
+    return PurityComparison(
+        k=n_clusters,
+        regions=purity_report(ids, labs, min_size, n_shuffles, seed),
+        kmeans=purity_report(assignment, labs, min_size, n_shuffles, seed),
+    )
+
+
+def region_summary(tracker: RegionTracker, top: int = 10, render: Optional[Callable[[Any], str]] = None) -> dict[str, Any]:
+    """JSON-ready summary of a tracker: counts, size stats, Hamming stats, top regions."""
+    render = render or str
+    return {
+        "tokens": tracker.n_tokens,
+        "distinct_regions": tracker.n_regions,
+        "tokens_per_region": tracker.size_stats(),
+        "hamming": tracker.hamming_stats(),
+        "most_common": [
+            {
+                "region": f"{region:016x}",
+                "count": count,
+                "fraction": count / tracker.n_tokens,
+                "examples": [render(e) for e in tracker.examples(region)],
+            }
+            for region, count in tracker.most_common(top)
+        ],
+    }
+

@@ -1,0 +1,374 @@
+"""Spline codes, region tracking, boundary density and purity (the polytope lens)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bilinear_lens.bridge import to_bridge
+from bilinear_lens.commands.polytope import main as polytope_main
+from bilinear_lens.config import ModelConfig
+from bilinear_lens.mlp import MLP
+from bilinear_lens.model import build_model
+from bilinear_lens.polytope import (
+    RegionTracker,
+    code_path_profile,
+    compare_purity,
+    embedding_path_profile,
+    kmeans,
+    purity,
+    purity_report,
+    residual_path_profile,
+    track_regions,
+)
+from bilinear_lens.spline_codes import (
+    basis_codes,
+    code_layout,
+    default_factors,
+    hamming,
+    pack_bits,
+    pack_signs,
+    pairwise_hamming,
+    popcount,
+    region_ids,
+    residual_codes,
+    spline_codes,
+    unpack_bits,
+)
+from bilinear_lens.synthetic import synthetic_stories
+from bilinear_lens.tokenizer import to_hf_tokenizer, train_tokenizer
+from conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def relu_model():
+    return build_model(tiny_config(mlp_kind="relu", mlp_bias=True))
+
+
+@pytest.fixture(scope="module")
+def data_tokens():
+    return torch.randint(0, 97, (12, 16), generator=torch.Generator().manual_seed(1))
+
+
+# ---- packing -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("d", [1, 7, 8, 13, 64, 100])
+def test_pack_unpack_round_trip(d):
+    bits = torch.rand(3, 5, d, generator=torch.Generator().manual_seed(d)) > 0.5
+    packed = pack_bits(bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (3, 5, (d + 7) // 8)
+    assert torch.equal(unpack_bits(packed, d), bits)
+    assert torch.equal(pack_signs(bits.float() - 0.5), packed)
+
+
+def test_bit_order_is_little_endian_within_bytes():
+    bits = torch.zeros(10, dtype=torch.bool)
+    bits[0] = bits[9] = True
+    assert pack_bits(bits).tolist() == [1, 2]  # unit 0 -> bit 0 of byte 0; unit 9 -> bit 1 of byte 1
+
+
+def test_popcount_and_hamming_match_bool_arithmetic():
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.rand(20, 37, generator=gen) > 0.5, torch.rand(20, 37, generator=gen) > 0.5
+    pa, pb = pack_bits(a), pack_bits(b)
+    assert torch.equal(popcount(pa), a.sum(-1))
+    assert torch.equal(hamming(pa, pb), (a != b).sum(-1))
+    assert torch.equal(pairwise_hamming(pa, pb), (a[:, None] != b[None]).sum(-1))
+
+
+def test_region_ids_separate_one_and_two_bit_neighbours():
+    base = torch.rand(200, generator=torch.Generator().manual_seed(0)) > 0.5
+    flips = [()] + [(i,) for i in range(200)] + [(i, j) for i in range(0, 200, 3) for j in range(i + 1, 200)]
+    codes = base.repeat(len(flips), 1)
+    for row, units in enumerate(flips):
+        codes[row, list(units)] ^= True
+    ids = region_ids(pack_bits(codes))
+    assert ids.dtype == np.uint64 and np.unique(ids).size == len(flips)
+    assert region_ids(pack_bits(codes[:5]))[3] == ids[3]  # an id depends on the code alone
+
+
+# ---- codes from models -------------------------------------------------------------------
+
+
+def test_relu_codes_are_pre_activation_signs(relu_model, data_tokens):
+    codes = spline_codes(relu_model, data_tokens, layers=1)
+    _, cache = relu_model.run_with_cache(data_tokens)
+    pre = cache["blocks.1.mlp.hook_pre"]
+    assert codes.shape == (12, 16, 48 // 8)
+    assert torch.equal(unpack_bits(codes, 48), pre > 0)
+
+
+def test_codes_of_several_layers_concatenate(relu_model, data_tokens):
+    layout = code_layout(relu_model, [0, 1])
+    codes = spline_codes(relu_model, data_tokens, layers=[0, 1])
+    _, cache = relu_model.run_with_cache(data_tokens)
+    assert layout.hook_names == ["blocks.0.mlp.hook_pre", "blocks.1.mlp.hook_pre"]
+    expected = torch.cat([cache["blocks.0.mlp.hook_pre"] > 0, cache["blocks.1.mlp.hook_pre"] > 0], -1)
+    assert torch.equal(layout.unpack(codes), expected)
+
+
+def test_bilinear_codes_use_both_factors(data_tokens):
+    model = build_model(tiny_config(mlp_kind="bilinear", d_mlp=44))
+    assert default_factors("bilinear") == ("pre", "pre_linear")
+    layout = code_layout(model, 0)
+    codes = spline_codes(model, data_tokens, layers=0)
+    _, cache = model.run_with_cache(data_tokens)
+    assert [s.byte_offset for s in layout.segments] == [0, 6] and codes.shape[-1] == 12
+    assert torch.equal(layout.unpack_segment(codes, "blocks.0.mlp.hook_pre"), cache["blocks.0.mlp.hook_pre"] > 0)
+    assert torch.equal(layout.unpack_segment(codes, "blocks.0.mlp.hook_pre_linear"), cache["blocks.0.mlp.hook_pre_linear"] > 0)
+    # The product is positive where the factors' signs agree (no exact zeros here).
+    product = spline_codes(model, data_tokens, layers=0, factors=["post"])
+    assert torch.equal(unpack_bits(product, 44), (cache["blocks.0.mlp.hook_pre"] > 0) == (cache["blocks.0.mlp.hook_pre_linear"] > 0))
+
+
+def test_layouts_reject_kinds_and_layers_without_units():
+    with pytest.raises(ValueError, match="affine everywhere"):
+        code_layout(build_model(tiny_config(mlp_kind="linear")), 0)
+    with pytest.raises(ValueError, match="no MLP units"):
+        code_layout(build_model(tiny_config(mlp_kind="none")), 0)
+    with pytest.raises(ValueError, match="out of range"):
+        code_layout(build_model(tiny_config(mlp_kind="relu")), 2)
+    with pytest.raises(KeyError, match="hook_pre_linear"):  # plain MLPs have no second factor
+        code_layout(build_model(tiny_config(mlp_kind="relu")), 0, ["pre_linear"])
+
+
+def test_residual_codes_match_layer_codes(relu_model, data_tokens):
+    _, cache = relu_model.run_with_cache(data_tokens)
+    resid = cache["blocks.1.hook_resid_mid"]
+    assert torch.equal(residual_codes(relu_model, 1, resid, batch_size=50), spline_codes(relu_model, data_tokens, 1))
+    basis = torch.randn(32, 20, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(unpack_bits(basis_codes(resid, basis), 20), resid @ basis > 0)
+
+
+def test_codes_are_the_same_through_the_bridge(data_tokens):
+    model = build_model(tiny_config(mlp_kind="bilinear"))
+    bridge = to_bridge(model)
+    assert torch.equal(spline_codes(bridge, data_tokens, [0, 1]), spline_codes(model, data_tokens, [0, 1]))
+    resid = model.run_with_cache(data_tokens)[1]["blocks.0.hook_resid_mid"][:2]
+    assert torch.equal(residual_codes(bridge, 0, resid), residual_codes(model, 0, resid))
+    tracked = [track_regions(m, data_tokens.split(5), 0)[0].counts for m in (model, bridge)]
+    assert tracked[0] == tracked[1]
+
+
+# ---- geometry: affine inside a region, boundaries along a path ------------------------------
+
+
+def _jacobian(f, x, h=1e-6):
+    cols = [(f(x + h * e) - f(x - h * e)) / (2 * h) for e in torch.eye(x.shape[0], dtype=x.dtype)]
+    return torch.stack(cols, dim=1)
+
+
+def test_relu_mlp_is_affine_inside_a_region():
+    torch.manual_seed(0)
+    mlp = MLP(8, 24, act="relu", bias=True).double()
+    for p in mlp.parameters():
+        torch.nn.init.normal_(p)
+    code = lambda x: pack_signs(mlp.hook_pre(getattr(mlp, "in")(x)))  # noqa: E731
+    with torch.no_grad():
+        x = torch.randn(8, dtype=torch.float64)
+        step = torch.randn(8, dtype=torch.float64)
+        y = x + 1e-2 * step
+        while not torch.equal(code(y), code(x)):
+            y = x + (y - x) / 2
+        far = next(x + s * step for s in (1.0, 2.0, 4.0, 8.0) if not torch.equal(code(x + s * step), code(x)))
+        J_x, J_y, J_far = _jacobian(mlp, x), _jacobian(mlp, y), _jacobian(mlp, far)
+    assert not torch.equal(y, x)
+    torch.testing.assert_close(J_y, J_x, rtol=0, atol=1e-7)
+    assert (J_far - J_x).abs().max() > 1e-3  # another region: another affine map
+
+
+def test_boundaries_on_a_straight_path_equal_sign_changes():
+    """No bias, one layer: pre(t) is linear in t, so each unit crosses at most once."""
+    gen = torch.Generator().manual_seed(3)
+    W = torch.randn(16, 40, generator=gen, dtype=torch.float64)
+    a, b = torch.randn(16, generator=gen, dtype=torch.float64), torch.randn(16, generator=gen, dtype=torch.float64)
+    pa, pb = a @ W, b @ W
+    expected = int(((pa > 0) != (pb > 0)).sum())
+    crossings = torch.sort((pa / (pa - pb))[(pa > 0) != (pb > 0)]).values
+    n_steps = int(4 / crossings.diff().min()) + 1  # fine enough to separate every crossing
+    profile = code_path_profile(lambda x: pack_signs(x @ W), a, b, n_units=40, n_steps=n_steps)
+    assert expected > 5
+    assert profile.n_flips == expected and profile.hamming_to_start[-1] == expected
+    assert profile.n_boundary_steps == expected and profile.changes.max() == 1
+    assert profile.t.shape == profile.distance.shape == (n_steps + 1,)
+    np.testing.assert_allclose(profile.length, float((b - a).norm()))
+
+
+def test_model_path_profiles(relu_model, data_tokens):
+    model = build_model(tiny_config(mlp_kind="relu", normalization_type="RMSPre", n_layers=1))
+    resid = model.run_with_cache(data_tokens)[1]["blocks.0.hook_resid_mid"]
+    start, end = resid[0, 3], resid[1, 7]
+    profile = residual_path_profile(model, 0, start, end, n_steps=400)
+    # RMSPre rescales by a positive number, so without biases the signs are those of x @ W_in.
+    W_in = model.blocks[0].mlp.W_in
+    assert profile.hamming_to_start[-1] == profile.n_flips == int(((start @ W_in > 0) != (end @ W_in > 0)).sum())
+    walk = embedding_path_profile(relu_model, data_tokens[0], 4, token_a=5, token_b=60, layers=1, n_steps=64)
+    ends = data_tokens[0].repeat(2, 1)
+    ends[:, 4] = torch.tensor([5, 60])
+    codes = spline_codes(relu_model, ends, 1)[:, 4]
+    assert walk.hamming_to_start[-1] == int(hamming(codes[0], codes[1]))
+    assert walk.n_flips >= walk.hamming_to_start[-1] and walk.distance[-1] > 0
+
+
+# ---- streaming region counts ---------------------------------------------------------------
+
+
+def test_streaming_counts_do_not_depend_on_batch_size(relu_model, data_tokens):
+    codes = spline_codes(relu_model, data_tokens, 0).reshape(-1, 6)
+    ids, counts = np.unique(region_ids(codes), return_counts=True)
+    in_memory = dict(zip(ids.tolist(), counts.tolist()))
+    for batch in (1, 5, 12):
+        tracker, _ = track_regions(relu_model, data_tokens.split(batch), 0, examples_per_region=2)
+        assert tracker.counts == in_memory and tracker.n_tokens == data_tokens.numel()
+        for region, count in tracker.most_common(3):
+            assert len(tracker.examples(region)) == min(count, 2)
+
+
+def test_tracker_reservoirs_are_bounded_and_uniform():
+    gen = np.random.default_rng(0)
+    bits = gen.random((4000, 12)) < 0.5
+    bits[:, 3:] = False  # 8 regions
+    tracker = RegionTracker(examples_per_region=4, hamming_sample=300, n_units=12)
+    index = np.arange(4000)
+    for start in range(0, 4000, 700):
+        tracker.update(pack_bits(torch.from_numpy(bits[start : start + 700])), index[start : start + 700])
+    assert tracker.n_regions == 8 and sum(tracker.counts.values()) == 4000
+    assert all(len(tracker.examples(r)) == 4 for r in tracker.counts)
+    kept = np.array([e for r in tracker.counts for e in tracker.examples(r)])
+    assert kept.mean() > 1000  # uniform over the stream, not the first tokens
+    assert tracker.code_sample().shape == (300, 2)
+    stats = tracker.hamming_stats()
+    assert 1.0 < stats["mean"] < 2.0  # three fair bits: 1.5 on average
+
+
+def test_tracker_ignores_tokens_and_counts_labels(relu_model, data_tokens):
+    labels = np.arange(97) % 4
+    labels[7] = -1
+    tracker, sample = track_regions(
+        relu_model, [data_tokens], 0, ignore_tokens=[3], token_labels=labels, sample_hook="blocks.0.mlp.hook_in", sample_size=50
+    )
+    kept = data_tokens[data_tokens != 3]
+    assert tracker.n_tokens == kept.numel()
+    assert sum(tracker.label_counts.values()) == int((kept != 7).sum())
+    assert sample.activations.shape == (50, 32) and (sample.token_ids != 3).all()
+    assert set(sample.region_ids.tolist()) <= set(tracker.counts)
+
+
+# ---- purity --------------------------------------------------------------------------------
+
+
+def test_purity_of_perfect_and_random_labellings():
+    rng = np.random.default_rng(0)
+    clusters = rng.integers(0, 20, 5000)
+    assert purity(clusters, clusters % 3) == 1.0
+    labels = rng.choice(3, size=5000, p=[0.5, 0.3, 0.2])
+    report = purity_report(clusters, labels, min_size=5, n_shuffles=5)
+    majority = float(np.bincount(labels).max() / labels.size)
+    assert report.majority_rate == pytest.approx(majority)
+    assert report.purity == pytest.approx(majority, abs=0.03)
+    assert report.shuffled_purity == pytest.approx(report.purity, abs=0.03)
+
+
+def test_purity_report_exposes_singleton_inflation():
+    labels = np.random.default_rng(1).integers(0, 4, 600)
+    singletons = np.arange(600)
+    singletons[:300] = 0  # one big mixed cluster + 300 singletons
+    report = purity_report(singletons, labels, min_size=2)
+    assert report.n_clusters == 301 and report.n_clusters_min_size == 1
+    assert report.covered_fraction == pytest.approx(0.5)
+    assert report.purity > 0.6 and report.weighted_purity < 0.35
+    assert report.shuffled_purity == pytest.approx(report.purity, abs=0.03)
+    unlabelled = labels.copy()
+    unlabelled[:100] = -1
+    assert purity_report(singletons, unlabelled).n_tokens == 500
+
+
+def test_kmeans_recovers_separated_blobs_and_is_seeded():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(4, 6)) * 10
+    truth = rng.integers(0, 4, 400)
+    x = centres[truth] + rng.normal(size=(400, 6)) * 0.1
+    assignment, centroids = kmeans(x, 4, seed=0)
+    assert purity(assignment, truth) == 1.0 and centroids.shape == (4, 6)
+    assert np.array_equal(kmeans(x, 4, seed=0)[0], assignment)
+    assert np.unique(kmeans(x[:5], 10)[0]).size == 5  # k capped at the distinct points
+
+
+def test_compare_purity_uses_the_same_k():
+    rng = np.random.default_rng(0)
+    acts = rng.normal(size=(300, 8))
+    regions = (acts[:, :3] > 0) @ np.array([1, 2, 4])
+    labels = (acts[:, 0] > 0).astype(int)
+    result = compare_purity(acts, regions, labels, min_size=3)
+    assert result.k == 8 and result.kmeans.n_clusters <= 8
+    assert result.regions.purity == 1.0  # the label is one of the region's bits
+    assert result.regions.shuffled_purity < 0.8
+
+
+# ---- command line --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    tok = to_hf_tokenizer(train_tokenizer(synthetic_stories(300, seed=0), vocab_size=300))
+    cfg = ModelConfig(d_vocab=len(tok), d_model=32, n_layers=2, n_heads=4, d_mlp=64, n_ctx=32, mlp_kind="relu")
+    root = tmp_path_factory.mktemp("polytope")
+    path = build_model(cfg, tokenizer=tok).save_pretrained(root / "m")
+    text = root / "stories.txt"
+    text.write_text("\n".join(synthetic_stories(10, seed=1)), encoding="utf-8")
+    return path, text
+
+
+def test_cli_prints_region_table(saved_model, capsys):
+    path, text = saved_model
+    assert polytope_main(["--checkpoint", str(path), "--layer", "1", "--text-file", str(text), "--max-tokens", "400"]) == 0
+    out = capsys.readouterr().out
+    for heading in ("distinct regions", "tokens per region", "most common regions", "mean Hamming", "k-means, sample"):
+        assert heading in out
+
+
+def test_cli_json_is_consistent(saved_model, capsys):
+    path, text = saved_model
+    argv = ["--checkpoint", str(path), "--text-file", str(text), "--max-tokens", "300", "--json", "--top", "3"]
+    assert polytope_main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["hooks"] == ["blocks.0.mlp.hook_pre"] and result["n_units"] == 64
+    assert result["tokens"] == 300  # BOS and padding are not counted
+    assert 1 <= result["distinct_regions"] <= 300 and len(result["most_common"]) == 3
+    sample = result["purity"]["sample"]
+    assert sample["regions"]["n_clusters"] == sample["k"] >= sample["kmeans"]["n_clusters"]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"--checkpoint": "missing"}, "cannot load checkpoint"),
+        ({"--text-file": "missing.txt"}, "text file not found"),
+        ({"--layer": "5"}, "out of range"),
+    ],
+)
+def test_cli_errors_exit_2(saved_model, capsys, tmp_path, change, message):
+    path, text = saved_model
+    args = {"--checkpoint": str(path), "--text-file": str(text), "--layer": "0"}
+    args.update({k: str(tmp_path / v) if k != "--layer" else v for k, v in change.items()})
+    assert polytope_main([x for kv in args.items() for x in kv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_purity_analysis_script_runs(saved_model, tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    from analysis.polytope_purity import main as analysis_main
+
+    path, text = saved_model
+    out = tmp_path / "out"
+    analysis_main(
+        ["--checkpoint", str(path), "--out", str(out), "--text-file", str(text), "--layers", "0",
+         "--max-tokens", "300", "--purity-tokens", "200", "--n-paths", "1", "--n-steps", "16"]
+    )
+    table = (out / "purity.md").read_text()
+    assert "| 0 | regions (sample) |" in table and "| 0 | k-means (sample) |" in table
+    assert (out / "boundary_density.png").stat().st_size > 0
+    assert json.loads((out / "results.json").read_text())["layers"][0]["tokens"] == 300
