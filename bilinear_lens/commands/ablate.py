@@ -1,0 +1,157 @@
+"""``bilinear-lens ablate``: the neurons of an MLP layer whose single ablation changes the loss most.
+
+    bilinear-lens ablate --checkpoint runs/tiny/final --layer 0 --top 20 [--hook hook_post]
+                         [--method zero|mean|resample] [--text-file F] [--n-texts 32] [--json]
+
+Texts (``--text-file``: documents separated by blank lines, as in the training data's
+``.txt`` files; default: the built-in synthetic stories) are tokenized with a BOS token
+before each document, concatenated and cut into rows of ``--seq-len`` tokens, so no row is
+padded. Every neuron is ablated on its own (:func:`bilinear_lens.ablation.ablation_sweep`)
+and the ``--top`` neurons by ``|delta loss|`` are printed, or one JSON object with
+``--json``. Errors (missing checkpoint, bad layer...) exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from bilinear_lens.ablation import METHODS, NEURON_HOOKS, NeuronTable, ablation_sweep
+from bilinear_lens.checkpoint import CheckpointError
+from bilinear_lens.hook_names import UnknownHookError
+
+
+class UsageError(Exception):
+    """A problem with the arguments or inputs, reported as ``error: ...`` with exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bilinear-lens ablate",
+        description="Neuron ablation sweep: the neurons of an MLP layer whose single ablation changes the loss most.",
+    )
+    parser.add_argument("--checkpoint", required=True, help="model directory (save_pretrained format, with tokenizer)")
+    parser.add_argument("--layer", type=int, default=0, help="block index (default 0)")
+    parser.add_argument("--top", type=int, default=20, help="neurons to show (default 20)")
+    parser.add_argument(
+        "--hook", choices=NEURON_HOOKS, default="hook_post", help="MLP hook ablated (default hook_post)"
+    )
+    parser.add_argument("--method", choices=METHODS, default="zero", help="ablation method (default zero)")
+    parser.add_argument("--text-file", help="UTF-8 documents separated by blank lines (default: synthetic stories)")
+    parser.add_argument("--n-texts", type=int, default=32, help="documents to use (default 32)")
+    parser.add_argument("--seq-len", type=int, default=64, help="tokens per row, at most n_ctx (default 64)")
+    parser.add_argument("--seed", type=int, default=0, help="synthetic-story and resample seed (default 0)")
+    parser.add_argument("--ablations-per-pass", type=int, default=None, help="ablations batched per forward pass")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    return parser
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for name in ("top", "n_texts"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.seq_len < 2:
+        raise UsageError(f"--seq-len must be >= 2 (the loss needs a next token), got {args.seq_len}")
+
+
+def _load_model(path: str) -> Any:
+    from bilinear_lens.model import BilinearTransformer
+
+    try:
+        model = BilinearTransformer.from_pretrained(path)
+    except (FileNotFoundError, CheckpointError, ValueError) as err:
+        raise UsageError(f"cannot load checkpoint {path}: {err}") from err
+    if model.tokenizer is None:
+        raise UsageError(f"checkpoint {path} has no tokenizer.json; the ablate command needs one to read text")
+    return model.eval()
+
+
+def _read_texts(text_file: Optional[str], n_texts: int, seed: int) -> list[str]:
+    if text_file is None:
+        from bilinear_lens.synthetic import synthetic_stories
+
+        return synthetic_stories(n_texts, seed=seed)
+    path = Path(text_file)
+    if not path.is_file():
+        raise UsageError(f"text file not found: {text_file}")
+    documents = [doc.strip() for doc in path.read_text(encoding="utf-8").split("\n\n")]
+    documents = [doc for doc in documents if doc]
+    if not documents:
+        raise UsageError(f"text file {text_file} has no non-empty documents")
+    return documents[:n_texts]
+
+
+def _pack_tokens(model: Any, texts: list[str], seq_len: int) -> torch.Tensor:
+    """``[n_rows, seq_len]``: BOS + document tokens, concatenated and cut (the tail dropped)."""
+    tokenizer = model.tokenizer
+    seq_len = min(seq_len, model.cfg.n_ctx)
+    stream: list[int] = []
+    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    for text in texts:
+        stream.extend(bos)
+        stream.extend(tokenizer.encode(text, add_special_tokens=False))
+    n_rows = len(stream) // seq_len
+    if n_rows == 0:
+        raise UsageError(f"the texts hold {len(stream)} tokens, fewer than one row of --seq-len {seq_len}")
+    return torch.tensor(stream[: n_rows * seq_len], dtype=torch.long).view(n_rows, seq_len)
+
+
+def _report(args: argparse.Namespace, tokens: torch.Tensor, table: NeuronTable) -> dict[str, Any]:
+    top = table.top(args.top, by="delta_loss")
+    return {
+        "checkpoint": str(args.checkpoint),
+        "layer": args.layer,
+        "hook": f"blocks.{args.layer}.mlp.{args.hook}",
+        "method": args.method,
+        "n_neurons": len(table),
+        "tokens": list(tokens.shape),
+        "baseline_loss": table.baseline["loss"],
+        "neurons": [{"rank": rank, **row} for rank, row in enumerate(top.rows(), start=1)],
+    }
+
+
+def _print_table(report: dict[str, Any]) -> None:
+    rows, seq_len = report["tokens"]
+    print(
+        f"{report['hook']}: {report['method']} ablation of each of {report['n_neurons']} neurons "
+        f"on {rows} x {seq_len} tokens; baseline loss {report['baseline_loss']:.4f}"
+    )
+    print(f"{'rank':>5}  {'neuron':>6}  {'delta_loss':>11}")
+    for row in report["neurons"]:
+        print(f"{row['rank']:>5}  {row['neuron']:>6}  {row['delta_loss']:>+11.6f}")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _check_args(args)
+        model = _load_model(args.checkpoint)
+        tokens = _pack_tokens(model, _read_texts(args.text_file, args.n_texts, args.seed), args.seq_len)
+        table = ablation_sweep(
+            model,
+            tokens,
+            args.layer,
+            hook=args.hook,
+            method=args.method,
+            seed=args.seed,
+            ablations_per_pass=args.ablations_per_pass,
+            progress=sys.stderr.isatty(),
+        )
+    except (UsageError, UnknownHookError, ValueError, TypeError) as err:
+        print(f"bilinear-lens ablate: error: {err}", file=sys.stderr)
+        return 2
+    report = _report(args, tokens, table)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_table(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
