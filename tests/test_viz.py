@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from browser import CHROMIUM, ERROR_RECORDER, dump_dom
 from bilinear_lens.config import ModelConfig
 from bilinear_lens.model import build_model
 from bilinear_lens.plots import (
@@ -302,34 +303,9 @@ def test_png_and_html_embedding():
 
 
 # ---------------------------------------------------------------- headless browser
-CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 
 # Records JS errors (uncaught exceptions, rejections, console.error) on <html data-js-errors>,
 # so --dump-dom reports them; Chromium's stderr log does not tell console levels apart.
-ERROR_RECORDER = """<script>
-window.__errors = [];
-function __rec(m) { __errors.push(String(m)); document.documentElement.setAttribute("data-js-errors", JSON.stringify(__errors)); }
-const __ce = console.error; console.error = (...a) => { __rec(a.join(" ")); __ce(...a); };
-window.addEventListener("error", e => __rec(e.message));
-window.addEventListener("unhandledrejection", e => __rec(e.reason));
-</script>"""
-
-
-def dump_dom(page: str, tmp: Path) -> str:
-    """The DOM of ``page`` after its scripts ran, from headless Chromium (offline, sandboxless)."""
-    path = tmp / "page.html"
-    path.write_text(page, encoding="utf-8")
-    profile = tempfile.mkdtemp(dir=tmp)
-    cmd = [
-        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
-        "--virtual-time-budget=5000", "--dump-dom", path.as_uri(),
-    ]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout
-
-
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (apt-get install -y chromium)")
 def test_offline_page_renders_in_headless_chromium(tmp_path, texts):
     str_tokens, acts = texts

@@ -1,0 +1,213 @@
+"""A self-contained, offline HTML report of one layer of a checkpoint.
+
+``build_report(model, layer, tokens=..., texts=...)`` gathers, for the chosen layer:
+
+1. the model's config and attention patterns on a sample text (circuitsvis);
+2. for a bilinear layer and each output token ``t``: the eigenvalue spectrum of
+   ``Q(u_t)`` (weights only), the input tokens at both poles of the top eigenvectors,
+   the eigenvector activations ``lambda_i (v_i . x)^2`` on the sample texts (circuitsvis
+   top-k tokens and token-level views), and how well the top-k components reproduce
+   ``u_t . MLP(x)`` on those tokens (the paper's Figure 9 check);
+3. the interaction sub-matrix ``F Q(u) F^T`` between chosen input tokens (for a logit
+   difference such as ``" happy" - " sad"`` and inputs like ``" not"``, ``" happy"``);
+4. the neurons whose single zero-ablation changes the loss most (hooks);
+5. boundary density of the layer's spline code along an embedding path between two
+   tokens (polytope lens).
+
+Everything is inlined (circuitsvis bundle, figures as base64 PNG), so the page works
+from disk with no network. ``write_report`` writes it atomically.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+
+from bilinear_lens.directions import token_id
+
+DEFAULT_OUTPUT_TOKENS = (" happy", " sad")
+DEFAULT_INPUT_TOKENS = (" not", " happy", " sad", " very", " was", " never", " good", " bad")
+
+
+def _single_tokens(model: Any, candidates: Sequence[Union[str, int]]) -> list[int]:
+    """Ids of the candidates that are exactly one token of the model's vocabulary."""
+    ids = []
+    for c in candidates:
+        try:
+            ids.append(token_id(model, c))
+        except (ValueError, TypeError):
+            continue
+    return list(dict.fromkeys(ids))
+
+
+def _name(model: Any, tok: int) -> str:
+    return model.tokenizer.decode([tok]) if getattr(model, "tokenizer", None) is not None else str(tok)
+
+
+def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f'<table class="bl-table"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _sample_tokens(model: Any, texts: Sequence[str], max_len: int) -> list[torch.Tensor]:
+    out = []
+    for text in texts:
+        toks = model.to_tokens(text)[0][:max_len]
+        if toks.numel() >= 2:
+            out.append(toks)
+    if not out:
+        raise ValueError("no sample text has at least 2 tokens")
+    return out
+
+
+def _equal_rows(tokens: Sequence[torch.Tensor], length: int) -> torch.Tensor:
+    """Cut the concatenated sample into unpadded rows of ``length`` tokens (for losses)."""
+    flat = torch.cat(list(tokens))
+    n = max(1, flat.numel() // length)
+    return flat[: n * length].reshape(n, length) if flat.numel() >= length else flat[None]
+
+
+@torch.no_grad()
+def build_report(
+    model: Any,
+    layer: int = 0,
+    tokens: Optional[Sequence[Union[str, int]]] = None,
+    texts: Optional[Sequence[str]] = None,
+    logit_diff: Optional[tuple[Union[str, int], Union[str, int]]] = None,
+    input_tokens: Optional[Sequence[Union[str, int]]] = None,
+    n_eigenvectors: int = 4,
+    ablation_top: int = 20,
+    title: Optional[str] = None,
+) -> str:
+    """The report's HTML (see module docstring). ``model`` is a
+    :class:`~bilinear_lens.model.BilinearTransformer` with a tokenizer."""
+    from bilinear_lens import plots, viz
+    from bilinear_lens.ablation import ablation_sweep
+    from bilinear_lens.directions import logit_diff_direction
+    from bilinear_lens.eigen import low_rank_error
+    from bilinear_lens.eigen_readings import (
+        eigenvector_activations_on_tokens,
+        layer_eigendecomposition,
+        normalized_embeddings,
+        rank_k_correlation_on_tokens,
+        top_tokens_for_eigenvectors,
+    )
+    from bilinear_lens.tensor import interaction
+
+    cfg = model.cfg
+    if getattr(model, "tokenizer", None) is None:
+        raise ValueError("the report needs a model with a tokenizer (to show tokens)")
+    if not 0 <= layer < cfg.n_layers:
+        raise ValueError(f"layer {layer} is out of range: the model has {cfg.n_layers} layers")
+    if texts is None:
+        from bilinear_lens.synthetic import synthetic_stories
+
+        texts = synthetic_stories(8, seed=1)
+    samples = _sample_tokens(model, texts, max_len=cfg.n_ctx)
+    str_tokens = [[_name(model, int(t)) for t in s] for s in samples]
+    out_ids = _single_tokens(model, tokens if tokens is not None else DEFAULT_OUTPUT_TOKENS)
+    if not out_ids:  # fall back to the two most frequent tokens of the sample
+        counts = torch.bincount(torch.cat(samples), minlength=cfg.d_vocab)
+        out_ids = counts.topk(2).indices.tolist()
+
+    sections: list[Any] = []
+    config_rows = [(k, v) for k, v in cfg.to_dict().items()]
+    sections.append("<h2>Model</h2>" + _table(config_rows, ("field", "value")))
+    sections.append(f"<h2>Attention patterns, layer {layer}</h2>")
+    sections.append(viz.attention_view(model, samples[0][None], layer))
+
+    is_bilinear = cfg.mlp_kind == "bilinear" and not cfg.mlp_bias
+    if is_bilinear:
+        for tok in out_ids:
+            name = _name(model, tok)
+            le = layer_eigendecomposition(model, layer, tok)
+            errs = ", ".join(f"k={k}: {float(low_rank_error(le.eig, k)):.3f}" for k in (1, 2, 4, 8) if k <= le.eig.k)
+            sections.append(f"<h2>Output token {html.escape(repr(name))}: eigendecomposition of Q(u), layer {layer}</h2>")
+            sections.append(f"<p>Fraction of ||Q||<sub>F</sub> missed by the rank-k approximation: {errs}</p>")
+            sections.append(plots.plot_eigenvalue_spectrum(le.eigenvalues.numpy(), title=f"Q(u) spectrum for {name!r}", top=32))
+            tops = top_tokens_for_eigenvectors(model, le, n_vectors=n_eigenvectors, n_tokens=8)
+            sections.append(
+                "<h3>Input tokens at the poles of the top eigenvectors</h3>"
+                + _table(
+                    [(t.index, f"{t.eigenvalue:+.3g}", " ".join(map(repr, t.positive_tokens)), " ".join(map(repr, t.negative_tokens)))
+                     for t in tops],
+                    ("eigenvector", "lambda", "+ pole (v . e largest)", "- pole (v . e smallest)"),
+                )
+            )
+            acts = [eigenvector_activations_on_tokens(model, s[None], le, n_eigenvectors)[0].numpy() for s in samples]
+            lambdas = le.eigenvalues[:n_eigenvectors].numpy()
+            sections.append("<h3>Eigenvector activations λ(v·x)² on sample texts</h3>")
+            labels = [f"λ{i}={v:+.3g}" for i, v in enumerate(lambdas.tolist())]
+            sections.append(viz.eigenvector_top_tokens_view(acts, str_tokens, labels=labels))
+            sections.append(viz.token_activations_view(str_tokens, acts, labels=labels))
+            ks = [k for k in (1, 2, 4, 8, 16) if k <= le.eig.k]
+            corr = rank_k_correlation_on_tokens(model, _equal_rows(samples, min(cfg.n_ctx, 32)), le, ks=ks)
+            sections.append(plots.plot_rank_k_curve(list(corr), list(corr.values()), title=f"rank-k vs true u·MLP(x), {name!r}"))
+
+        pair = logit_diff if logit_diff is not None else (tuple(out_ids[:2]) if len(out_ids) >= 2 else None)
+        in_ids = _single_tokens(model, input_tokens if input_tokens is not None else DEFAULT_INPUT_TOKENS)
+        if pair is not None and len(in_ids) >= 2:
+            a, b = token_id(model, pair[0]), token_id(model, pair[1])
+            u = logit_diff_direction(model, a, b)
+            F = normalized_embeddings(model, layer)[in_ids]
+            sub = interaction(model.blocks[layer].mlp, u, F, F)
+            labels = [_name(model, i) for i in in_ids]
+            sections.append(f"<h2>Interactions for logit[{_name(model, a)!r}] − logit[{_name(model, b)!r}]</h2>")
+            sections.append(
+                "<p>Entry (i, j) is f<sub>i</sub><sup>T</sup> Q(u) f<sub>j</sub> for normalised input-token "
+                "embeddings: the diagonal is a token's own effect, off-diagonal entries how two tokens "
+                "present together push the logit difference (e.g. negation flipping sentiment).</p>"
+            )
+            sections.append(plots.plot_interaction_heatmap(sub.numpy(), labels, labels, title="f_i^T Q(u) f_j"))
+    elif cfg.mlp_kind != "none":
+        sections.append(f"<p>Layer {layer} has a {cfg.mlp_kind!r} MLP: no interaction matrices (bilinear MLPs only).</p>")
+
+    if cfg.mlp_kind != "none":
+        rows = _equal_rows(samples, min(cfg.n_ctx, 32))
+        table = ablation_sweep(model, rows, layer, progress=False)
+        deltas = table.columns["delta_loss"]
+        sections.append(f"<h2>Single-neuron zero ablation, layer {layer} (hook_post)</h2>")
+        sections.append(f"<p>Clean loss {table.baseline['loss']:.4f} on {rows.numel()} tokens.</p>")
+        sections.append(plots.plot_ablation_effects(deltas.numpy(), top=ablation_top, title="Δ loss when zeroing one neuron"))
+
+    if cfg.mlp_kind not in ("none", "linear") and len(out_ids) >= 2:
+        from bilinear_lens.polytope import embedding_path_profile
+
+        prompt = samples[0]
+        profile = embedding_path_profile(model, prompt, len(prompt) - 1, out_ids[0], out_ids[1], layers=layer, n_steps=128)
+        sections.append(
+            f"<h2>Polytope boundaries along an embedding path, layer {layer}</h2><p>The last token of the first sample "
+            f"walks from {_name(model, out_ids[0])!r} to {_name(model, out_ids[1])!r}: "
+            f"{profile.n_flips} unit flips over distance {profile.length:.3f} "
+            f"({profile.flips_per_unit_distance:.1f} per unit).</p>"
+        )
+        sections.append(plots.plot_boundary_density(profile.t, profile.changes, title="code changes along the path"))
+
+    style = (
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}"
+        ".bl-table{border-collapse:collapse}.bl-table td,.bl-table th{border:1px solid #ccc;padding:2px 6px}</style>"
+    )
+    page = viz.html_page(sections, title=title or f"bilinear-lens report: layer {layer}")
+    return page.replace("</head>", style + "\n</head>", 1)
+
+
+def write_report(model: Any, path: Union[str, Path], **kwargs: Any) -> Path:
+    """Build the report and write it to ``path`` atomically (temp file + rename)."""
+    path = Path(path)
+    page = build_report(model, **kwargs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(page)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

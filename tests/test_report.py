@@ -1,0 +1,59 @@
+"""The HTML report: built from a checkpoint by the CLI, renders in a real browser offline."""
+
+import json
+import re
+
+import pytest
+
+from browser import CHROMIUM, ERROR_RECORDER, dump_dom, screenshot
+from bilinear_lens.cli import main
+from bilinear_lens.model import build_model
+from bilinear_lens.synthetic import synthetic_stories
+from bilinear_lens.tokenizer import to_hf_tokenizer, train_tokenizer
+from conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    tok = to_hf_tokenizer(train_tokenizer(synthetic_stories(2000, seed=0), vocab_size=700))
+    model = build_model(tiny_config(d_vocab=len(tok), n_ctx=64, n_layers=1), tokenizer=tok)
+    path = tmp_path_factory.mktemp("ckpt") / "m"
+    model.save_pretrained(path)
+    return path
+
+
+def test_report_cli_writes_self_contained_page(checkpoint, tmp_path, capsys):
+    out = tmp_path / "report.html"
+    assert main(["report", "--checkpoint", str(checkpoint), "--out", str(out), "--n-texts", "3"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    page = out.read_text()
+    for heading in ("Model", "Attention patterns", "eigendecomposition of Q(u)", "Interactions for logit",
+                    "Single-neuron zero ablation", "Polytope boundaries"):
+        assert heading in page, heading
+    assert "unpkg.com" not in page and "cdn.jsdelivr" not in page, "the page must not need the network"
+    assert page.count("data:image/png;base64,") >= 5
+    assert [p.name for p in tmp_path.iterdir()] == ["report.html"]
+
+
+def test_report_errors(checkpoint, tmp_path, capsys):
+    assert main(["report", "--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "r.html")]) == 2
+    assert "checkpoint directory not found" in capsys.readouterr().err
+    assert main(["report", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "r.html"), "--layer", "3"]) == 2
+    assert "layer 3 is out of range" in capsys.readouterr().err
+    assert not (tmp_path / "r.html").exists()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary: .ci/run installs Debian's chromium; install it to run")
+def test_report_renders_in_headless_chromium(checkpoint, tmp_path):
+    out = tmp_path / "report.html"
+    assert main(["report", "--checkpoint", str(checkpoint), "--out", str(out), "--n-texts", "2"]) == 0
+    page = out.read_text().replace("<head>", "<head>\n" + ERROR_RECORDER, 1)
+    dom = dump_dom(page, tmp_path)
+    errors = re.search(r'data-js-errors="([^"]*)"', dom)
+    assert errors is None, f"console errors: {errors.group(1) if errors else ''}"
+    containers = re.findall(r'<div id="circuits-vis-[^"]*"[^>]*>(.*?)</div>', dom, flags=re.S)
+    assert len(containers) >= 3 and all(c.strip() for c in containers), "every circuitsvis view must render"
+    (tmp_path / "with_recorder.html").write_text(page)
+    png = tmp_path / "report.png"
+    screenshot(tmp_path / "with_recorder.html", png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
