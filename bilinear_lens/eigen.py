@@ -1,0 +1,403 @@
+"""Eigendecompositions of interaction matrices, exact and matrix-free, and low-rank views.
+
+``Q(u)`` (see :mod:`bilinear_lens.tensor`) is symmetric, so ``Q = sum_i lambda_i v_i v_i^T``
+and ``u . MLP(x) = x^T Q x = sum_i lambda_i (v_i . x)^2``: each eigenvector is an input
+direction whose squared projection drives the output ``u`` with sign and weight
+``lambda_i``. Eigenpairs are always ordered by ``|lambda|`` descending, so "top-k" means
+the ``k`` largest-magnitude components.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from scipy.sparse.linalg import LinearOperator, eigsh, lobpcg
+from torch import Tensor
+
+from bilinear_lens.tensor import (
+    BilinearWeights,
+    MLPLike,
+    _check_directions,
+    _check_vectors,
+    _weights,
+    augment_input,
+    bilinear_output,
+    input_factors,
+    interaction_matrix,
+    iter_interaction_matrices,
+)
+
+METHODS = ("lanczos", "block", "lobpcg", "dense")
+WHICH = ("LM", "LA", "SA")
+
+
+class Eigendecomposition(NamedTuple):
+    """``Q ~= V diag(eigenvalues) V^T``; columns of ``eigenvectors`` are the ``v_i``.
+
+    Sorted by ``|eigenvalue|`` descending. ``k = d`` for a full decomposition.
+    """
+
+    eigenvalues: Float[Tensor, "*batch k"]
+    eigenvectors: Float[Tensor, "*batch d k"]
+
+    @property
+    def k(self) -> int:
+        return self.eigenvalues.shape[-1]
+
+    def top(self, k: int) -> "Eigendecomposition":
+        """The first ``k`` components (the factored rank-``k`` approximation)."""
+        _check_k(k, self.k)
+        return Eigendecomposition(self.eigenvalues[..., :k], self.eigenvectors[..., :k])
+
+
+def _check_k(k: int, available: int) -> None:
+    if not 0 <= k <= available:
+        raise ValueError(f"k must be in [0, {available}], got {k}")
+
+
+def _sort_by_magnitude(values: Tensor, vectors: Tensor) -> Eigendecomposition:
+    order = values.abs().argsort(dim=-1, descending=True, stable=True)
+    return Eigendecomposition(
+        values.gather(-1, order),
+        vectors.gather(-1, order[..., None, :].expand_as(vectors)),
+    )
+
+
+def eigendecompose(Q: Float[Tensor, "*batch d d"]) -> Eigendecomposition:
+    """Exact ``Q = V diag(lambda) V^T`` for symmetric (batched) ``Q`` via ``torch.linalg.eigh``.
+
+    Returns all ``d`` pairs sorted by ``|lambda|`` descending. ``Q`` must be symmetric (as
+    :func:`~bilinear_lens.tensor.interaction_matrix` returns; ``eigh`` reads one triangle).
+    """
+    if Q.ndim < 2 or Q.shape[-1] != Q.shape[-2]:
+        raise ValueError(f"Q must be [..., d, d], got shape {tuple(Q.shape)}")
+    values, vectors = torch.linalg.eigh(Q)
+    return _sort_by_magnitude(values, vectors)
+
+
+def eigendecompose_directions(
+    mlp: MLPLike,
+    U: Float[Tensor, "n_dirs d_model"],
+    k: Optional[int] = None,
+    chunk_size: Optional[int] = None,
+    include_bias: bool = False,
+) -> Eigendecomposition:
+    """Top-``k`` (all if ``None``) eigenpairs of ``Q(U[n])`` for every direction.
+
+    Streams :func:`~bilinear_lens.tensor.iter_interaction_matrices` and eigendecomposes
+    each chunk, keeping only ``k`` pairs, so peak memory is one chunk plus the
+    ``n_dirs * d * k`` result (never all ``n_dirs`` matrices).
+    """
+    w = _weights(mlp)
+    U = _check_directions(w, U, "U", ndim=2)
+    d = w.d_input(include_bias)
+    k = d if k is None else k
+    _check_k(k, d)
+    values = torch.empty(U.shape[0], k, dtype=w.dtype, device=w.device)
+    vectors = torch.empty(U.shape[0], d, k, dtype=w.dtype, device=w.device)
+    for chunk in iter_interaction_matrices(w, U, chunk_size, include_bias):
+        eig = eigendecompose(chunk.matrices).top(k)
+        values[chunk.start : chunk.stop] = eig.eigenvalues
+        vectors[chunk.start : chunk.stop] = eig.eigenvectors
+    return Eigendecomposition(values, vectors)
+
+
+def _interaction_matmat(
+    w: BilinearWeights, u: Tensor, include_bias: bool
+) -> Callable[[Float[Tensor, "d m"]], Float[Tensor, "d m"]]:
+    """``V -> Q(u) V`` for ``V [d, m]`` from the factors (shared by the matrix-free solvers)."""
+    u = _check_directions(w, u, "u", ndim=1)
+    L, R = input_factors(w, include_bias)
+    c = (w.W_out @ u)[:, None]
+    corner = float(u @ w.b_out) if include_bias and w.b_out is not None else 0.0
+
+    def matmat(V: Tensor) -> Tensor:
+        out = (L @ (c * (R.T @ V)) + R @ (c * (L.T @ V))) / 2
+        if corner:
+            out[-1] += corner * V[-1]
+        return out
+
+    return matmat
+
+
+def interaction_operator(mlp: MLPLike, u: Float[Tensor, "d_model"], include_bias: bool = False) -> LinearOperator:
+    """``Q(u)`` as a scipy ``LinearOperator`` that never forms ``Q``.
+
+    ``Q v = (L (c * (R^T v)) + R (c * (L^T v))) / 2`` with ``c = W_out u``, ``L = W_in``,
+    ``R = W_gate`` (bias rows appended with ``include_bias``, plus ``(u . b_out) v_last``
+    in the last entry). Memory: the weights plus ``O(d_model + d_mlp)`` per vector.
+    """
+    w = _weights(mlp)
+    apply_Q = _interaction_matmat(w, u, include_bias)
+    d = w.d_input(include_bias)
+    np_dtype = torch.empty(0, dtype=w.dtype).numpy().dtype
+
+    def matmat(V: np.ndarray) -> np.ndarray:
+        Vt = torch.as_tensor(np.asarray(V, dtype=np_dtype)).to(w.device).reshape(d, -1)
+        return apply_Q(Vt).cpu().numpy()
+
+    return LinearOperator(
+        (d, d),
+        matvec=lambda v: matmat(v).reshape(-1),
+        matmat=matmat,
+        rmatvec=lambda v: matmat(v).reshape(-1),  # symmetric
+        dtype=np_dtype,
+    )
+
+
+def top_eigenvectors(
+    mlp: MLPLike,
+    u: Float[Tensor, "d_model"],
+    k: int = 8,
+    method: str = "lanczos",
+    which: str = "LM",
+    include_bias: bool = False,
+    tol: float = 0.0,
+    maxiter: Optional[int] = None,
+    seed: int = 0,
+    block_size: int = 16,
+    max_basis: int = 512,
+) -> Eigendecomposition:
+    """``k`` extreme eigenpairs of ``Q(u)``, matrix-free (``Q`` is never formed).
+
+    ``which``: ``"LM"`` the ``k`` largest ``|lambda|`` (default), ``"LA"`` the most
+    positive, ``"SA"`` the most negative (each returned sorted by ``|lambda|``).
+    ``method``: ``"lanczos"`` (ARPACK ``eigsh`` on :func:`interaction_operator`; ``tol=0``
+    is machine precision), ``"block"`` (block Krylov with Rayleigh-Ritz in torch, see
+    :func:`block_krylov_eigenpairs`; ``block_size`` vectors per product so the weights are
+    read once per block, usually the fastest on large layers; ``tol=0`` means 1e-10 in
+    float64, 1e-5 in float32, relative residual), ``"lobpcg"`` (scipy; ``"LM"`` merges
+    its ``LA`` and ``SA`` runs), or ``"dense"`` (form ``Q`` and ``eigh``: exact, ``O(d^2)``
+    memory, the reference). Matrix-free methods hold only the weights plus
+    ``O(d_model + d_mlp)`` numbers per vector.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if which not in WHICH:
+        raise ValueError(f"which must be one of {WHICH}, got {which!r}")
+    w = _weights(mlp)
+    d = w.d_input(include_bias)
+    if not 1 <= k <= d:
+        raise ValueError(f"k must be in [1, {d}], got {k}")
+
+    if method == "dense":
+        values, vectors = torch.linalg.eigh(interaction_matrix(w, u, include_bias))
+        if which == "LA":
+            values, vectors = values[-k:], vectors[:, -k:]
+        elif which == "SA":
+            values, vectors = values[:k], vectors[:, :k]
+        return _sort_by_magnitude(values, vectors).top(k)
+
+    if method == "block":
+        apply_Q = _interaction_matmat(w, u, include_bias)
+        gen = torch.Generator(device=w.device).manual_seed(seed)
+        start = torch.randn(d, min(block_size, d), dtype=w.dtype, device=w.device, generator=gen)
+        return block_krylov_eigenpairs(apply_Q, start, k, which, tol, maxiter, max_basis)
+
+    op = interaction_operator(w, u, include_bias)
+    rng = np.random.default_rng(seed)
+    if method == "lanczos":
+        if k >= d - 1:  # ARPACK needs k < d - 1: fall back to the exact solver
+            return top_eigenvectors(w, u, k, "dense", which, include_bias)
+        v0 = rng.standard_normal(d).astype(op.dtype)
+        values, vectors = eigsh(op, k=k, which=which, tol=tol, maxiter=maxiter, v0=v0)
+    else:
+        values, vectors = _lobpcg(op, k, which, tol, maxiter, rng)
+    out = _sort_by_magnitude(
+        torch.as_tensor(values).to(dtype=w.dtype, device=w.device),
+        torch.as_tensor(vectors).to(dtype=w.dtype, device=w.device),
+    )
+    return out.top(k)
+
+
+def _select(values: Tensor, which: str) -> Tensor:
+    """Order in which Ritz values are wanted: by |value|, most positive, or most negative."""
+    key = {"LM": values.abs(), "LA": values, "SA": -values}[which]
+    return key.argsort(descending=True, stable=True)
+
+
+def block_krylov_eigenpairs(
+    apply_Q: Callable[[Float[Tensor, "d m"]], Float[Tensor, "d m"]],
+    start: Float[Tensor, "d b"],
+    k: int,
+    which: str = "LM",
+    tol: float = 0.0,
+    maxiter: Optional[int] = None,
+    max_basis: int = 512,
+) -> Eigendecomposition:
+    """``k`` extreme eigenpairs of the symmetric operator ``apply_Q`` by block Krylov + Rayleigh-Ritz.
+
+    Grows an orthonormal basis ``V`` by ``b`` vectors a step (the residuals
+    ``Q x - theta x`` of the wanted Ritz pairs, which extend the block Krylov space), with
+    Ritz pairs from ``eigh(V^T Q V)``. Stops when every wanted pair has
+    ``||Q x - theta x|| <= tol * max|theta|``; past ``max_basis`` columns it restarts
+    from the best ``max_basis / 2`` Ritz vectors (thick restart). Applying ``Q`` to ``b``
+    vectors at once reads the weights once per block instead of once per vector.
+    """
+    d, b = start.shape
+    eps = torch.finfo(start.dtype).eps
+    tol = tol if tol > 0 else (1e-10 if start.dtype == torch.float64 else 1e-5)
+    maxiter = maxiter or 10 * d
+    max_basis = max(max_basis, 2 * (k + b))
+    V = torch.linalg.qr(start).Q
+    AV = apply_Q(V)
+    H = V.T @ AV  # V^T Q V, grown block by block
+    for _ in range(maxiter):
+        theta, Y = torch.linalg.eigh((H + H.T) / 2)
+        order = _select(theta, which)
+        theta, Y = theta[order], Y[:, order]
+        m = min(k + b, Y.shape[1])  # only the wanted Ritz vectors are formed
+        X, AX = V @ Y[:, :m], AV @ Y[:, :m]
+        residuals = AX - X * theta[:m]
+        norms = residuals.norm(dim=0)
+        scale = theta.abs().max().clamp_min(eps)
+        if bool((norms[:k] <= tol * scale).all()) or V.shape[1] >= d:
+            break  # converged, or V spans the whole space so Ritz pairs are exact
+        if V.shape[1] + b > max_basis:
+            keep = max_basis // 2
+            V, AV, H = V @ Y[:, :keep], AV @ Y[:, :keep], torch.diag(theta[:keep])
+        # Extend with the residuals of the first b unconverged wanted pairs.
+        unconverged = (norms > tol * scale).nonzero().flatten()[:b]
+        W = residuals[:, unconverged]
+        for _ in range(2):  # twice is enough (Kahan) for orthogonality to V
+            W = W - V @ (V.T @ W)
+        W = W[:, W.norm(dim=0) > eps * d * scale]
+        if W.shape[1] == 0:
+            break
+        W = torch.linalg.qr(W).Q[:, : d - V.shape[1]]
+        AW = apply_Q(W)
+        cross = V.T @ AW
+        H = torch.cat([torch.cat([H, cross], dim=1), torch.cat([cross.T, W.T @ AW], dim=1)], dim=0)
+        V, AV = torch.cat([V, W], dim=1), torch.cat([AV, AW], dim=1)
+    return _sort_by_magnitude(theta[:k], X[:, :k])
+
+
+def _lobpcg(
+    op: LinearOperator, k: int, which: str, tol: float, maxiter: Optional[int], rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    d = op.shape[0]
+    # A few guard vectors beyond k speed up convergence of the k-th pair.
+    block = min(d, k + max(2, k // 2))
+    # float32 matvecs are only ~1e-7 accurate, so ask for less there.
+    eps = float(np.finfo(op.dtype).eps)
+    tol_ = tol if tol > 0 else eps**0.5 * (1e-2 if op.dtype == np.float64 else 10)
+    maxiter_ = maxiter or 1000
+
+    def run(largest: bool) -> tuple[np.ndarray, np.ndarray]:
+        X = rng.standard_normal((d, block)).astype(op.dtype)
+        values, vectors = lobpcg(op, X, tol=tol_, maxiter=maxiter_, largest=largest)
+        order = np.argsort(-values if largest else values)[:k]
+        return values[order], vectors[:, order]
+
+    if which == "LA":
+        return run(True)
+    if which == "SA":
+        return run(False)
+    # The k largest |lambda| lie among the k most positive and the k most negative.
+    (va, xa), (vs, xs) = run(True), run(False)
+    return np.concatenate([va, vs]), np.concatenate([xa, xs], axis=1)
+
+
+def low_rank_approximation(eig: Eigendecomposition, k: int) -> Float[Tensor, "*batch d d"]:
+    """``Q_k = sum_{i<k} lambda_i v_i v_i^T``: the best rank-``k`` approximation (Frobenius).
+
+    ``eig.top(k)`` is the same approximation in factored form (``O(d k)`` numbers).
+    """
+    top = eig.top(k)
+    return (top.eigenvectors * top.eigenvalues[..., None, :]) @ top.eigenvectors.mT
+
+
+def low_rank_error(Q: Union[Float[Tensor, "*batch d d"], Eigendecomposition], k: int) -> Float[Tensor, "*batch"]:
+    """Fraction of the Frobenius norm the rank-``k`` approximation misses.
+
+    ``sqrt(sum_{i>=k} lambda_i^2 / sum_i lambda_i^2) = ||Q - Q_k||_F / ||Q||_F`` with the
+    eigenvalues sorted by ``|lambda|`` descending (0 for ``Q = 0``). ``Q`` may be a matrix
+    or a *full* :class:`Eigendecomposition`.
+    """
+    eig = Q if isinstance(Q, Eigendecomposition) else eigendecompose(Q)
+    _check_k(k, eig.k)
+    squares = eig.eigenvalues**2
+    total = squares.sum(-1)
+    tail = squares[..., k:].sum(-1)
+    return torch.where(total > 0, tail / total.clamp_min(torch.finfo(total.dtype).tiny), 0.0).sqrt()
+
+
+def eigenvector_activations(
+    eig: Eigendecomposition, x: Float[Tensor, "*x_batch d"], k: Optional[int] = None
+) -> Float[Tensor, "*x_batch *eig_batch k"]:
+    """``lambda_i (v_i . x)^2`` for the top-``k`` components (all if ``None``).
+
+    Summed over all ``d`` components this is ``x^T Q x`` (``= u . MLP(x)``). ``x`` must
+    live where ``Q`` does (augment it with :func:`~bilinear_lens.tensor.augment_input`
+    for a bias-inclusive decomposition). A batched ``eig`` gives one block per matrix.
+    """
+    eig = eig.top(eig.k if k is None else k)
+    d = eig.eigenvectors.shape[-2]
+    _check_vectors(x, d, "x", include_bias=False)
+    batch = eig.eigenvalues.shape[:-1]
+    V = eig.eigenvectors.reshape(-1, d, eig.k)
+    projections = torch.einsum("...d,edk->...ek", x.to(V.dtype), V)
+    acts = eig.eigenvalues.reshape(-1, eig.k) * projections**2
+    return acts.reshape(*x.shape[:-1], *batch, eig.k)
+
+
+def low_rank_output(
+    eig: Eigendecomposition, x: Float[Tensor, "*x_batch d"], k: Optional[int] = None
+) -> Float[Tensor, "*x_batch *eig_batch"]:
+    """``sum_{i<k} lambda_i (v_i . x)^2``: the rank-``k`` approximation of ``u . MLP(x)``."""
+    return eigenvector_activations(eig, x, k).sum(-1)
+
+
+def _pearson(a: Tensor, b: Tensor) -> Tensor:
+    a = a.double() - a.double().mean(0)
+    b = b.double() - b.double().mean(0)
+    return (a * b).sum(0) / (a.norm(dim=0) * b.norm(dim=0))
+
+
+def low_rank_correlation(
+    mlp: MLPLike,
+    u: Float[Tensor, "d_model"],
+    x: Float[Tensor, "n d_model"],
+    k: Union[int, Sequence[int]],
+    eig: Optional[Eigendecomposition] = None,
+    include_bias: bool = False,
+) -> Union[Float[Tensor, ""], Float[Tensor, "n_k"]]:
+    """Pearson correlation over inputs ``x`` between ``u . MLP(x)`` and its rank-``k`` output.
+
+    ``corr_n(u . MLP(x_n), sum_{i<k} lambda_i (v_i . x_n')^2)`` with ``x' = [x, 1]`` under
+    ``include_bias`` (the paper's Figure 9 measure). ``u . MLP(x)`` always includes every
+    bias the MLP has, so without ``include_bias`` a biased MLP is not reproduced exactly.
+    ``eig`` (the decomposition of ``Q(u)`` with at least ``max(k)`` pairs) is computed
+    exactly if not given. Returns a scalar for an int ``k``, one value per ``k`` otherwise.
+    """
+    w = _weights(mlp)
+    u = _check_directions(w, u, "u", ndim=1)
+    if x.ndim != 2:
+        raise ValueError(f"x must be [n, d_model], got shape {tuple(x.shape)}")
+    true = bilinear_output(w, x) @ u
+    eig = eig if eig is not None else eigendecompose(interaction_matrix(w, u, include_bias))
+    x_q = augment_input(x.to(w.dtype)) if include_bias else x
+    ks = [k] if isinstance(k, int) else list(k)
+    # Cumulative sums give every rank-k output from one pass over the components.
+    acts = eigenvector_activations(eig, x_q, max(ks)).cumsum(-1)
+    approx = torch.stack([acts[:, kk - 1] if kk > 0 else torch.zeros_like(true) for kk in ks], dim=1)
+    corr = _pearson(true[:, None].expand_as(approx), approx)
+    return corr[0] if isinstance(k, int) else corr
+
+
+__all__ = [
+    "Eigendecomposition",
+    "eigendecompose",
+    "eigendecompose_directions",
+    "eigenvector_activations",
+    "block_krylov_eigenpairs",
+    "interaction_operator",
+    "low_rank_approximation",
+    "low_rank_correlation",
+    "low_rank_error",
+    "low_rank_output",
+    "top_eigenvectors",
+]
