@@ -201,6 +201,22 @@ def bridge_config(cfg: ModelConfig) -> TransformerBridgeConfig:
     return tl_cfg
 
 
+def _bridge_tokenizer(tokenizer: Any) -> Any:
+    """A copy of ``tokenizer`` that TransformerBridge accepts as is.
+
+    The bridge reloads tokenizers by ``name_or_path`` to add a BOS token unless they say
+    they already handle it; ours is built from a ``tokenizer.json`` and has no hub name.
+    BOS is prepended by the bridge's ``to_tokens`` (``default_prepend_bos``), exactly as
+    :meth:`BilinearTransformer.to_tokens` does.
+    """
+    if tokenizer is None:
+        return None
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.init_kwargs.setdefault("name_or_path", "bilinear-lens")
+    tokenizer.init_kwargs["add_bos_token"] = True
+    return tokenizer
+
+
 def to_bridge(model: BilinearTransformer, copy_model: bool = True, model_name: str = "bilinear-lens") -> TransformerBridge:
     """Wrap ``model`` in a TransformerLens ``TransformerBridge`` through our adapter.
 
@@ -214,7 +230,7 @@ def to_bridge(model: BilinearTransformer, copy_model: bool = True, model_name: s
     if not isinstance(model, BilinearTransformer):
         raise TypeError(f"to_bridge expects a BilinearTransformer, got {type(model).__name__}")
     inner = copy.deepcopy(model) if copy_model else model
-    tokenizer = inner.tokenizer
+    tokenizer = _bridge_tokenizer(inner.tokenizer)
     return build_bridge_from_module(
         BridgeContainer(inner),
         ARCHITECTURE_NAME,

@@ -103,3 +103,17 @@ def test_load_bridge_from_checkpoint(tmp_path, tokens):
 def test_to_bridge_rejects_other_modules():
     with pytest.raises(TypeError, match="expects a BilinearTransformer"):
         to_bridge(torch.nn.Linear(2, 2))
+
+
+def test_bridge_with_tokenizer_tokenizes_like_the_model(tmp_path):
+    from bilinear_lens.synthetic import synthetic_stories
+    from bilinear_lens.tokenizer import to_hf_tokenizer, train_tokenizer
+
+    tok = to_hf_tokenizer(train_tokenizer(synthetic_stories(300, seed=0), vocab_size=300))
+    model = build_model(tiny_config(d_vocab=len(tok), n_ctx=64), tokenizer=tok)
+    model.save_pretrained(tmp_path / "m")
+    bridge = load_bridge(tmp_path / "m")
+    text = "Lily lost her red kite. She was not happy."
+    assert torch.equal(bridge.to_tokens(text), model.to_tokens(text))
+    assert bridge.to_str_tokens(text) == model.to_str_tokens(text)
+    torch.testing.assert_close(bridge(text), model(text), rtol=1e-5, atol=1e-5)
