@@ -15,12 +15,14 @@ Model directory layout (``save_model`` / ``load_model``)::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Union
+from typing import Any, Iterator, Mapping, Optional, Union
 
 import torch
 from safetensors import SafetensorError
@@ -171,3 +173,181 @@ def load_model(path: PathLike, device: Union[str, torch.device] = "cpu") -> Any:
             raise CheckpointError(f"{path / WEIGHTS_FILE}: {key} has dtype {tensor.dtype}, config says {expected[key].dtype}")
     model.load_state_dict(state)
     return model.to(device)
+
+
+# --- training state ------------------------------------------------------------------------
+#
+# A training checkpoint directory holds the model files above plus
+#
+#     train_state.safetensors   optimizer tensors ("optimizer.state.{param_index}.{name}",
+#                               e.g. AdamW's exp_avg / exp_avg_sq / step) and RNG states
+#                               ("rng.torch", "rng.cuda.{device}", "rng.numpy")
+#     train_state.json          step, scheduler state, data position, metrics, the
+#                               optimizer's param_groups and non-tensor state, the
+#                               Python/NumPy RNG scalars
+#
+# Both are plain data (no pickle), so a checkpoint can be inspected and can run no code.
+
+TRAIN_STATE_TENSORS_FILE = "train_state.safetensors"
+TRAIN_STATE_JSON_FILE = "train_state.json"
+TRAIN_STATE_FORMAT = "bilinear-lens-train-state"
+TRAIN_STATE_VERSION = 1
+
+
+@dataclass
+class TrainState:
+    """Everything besides the weights that a run needs to continue exactly.
+
+    ``step``: optimizer steps completed. ``optimizer``: ``optimizer.state_dict()``.
+    ``scheduler``: the learning-rate schedule's state (JSON-able). ``data``: the position
+    in the data stream (JSON-able; for :class:`~bilinear_lens.data.TokenBlocks` the step
+    determines the next batch). ``metrics``: running metrics (JSON-able). ``rng``: the
+    generator states from :func:`capture_rng_state` (``None``: not saved).
+    """
+
+    step: int
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any] = dataclasses.field(default_factory=dict)
+    data: dict[str, Any] = dataclasses.field(default_factory=dict)
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+    rng: Optional[dict[str, Any]] = None
+
+
+def flatten_optimizer_state(state_dict: Mapping[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Split ``optimizer.state_dict()`` into safetensors-ready tensors
+    (``state.{param_index}.{name}``) and a JSON-able rest (param_groups, scalar state)."""
+    tensors: dict[str, Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, param_state in state_dict["state"].items():
+        for name, value in param_state.items():
+            if isinstance(value, Tensor):
+                tensors[f"state.{index}.{name}"] = value
+            else:
+                scalars.setdefault(str(index), {})[name] = value
+    groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in state_dict["param_groups"]]
+    return tensors, {"param_groups": groups, "scalar_state": scalars}
+
+
+def unflatten_optimizer_state(tensors: Mapping[str, Tensor], meta: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Inverse of :func:`flatten_optimizer_state` (tuples such as ``betas`` come back as tuples)."""
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        parts = key.split(".")
+        if len(parts) < 3 or parts[0] != "state" or not parts[1].isdigit():
+            raise CheckpointError(f"{where}: unexpected optimizer tensor {key!r}")
+        state.setdefault(int(parts[1]), {})[".".join(parts[2:])] = value
+    for index, values in meta.get("scalar_state", {}).items():
+        state.setdefault(int(index), {}).update(values)
+    groups = []
+    for group in meta["param_groups"]:
+        group = dict(group)
+        for key in ("betas",):  # torch stores these as tuples
+            if isinstance(group.get(key), list):
+                group[key] = tuple(group[key])
+        groups.append(group)
+    return {"state": dict(sorted(state.items())), "param_groups": groups}
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """States of the torch (CPU and every CUDA device), NumPy and Python generators."""
+    import random
+
+    import numpy as np
+
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": np_name, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_gauss)},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Set the generators to a state from :func:`capture_rng_state`."""
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    npst = state["numpy"]
+    np.random.set_state(
+        (npst["name"], npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"], npst["cached_gaussian"])
+    )
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():  # else: a different machine, skip
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+def write_train_state(directory: PathLike, state: TrainState) -> None:
+    """Write ``state`` into an existing checkpoint ``directory`` (two files, no pickle)."""
+    directory = Path(directory)
+    tensors, optim_meta = flatten_optimizer_state(state.optimizer)
+    tensors = {f"optimizer.{k}": v for k, v in tensors.items()}
+    meta: dict[str, Any] = {
+        "format": TRAIN_STATE_FORMAT,
+        "format_version": TRAIN_STATE_VERSION,
+        "step": state.step,
+        "scheduler": state.scheduler,
+        "data": state.data,
+        "metrics": state.metrics,
+        "optimizer": optim_meta,
+        "rng": None,
+    }
+    if state.rng is not None:
+        rng = state.rng
+        tensors["rng.torch"] = rng["torch"]
+        tensors["rng.numpy"] = rng["numpy"]["keys"]
+        for i, cuda_state in enumerate(rng.get("cuda", [])):
+            tensors[f"rng.cuda.{i}"] = cuda_state
+        meta["rng"] = {
+            "numpy": {k: v for k, v in rng["numpy"].items() if k != "keys"},
+            "python": [rng["python"][0], list(rng["python"][1]), rng["python"][2]],
+            "n_cuda": len(rng.get("cuda", [])),
+        }
+    write_tensors(directory / TRAIN_STATE_TENSORS_FILE, {k: v.cpu() for k, v in tensors.items()},
+                  metadata={"format": TRAIN_STATE_FORMAT})
+    write_json(directory / TRAIN_STATE_JSON_FILE, meta)
+
+
+def read_train_state(directory: PathLike) -> TrainState:
+    """Read what :func:`write_train_state` wrote; tensors stay on the CPU (the optimizer's
+    ``load_state_dict`` moves them to the parameters' device)."""
+    directory = Path(directory)
+    json_path = directory / TRAIN_STATE_JSON_FILE
+    meta = read_json(json_path, what="training state")
+    if not isinstance(meta, dict) or meta.get("format") != TRAIN_STATE_FORMAT:
+        raise CheckpointError(f"{json_path} is not a bilinear-lens training state")
+    if meta.get("format_version") != TRAIN_STATE_VERSION:
+        raise CheckpointError(
+            f"{json_path} has format_version={meta.get('format_version')!r}; this version reads {TRAIN_STATE_VERSION}"
+        )
+    tensors = read_tensors(directory / TRAIN_STATE_TENSORS_FILE, what="training state tensors")
+    try:
+        optimizer = unflatten_optimizer_state(
+            {k[len("optimizer."):]: v for k, v in tensors.items() if k.startswith("optimizer.")},
+            meta["optimizer"], where=str(directory / TRAIN_STATE_TENSORS_FILE),
+        )
+        rng = None
+        if meta.get("rng") is not None:
+            r = meta["rng"]
+            python = r["python"]
+            rng = {
+                "torch": tensors["rng.torch"],
+                "numpy": {**r["numpy"], "keys": tensors["rng.numpy"]},
+                "python": (python[0], tuple(python[1]), python[2]),
+            }
+            if r.get("n_cuda"):
+                rng["cuda"] = [tensors[f"rng.cuda.{i}"] for i in range(r["n_cuda"])]
+        return TrainState(step=int(meta["step"]), optimizer=optimizer, scheduler=meta.get("scheduler", {}),
+                          data=meta.get("data", {}), metrics=meta.get("metrics", {}), rng=rng)
+    except (KeyError, TypeError, ValueError) as err:
+        if isinstance(err, CheckpointError):
+            raise
+        raise CheckpointError(f"training state in {directory} is incomplete or malformed: {err!r}") from err

@@ -1,0 +1,388 @@
+"""Training loop: loss goes down, exact resume, NaN handling, checkpoints, config errors,
+metrics, CLI, and 2-process DDP against single-process training.
+
+Every run uses a tiny model (d_model 32) on a small synthetic corpus whose tokens are
+cached once per session, so each ``train`` call takes about a second.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bilinear_lens import cli
+from bilinear_lens.checkpoint import (
+    TrainState,
+    capture_rng_state,
+    read_tensors,
+    read_train_state,
+    restore_rng_state,
+    write_train_state,
+)
+from bilinear_lens.config import RunConfig, TrainConfig, load_run_config
+from bilinear_lens.data import prepare_data
+from bilinear_lens.model import BilinearTransformer
+from bilinear_lens.train import (
+    CHECKPOINTS_DIR,
+    FINAL_DIR,
+    METRICS_FILE,
+    NonFiniteLossError,
+    learning_rate,
+    list_checkpoints,
+    train,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_RECIPE = REPO / "training" / "configs" / "tiny.toml"
+
+
+def recipe(cache_dir: Path, **train_overrides) -> dict:
+    """A tiny recipe as a dict ([model] without d_vocab: taken from the tokenizer)."""
+    return {
+        "model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_mlp": 64, "n_ctx": 32, "seed": 0},
+        "data": {"source": "synthetic", "vocab_size": 400, "max_docs": 1500, "val_fraction": 0.1,
+                 "tokenizer_train_docs": 1500, "cache_dir": str(cache_dir)},
+        "train": {"steps": 12, "batch_size": 8, "lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 2,
+                  "log_every": 2, "eval_every": 4, "eval_batches": 2, "checkpoint_every": 0,
+                  "keep_last": 3, "device": "cpu", "num_threads": 1, **train_overrides},
+    }
+
+
+def run_config(cache_dir: Path, **train_overrides) -> RunConfig:
+    return RunConfig.from_dict(recipe(cache_dir, **train_overrides), where="test recipe")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """Tokenizer and token cache built once; later prepare_data calls only read it."""
+    path = tmp_path_factory.mktemp("data_cache")
+    data = recipe(path)["data"]
+    prepare_data("synthetic", vocab_size=data["vocab_size"], n_ctx=32, cache_dir=path,
+                 val_fraction=data["val_fraction"], max_docs=data["max_docs"],
+                 tokenizer_train_docs=data["tokenizer_train_docs"])
+    return path
+
+
+def state_dicts_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- learning and the run directory ---------------------------------------------------------
+
+
+def test_loss_decreases_and_final_checkpoint_loads(cache_dir, tmp_path):
+    result = train(run_config(cache_dir, steps=40, eval_every=20, eval_batches=4), tmp_path / "run", progress=False)
+    first, last = result.metrics[0], result.metrics[-1]
+    assert first["step"] == 0 and last["step"] == 40 == result.steps
+    assert last["val_loss"] == pytest.approx(result.val_loss)
+    # Untrained: about ln(d_vocab); trained: well below the context-free (unigram) optimum.
+    model = BilinearTransformer.from_pretrained(result.final_checkpoint)
+    assert first["val_loss"] == pytest.approx(math.log(model.cfg.d_vocab), abs=0.3)
+    assert result.val_loss < result.unigram_entropy - 1.0
+    assert result.final_checkpoint == tmp_path / "run" / FINAL_DIR
+    assert model.cfg.d_vocab == model.tokenizer.backend_tokenizer.get_vocab_size()
+    tokens = model.to_tokens("Lily found a ball.")
+    assert model(tokens).shape == (1, tokens.shape[1], model.cfg.d_vocab)
+    saved = load_run_config(result.final_checkpoint / "run_config.toml")
+    assert saved.model == model.cfg and not saved.vocab_from_tokenizer
+
+
+def test_metrics_jsonl(cache_dir, tmp_path):
+    cfg = run_config(cache_dir, steps=10, log_every=3, eval_every=4)
+    result = train(cfg, tmp_path, progress=False)
+    records = [json.loads(line) for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
+    assert records == result.metrics
+    # step 0 (baseline eval), every 3rd step, every 4th (eval), and the last step
+    assert [r["step"] for r in records] == [0, 3, 4, 6, 8, 9, 10]
+    keys = {"step", "train_loss", "val_loss", "lr", "tokens_per_s", "tokens", "elapsed_s"}
+    assert all(set(r) == keys for r in records)
+    assert [r["step"] for r in records if r["val_loss"] is not None] == [0, 4, 8, 10]
+    for r in records[1:]:
+        assert math.isfinite(r["train_loss"]) and r["tokens_per_s"] > 0
+        assert r["tokens"] == r["step"] * 8 * 32
+        assert r["lr"] == pytest.approx(learning_rate(r["step"] - 1, cfg.train, 10))
+    assert all(a["elapsed_s"] <= b["elapsed_s"] for a, b in zip(records, records[1:]))
+
+
+def test_learning_rate_schedules():
+    cfg = TrainConfig(steps=100, lr=1.0, min_lr=0.1, warmup_steps=10, schedule="cosine")
+    assert learning_rate(0, cfg, 100) == pytest.approx(0.1)  # warmup: lr * 1/10
+    assert learning_rate(9, cfg, 100) == pytest.approx(1.0)
+    assert learning_rate(10, cfg, 100) == pytest.approx(1.0)
+    assert learning_rate(99, cfg, 100) == pytest.approx(0.1)  # last update at min_lr
+    assert learning_rate(10 + 89 / 2, cfg, 100) == pytest.approx(0.55)  # cosine midpoint
+    linear = TrainConfig(steps=100, lr=1.0, min_lr=0.0, warmup_steps=0, schedule="linear")
+    assert [learning_rate(s, linear, 101) for s in (0, 50, 100)] == pytest.approx([1.0, 0.5, 0.0])
+    constant = TrainConfig(steps=100, lr=0.5, warmup_steps=4, schedule="constant")
+    assert [learning_rate(s, constant, 100) for s in (1, 4, 99)] == pytest.approx([0.25, 0.5, 0.5])
+
+
+def test_keep_last_checkpoints_and_no_temp_dirs(cache_dir, tmp_path):
+    train(run_config(cache_dir, steps=9, checkpoint_every=2, keep_last=2, eval_every=0), tmp_path, progress=False)
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [8, 9]  # every 2 steps + the last
+    assert sorted(p.name for p in (tmp_path / CHECKPOINTS_DIR).iterdir()) == ["step_000008", "step_000009"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "final", "metrics.jsonl", "run_config.toml"]
+    for directory in (tmp_path / CHECKPOINTS_DIR / "step_000009", tmp_path / FINAL_DIR):
+        assert sorted(p.name for p in directory.iterdir()) == [
+            "config.json", "model.safetensors", "run_config.toml", "tokenizer.json",
+            "train_state.json", "train_state.safetensors",
+        ]
+    final = BilinearTransformer.from_pretrained(tmp_path / FINAL_DIR).state_dict()
+    last = BilinearTransformer.from_pretrained(tmp_path / CHECKPOINTS_DIR / "step_000009").state_dict()
+    assert state_dicts_equal(final, last)
+
+
+# --- exact resume ---------------------------------------------------------------------------
+
+
+def test_resume_is_bitwise_identical(cache_dir, tmp_path):
+    """k steps, stop, resume to N == N steps straight: every weight, every AdamW moment."""
+    cfg = run_config(cache_dir, steps=12, grad_accum=2, eval_every=5, checkpoint_every=4)
+    straight = train(cfg, tmp_path / "straight", progress=False)
+    stopped = train(cfg, tmp_path / "resumed", progress=False, stop_at=6)
+    assert not stopped.finished and stopped.steps == 6
+    assert stopped.final_checkpoint == tmp_path / "resumed" / CHECKPOINTS_DIR / "step_000006"
+    assert not (tmp_path / "resumed" / FINAL_DIR).exists()
+    resumed = train(cfg, tmp_path / "resumed", resume=True, progress=False)
+    assert resumed.finished and resumed.steps == 12
+
+    a = BilinearTransformer.from_pretrained(straight.final_checkpoint).state_dict()
+    b = BilinearTransformer.from_pretrained(resumed.final_checkpoint).state_dict()
+    assert state_dicts_equal(a, b)
+    opt_a = read_train_state(straight.final_checkpoint).optimizer
+    opt_b = read_train_state(resumed.final_checkpoint).optimizer
+    assert opt_a["param_groups"] == opt_b["param_groups"]
+    assert opt_a["state"].keys() == opt_b["state"].keys()
+    for index in opt_a["state"]:
+        assert state_dicts_equal(opt_a["state"][index], opt_b["state"][index])
+    assert resumed.val_loss == straight.val_loss
+    # The metrics log continues without duplicates and matches the straight run's losses.
+    assert [r["step"] for r in resumed.metrics] == [r["step"] for r in straight.metrics]
+    assert [r["train_loss"] for r in resumed.metrics] == [r["train_loss"] for r in straight.metrics]
+
+
+def test_resume_from_explicit_checkpoint_and_model_mismatch(cache_dir, tmp_path):
+    cfg = run_config(cache_dir, steps=6, checkpoint_every=3, eval_every=0)
+    train(cfg, tmp_path / "a", progress=False)
+    with pytest.raises(FileExistsError, match="already holds checkpoints"):
+        train(cfg, tmp_path / "a", progress=False)
+    longer = run_config(cache_dir, steps=8, checkpoint_every=3, eval_every=0)
+    result = train(longer, tmp_path / "b", resume=tmp_path / "a" / CHECKPOINTS_DIR / "step_000003", progress=False)
+    assert result.steps == 8 and result.metrics[0]["step"] > 3  # the log starts where b did
+    other = RunConfig.from_dict({**recipe(cache_dir), "model": {**recipe(cache_dir)["model"], "d_mlp": 32}})
+    with pytest.raises(ValueError, match=r"model config differs .*'d_mlp': \(64, 32\)"):
+        train(other, tmp_path / "a", resume=True, progress=False)
+    with pytest.raises(FileNotFoundError, match="holds no complete checkpoint"):
+        train(cfg, tmp_path / "empty", resume=True, progress=False)
+
+
+# --- divergence ----------------------------------------------------------------------------
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(cache_dir, tmp_path, monkeypatch):
+    import bilinear_lens.train as train_module
+
+    calls = {"n": 0}
+    real_loss = train_module.compute_loss
+
+    def loss_that_diverges(model, block, reduction="mean"):
+        loss = real_loss(model, block, reduction)
+        if model.training:
+            calls["n"] += 1
+            if calls["n"] >= 5:  # the 5th training step
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(train_module, "compute_loss", loss_that_diverges)
+    cfg = run_config(cache_dir, steps=10, checkpoint_every=3, eval_every=0)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite training loss \(nan\) at step 5") as err:
+        train(cfg, tmp_path, progress=False)
+    good = tmp_path / CHECKPOINTS_DIR / "step_000003"
+    assert err.value.step == 5 and err.value.last_checkpoint == good
+    assert str(good) in str(err.value)
+    assert isinstance(err.value, RuntimeError)
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [3]
+    assert not (tmp_path / FINAL_DIR).exists()
+    model = BilinearTransformer.from_pretrained(good)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert read_train_state(good).step == 3
+    # The run can continue from the good checkpoint once the cause is fixed.
+    monkeypatch.setattr(train_module, "compute_loss", real_loss)
+    assert train(cfg, tmp_path, resume=True, progress=False).steps == 10
+
+
+# --- errors before training --------------------------------------------------------------------
+
+
+def write_recipe(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_config_errors_name_key_section_file(tmp_path):
+    bad = write_recipe(tmp_path / "bad.toml", "[model]\nd_model = 32\n[train]\nlrr = 0.1\n")
+    with pytest.raises(ValueError) as err:
+        load_run_config(bad)
+    message = str(err.value)
+    assert "'lrr'" in message and "[train]" in message and str(bad) in message and "allowed keys" in message
+    assert "'lr'" in message
+
+    with pytest.raises(ValueError, match=r"unknown section\(s\) \['optim'\]"):
+        load_run_config(write_recipe(tmp_path / "s.toml", "[optim]\nlr = 1\n"))
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['d_modle'\] in section \[model\] of .*m\.toml"):
+        load_run_config(write_recipe(tmp_path / "m.toml", "[model]\nd_modle = 32\n"))
+
+    good = write_recipe(tmp_path / "good.toml", "[model]\nd_model = 32\nn_heads = 2\n")
+    with pytest.raises(ValueError) as err:
+        load_run_config(good, ["train.learning_rate=3e-4"])
+    message = str(err.value)
+    assert "'learning_rate'" in message and "[train]" in message and str(good) in message and "'lr'" in message
+    with pytest.raises(ValueError, match="section.key=value"):
+        load_run_config(good, ["lr"])
+
+    with pytest.raises(ValueError, match=r"TrainConfig\.schedule='cos' is invalid: allowed values are \['cosine'"):
+        load_run_config(good, ["train.schedule=cos"])
+    with pytest.raises(ValueError, match=r"ModelConfig\.mlp_kind='tanh' is invalid: allowed values"):
+        load_run_config(good, ["model.mlp_kind=tanh"])
+    with pytest.raises(ValueError, match=r"TrainConfig\.lr=-1 is invalid: must be a positive number"):
+        load_run_config(good, ["train.lr=-1"])
+    with pytest.raises(ValueError, match=r"exactly one of train\.steps and train\.epochs"):
+        load_run_config(good, ["train.steps=10", "train.epochs=2"])
+    with pytest.raises(FileNotFoundError, match="nope.toml"):
+        load_run_config(tmp_path / "nope.toml")
+
+
+def test_overrides_parse_toml_literals_and_bare_strings(tmp_path):
+    cfg = load_run_config(TINY_RECIPE, ["train.lr=3e-4", "model.mlp_kind=relu", 'data.source="x.txt"',
+                                        "train.epochs=2", "train.steps=0", "data.streaming=true"])
+    assert cfg.train.lr == 3e-4 and cfg.model.mlp_kind == "relu" and cfg.data.source == "x.txt"
+    assert cfg.train.epochs == 2 and cfg.train.steps == 0 and cfg.data.streaming is True
+    assert cfg.vocab_from_tokenizer  # the tiny recipe leaves d_vocab to the tokenizer
+    # The resolved TOML reads back to the same config.
+    again = load_run_config(write_recipe(tmp_path / "r.toml", cfg.to_toml()))
+    assert (again.model, again.data, again.train) == (cfg.model, cfg.data, cfg.train)
+    assert again.vocab_from_tokenizer
+
+
+def test_bad_inputs_fail_before_training(cache_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"batch_size=9 .* divisible by world_size \* train.grad_accum = 1 \* 2"):
+        train(run_config(cache_dir, batch_size=9, grad_accum=2), tmp_path / "a", progress=False)
+    assert not (tmp_path / "a").exists()
+
+    def with_data(**data) -> RunConfig:
+        base = recipe(cache_dir)
+        return RunConfig.from_dict({**base, "data": {**base["data"], **data}})
+
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        train(with_data(source=str(tmp_path / "missing.txt")), tmp_path / "b", progress=False)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n   \n")
+    with pytest.raises(ValueError, match="empty corpus"):
+        train(with_data(source=str(empty), cache_dir=str(tmp_path / "c1")), tmp_path / "c", progress=False)
+    short = tmp_path / "short.txt"
+    short.write_text("A cat.\n\nA dog.\n")
+    with pytest.raises(ValueError, match="n_ctx=32 is too large"):
+        train(with_data(source=str(short), val_fraction=0.0, cache_dir=str(tmp_path / "c2"), tokenizer_train_docs=0),
+              tmp_path / "d", progress=False)
+    with pytest.raises(ValueError, match=r"batch_size=100000 exceeds"):
+        train(run_config(cache_dir, batch_size=100_000), tmp_path / "e", progress=False)
+    small_vocab = RunConfig.from_dict({**recipe(cache_dir), "model": {**recipe(cache_dir)["model"], "d_vocab": 300}})
+    with pytest.raises(ValueError, match=r"model\.d_vocab=300 .* smaller than the tokenizer"):
+        train(small_vocab, tmp_path / "f", progress=False)
+
+
+# --- training state files ------------------------------------------------------------------------
+
+
+def test_train_state_files_are_plain_data(tmp_path):
+    model = torch.nn.Linear(3, 4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95))
+    model(torch.randn(2, 3)).sum().backward()
+    optimizer.step()
+    write_train_state(tmp_path, TrainState(step=7, optimizer=optimizer.state_dict(), data={"next_step": 7},
+                                           rng=capture_rng_state()))
+    tensors = read_tensors(tmp_path / "train_state.safetensors")
+    assert {"optimizer.state.0.exp_avg", "optimizer.state.1.exp_avg_sq", "optimizer.state.0.step", "rng.torch"} <= set(tensors)
+    meta = json.loads((tmp_path / "train_state.json").read_text())
+    assert meta["step"] == 7 and meta["optimizer"]["param_groups"][0]["betas"] == [0.9, 0.95]
+
+    expected = (torch.rand(3), __import__("random").random())
+    state = read_train_state(tmp_path)
+    restore_rng_state(state.rng)
+    assert torch.equal(torch.rand(3), expected[0]) and __import__("random").random() == expected[1]
+    fresh = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95))
+    fresh.load_state_dict(state.optimizer)
+    assert fresh.state_dict()["param_groups"] == optimizer.state_dict()["param_groups"]
+    for index, values in optimizer.state_dict()["state"].items():
+        assert state_dicts_equal(values, fresh.state_dict()["state"][index])
+
+
+# --- command line ----------------------------------------------------------------------------------
+
+
+def test_cli_trains_tiny_recipe_override(cache_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    data = recipe(cache_dir)["data"]
+    args = ["train", "--config", str(TINY_RECIPE), "--out", str(out), "--no-progress", "--quiet",
+            "--set", "model.d_model=32", "--set", "model.n_layers=1", "--set", "model.d_mlp=64",
+            "--set", "model.n_ctx=32", "--set", "data.vocab_size=400", "--set", f"data.max_docs={data['max_docs']}",
+            "--set", "data.val_fraction=0.1", "--set", f"data.tokenizer_train_docs={data['tokenizer_train_docs']}",
+            "--set", f'data.cache_dir="{cache_dir}"', "--set", "train.steps=8", "--set", "train.batch_size=8",
+            "--set", "train.warmup_steps=2", "--set", "train.checkpoint_every=4", "--set", "train.eval_batches=2"]
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    assert f"final checkpoint: {out / FINAL_DIR}" in printed
+    assert "val loss" in printed and "nats vs unigram entropy" in printed
+    model = BilinearTransformer.from_pretrained(out / FINAL_DIR)
+    assert model.cfg.d_model == 32 and model.cfg.mlp_kind == "bilinear"
+    assert isinstance(model.generate("Lily", max_new_tokens=3, temperature=0), str)
+
+    # --resume without --config reads the run's resolved recipe; --set extends it.
+    assert cli.main(["train", "--out", str(out), "--resume", "--no-progress", "--quiet", "--set", "train.steps=10"]) == 0
+    assert read_train_state(out / FINAL_DIR).step == 10
+
+    assert cli.main(["train", "--config", str(TINY_RECIPE), "--out", str(tmp_path / "x"), "--set", "train.lrr=1"]) == 1
+    err = capsys.readouterr().err
+    assert "unknown key 'lrr' in section [train]" in err and "tiny.toml" in err
+
+
+# --- multi-process --------------------------------------------------------------------------------
+
+
+def test_two_process_ddp_matches_single_process(cache_dir, tmp_path):
+    """torchrun with 2 gloo processes: runs, only rank 0 writes, same weights as 1 process."""
+    cfg = run_config(cache_dir, steps=6, grad_accum=2, checkpoint_every=3, eval_every=3)
+    single = train(cfg, tmp_path / "single", progress=False)
+    config_path = tmp_path / "recipe.toml"
+    cfg.save_toml(config_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "bilinear_lens.cli", "train", "--config", str(config_path), "--out", str(tmp_path / "ddp"),
+         "--no-progress", "--quiet"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("final checkpoint:") == 1  # only rank 0 reports
+
+    ddp_dir = tmp_path / "ddp"
+    assert sorted(p.name for p in ddp_dir.iterdir()) == sorted(p.name for p in (tmp_path / "single").iterdir())
+    assert [s for s, _ in list_checkpoints(ddp_dir)] == [3, 6]
+    records = [json.loads(line) for line in (ddp_dir / METRICS_FILE).read_text().splitlines()]
+    assert [r["step"] for r in records] == [r["step"] for r in single.metrics]  # written once, by rank 0
+    for r_ddp, r_single in zip(records[1:], single.metrics[1:]):
+        assert r_ddp["train_loss"] == pytest.approx(r_single["train_loss"], rel=1e-4)
+    assert read_train_state(ddp_dir / FINAL_DIR).data["world_size"] == 2
+
+    a = BilinearTransformer.from_pretrained(single.final_checkpoint).state_dict()
+    b = BilinearTransformer.from_pretrained(ddp_dir / FINAL_DIR).state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
