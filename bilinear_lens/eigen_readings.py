@@ -152,19 +152,41 @@ def normalized_embeddings(model: Any, layer: int = 0) -> Float[Tensor, "d_vocab 
     return model.blocks[layer].ln2(emb)
 
 
+def readable_token_mask(model: Any) -> Tensor:
+    """``[d_vocab]`` bool: tokens that decode to printable text. Byte-level BPE keeps pieces
+    of multi-byte characters (decoding to U+FFFD) and control bytes that a plain-English
+    corpus never uses; their embeddings stay near their random init and would otherwise
+    crowd the extremes of every eigenvector."""
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        return torch.ones(model.cfg.d_vocab, dtype=torch.bool)
+    names = [tokenizer.decode([i]) for i in range(model.cfg.d_vocab)]
+    return torch.tensor([bool(n) and "\ufffd" not in n and n.isprintable() for n in names])
+
+
 @torch.no_grad()
 def top_tokens_for_eigenvectors(
-    model: Any, layer_eig: LayerEigen, n_vectors: int = 5, n_tokens: int = 10
+    model: Any,
+    layer_eig: LayerEigen,
+    n_vectors: int = 5,
+    n_tokens: int = 10,
+    token_mask: Optional[Tensor] = None,
 ) -> list[EigenvectorTokens]:
     """For the top ``n_vectors`` eigenvectors, the ``n_tokens`` vocabulary tokens whose
     normalised embeddings (:func:`normalized_embeddings`) have the largest positive and
     negative projection ``v_i . e_t``. Eigenvectors have a sign ambiguity; since the
     activation is ``lambda (v . x)^2``, both ends of ``v`` activate it equally: the two
     lists are the two poles (e.g. "happy" vs "sad"). Meaningful for the first layer,
-    where the MLP input is close to the token's own embedding."""
+    where the MLP input is close to the token's own embedding. ``token_mask`` (``[d_vocab]``
+    bool) limits the candidates; by default :func:`readable_token_mask`."""
     E = normalized_embeddings(model, layer_eig.layer).to(layer_eig.eigenvalues.dtype)
     n_vectors = min(n_vectors, layer_eig.eig.k)
     scores = E @ layer_eig.eigenvectors[:, :n_vectors]  # [d_vocab, n_vectors]
+    mask = readable_token_mask(model) if token_mask is None else token_mask.bool()
+    if mask.shape != (scores.shape[0],):
+        raise ValueError(f"token_mask must have shape ({scores.shape[0]},), got {tuple(mask.shape)}")
+    n_tokens = min(n_tokens, int(mask.sum()))
+    scores = scores.masked_fill(~mask[:, None], float("nan"))
     tokenizer = getattr(model, "tokenizer", None)
 
     def name(i: int) -> str:
@@ -172,8 +194,9 @@ def top_tokens_for_eigenvectors(
 
     out = []
     for j in range(n_vectors):
-        pos = scores[:, j].topk(min(n_tokens, scores.shape[0]))
-        neg = (-scores[:, j]).topk(min(n_tokens, scores.shape[0]))
+        column = scores[:, j]
+        pos = column.nan_to_num(float("-inf")).topk(n_tokens)
+        neg = (-column).nan_to_num(float("-inf")).topk(n_tokens)
         out.append(
             EigenvectorTokens(
                 index=j,

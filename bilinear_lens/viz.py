@@ -35,6 +35,8 @@ from circuitsvis.topk_tokens import topk_tokens
 from circuitsvis.utils.render import RenderedHTML
 from torch import Tensor
 
+from bilinear_lens.plots import _as_array  # one converter for views and figures
+
 ArrayLike = Union[Tensor, np.ndarray, Sequence[float], Sequence[Sequence[float]]]
 
 __all__ = [
@@ -50,16 +52,6 @@ __all__ = [
 
 
 # ---------------------------------------------------------------- input checks
-def _as_array(x: Any, name: str) -> np.ndarray:
-    """float64 numpy copy of a tensor / array / nested list."""
-    if isinstance(x, Tensor):
-        return x.detach().to("cpu", torch.float64).numpy()
-    try:
-        return np.asarray(x, dtype=np.float64)
-    except (TypeError, ValueError) as err:
-        raise TypeError(f"{name} must be a tensor, array or list of numbers, got {type(x).__name__}") from err
-
-
 def _check_str_tokens(tokens: Any, name: str) -> list[str]:
     if isinstance(tokens, str) or not isinstance(tokens, Sequence):
         raise TypeError(f"{name} must be a list of token strings (e.g. model.to_str_tokens(text)), got {type(tokens).__name__}")

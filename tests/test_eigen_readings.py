@@ -56,6 +56,13 @@ def test_top_tokens_are_extremes_of_projection(model):
     assert tops[1].positive_ids == scores.topk(4).indices.tolist()
     assert tops[1].negative_ids == (-scores).topk(4).indices.tolist()
     assert tops[1].positive_scores[0] == pytest.approx(float(scores.max()))
+    # a mask restricts the candidates
+    mask = torch.zeros(97, dtype=torch.bool)
+    mask[[3, 5, 7]] = True
+    masked = top_tokens_for_eigenvectors(model, le, n_vectors=1, n_tokens=5, token_mask=mask)[0]
+    assert sorted(masked.positive_ids) == [3, 5, 7]
+    first = (E @ le.eigenvectors[:, 0]).detach()
+    assert masked.positive_ids == sorted([3, 5, 7], key=lambda i: -float(first[i]))
 
 
 def test_errors(tokens):
