@@ -595,6 +595,13 @@ def _ablations_per_pass(requested: Optional[int], tokens: Tensor) -> int:
     return requested
 
 
+def _can_start_at_layer(model: Any) -> bool:
+    """Whether ``model.forward`` takes ``start_at_layer`` (our model; not TransformerBridge)."""
+    from bilinear_lens.model import BilinearTransformer
+
+    return isinstance(model, BilinearTransformer)
+
+
 def _sweep(
     model: Any,
     tokens: Int[Tensor, "batch pos"],
@@ -606,15 +613,29 @@ def _sweep(
     progress: bool,
     desc: str,
 ) -> dict[str, Float[Tensor, "n"]]:
-    """Metric values with each neuron replaced in turn, ``ablations_per_pass`` per forward."""
+    """Metric values with each neuron replaced in turn, ``ablations_per_pass`` per forward.
+
+    Models that can start mid-stack (``start_at_layer``, as ours and TransformerLens'
+    ``HookedTransformer`` do) run the blocks before the ablated layer once, on the clean
+    tokens, and only the rest per copy: the same operations on the same inputs, so the
+    same numbers, with less work for late layers.
+    """
     batch, d_mlp = tokens.shape[0], model.cfg.d_mlp
+    layer = int(hook_name.split(".")[1])
+    start_input, forward_kwargs = tokens, {}
+    if _can_start_at_layer(model) and layer > 0:
+        resid_name = f"blocks.{layer}.hook_resid_pre"
+        with torch.no_grad():
+            _, cache = model.run_with_cache(tokens, names_filter=[resid_name])
+        start_input, forward_kwargs = cache[resid_name], {"start_at_layer": layer}
     out = {name: torch.empty(neurons.shape[0], dtype=torch.float64) for name in metrics}
     with torch.no_grad(), tqdm(total=neurons.shape[0], desc=desc, unit="neuron", disable=not progress) as bar:
         for start in range(0, neurons.shape[0], ablations_per_pass):
             chunk = neurons[start : start + ablations_per_pass]
             k = chunk.shape[0]
             hook = _one_neuron_per_copy_hook(chunk, d_mlp, batch, replacement)
-            logits = model.run_with_hooks(tokens.repeat(k, 1), fwd_hooks=[(hook_name, hook)])
+            copies = start_input.repeat(k, *([1] * (start_input.dim() - 1)))
+            logits = model.run_with_hooks(copies, fwd_hooks=[(hook_name, hook)], **forward_kwargs)
             for j, copy_logits in enumerate(logits.view(k, batch, *logits.shape[1:])):
                 for name, value in _evaluate(metrics, copy_logits).items():
                     out[name][start + j] = value

@@ -307,15 +307,69 @@ class BilinearTransformer(HookedRootModule):
 
     def forward(
         self,
-        input: Union[str, list[str], Int[Tensor, "batch pos"]],
+        input: Union[str, list[str], Int[Tensor, "batch pos"], Float[Tensor, "batch pos d_model"]],
         return_type: Optional[str] = "logits",
         attention_mask: Optional[Tensor] = None,
         position_ids: Optional[Tensor] = None,
+        start_at_layer: Optional[int] = None,
+        stop_at_layer: Optional[int] = None,
+        tokens: Optional[Int[Tensor, "batch pos"]] = None,
     ) -> Any:
-        tokens = self.to_tokens(input) if isinstance(input, (str, list)) else input
+        """Run the model (TransformerLens semantics for the layer range).
+
+        ``start_at_layer=l``: ``input`` is the residual stream entering block ``l``
+        (``blocks.{l}.hook_resid_pre``, ``[batch, pos, d_model]``) and the embedding and
+        earlier blocks are skipped; pass ``tokens`` too for a loss. ``stop_at_layer=l``:
+        return the residual stream entering block ``l`` (exclusive; ``0`` runs only the
+        embedding) instead of logits.
+        """
+        n_layers = self.cfg.n_layers
+        for name, value in (("start_at_layer", start_at_layer), ("stop_at_layer", stop_at_layer)):
+            if value is not None and not 0 <= value <= n_layers:
+                raise ValueError(f"{name}={value} is out of range [0, {n_layers}]")
+        if start_at_layer is None:
+            tokens = self.to_tokens(input) if isinstance(input, (str, list)) else input
+            self._check_tokens(tokens)
+            batch, pos = tokens.shape
+        else:
+            if not isinstance(input, Tensor) or input.dim() != 3 or input.shape[-1] != self.cfg.d_model:
+                shape = tuple(input.shape) if isinstance(input, Tensor) else type(input).__name__
+                raise ValueError(
+                    f"with start_at_layer the input is the residual stream [batch, pos, {self.cfg.d_model}], got {shape}"
+                )
+            batch, pos = input.shape[:2]
+        if position_ids is None:
+            device = input.device if isinstance(input, Tensor) else self.embed.weight.device
+            position_ids = torch.arange(pos, device=device).expand(batch, pos)
+        if start_at_layer is None:
+            assert tokens is not None
+            resid = self.hook_embed(self.embed(tokens))
+            if hasattr(self, "pos_embed"):
+                resid = resid + self.hook_pos_embed(self.pos_embed(position_ids))
+        else:
+            resid = input
+        for block in self.blocks[start_at_layer or 0 : stop_at_layer]:
+            (resid,) = block(resid, attention_mask=attention_mask, position_ids=position_ids)
+        if stop_at_layer is not None:
+            return resid
+        logits = self.unembed(self.ln_final(resid))
+        if return_type == "logits":
+            return logits
+        if return_type is None:
+            return None
+        if tokens is None:
+            raise ValueError(f"return_type={return_type!r} with start_at_layer needs tokens= for the loss")
+        loss = next_token_loss(logits, tokens)
+        if return_type == "loss":
+            return loss
+        if return_type == "both":
+            return logits, loss
+        raise ValueError(f"return_type={return_type!r}; allowed: 'logits', 'loss', 'both', None")
+
+    def _check_tokens(self, tokens: Tensor) -> None:
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
-        batch, pos = tokens.shape
+        pos = tokens.shape[1]
         if pos > self.cfg.n_ctx:
             raise ValueError(f"input has {pos} positions but the model's n_ctx is {self.cfg.n_ctx}")
         if tokens.dtype not in (torch.int64, torch.int32):
@@ -325,24 +379,6 @@ class BilinearTransformer(HookedRootModule):
                 f"token ids must lie in [0, {self.cfg.d_vocab}), got range "
                 f"[{int(tokens.min())}, {int(tokens.max())}]"
             )
-        if position_ids is None:
-            position_ids = torch.arange(pos, device=tokens.device).expand(batch, pos)
-        resid = self.hook_embed(self.embed(tokens))
-        if hasattr(self, "pos_embed"):
-            resid = resid + self.hook_pos_embed(self.pos_embed(position_ids))
-        for block in self.blocks:
-            (resid,) = block(resid, attention_mask=attention_mask, position_ids=position_ids)
-        logits = self.unembed(self.ln_final(resid))
-        if return_type == "logits":
-            return logits
-        if return_type is None:
-            return None
-        loss = next_token_loss(logits, tokens)
-        if return_type == "loss":
-            return loss
-        if return_type == "both":
-            return logits, loss
-        raise ValueError(f"return_type={return_type!r}; allowed: 'logits', 'loss', 'both', None")
 
     # ---- tokenizer conveniences (TransformerLens names) ----
     def _require_tokenizer(self) -> Any:

@@ -150,3 +150,27 @@ def test_bad_inputs_are_named():
 def test_float64_model(tokens):
     model = build_model(tiny_config(dtype="float64"))
     assert model(tokens).dtype == torch.float64
+
+
+def test_start_and_stop_at_layer(tokens):
+    model = build_model(tiny_config(n_layers=3))
+    logits, cache = model.run_with_cache(tokens)
+    for layer in range(3):
+        resid = cache[f"blocks.{layer}.hook_resid_pre"]
+        torch.testing.assert_close(model(resid, start_at_layer=layer), logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(tokens, stop_at_layer=layer), resid)
+    torch.testing.assert_close(model(tokens, stop_at_layer=3), cache["blocks.2.hook_resid_post"])
+    resid = cache["blocks.1.hook_resid_pre"]
+    torch.testing.assert_close(
+        model(resid, start_at_layer=1, return_type="loss", tokens=tokens), model(tokens, return_type="loss")
+    )
+    # hooks of skipped layers do not fire
+    fired = []
+    model.run_with_hooks(resid, start_at_layer=1, fwd_hooks=[("blocks.0.hook_resid_post", lambda t, hook: fired.append(1))])
+    assert not fired
+    with pytest.raises(ValueError, match="needs tokens= for the loss"):
+        model(resid, start_at_layer=1, return_type="loss")
+    with pytest.raises(ValueError, match=r"residual stream \[batch, pos, 32\]"):
+        model(tokens, start_at_layer=1)
+    with pytest.raises(ValueError, match=r"start_at_layer=4 is out of range \[0, 3\]"):
+        model(resid, start_at_layer=4)
