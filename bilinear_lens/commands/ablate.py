@@ -22,12 +22,9 @@ from typing import Any, Optional
 import torch
 
 from bilinear_lens.ablation import METHODS, NEURON_HOOKS, NeuronTable, ablation_sweep
-from bilinear_lens.checkpoint import CheckpointError
+from bilinear_lens.commands.common import UsageError, load_model_with_tokenizer
 from bilinear_lens.hook_names import UnknownHookError
 
-
-class UsageError(Exception):
-    """A problem with the arguments or inputs, reported as ``error: ...`` with exit code 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,18 +54,6 @@ def _check_args(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.seq_len < 2:
         raise UsageError(f"--seq-len must be >= 2 (the loss needs a next token), got {args.seq_len}")
-
-
-def _load_model(path: str) -> Any:
-    from bilinear_lens.model import BilinearTransformer
-
-    try:
-        model = BilinearTransformer.from_pretrained(path)
-    except (FileNotFoundError, CheckpointError, ValueError) as err:
-        raise UsageError(f"cannot load checkpoint {path}: {err}") from err
-    if model.tokenizer is None:
-        raise UsageError(f"checkpoint {path} has no tokenizer.json; the ablate command needs one to read text")
-    return model.eval()
 
 
 def _read_texts(text_file: Optional[str], n_texts: int, seed: int) -> list[str]:
@@ -130,7 +115,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         _check_args(args)
-        model = _load_model(args.checkpoint)
+        model = load_model_with_tokenizer(args.checkpoint, "ablate")
         tokens = _pack_tokens(model, _read_texts(args.text_file, args.n_texts, args.seed), args.seq_len)
         table = ablation_sweep(
             model,

@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from bilinear_lens.checkpoint import CheckpointError
+from bilinear_lens.commands.common import UsageError, load_model_with_tokenizer
 from bilinear_lens.polytope import (
     compare_purity,
     decode_context,
@@ -33,10 +33,6 @@ from bilinear_lens.polytope import (
 from bilinear_lens.spline_codes import CODE_FACTORS, code_layout
 
 LABEL_KINDS = ("word-class", "token", "none")
-
-
-class UsageError(Exception):
-    """A problem with the arguments or inputs, reported as ``error: ...`` with exit code 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,18 +56,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     return parser
-
-
-def _load_model(path: str) -> Any:
-    from bilinear_lens.model import BilinearTransformer
-
-    try:
-        model = BilinearTransformer.from_pretrained(path)
-    except (FileNotFoundError, CheckpointError, ValueError) as err:
-        raise UsageError(f"cannot load checkpoint {path}: {err}") from err
-    if model.tokenizer is None:
-        raise UsageError(f"checkpoint {path} has no tokenizer.json; the polytope command needs one to read text")
-    return model
 
 
 def _read_token_ids(model: Any, path: str, max_tokens: int) -> list[int]:
@@ -100,7 +84,7 @@ def analyse(args: argparse.Namespace) -> dict[str, Any]:
     """Run the analysis; everything the command prints, as a JSON-ready dict."""
     if args.max_tokens < 1 or args.batch_size < 1 or args.context < 1:
         raise UsageError("--max-tokens, --batch-size and --context must be positive")
-    model = _load_model(args.checkpoint)
+    model = load_model_with_tokenizer(args.checkpoint, "polytope")
     try:
         layout = code_layout(model, args.layer, args.factors)
     except (ValueError, KeyError) as err:  # bad layer, MLP kind without units, factor the kind lacks
