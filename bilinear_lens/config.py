@@ -20,12 +20,27 @@ POSITIONAL_EMBEDDING_TYPES = ("rotary", "standard")
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 
+def config_error(cls_name: str, field_name: str, value: Any, allowed: str) -> ValueError:
+    """The error every config class raises for a bad value: names the field, the value and
+    what is allowed (``ModelConfig.d_mlp=0 is invalid: must be a positive integer``)."""
+    return ValueError(f"{cls_name}.{field_name}={value!r} is invalid: {allowed}")
+
+
+def is_int(value: Any) -> bool:
+    """An int that is not a bool (``True`` would otherwise pass as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _fail(field_name: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"ModelConfig.{field_name}={value!r} is invalid: {allowed}")
+    raise config_error("ModelConfig", field_name, value, allowed)
 
 
 def _positive_int(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+    if not is_int(value) or value <= 0:
         _fail(name, value, "must be a positive integer")
 
 
@@ -85,12 +100,12 @@ class ModelConfig:
             _fail("dtype", self.dtype, f"allowed values are {list(DTYPES)}")
         for name in ("eps", "init_range", "rotary_base"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+            if not is_number(value) or not value > 0:
                 _fail(name, value, "must be a positive number")
         for name in ("mlp_bias", "attn_bias"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "must be true or false")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+        if not is_int(self.seed):
             _fail("seed", self.seed, "must be an integer")
 
     @property
@@ -180,18 +195,6 @@ DEVICES = ("auto", "cpu", "cuda")
 AUTOCAST_DTYPES = ("none", "bfloat16")  # float16 would need a GradScaler
 
 
-def _config_error(cls_name: str, field_name: str, value: Any, allowed: str) -> ValueError:
-    return ValueError(f"{cls_name}.{field_name}={value!r} is invalid: {allowed}")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 @dataclass
 class DataConfig:
     """Where the training tokens come from (see :func:`bilinear_lens.data.prepare_data`).
@@ -221,19 +224,19 @@ class DataConfig:
         name = "DataConfig"
         for key in ("source", "tokenizer", "split", "text_column", "cache_dir"):
             if not isinstance(getattr(self, key), str):
-                raise _config_error(name, key, getattr(self, key), "must be a string")
+                raise config_error(name, key, getattr(self, key), "must be a string")
         for key in ("source", "split", "text_column", "cache_dir"):
             if not getattr(self, key):
-                raise _config_error(name, key, getattr(self, key), "must not be empty")
-        if not _is_int(self.vocab_size) or not 257 <= self.vocab_size <= 65536:
-            raise _config_error(name, "vocab_size", self.vocab_size, "must be an integer in [257, 65536]")
-        if not _is_number(self.val_fraction) or not 0.0 <= self.val_fraction < 1.0:
-            raise _config_error(name, "val_fraction", self.val_fraction, "must be a number in [0, 1)")
+                raise config_error(name, key, getattr(self, key), "must not be empty")
+        if not is_int(self.vocab_size) or not 257 <= self.vocab_size <= 65536:
+            raise config_error(name, "vocab_size", self.vocab_size, "must be an integer in [257, 65536]")
+        if not is_number(self.val_fraction) or not 0.0 <= self.val_fraction < 1.0:
+            raise config_error(name, "val_fraction", self.val_fraction, "must be a number in [0, 1)")
         for key in ("seed", "max_docs", "max_chars", "tokenizer_train_docs"):
-            if not _is_int(getattr(self, key)) or getattr(self, key) < 0:
-                raise _config_error(name, key, getattr(self, key), "must be a non-negative integer")
+            if not is_int(getattr(self, key)) or getattr(self, key) < 0:
+                raise config_error(name, key, getattr(self, key), "must be a non-negative integer")
         if not isinstance(self.streaming, bool):
-            raise _config_error(name, "streaming", self.streaming, "must be true or false")
+            raise config_error(name, "streaming", self.streaming, "must be true or false")
 
 
 @dataclass
@@ -289,37 +292,37 @@ class TrainConfig:
         name = "TrainConfig"
         for key in ("steps", "warmup_steps", "seed", "log_every", "eval_every", "eval_batches",
                     "eval_batch_size", "checkpoint_every", "num_threads"):
-            if not _is_int(getattr(self, key)) or getattr(self, key) < 0:
-                raise _config_error(name, key, getattr(self, key), "must be a non-negative integer")
+            if not is_int(getattr(self, key)) or getattr(self, key) < 0:
+                raise config_error(name, key, getattr(self, key), "must be a non-negative integer")
         for key in ("batch_size", "grad_accum", "keep_last"):
-            if not _is_int(getattr(self, key)) or getattr(self, key) < 1:
-                raise _config_error(name, key, getattr(self, key), "must be a positive integer")
-        if not _is_number(self.epochs) or self.epochs < 0:
-            raise _config_error(name, "epochs", self.epochs, "must be a non-negative number")
+            if not is_int(getattr(self, key)) or getattr(self, key) < 1:
+                raise config_error(name, key, getattr(self, key), "must be a positive integer")
+        if not is_number(self.epochs) or self.epochs < 0:
+            raise config_error(name, "epochs", self.epochs, "must be a non-negative number")
         if (self.steps > 0) == (self.epochs > 0):
-            raise _config_error(
+            raise config_error(
                 name, "steps", self.steps,
                 f"set exactly one of train.steps and train.epochs (got epochs={self.epochs}); "
                 "use steps = 0 to train by epochs",
             )
-        if not _is_number(self.lr) or not self.lr > 0:
-            raise _config_error(name, "lr", self.lr, "must be a positive number")
-        if not _is_number(self.min_lr) or not 0 <= self.min_lr <= self.lr:
-            raise _config_error(name, "min_lr", self.min_lr, f"must be a number in [0, lr={self.lr}]")
+        if not is_number(self.lr) or not self.lr > 0:
+            raise config_error(name, "lr", self.lr, "must be a positive number")
+        if not is_number(self.min_lr) or not 0 <= self.min_lr <= self.lr:
+            raise config_error(name, "min_lr", self.min_lr, f"must be a number in [0, lr={self.lr}]")
         if self.schedule not in SCHEDULES:
-            raise _config_error(name, "schedule", self.schedule, f"allowed values are {list(SCHEDULES)}")
+            raise config_error(name, "schedule", self.schedule, f"allowed values are {list(SCHEDULES)}")
         for key in ("beta1", "beta2"):
-            if not _is_number(getattr(self, key)) or not 0 <= getattr(self, key) < 1:
-                raise _config_error(name, key, getattr(self, key), "must be a number in [0, 1)")
-        if not _is_number(self.eps) or not self.eps > 0:
-            raise _config_error(name, "eps", self.eps, "must be a positive number")
+            if not is_number(getattr(self, key)) or not 0 <= getattr(self, key) < 1:
+                raise config_error(name, key, getattr(self, key), "must be a number in [0, 1)")
+        if not is_number(self.eps) or not self.eps > 0:
+            raise config_error(name, "eps", self.eps, "must be a positive number")
         for key in ("weight_decay", "grad_clip"):
-            if not _is_number(getattr(self, key)) or getattr(self, key) < 0:
-                raise _config_error(name, key, getattr(self, key), "must be a non-negative number")
+            if not is_number(getattr(self, key)) or getattr(self, key) < 0:
+                raise config_error(name, key, getattr(self, key), "must be a non-negative number")
         if self.device not in DEVICES and not (isinstance(self.device, str) and self.device.startswith("cuda:")):
-            raise _config_error(name, "device", self.device, f"allowed values are {list(DEVICES)} or 'cuda:N'")
+            raise config_error(name, "device", self.device, f"allowed values are {list(DEVICES)} or 'cuda:N'")
         if self.autocast not in AUTOCAST_DTYPES:
-            raise _config_error(name, "autocast", self.autocast, f"allowed values are {list(AUTOCAST_DTYPES)}")
+            raise config_error(name, "autocast", self.autocast, f"allowed values are {list(AUTOCAST_DTYPES)}")
 
 
 _SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}

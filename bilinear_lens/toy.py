@@ -34,19 +34,13 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from bilinear_lens.config import config_error, is_int, is_number
+
 TOY_KINDS = ("linear", "relu", "bilinear")
 
 
 def _fail(field_name: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"ToyConfig.{field_name}={value!r} is invalid: {allowed}")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    raise config_error("ToyConfig", field_name, value, allowed)
 
 
 @dataclass
@@ -77,15 +71,15 @@ class ToyConfig:
 
     def __post_init__(self) -> None:
         for name in ("n_features", "n_hidden", "n_instances"):
-            if not _is_int(getattr(self, name)) or getattr(self, name) <= 0:
+            if not is_int(getattr(self, name)) or getattr(self, name) <= 0:
                 _fail(name, getattr(self, name), "must be a positive integer")
         if self.n_hidden >= self.n_features:
             _fail("n_hidden", self.n_hidden, f"must be smaller than n_features={self.n_features}")
         if self.kind not in TOY_KINDS:
             _fail("kind", self.kind, f"allowed values are {list(TOY_KINDS)}")
-        if not _is_number(self.sparsity) or not 0.0 <= self.sparsity < 1.0:
+        if not is_number(self.sparsity) or not 0.0 <= self.sparsity < 1.0:
             _fail("sparsity", self.sparsity, "must be a number in [0, 1)")
-        if not _is_number(self.importance_decay) or not 0.0 < self.importance_decay <= 1.0:
+        if not is_number(self.importance_decay) or not 0.0 < self.importance_decay <= 1.0:
             _fail("importance_decay", self.importance_decay, "must be a number in (0, 1]")
         if self.tied_decoder is None:
             self.tied_decoder = self.kind != "bilinear"
