@@ -110,6 +110,7 @@ def build_report(
 
         texts = synthetic_stories(8, seed=1)
     samples = _sample_tokens(model, texts, max_len=cfg.n_ctx)
+    rows = _equal_rows(samples, min(cfg.n_ctx, 32))  # unpadded rows, for losses and correlations
     str_tokens = [[_name(model, int(t)) for t in s] for s in samples]
     out_ids = _single_tokens(model, tokens if tokens is not None else DEFAULT_OUTPUT_TOKENS)
     if not out_ids:  # fall back to the two most frequent tokens of the sample
@@ -147,7 +148,7 @@ def build_report(
             sections.append(viz.eigenvector_top_tokens_view(acts, str_tokens, labels=labels))
             sections.append(viz.token_activations_view(str_tokens, acts, labels=labels))
             ks = [k for k in (1, 2, 4, 8, 16) if k <= le.eig.k]
-            corr = rank_k_correlation_on_tokens(model, _equal_rows(samples, min(cfg.n_ctx, 32)), le, ks=ks)
+            corr = rank_k_correlation_on_tokens(model, rows, le, ks=ks)
             sections.append(plots.plot_rank_k_curve(list(corr), list(corr.values()), title=f"rank-k vs true u·MLP(x), {name!r}"))
 
         pair = logit_diff if logit_diff is not None else (tuple(out_ids[:2]) if len(out_ids) >= 2 else None)
@@ -169,7 +170,6 @@ def build_report(
         sections.append(f"<p>Layer {layer} has a {cfg.mlp_kind!r} MLP: no interaction matrices (bilinear MLPs only).</p>")
 
     if cfg.mlp_kind != "none":
-        rows = _equal_rows(samples, min(cfg.n_ctx, 32))
         table = ablation_sweep(model, rows, layer, progress=False)
         deltas = table.columns["delta_loss"]
         sections.append(f"<h2>Single-neuron zero ablation, layer {layer} (hook_post)</h2>")
