@@ -45,65 +45,70 @@ TORCH_DTYPES = {
 }
 
 
-class RMSNorm(nn.Module):
+class _Normalization(nn.Module):
+    """Shared part of the four norms: ``(x - [mean]) / sqrt(mean(x^2) + eps)`` through
+    ``hook_scale`` (``[batch, pos, 1]``) and ``hook_normalized`` (``[batch, pos, d_model]``)."""
+
+    centers = False
+
+    def __init__(self, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.hook_scale = HookPoint()
+        self.hook_normalized = HookPoint()
+
+    def normalize(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        if self.centers:
+            x = x - x.mean(-1, keepdim=True)
+        scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+        return self.hook_normalized(x / scale)
+
+
+class RMSNorm(_Normalization):
     """``x / rms(x) * w`` (``w`` learned)."""
 
     def __init__(self, d_model: int, eps: float):
-        super().__init__()
-        self.eps = eps
+        super().__init__(eps)
         self.weight = nn.Parameter(torch.ones(d_model))
-        self.hook_scale = HookPoint()  # [batch, pos, 1]
-        self.hook_normalized = HookPoint()  # [batch, pos, d_model]
 
     def forward(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
-        scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
-        return self.hook_normalized(x / scale) * self.weight
+        return self.normalize(x) * self.weight
 
 
-class RMSNormPre(nn.Module):
+class RMSNormPre(_Normalization):
     """``x / rms(x)``: parameter-free RMSNorm (the bilinear paper's choice)."""
 
     def __init__(self, d_model: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.hook_scale = HookPoint()
-        self.hook_normalized = HookPoint()
+        super().__init__(eps)
 
     def forward(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
-        scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
-        return self.hook_normalized(x / scale)
+        return self.normalize(x)
 
 
-class LayerNorm(nn.Module):
+class LayerNorm(_Normalization):
     """``(x - mean) / std * w + b``."""
 
+    centers = True
+
     def __init__(self, d_model: int, eps: float):
-        super().__init__()
-        self.eps = eps
+        super().__init__(eps)
         self.weight = nn.Parameter(torch.ones(d_model))
         self.bias = nn.Parameter(torch.zeros(d_model))
-        self.hook_scale = HookPoint()
-        self.hook_normalized = HookPoint()
 
     def forward(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
-        x = x - x.mean(-1, keepdim=True)
-        scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
-        return self.hook_normalized(x / scale) * self.weight + self.bias
+        return self.normalize(x) * self.weight + self.bias
 
 
-class LayerNormPre(nn.Module):
+class LayerNormPre(_Normalization):
     """``(x - mean) / std``: parameter-free LayerNorm."""
 
+    centers = True
+
     def __init__(self, d_model: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.hook_scale = HookPoint()
-        self.hook_normalized = HookPoint()
+        super().__init__(eps)
 
     def forward(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
-        x = x - x.mean(-1, keepdim=True)
-        scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
-        return self.hook_normalized(x / scale)
+        return self.normalize(x)
 
 
 NORMS: dict[Optional[str], Callable[[int, float], nn.Module]] = {
