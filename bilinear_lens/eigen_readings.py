@@ -26,9 +26,15 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from bilinear_lens.directions import resolve_direction
-from bilinear_lens.eigen import Eigendecomposition, eigendecompose, eigenvector_activations, top_eigenvectors
+from bilinear_lens.eigen import (
+    Eigendecomposition,
+    eigendecompose,
+    eigenvector_activations,
+    low_rank_correlation,
+    top_eigenvectors,
+)
 from bilinear_lens.hook_names import check_hook_names
-from bilinear_lens.tensor import bilinear_output, interaction_matrix
+from bilinear_lens.tensor import interaction_matrix
 
 DirectionSpec = Union[int, str, tuple, Tensor]
 
@@ -112,19 +118,16 @@ def rank_k_correlation_on_tokens(
     model: Any, tokens: Int[Tensor, "batch pos"], layer_eig: LayerEigen, ks: Sequence[int] = (1, 2, 4, 8)
 ) -> dict[int, float]:
     """Pearson correlation over all tokens of ``tokens`` between ``u . MLP(x)`` (the true
-    output, computed from the MLP on the hooked input) and ``sum_{i<k} lambda_i (v_i . x)^2``."""
+    output, computed from the MLP on the hooked input) and ``sum_{i<k} lambda_i (v_i . x)^2``
+    (:func:`~bilinear_lens.eigen.low_rank_correlation` on the hooked inputs). A ``k`` beyond
+    the components in ``layer_eig`` uses all of them."""
     x = mlp_inputs(model, tokens, layer_eig.layer).reshape(-1, layer_eig.direction.shape[0])
     mlp = model.blocks[layer_eig.layer].mlp
-    x = x.to(layer_eig.eigenvalues.dtype)
-    true = bilinear_output(mlp, x) @ layer_eig.direction
-    kmax = min(max(ks), layer_eig.eig.k)
-    cumulative = eigenvector_activations(layer_eig.eig, x, kmax).cumsum(-1)
-    out = {}
-    for k in ks:
-        approx = cumulative[:, min(k, kmax) - 1]
-        a, b = true - true.mean(), approx - approx.mean()
-        out[int(k)] = float((a @ b) / (a.norm() * b.norm()).clamp_min(1e-30))
-    return out
+    usable = [min(int(k), layer_eig.eig.k) for k in ks]
+    corr = low_rank_correlation(
+        mlp, layer_eig.direction, x.to(layer_eig.eigenvalues.dtype), usable, eig=layer_eig.eig
+    )
+    return {int(k): float(c) for k, c in zip(ks, corr)}
 
 
 @dataclass
