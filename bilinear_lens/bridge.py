@@ -79,10 +79,6 @@ class BilinearMLPBridge(GatedMLPBridge):
         return self.hook_out(self.out.hook_out(torch.nn.functional.linear(post, W_out, b_out)))
 
 
-class LinearMLPBridge(MLPBridge):
-    """``MLPBridge`` whose activation is the identity (the ``linear`` MLP kind)."""
-
-
 def _norm_bridge(name: str, cfg: Any) -> GeneralizedComponent:
     kind = cfg.normalization_type
     if kind == "RMS":
@@ -109,8 +105,9 @@ def _mlp_bridge(cfg: Any) -> GeneralizedComponent:
                 "out": LinearBridge(name="out"),
             },
         )
-    cls = LinearMLPBridge if kind == "linear" else MLPBridge
-    return cls(name="mlp", config=cfg, submodules={"in": LinearBridge(name="in"), "out": LinearBridge(name="out")})
+    # Plain kinds (relu/gelu/linear): MLPBridge always delegates to our module's forward,
+    # so the activation (identity for "linear") is never re-derived from the config.
+    return MLPBridge(name="mlp", config=cfg, submodules={"in": LinearBridge(name="in"), "out": LinearBridge(name="out")})
 
 
 class BilinearLensArchitectureAdapter(ArchitectureAdapter):
