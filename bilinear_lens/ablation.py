@@ -25,6 +25,11 @@ Sweeps (:func:`ablation_sweep`, :func:`patch_neurons`) run many single-neuron
 interventions per forward pass: the token batch is repeated ``k`` times along the batch
 dim and copy ``j`` gets neuron ``j`` ablated (or patched). Copy ``j`` then computes the
 same float ops as a one-neuron forward pass, so results match a one-at-a-time loop.
+On :class:`~bilinear_lens.model.BilinearTransformer` the copies start at the ablated
+activation itself: hook points before it (earlier blocks, the layer's attention and
+``ln2``, the MLP's input projections) see only the unablated tokens, whose activations
+the sweep computes once, and only the hook points after it see the ``k`` stacked copies.
+On a ``TransformerBridge`` every hook point sees the copies.
 """
 
 from __future__ import annotations
@@ -568,21 +573,34 @@ class NeuronTable:
 # ---- batched single-neuron sweeps ---------------------------------------------------------
 
 
-def _one_neuron_per_copy_hook(neurons: Int[Tensor, "k"], d_mlp: int, batch: int, replacement: _Replacement) -> HookFn:
-    """Hook for a batch of ``k`` stacked copies: copy ``j`` gets neuron ``neurons[j]`` replaced.
+def _one_neuron_per_copy(neurons: Int[Tensor, "k"], replacement: _Replacement) -> Callable[[Tensor], Tensor]:
+    """``copies [k, batch, pos, d_mlp] -> copies`` with neuron ``neurons[j]`` of copy ``j`` set
+    to its replacement value, written in place (pass a fresh tensor).
 
-    Same select as :func:`_select_neurons_hook` on each copy, so a copy's values equal
-    a single-neuron run's.
+    Each copy holds what :func:`_select_neurons_hook` gives a single-neuron run: the same
+    replacement values at its neuron, the activation elsewhere. Writing ``k`` columns costs
+    less than a ``where`` over every neuron of every copy.
     """
     k = neurons.shape[0]
-    mask = torch.zeros(k, d_mlp, dtype=torch.bool)
-    mask[torch.arange(k), neurons] = True
+
+    def replace(copies: Float[Tensor, "k batch pos d_mlp"]) -> Float[Tensor, "k batch pos d_mlp"]:
+        values = replacement.values(copies.shape[1:], copies.dtype, copies.device)
+        index = neurons.to(copies.device)
+        own = values.expand(copies.shape[1:])[..., index].movedim(-1, 0)  # [k, batch, pos]: copy j's neuron
+        copies[torch.arange(k, device=copies.device), ..., index] = own
+        return copies
+
+    return replace
+
+
+def _one_neuron_per_copy_hook(neurons: Int[Tensor, "k"], batch: int, replacement: _Replacement) -> HookFn:
+    """Hook for a batch of ``k`` stacked copies ``[k * batch, pos, d_mlp]``: copy ``j`` gets
+    neuron ``neurons[j]`` replaced (out of place; see :func:`_one_neuron_per_copy`)."""
+    replace = _one_neuron_per_copy(neurons, replacement)
 
     def ablate(activation: Float[Tensor, "k_batch pos d_mlp"], hook: Any) -> Tensor:
-        copies = activation.view(k, batch, *activation.shape[1:])
-        values = replacement.values(copies.shape[1:], activation.dtype, activation.device)
-        copy_mask = mask.to(activation.device).view(k, *([1] * (copies.ndim - 2)), d_mlp)
-        return torch.where(copy_mask, values, copies).view(activation.shape)
+        copies = activation.view(neurons.shape[0], batch, *activation.shape[1:]).clone()
+        return replace(copies).view(activation.shape)
 
     return ablate
 
@@ -595,11 +613,64 @@ def _ablations_per_pass(requested: Optional[int], tokens: Tensor) -> int:
     return requested
 
 
-def _can_start_at_layer(model: Any) -> bool:
-    """Whether ``model.forward`` takes ``start_at_layer`` (our model; not TransformerBridge)."""
+# (k neurons, replacement) -> logits [k * batch, pos, d_vocab] of k copies, copy j with neuron j replaced
+CopiesForward = Callable[[Tensor, _Replacement], Tensor]
+
+
+def _starts_inside_mlp(model: Any) -> bool:
+    """Whether copies can restart inside the ablated MLP: only on our model, whose block
+    arithmetic :func:`_forward_from_mlp` mirrors (a TransformerBridge runs whole forwards)."""
     from bilinear_lens.model import BilinearTransformer
 
     return isinstance(model, BilinearTransformer)
+
+
+def _full_forward(model: Any, tokens: Int[Tensor, "batch pos"], hook_name: str) -> CopiesForward:
+    """Each copy is a whole forward pass of ``tokens`` with the hook at ``hook_name``."""
+
+    def forward(neurons: Int[Tensor, "k"], replacement: _Replacement) -> Tensor:
+        hook = _one_neuron_per_copy_hook(neurons, tokens.shape[0], replacement)
+        return model.run_with_hooks(tokens.repeat(neurons.shape[0], 1), fwd_hooks=[(hook_name, hook)])
+
+    return forward
+
+
+def _forward_from_mlp(model: Any, tokens: Int[Tensor, "batch pos"], hook_name: str) -> CopiesForward:
+    """Each copy restarts at the ablated activation ``blocks.{l}.mlp.{hook}`` of our model.
+
+    Everything before that activation (the earlier blocks, block ``l``'s attention and
+    ``ln2``, the MLP's input projections) is the same for every copy: it runs once on
+    ``tokens``. Each copy then redoes, as ``GatedMLP``/``MLP`` and ``TransformerBlock``
+    do, only what follows: ``post_from_pre`` and ``hook_post`` (when ``pre`` or
+    ``pre_linear`` is ablated), ``out``, ``hook_out``, ``hook_mlp_out``, ``resid_mid +
+    mlp_out``, ``hook_resid_post`` and the later blocks (``start_at_layer``).
+    """
+    _, layer_str, _, ablated = hook_name.split(".")
+    layer = int(layer_str)
+    block = model.blocks[layer]
+    mlp = block.mlp
+    if ablated == "hook_post":
+        inputs = ["hook_post"]
+    else:  # post is recomputed from the pre-activations, ablated one included
+        inputs = ["hook_pre", "hook_pre_linear"] if mlp.gated else ["hook_pre"]
+    resid_name = f"blocks.{layer}.hook_resid_mid"
+    names = {name: f"blocks.{layer}.mlp.{name}" for name in inputs}
+    _, cache = model.run_with_cache(tokens, names_filter=[resid_name, *names.values()], stop_at_layer=layer + 1)
+
+    def forward(neurons: Int[Tensor, "k"], replacement: _Replacement) -> Tensor:
+        k = neurons.shape[0]
+        # [k, batch, pos, d_mlp]: views of the clean activations; the ablated one is copied
+        acts = {name: cache[full].expand(k, *cache[full].shape) for name, full in names.items()}
+        acts[ablated] = _one_neuron_per_copy(neurons, replacement)(acts[ablated].clone())
+        if ablated == "hook_post":
+            post = acts[ablated].flatten(0, 1)
+        else:  # hook points see the copies stacked along batch: [k * batch, pos, d_mlp]
+            post = mlp.hook_post(mlp.post_from_pre(*acts.values()).flatten(0, 1))
+        mlp_out = block.hook_mlp_out(mlp.hook_out(mlp.out(post)))
+        resid = block.hook_resid_post(cache[resid_name].repeat(k, 1, 1) + mlp_out)
+        return model(resid, start_at_layer=layer + 1)
+
+    return forward
 
 
 def _sweep(
@@ -615,27 +686,21 @@ def _sweep(
 ) -> dict[str, Float[Tensor, "n"]]:
     """Metric values with each neuron replaced in turn, ``ablations_per_pass`` per forward.
 
-    Models that can start mid-stack (``start_at_layer``, as ours and TransformerLens'
-    ``HookedTransformer`` do) run the blocks before the ablated layer once, on the clean
-    tokens, and only the rest per copy: the same operations on the same inputs, so the
-    same numbers, with less work for late layers.
+    On our model each copy starts at the ablated activation (:func:`_forward_from_mlp`):
+    hook points before it run once, on the unablated ``tokens``, and only those after it
+    run on the copies. The copies compute the same operations on the same inputs as
+    one-neuron forward passes, so the numbers are the same. Other models
+    (``TransformerBridge``) run every copy from the tokens.
     """
-    batch, d_mlp = tokens.shape[0], model.cfg.d_mlp
-    layer = int(hook_name.split(".")[1])
-    start_input, forward_kwargs = tokens, {}
-    if _can_start_at_layer(model) and layer > 0:
-        resid_name = f"blocks.{layer}.hook_resid_pre"
-        with torch.no_grad():
-            _, cache = model.run_with_cache(tokens, names_filter=[resid_name])
-        start_input, forward_kwargs = cache[resid_name], {"start_at_layer": layer}
+    batch = tokens.shape[0]
+    make_forward = _forward_from_mlp if _starts_inside_mlp(model) else _full_forward
     out = {name: torch.empty(neurons.shape[0], dtype=torch.float64) for name in metrics}
     with torch.no_grad(), tqdm(total=neurons.shape[0], desc=desc, unit="neuron", disable=not progress) as bar:
+        forward = make_forward(model, tokens, hook_name)
         for start in range(0, neurons.shape[0], ablations_per_pass):
             chunk = neurons[start : start + ablations_per_pass]
             k = chunk.shape[0]
-            hook = _one_neuron_per_copy_hook(chunk, d_mlp, batch, replacement)
-            copies = start_input.repeat(k, *([1] * (start_input.dim() - 1)))
-            logits = model.run_with_hooks(copies, fwd_hooks=[(hook_name, hook)], **forward_kwargs)
+            logits = forward(chunk, replacement)
             for j, copy_logits in enumerate(logits.view(k, batch, *logits.shape[1:])):
                 for name, value in _evaluate(metrics, copy_logits).items():
                     out[name][start + j] = value

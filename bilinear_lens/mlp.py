@@ -106,12 +106,19 @@ class GatedMLP(_WeightViews, nn.Module):
     def b_gate(self) -> Optional[Float[Tensor, "d_mlp"]]:
         return self.gate.bias
 
+    def post_from_pre(
+        self, pre: Float[Tensor, "... d_mlp"], pre_linear: Float[Tensor, "... d_mlp"]
+    ) -> Float[Tensor, "... d_mlp"]:
+        """``act(pre) * pre_linear``: the elementwise step between ``hook_pre``/``hook_pre_linear``
+        and ``hook_post`` (no hooks run), shared by :meth:`forward` and ablation sweeps that
+        restart inside the MLP."""
+        return (pre if self.act is None else self.act(pre)) * pre_linear
+
     def forward(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
         x = self.hook_in(x)
         pre = self.hook_pre(self.gate(x))
         pre_linear = self.hook_pre_linear(getattr(self, "in")(x))
-        act = pre if self.act is None else self.act(pre)
-        post = self.hook_post(act * pre_linear)
+        post = self.hook_post(self.post_from_pre(pre, pre_linear))
         return self.hook_out(self.out(post))
 
 
@@ -144,10 +151,15 @@ class MLP(_WeightViews, nn.Module):
         self.hook_post = HookPoint()  # [batch, pos, d_mlp]
         self.hook_out = HookPoint()  # [batch, pos, d_model]
 
+    def post_from_pre(self, pre: Float[Tensor, "... d_mlp"]) -> Float[Tensor, "... d_mlp"]:
+        """``act(pre)``: the elementwise step between ``hook_pre`` and ``hook_post`` (no hooks
+        run), shared by :meth:`forward` and ablation sweeps that restart inside the MLP."""
+        return pre if self.act is None else self.act(pre)
+
     def forward(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
         x = self.hook_in(x)
         pre = self.hook_pre(getattr(self, "in")(x))
-        post = self.hook_post(pre if self.act is None else self.act(pre))
+        post = self.hook_post(self.post_from_pre(pre))
         return self.hook_out(self.out(post))
 
 

@@ -250,6 +250,130 @@ def test_neuron_table_ranks_and_exports(tokens):
     assert isinstance(table, NeuronTable)
 
 
+# ---- sweeps restart inside the ablated MLP (BilinearTransformer only) ----------------------
+
+KIND_HOOKS = [
+    ("bilinear", "hook_post"), ("bilinear", "hook_pre"), ("bilinear", "hook_pre_linear"),
+    ("swiglu", "hook_post"), ("swiglu", "hook_pre"), ("swiglu", "hook_pre_linear"),
+    ("relu", "hook_post"), ("relu", "hook_pre"), ("gelu", "hook_post"), ("gelu", "hook_pre"),
+    ("linear", "hook_post"), ("linear", "hook_pre"),
+]
+
+
+def one_at_a_time(model, tokens, layer, neurons, metric, **ablation):
+    """The metric's change with each neuron ablated on its own: one ordinary forward per neuron."""
+    with torch.no_grad():
+        clean = metric(model(tokens))
+        deltas = []
+        for n in neurons:
+            with ablate_neurons(model, layer, [n], **ablation):
+                deltas.append(float(metric(model(tokens)) - clean))
+    return torch.tensor(deltas, dtype=torch.float64)
+
+
+def full_forward_only(monkeypatch):
+    """Make sweeps run every copy from the tokens, as they do on a TransformerBridge."""
+    import bilinear_lens.ablation as ablation
+
+    monkeypatch.setattr(ablation, "_starts_inside_mlp", lambda model: False)
+
+
+@pytest.mark.parametrize("kind, hook", KIND_HOOKS)
+def test_sweep_from_inside_the_mlp_equals_the_loop_for_every_kind(kind, hook, tokens, other_tokens):
+    model = f64_model(mlp_kind=kind, n_layers=3, mlp_bias=True)
+    neurons = [0, 5, 17, 30, 47]
+    for layer in (0, 2):  # first layer; last layer: the copies resume at start_at_layer == n_layers
+        randomize_mlp_biases(model, layer)
+        for method in ("zero", "mean", "resample"):
+            ablation = dict(hook=hook, method=method, reference=other_tokens, seed=4)
+            table = ablation_sweep(model, tokens, layer, neurons, **ablation, ablations_per_pass=2, progress=False)
+            expected = one_at_a_time(model, tokens, layer, neurons, loss_metric(tokens), **ablation)
+            assert_close(table["delta_loss"], expected, **EXACT)
+            assert expected.abs().max() > 1e-8  # the ablations did something
+
+
+def test_ablating_the_last_layer_resumes_at_the_final_norm(tokens):
+    model = f64_model()
+    logits, cache = model.run_with_cache(tokens)
+    fired = []
+    with torch.no_grad():
+        resumed = model.run_with_hooks(
+            cache["blocks.1.hook_resid_post"], start_at_layer=2,
+            fwd_hooks=[("blocks.1.hook_resid_post", lambda act, hook: fired.append(1))],
+        )
+    assert torch.equal(resumed, logits)  # only ln_final and unembed ran...
+    assert not fired  # ...and no block
+
+
+@pytest.mark.parametrize("kind, hook, layer", [
+    ("bilinear", "hook_pre_linear", 1), ("swiglu", "hook_pre", 0), ("relu", "hook_pre", 1), ("gelu", "hook_post", 1),
+])
+def test_patch_neurons_from_inside_the_mlp_matches_manual_patching(kind, hook, layer, tokens):
+    model = f64_model(mlp_kind=kind)
+    corrupted = tokens.flip(0)
+    metric = logit_diff_metric(3, 8)
+    neurons = [2, 9, 33, 40]
+    table = patch_neurons(model, tokens, corrupted, layer, neurons, hook, metric=metric, ablations_per_pass=3,
+                          progress=False)
+    name = f"blocks.{layer}.mlp.{hook}"
+    clean_act = capture(model, tokens, [name])[name]
+    expected = []
+    with torch.no_grad():
+        for n in neurons:
+
+            def patch(act, hook, n=n):
+                act = act.clone()
+                act[..., n] = clean_act[..., n]
+                return act
+
+            expected.append(float(metric(model.run_with_hooks(corrupted, fwd_hooks=[(name, patch)]))))
+    assert_close(table["patched"], torch.tensor(expected, dtype=torch.float64), **EXACT)
+    assert table["effect"].abs().max() > 1e-8
+
+
+@pytest.mark.parametrize("kind, hook", [("bilinear", "hook_pre"), ("swiglu", "hook_pre_linear"), ("gelu", "hook_pre")])
+def test_sweep_from_inside_the_mlp_equals_full_forwards(kind, hook, tokens, other_tokens, monkeypatch):
+    model = f64_model(mlp_kind=kind)
+    corrupted = tokens.roll(1, dims=1)
+    metric = logit_diff_metric(2, 3)
+
+    def tables():
+        return (
+            ablation_sweep(model, tokens, 1, range(0, 48, 3), hook, method="resample", reference=other_tokens,
+                           logit_diff=(2, 3), ablations_per_pass=5, progress=False),
+            patch_neurons(model, tokens, corrupted, 0, range(0, 48, 4), hook, metric=metric, progress=False),
+        )
+
+    inside = tables()
+    full_forward_only(monkeypatch)
+    full = tables()
+    for ours, theirs in zip(inside, full):
+        assert ours.columns.keys() == theirs.columns.keys()
+        for column in ours.columns:
+            assert_close(ours[column], theirs[column], **EXACT, equal_nan=True)
+    assert inside[0]["delta_loss"].abs().max() > 1e-8
+
+
+def test_sweep_runs_hooks_after_the_ablated_activation_per_copy(tokens):
+    model = f64_model()
+    direction = torch.randn(32, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    neurons = range(0, 48, 5)  # 10 neurons, 4 per pass: chunks of 4, 4, 2 copies
+    seen = {"before": [], "after": []}
+    record = lambda where: lambda act, hook: seen[where].append(act.shape[0])  # noqa: E731
+    # Edits before the ablated activation (run once, on the clean tokens) and after it (per copy).
+    edits = [direction_ablation_hook(model, "blocks.1.hook_attn_out", direction),
+             direction_ablation_hook(model, "blocks.1.hook_resid_post", direction),
+             ("blocks.1.mlp.hook_pre", record("before")), ("blocks.1.hook_mlp_out", record("after"))]
+    with model.hooks(fwd_hooks=edits):
+        table = ablation_sweep(model, tokens, 1, neurons, ablations_per_pass=4, progress=False)
+        copies = [size for size in seen["after"] if size != 3]
+        assert set(seen["before"]) == {3} and copies == [12, 12, 6]
+        expected = one_at_a_time(model, tokens, 1, neurons, loss_metric(tokens))
+    assert_close(table["delta_loss"], expected, **EXACT)
+    plain = ablation_sweep(model, tokens, 1, neurons, progress=False)
+    assert (plain["delta_loss"] - table["delta_loss"]).abs().max() > 1e-8  # the edits mattered
+
+
 # ---- residual directions ------------------------------------------------------------------
 
 
