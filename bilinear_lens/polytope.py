@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import asdict, dataclass
-from itertools import repeat
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
@@ -33,6 +32,7 @@ import torch
 from jaxtyping import Float, Int, UInt8
 from torch import Tensor
 
+from bilinear_lens.region_counts import RegionCounts
 from bilinear_lens.spline_codes import (
     Layers,
     code_layout,
@@ -65,8 +65,11 @@ class RegionTracker:
     region; codes for Hamming statistics a uniform reservoir of ``hamming_sample`` tokens.
     Counts do not depend on how the stream is split into batches.
 
-    Memory: a counter entry per region, at most ``examples_per_region`` contexts per
-    region, a ``(region, label)`` entry per pair seen, and ``hamming_sample`` codes.
+    Memory: 16 bytes per region in a :class:`~bilinear_lens.region_counts.RegionCounts`
+    (plus its merge buffer), at most ``examples_per_region`` contexts per region, a
+    ``(region, label)`` entry per pair seen, and ``hamming_sample`` codes. Sampling
+    examples looks up every batch's prior counts, which merges the count buffer each
+    batch; without contexts (or with ``examples_per_region=0``) counting is amortised.
     """
 
     def __init__(
@@ -75,7 +78,7 @@ class RegionTracker:
         self.examples_per_region = examples_per_region
         self.hamming_sample = hamming_sample
         self.n_units = n_units
-        self.counts: Counter[int] = Counter()
+        self._regions = RegionCounts()
         self.label_counts: Counter[tuple[int, int]] = Counter()
         self.n_tokens = 0
         self._examples: dict[int, list[Any]] = {}
@@ -85,7 +88,12 @@ class RegionTracker:
 
     @property
     def n_regions(self) -> int:
-        return len(self.counts)
+        return len(self._regions)
+
+    @property
+    def counts(self) -> Counter[int]:
+        """Tokens per region id, as a ``Counter`` snapshot (built on each access: O(regions))."""
+        return self._regions.to_counter()
 
     def update(
         self,
@@ -97,21 +105,24 @@ class RegionTracker:
         codes = _numpy(packed)
         codes = codes.reshape(-1, codes.shape[-1])
         ids = region_ids(codes)
-        id_list = ids.tolist()
-        if contexts is not None and len(contexts) != len(id_list):
-            raise ValueError(f"got {len(contexts)} contexts for {len(id_list)} codes")
-        if self.examples_per_region > 0 and contexts is not None:
-            self._sample_examples(ids, id_list, contexts)  # needs the counts before this batch
-        self.counts.update(id_list)
+        if contexts is not None and len(contexts) != ids.size:
+            raise ValueError(f"got {len(contexts)} contexts for {ids.size} codes")
         if labels is not None:
-            self._count_labels(id_list, _numpy(labels).reshape(-1))
+            labels = _numpy(labels).reshape(-1)
+            if labels.shape[0] != ids.size:
+                raise ValueError(f"got {labels.shape[0]} labels for {ids.size} codes")
+        if self.examples_per_region > 0 and contexts is not None:
+            self._sample_examples(ids, contexts)  # needs the counts before this batch
+        self._regions.add(ids)
+        if labels is not None:
+            self._count_labels(ids, labels)
         self._sample_codes(codes)
-        self.n_tokens += len(id_list)
+        self.n_tokens += ids.size
 
-    def _sample_examples(self, ids: np.ndarray, id_list: list[int], contexts: Sequence[Any]) -> None:
+    def _sample_examples(self, ids: np.ndarray, contexts: Sequence[Any]) -> None:
         k = self.examples_per_region
-        prior = np.fromiter(map(self.counts.get, id_list, repeat(0)), dtype=np.int64, count=len(id_list))
-        seen = prior + _rank_within_groups(ids) + 1  # 1-based index of each token in its region's stream
+        id_list = ids.tolist()
+        seen = self._regions.get(ids) + _rank_within_groups(ids) + 1  # 1-based index in the region's stream
         keep = np.flatnonzero((seen <= k) | (self._rng.random(len(id_list)) * seen < k))
         slots = self._rng.integers(0, k, size=keep.size)
         for i, slot in zip(keep.tolist(), slots.tolist()):
@@ -122,12 +133,9 @@ class RegionTracker:
             else:
                 examples[slot] = item
 
-    def _count_labels(self, id_list: list[int], labels: np.ndarray) -> None:
-        if labels.shape[0] != len(id_list):
-            raise ValueError(f"got {labels.shape[0]} labels for {len(id_list)} codes")
-        labelled = np.flatnonzero(labels >= 0).tolist()
-        label_list = labels.tolist()
-        self.label_counts.update((id_list[i], label_list[i]) for i in labelled)
+    def _count_labels(self, ids: np.ndarray, labels: np.ndarray) -> None:
+        labelled = labels >= 0
+        self.label_counts.update(zip(ids[labelled].tolist(), labels[labelled].tolist()))
 
     def _sample_codes(self, codes: np.ndarray) -> None:
         size = self.hamming_sample
@@ -146,8 +154,8 @@ class RegionTracker:
 
     # ---- results ----
     def most_common(self, n: int = 10) -> list[tuple[int, int]]:
-        """The ``n`` largest regions as ``(region_id, count)``."""
-        return self.counts.most_common(n)
+        """The ``n`` largest regions as ``(region_id, count)`` (ties: smaller id first)."""
+        return self._regions.most_common(n)
 
     def examples(self, region_id: int) -> list[Any]:
         """Up to ``examples_per_region`` contexts of tokens in the region."""
@@ -155,7 +163,7 @@ class RegionTracker:
 
     def region_sizes(self) -> np.ndarray:
         """Tokens per region, one entry per region (unordered)."""
-        return np.fromiter(self.counts.values(), dtype=np.int64, count=len(self.counts))
+        return self._regions.ids_and_counts()[1].copy()
 
     def size_stats(self) -> dict[str, float]:
         """Tokens-per-region statistics."""

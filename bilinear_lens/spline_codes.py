@@ -56,6 +56,7 @@ from jaxtyping import Bool, Float, Int, UInt8
 from torch import Tensor
 
 from bilinear_lens.hook_names import check_hook_names
+from bilinear_lens.row_threads import for_row_blocks
 
 BIT_ORDER = "little"
 CODE_FACTORS = ("pre", "pre_linear", "post")
@@ -67,6 +68,10 @@ DEFAULT_FACTORS: dict[str, tuple[str, ...]] = {
 }
 # Rows per chunk when packing: keeps the float block and its bool mask in L2 cache.
 _PACK_CHUNK_ROWS = 256
+# Work per thread below which pack_signs (rows x units) and region_ids (rows x 8-byte
+# words) stay on one thread: starting a thread costs tens of microseconds.
+_PARALLEL_MIN_VALUES = 1 << 19
+_PARALLEL_MIN_WORDS = 1 << 15
 
 Layers = Union[int, Sequence[int]]
 
@@ -96,23 +101,31 @@ def unpack_bits(packed: UInt8[Tensor, "... n_bytes"], n_bits: int) -> Bool[Tenso
     return torch.from_numpy(bits.view(np.bool_))
 
 
-def pack_signs(x: Float[Tensor, "... d"]) -> UInt8[Tensor, "... n_bytes"]:
+def pack_signs(x: Float[Tensor, "... d"], n_threads: Optional[int] = None) -> UInt8[Tensor, "... n_bytes"]:
     """``pack_bits(x > 0)`` without materialising the whole bool tensor.
 
     Works on numpy in row chunks (numpy's comparison is several times faster than torch's
-    on small CPUs, and a chunk's mask stays in cache for ``packbits``).
+    on small CPUs, and a chunk's mask stays in cache for ``packbits``). Large inputs are
+    split across ``n_threads`` threads (default ``torch.get_num_threads()``; see
+    :mod:`bilinear_lens.row_threads`); the result does not depend on the thread count.
     """
     values = x.detach().cpu()
     if values.dtype not in (torch.float32, torch.float64):
         values = values.float()
     array = values.numpy().reshape(-1, values.shape[-1])
     out = np.empty((array.shape[0], n_code_bytes(array.shape[1])), dtype=np.uint8)
-    mask = np.empty((min(_PACK_CHUNK_ROWS, array.shape[0]), array.shape[1]), dtype=np.bool_)
-    for start in range(0, array.shape[0], _PACK_CHUNK_ROWS):
-        rows = array[start : start + _PACK_CHUNK_ROWS]
-        chunk = mask[: rows.shape[0]]
-        np.greater(rows, 0, out=chunk)
-        out[start : start + rows.shape[0]] = np.packbits(chunk, axis=-1, bitorder=BIT_ORDER)
+
+    def pack_rows(start: int, stop: int) -> None:
+        mask = np.empty((min(_PACK_CHUNK_ROWS, stop - start), array.shape[1]), dtype=np.bool_)
+        for lo in range(start, stop, _PACK_CHUNK_ROWS):
+            hi = min(lo + _PACK_CHUNK_ROWS, stop)
+            chunk = mask[: hi - lo]
+            np.greater(array[lo:hi], 0, out=chunk)
+            out[lo:hi] = np.packbits(chunk, axis=-1, bitorder=BIT_ORDER)
+
+    # A thread needs a few chunks' worth of work to pay for itself.
+    min_rows = max(1, _PARALLEL_MIN_VALUES // max(1, array.shape[1]))
+    for_row_blocks(pack_rows, array.shape[0], min_rows_per_thread=min_rows, n_threads=n_threads)
     return torch.from_numpy(out.reshape(*values.shape[:-1], out.shape[-1]))
 
 
@@ -159,26 +172,32 @@ def pairwise_hamming(
 _MIX_1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX_2 = np.uint64(0x94D049BB133111EB)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_SHIFT_1, _SHIFT_2, _SHIFT_3 = np.uint64(30), np.uint64(27), np.uint64(31)
 
 
 def _splitmix64(z: np.ndarray) -> np.ndarray:
-    """SplitMix64's finaliser, in place: a bijection of uint64 with full avalanche."""
-    z ^= z >> np.uint64(30)
-    z *= _MIX_1
-    z ^= z >> np.uint64(27)
-    z *= _MIX_2
-    z ^= z >> np.uint64(31)
+    """SplitMix64's finaliser, in place: a bijection of uint64 with full avalanche.
+
+    One scratch array holds the shifted words (no temporary per operation).
+    """
+    tmp = np.empty_like(z)
+    for shift, mix in ((_SHIFT_1, _MIX_1), (_SHIFT_2, _MIX_2), (_SHIFT_3, None)):
+        np.right_shift(z, shift, out=tmp)
+        z ^= tmp
+        if mix is not None:
+            z *= mix
     return z
 
 
-def region_ids(packed: UInt8[Tensor, "... n_bytes"]) -> np.ndarray:
+def region_ids(packed: UInt8[Tensor, "... n_bytes"], n_threads: Optional[int] = None) -> np.ndarray:
     """64-bit id of each packed code (``numpy.uint64``, shape ``packed.shape[:-1]``).
 
     Each 8-byte word (little-endian, zero-padded) is salted with its index and mixed by
     SplitMix64, and the mixed words are summed mod 2^64. Codes that differ in one word
     never collide; otherwise two distinct codes collide with probability about 2^-64,
     so a dataset with ``R`` regions merges two with probability about ``R^2 / 2^65``.
-    Ids are the same on every platform and for every batch split.
+    Ids are the same on every platform, for every batch split and thread count (large
+    inputs are split by rows over ``n_threads`` threads, as in :func:`pack_signs`).
     """
     array = _as_uint8(packed)
     flat = array.reshape(-1, array.shape[-1])
@@ -188,8 +207,15 @@ def region_ids(packed: UInt8[Tensor, "... n_bytes"]) -> np.ndarray:
         padded[:, : flat.shape[1]] = flat
         flat = padded
     salt = np.arange(1, n_words + 1, dtype=np.uint64) * _GOLDEN
-    words = _splitmix64(flat.view("<u8") ^ salt)  # a new array: the input is not touched
-    ids = _splitmix64(words.sum(axis=1, dtype=np.uint64))
+    ids = np.empty(flat.shape[0], dtype=np.uint64)
+
+    def hash_rows(start: int, stop: int) -> None:
+        words = np.bitwise_xor(flat[start:stop].view("<u8"), salt)  # a new array: the input is not touched
+        _splitmix64(words)
+        ids[start:stop] = _splitmix64(words.sum(axis=1, dtype=np.uint64))
+
+    min_rows = max(1, _PARALLEL_MIN_WORDS // n_words)
+    for_row_blocks(hash_rows, flat.shape[0], min_rows_per_thread=min_rows, n_threads=n_threads)
     return ids.reshape(array.shape[:-1])
 
 
