@@ -51,7 +51,8 @@ for _module, _names in {
         "ablate_neurons", "neuron_ablation_hook", "ablate_direction", "direction_ablation_hook",
         "ablate_eigencomponents", "eigen_ablation_hooks", "ablation_sweep", "patch_neurons", "NeuronTable",
     ],
-    "spline_codes": ["spline_codes", "pack_bits", "unpack_bits", "hamming", "region_ids", "residual_codes"],
+    "spline_codes": ["spline_codes", "pack_bits", "pack_signs", "unpack_bits", "hamming", "region_ids", "residual_codes"],
+    "region_counts": ["RegionCounts"],
     "polytope": [
         "RegionTracker", "track_regions", "region_summary", "embedding_path_profile", "residual_path_profile",
         "purity", "purity_report", "compare_purity", "kmeans",
