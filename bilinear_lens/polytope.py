@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import asdict, dataclass
+from itertools import repeat
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
@@ -62,14 +63,15 @@ class RegionTracker:
     integer label per token; label ``< 0`` means unlabelled). Region ids are
     :func:`~bilinear_lens.spline_codes.region_ids` (64-bit hashes of the codes). Examples
     are a uniform reservoir sample (Algorithm R) of ``examples_per_region`` contexts per
-    region; codes for Hamming statistics a uniform reservoir of ``hamming_sample`` tokens.
-    Counts do not depend on how the stream is split into batches.
+    region, over the tokens that came with contexts; codes for Hamming statistics a uniform
+    reservoir of ``hamming_sample`` tokens. Counts do not depend on how the stream is split
+    into batches.
 
     Memory: 16 bytes per region in a :class:`~bilinear_lens.region_counts.RegionCounts`
-    (plus its merge buffer), at most ``examples_per_region`` contexts per region, a
-    ``(region, label)`` entry per pair seen, and ``hamming_sample`` codes. Sampling
-    examples looks up every batch's prior counts, which merges the count buffer each
-    batch; without contexts (or with ``examples_per_region=0``) counting is amortised.
+    (plus its merge buffer), a ``(region, label)`` entry per pair seen, ``hamming_sample``
+    codes and, once contexts are given, a dict entry (the reservoir's position) and at most
+    ``examples_per_region`` contexts per region. Counting alone does no Python work per
+    token; sampling examples does (a dict lookup and update per token with a context).
     """
 
     def __init__(
@@ -82,6 +84,9 @@ class RegionTracker:
         self.label_counts: Counter[tuple[int, int]] = Counter()
         self.n_tokens = 0
         self._examples: dict[int, list[Any]] = {}
+        # Tokens offered to each region's example reservoir (those with contexts): a dict,
+        # because every batch looks up each of its tokens' regions.
+        self._offered: Counter[int] = Counter()
         self._sample: Optional[np.ndarray] = None
         self._n_sampled = 0
         self._rng = np.random.default_rng(seed)
@@ -112,7 +117,7 @@ class RegionTracker:
             if labels.shape[0] != ids.size:
                 raise ValueError(f"got {labels.shape[0]} labels for {ids.size} codes")
         if self.examples_per_region > 0 and contexts is not None:
-            self._sample_examples(ids, contexts)  # needs the counts before this batch
+            self._sample_examples(ids, contexts)
         self._regions.add(ids)
         if labels is not None:
             self._count_labels(ids, labels)
@@ -122,7 +127,9 @@ class RegionTracker:
     def _sample_examples(self, ids: np.ndarray, contexts: Sequence[Any]) -> None:
         k = self.examples_per_region
         id_list = ids.tolist()
-        seen = self._regions.get(ids) + _rank_within_groups(ids) + 1  # 1-based index in the region's stream
+        prior = np.fromiter(map(self._offered.get, id_list, repeat(0)), dtype=np.int64, count=len(id_list))
+        self._offered.update(id_list)
+        seen = prior + _rank_within_groups(ids) + 1  # 1-based index in the region's reservoir stream
         keep = np.flatnonzero((seen <= k) | (self._rng.random(len(id_list)) * seen < k))
         slots = self._rng.integers(0, k, size=keep.size)
         for i, slot in zip(keep.tolist(), slots.tolist()):

@@ -12,6 +12,7 @@ from bilinear_lens.commands.polytope import main as polytope_main
 from bilinear_lens.config import ModelConfig
 from bilinear_lens.mlp import MLP
 from bilinear_lens.model import build_model
+from bilinear_lens.region_counts import RegionCounts
 from bilinear_lens.polytope import (
     RegionTracker,
     code_path_profile,
@@ -242,6 +243,31 @@ def test_tracker_reservoirs_are_bounded_and_uniform():
     assert tracker.code_sample().shape == (300, 2)
     stats = tracker.hamming_stats()
     assert 1.0 < stats["mean"] < 2.0  # three fair bits: 1.5 on average
+
+
+def test_example_reservoir_covers_only_tokens_with_contexts():
+    bits = np.zeros((600, 8), dtype=bool)
+    bits[::2, 0] = True  # two regions, 300 tokens each
+    packed = pack_bits(torch.from_numpy(bits))
+    tracker = RegionTracker(examples_per_region=3, hamming_sample=0, seed=1)
+    tracker.update(packed[:400])  # no contexts: counted, never examples
+    tracker.update(packed[400:], contexts=list(range(400, 600)))
+    assert sorted(tracker.counts.values()) == [300, 300] and tracker.n_tokens == 600
+    for region in tracker.counts:
+        examples = tracker.examples(region)
+        assert len(examples) == 3 and all(400 <= e < 600 for e in examples)
+
+
+def test_sampling_examples_does_not_merge_counts_every_batch(monkeypatch):
+    merges = []
+    real_merge = RegionCounts._merge
+    monkeypatch.setattr(RegionCounts, "_merge", lambda self: (merges.append(1), real_merge(self))[1])
+    tracker = RegionTracker(examples_per_region=2, hamming_sample=0)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):  # 20 batches of 100 distinct regions: far below the merge buffer
+        tracker.update(pack_signs(torch.randn(100, 64, generator=gen)), contexts=list(range(100)))
+    assert not merges
+    assert tracker.n_regions == 2000 and len(merges) == 1
 
 
 def test_tracker_ignores_tokens_and_counts_labels(relu_model, data_tokens):
