@@ -9,9 +9,10 @@ compute the mean next-token loss of each ablated run; the loop uses
 :func:`~bilinear_lens.ablation.ablate_neurons` around ``model(tokens)``, the sweep
 :func:`~bilinear_lens.ablation.ablation_sweep`. Each side is timed ``--repeats`` times
 (best kept) after one warm-up; the speed ratio (loop time / sweep time) is printed with
-the largest difference of the two results, and the exit status is 1 if they disagree. The sweep runs everything before the ablated
-activation once and restarts each copy inside the layer's MLP, so the ratio grows with
-the layer index; ``--all-layers`` measures every layer of the model in one run.
+the largest difference of the two results, and the exit status is 1 if they disagree.
+The sweep runs everything before the ablated activation once and restarts each copy
+inside the layer's MLP, so the ratio grows with the layer index; ``--all-layers``
+measures every layer of the model in one run.
 """
 
 from __future__ import annotations
