@@ -108,6 +108,9 @@ def pack_signs(x: Float[Tensor, "... d"], n_threads: Optional[int] = None) -> UI
     on small CPUs, and a chunk's mask stays in cache for ``packbits``). Large inputs are
     split across ``n_threads`` threads (default ``torch.get_num_threads()``; see
     :mod:`bilinear_lens.row_threads`); the result does not depend on the thread count.
+    Right after a multi-threaded torch op, torch's OpenMP workers spin and slow these
+    threads; exporting ``OMP_WAIT_POLICY=PASSIVE`` before starting Python avoids that
+    (1.06 -> 1.22M tokens/s at d_mlp 2048 after a matmul, see ``benchmarks/polytope.py``).
     """
     values = x.detach().cpu()
     if values.dtype not in (torch.float32, torch.float64):
