@@ -11,7 +11,7 @@ import torch
 
 from bilinear_lens.region_counts import RegionCounts
 from bilinear_lens.row_threads import for_row_blocks
-from bilinear_lens.spline_codes import pack_bits, pack_signs
+from bilinear_lens.spline_codes import pack_bits, pack_signs, region_ids
 
 # The module (the package re-exports a function of the same name).
 spline_codes_module = sys.modules["bilinear_lens.spline_codes"]
@@ -115,6 +115,17 @@ def test_threaded_pack_signs_matches_single_thread_bit_for_bit(monkeypatch, shap
     expected = pack_bits(x > 0)
     for n_threads in (1, 2, 3):
         assert torch.equal(pack_signs(x, n_threads=n_threads), expected)
+
+
+@pytest.mark.parametrize("n_bytes", [3, 8, 40])
+def test_threaded_region_ids_match_single_thread(monkeypatch, n_bytes):
+    monkeypatch.setattr(spline_codes_module, "_PARALLEL_MIN_WORDS", 4)  # force several threads
+    codes = torch.randint(0, 256, (2, 301, n_bytes), dtype=torch.uint8, generator=torch.Generator().manual_seed(n_bytes))
+    expected = region_ids(codes, n_threads=1)
+    assert expected.shape == (2, 301) and len(set(expected.ravel().tolist())) == 602
+    for n_threads in (2, 3):
+        assert np.array_equal(region_ids(codes, n_threads=n_threads), expected)
+    assert np.array_equal(region_ids(codes[1, 7:90]), expected[1, 7:90])  # an id depends on its code alone
 
 
 def _pack_in_child(queue: "multiprocessing.Queue[bool]") -> None:
