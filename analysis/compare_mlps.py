@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from bilinear_lens.config import load_run_config
-from bilinear_lens.model import BilinearTransformer
-from bilinear_lens.train import train
+from bilinear_lens.training.config import load_run_config
+from bilinear_lens.models.model import BilinearTransformer
+from bilinear_lens.training.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RECIPE = REPO / "training" / "configs" / "tiny.toml"

@@ -31,11 +31,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bilinear_lens.directions import token_directions  # noqa: E402
-from bilinear_lens.eigen import eigendecompose_directions, low_rank_correlation  # noqa: E402
-from bilinear_lens.eigen_readings import mlp_inputs  # noqa: E402
-from bilinear_lens.model import BilinearTransformer  # noqa: E402
-from bilinear_lens.synthetic import synthetic_stories  # noqa: E402
+from bilinear_lens.weights.directions import token_directions  # noqa: E402
+from bilinear_lens.weights.eigen import eigendecompose_directions, low_rank_correlation  # noqa: E402
+from bilinear_lens.activations.eigen_readings import mlp_inputs  # noqa: E402
+from bilinear_lens.models.model import BilinearTransformer  # noqa: E402
+from bilinear_lens.data.synthetic import synthetic_stories  # noqa: E402
 
 KS = (1, 2, 4, 8, 16)
 

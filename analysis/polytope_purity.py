@@ -6,7 +6,7 @@ For each MLP layer of the checkpoint, streams text (``--text-file``, or syntheti
 through the model, and compares the word-class purity of the layer's polytope regions with
 that of k-means clusters of its (unit-normalised) inputs with the same k, next to the
 label-shuffled baselines and the size-weighted purity of clusters with >= ``--min-size``
-tokens (:func:`bilinear_lens.polytope.compare_purity`). Also profiles boundary density
+tokens (:func:`bilinear_lens.activations.polytope.compare_purity`). Also profiles boundary density
 along a few straight paths: between residual vectors of the text and between two tokens'
 input embeddings. Writes ``purity.md``, ``boundary_density.png`` and ``results.json``.
 """
@@ -26,8 +26,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bilinear_lens.model import BilinearTransformer  # noqa: E402
-from bilinear_lens.polytope import (  # noqa: E402
+from bilinear_lens.models.model import BilinearTransformer  # noqa: E402
+from bilinear_lens.activations.polytope import (  # noqa: E402
     PathProfile,
     compare_purity,
     embedding_path_profile,
@@ -36,7 +36,7 @@ from bilinear_lens.polytope import (  # noqa: E402
     track_regions,
     word_class_labels,
 )
-from bilinear_lens.synthetic import synthetic_stories  # noqa: E402
+from bilinear_lens.data.synthetic import synthetic_stories  # noqa: E402
 
 
 def _parse(argv: Optional[list[str]]) -> argparse.Namespace:

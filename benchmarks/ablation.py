@@ -6,8 +6,8 @@
 
 Both sides zero-ablate every neuron of layer ``--layer`` at ``hook_post`` on the same tokens and
 compute the mean next-token loss of each ablated run; the loop uses
-:func:`~bilinear_lens.ablation.ablate_neurons` around ``model(tokens)``, the sweep
-:func:`~bilinear_lens.ablation.ablation_sweep`. Each side is timed ``--repeats`` times
+:func:`~bilinear_lens.activations.ablation.ablate_neurons` around ``model(tokens)``, the sweep
+:func:`~bilinear_lens.activations.ablation.ablation_sweep`. Each side is timed ``--repeats`` times
 (best kept) after one warm-up; the speed ratio (loop time / sweep time) is printed with
 the largest difference of the two results, and the exit status is 1 if they disagree.
 The sweep runs everything before the ablated activation once and restarts each copy
@@ -23,9 +23,9 @@ from typing import Callable
 
 import torch
 
-from bilinear_lens.ablation import ablate_neurons, ablation_sweep, loss_metric
-from bilinear_lens.config import ModelConfig
-from bilinear_lens.model import BilinearTransformer, build_model
+from bilinear_lens.activations.ablation import ablate_neurons, ablation_sweep, loss_metric
+from bilinear_lens.models.config import ModelConfig
+from bilinear_lens.models.model import BilinearTransformer, build_model
 
 # float32 model: the sweep does the loop's float ops, so only batch-size dependent matmul
 # blocking could make them differ, far below this.

@@ -46,7 +46,7 @@ def _status_kb(field: str) -> int:
 
 
 def _weights(d_model: int, d_mlp: int, seed: int = 0) -> Any:
-    from bilinear_lens.tensor import BilinearWeights
+    from bilinear_lens.weights.tensor import BilinearWeights
 
     gen = torch.Generator().manual_seed(seed)
     return BilinearWeights(
@@ -58,8 +58,8 @@ def _weights(d_model: int, d_mlp: int, seed: int = 0) -> Any:
 
 def _variant(name: str, d_model: int, d_mlp: int, n_dirs: int) -> dict[str, Any]:
     """Run one variant in this process; returns time, memory and a result to cross-check."""
-    from bilinear_lens.eigen import top_eigenvectors
-    from bilinear_lens.tensor import iter_interaction_matrices
+    from bilinear_lens.weights.eigen import top_eigenvectors
+    from bilinear_lens.weights.tensor import iter_interaction_matrices
 
     w = _weights(d_model, d_mlp)
     U = torch.randn(max(n_dirs, 1), d_model, generator=torch.Generator().manual_seed(1))

@@ -27,8 +27,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from bilinear_lens.polytope import RegionTracker
-from bilinear_lens.spline_codes import pack_signs, region_ids
+from bilinear_lens.activations.polytope import RegionTracker
+from bilinear_lens.activations.spline_codes import pack_signs, region_ids
 
 # (make codes from pre-activations, count the codes' regions)
 Stages = tuple[Callable[[torch.Tensor], Any], Callable[[Any], None]]

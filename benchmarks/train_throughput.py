@@ -3,7 +3,7 @@
 Every model has the same dims (``d_model``, ``d_mlp``, layers, heads, context), so gated
 kinds (bilinear, SwiGLU) do 3 MLP matmuls and plain kinds 2: the fair question for the
 bilinear MLP is its speed relative to SwiGLU (same matmuls, one activation fewer); ReLU and
-GELU are listed for scale. One training step is what :func:`bilinear_lens.train.train`
+GELU are listed for scale. One training step is what :func:`bilinear_lens.training.loop.train`
 runs: forward, next-token loss, backward, gradient clipping, AdamW step.
 
 The kinds are measured side by side in one process: ``--repeats`` rounds, each timing every
@@ -23,9 +23,10 @@ from typing import Optional
 
 import torch
 
-from bilinear_lens.config import ModelConfig, TrainConfig
-from bilinear_lens.model import BilinearTransformer
-from bilinear_lens.train import compute_loss, make_optimizer
+from bilinear_lens.models.config import ModelConfig
+from bilinear_lens.training.config import TrainConfig
+from bilinear_lens.models.model import BilinearTransformer
+from bilinear_lens.training.loop import compute_loss, make_optimizer
 
 KINDS = ("bilinear", "swiglu", "relu", "gelu")
 

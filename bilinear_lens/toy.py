@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from bilinear_lens.config import config_error, is_int, is_number
+from bilinear_lens.models.config import config_error, is_int, is_number
 
 TOY_KINDS = ("linear", "relu", "bilinear")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bilinear_lens.config import ModelConfig
+from bilinear_lens.models.config import ModelConfig
 
 MLP_KINDS = ["bilinear", "swiglu", "relu", "gelu", "linear", "none"]
 

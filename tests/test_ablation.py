@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from bilinear_lens.ablation import (
+from bilinear_lens.activations.ablation import (
     NeuronTable,
     ablate_direction,
     ablate_eigencomponents,
@@ -22,12 +22,12 @@ from bilinear_lens.ablation import (
     neuron_ablation_hook,
     patch_neurons,
 )
-from bilinear_lens.bridge import to_bridge
+from bilinear_lens.models.bridge import to_bridge
 from bilinear_lens.commands import ablate as ablate_cmd
-from bilinear_lens.eigen import eigendecompose, low_rank_output
-from bilinear_lens.hook_names import UnknownHookError
-from bilinear_lens.model import build_model, next_token_loss
-from bilinear_lens.tensor import interaction_matrix
+from bilinear_lens.weights.eigen import eigendecompose, low_rank_output
+from bilinear_lens.models.hook_names import UnknownHookError
+from bilinear_lens.models.model import build_model, next_token_loss
+from bilinear_lens.weights.tensor import interaction_matrix
 from conftest import tiny_config
 
 EXACT = dict(rtol=0.0, atol=1e-12)
@@ -273,7 +273,7 @@ def one_at_a_time(model, tokens, layer, neurons, metric, **ablation):
 
 def full_forward_only(monkeypatch):
     """Make sweeps run every copy from the tokens, as they do on a TransformerBridge."""
-    import bilinear_lens.ablation as ablation
+    import bilinear_lens.activations.ablation as ablation
 
     monkeypatch.setattr(ablation, "_starts_inside_mlp", lambda model: False)
 
@@ -574,8 +574,8 @@ def test_clear_errors_for_bad_hooks_neurons_and_layers():
 
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory):
-    from bilinear_lens.synthetic import synthetic_stories
-    from bilinear_lens.tokenizer import to_hf_tokenizer, train_tokenizer
+    from bilinear_lens.data.synthetic import synthetic_stories
+    from bilinear_lens.data.tokenizer import to_hf_tokenizer, train_tokenizer
 
     tok = to_hf_tokenizer(train_tokenizer(synthetic_stories(300, seed=0), vocab_size=300))
     root = tmp_path_factory.mktemp("ablate")

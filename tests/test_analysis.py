@@ -9,9 +9,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the analysis/ package lives at the repo root
 
 from analysis import eigen_spectra  # noqa: E402
-from bilinear_lens.model import build_model  # noqa: E402
-from bilinear_lens.synthetic import synthetic_stories  # noqa: E402
-from bilinear_lens.tokenizer import to_hf_tokenizer, train_tokenizer  # noqa: E402
+from bilinear_lens.models.model import build_model  # noqa: E402
+from bilinear_lens.data.synthetic import synthetic_stories  # noqa: E402
+from bilinear_lens.data.tokenizer import to_hf_tokenizer, train_tokenizer  # noqa: E402
 from conftest import tiny_config  # noqa: E402
 
 

@@ -8,14 +8,14 @@ import torch
 from transformer_lens.factories.architecture_adapter_factory import ArchitectureAdapterFactory
 from transformer_lens.model_bridge.bridge import TransformerBridge
 
-from bilinear_lens.bridge import ARCHITECTURE_NAME, BilinearLensArchitectureAdapter, bridge_config, load_bridge, to_bridge
-from bilinear_lens.model import build_model
+from bilinear_lens.models.bridge import ARCHITECTURE_NAME, BilinearLensArchitectureAdapter, bridge_config, load_bridge, to_bridge
+from bilinear_lens.models.model import build_model
 from conftest import MLP_KINDS, tiny_config
 
 
 def test_entry_point_registers_adapter():
     names = {ep.name: ep.value for ep in entry_points(group="transformer_lens.architectures")}
-    assert names[ARCHITECTURE_NAME] == "bilinear_lens.bridge:BilinearLensArchitectureAdapter"
+    assert names[ARCHITECTURE_NAME] == "bilinear_lens.models.bridge:BilinearLensArchitectureAdapter"
     adapter = ArchitectureAdapterFactory.select_architecture_adapter(bridge_config(tiny_config()))
     assert isinstance(adapter, BilinearLensArchitectureAdapter)
 
@@ -106,8 +106,8 @@ def test_to_bridge_rejects_other_modules():
 
 
 def test_bridge_with_tokenizer_tokenizes_like_the_model(tmp_path):
-    from bilinear_lens.synthetic import synthetic_stories
-    from bilinear_lens.tokenizer import to_hf_tokenizer, train_tokenizer
+    from bilinear_lens.data.synthetic import synthetic_stories
+    from bilinear_lens.data.tokenizer import to_hf_tokenizer, train_tokenizer
 
     tok = to_hf_tokenizer(train_tokenizer(synthetic_stories(300, seed=0), vocab_size=300))
     model = build_model(tiny_config(d_vocab=len(tok), n_ctx=64), tokenizer=tok)

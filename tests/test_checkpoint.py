@@ -5,10 +5,11 @@ import json
 import pytest
 import torch
 
-from bilinear_lens.checkpoint import CheckpointError, atomic_directory, load_model
-from bilinear_lens.model import BilinearTransformer, build_model
-from bilinear_lens.synthetic import synthetic_stories
-from bilinear_lens.tokenizer import to_hf_tokenizer, train_tokenizer
+from bilinear_lens.models.checkpoint import CheckpointError, atomic_directory
+from bilinear_lens.models.model import load_model
+from bilinear_lens.models.model import BilinearTransformer, build_model
+from bilinear_lens.data.synthetic import synthetic_stories
+from bilinear_lens.data.tokenizer import to_hf_tokenizer, train_tokenizer
 from conftest import MLP_KINDS, tiny_config
 
 

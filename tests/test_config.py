@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from bilinear_lens.config import ModelConfig
+from bilinear_lens.models.config import ModelConfig
 
 
 @pytest.mark.parametrize(

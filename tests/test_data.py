@@ -12,8 +12,8 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models
 
-import bilinear_lens.data as data
-from bilinear_lens.data import (
+import bilinear_lens.data.corpus as data
+from bilinear_lens.data.corpus import (
     TokenBlocks,
     encode_documents,
     is_val_document,
@@ -22,8 +22,8 @@ from bilinear_lens.data import (
     prepare_data,
     split_documents,
 )
-from bilinear_lens.synthetic import synthetic_stories
-from bilinear_lens.tokenizer import SEPARATOR_ID, save_tokenizer, tokenizer_hash, train_tokenizer
+from bilinear_lens.data.synthetic import synthetic_stories
+from bilinear_lens.data.tokenizer import SEPARATOR_ID, save_tokenizer, tokenizer_hash, train_tokenizer
 
 DOCS = [
     "Tom had a red ball.\nHe liked it a lot.",  # multi-line document

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from bilinear_lens.directions import (
+from bilinear_lens.weights.directions import (
     feature_direction,
     logit_diff_direction,
     resolve_direction,
@@ -12,7 +12,7 @@ from bilinear_lens.directions import (
     token_id,
     vector_direction,
 )
-from bilinear_lens.model import build_model
+from bilinear_lens.models.model import build_model
 from conftest import tiny_config
 
 

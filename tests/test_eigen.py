@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bilinear_lens.eigen import (
+from bilinear_lens.weights.eigen import (
     Eigendecomposition,
     eigendecompose,
     eigendecompose_directions,
@@ -17,8 +17,8 @@ from bilinear_lens.eigen import (
     low_rank_output,
     top_eigenvectors,
 )
-from bilinear_lens.mlp import BilinearMLP
-from bilinear_lens.tensor import augment_input, interaction_matrices, interaction_matrix
+from bilinear_lens.models.mlp import BilinearMLP
+from bilinear_lens.weights.tensor import augment_input, interaction_matrices, interaction_matrix
 
 D_MODEL, D_MLP = 8, 16
 

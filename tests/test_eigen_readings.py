@@ -3,16 +3,16 @@
 import pytest
 import torch
 
-from bilinear_lens.bridge import to_bridge
-from bilinear_lens.directions import token_direction
-from bilinear_lens.eigen_readings import (
+from bilinear_lens.models.bridge import to_bridge
+from bilinear_lens.weights.directions import token_direction
+from bilinear_lens.activations.eigen_readings import (
     eigenvector_activations_on_tokens,
     layer_eigendecomposition,
     mlp_inputs,
     rank_k_correlation_on_tokens,
     top_tokens_for_eigenvectors,
 )
-from bilinear_lens.model import build_model
+from bilinear_lens.models.model import build_model
 from conftest import tiny_config
 
 
@@ -77,8 +77,8 @@ def test_eigen_cli(tmp_path, capsys):
     import json
 
     from bilinear_lens.cli import main
-    from bilinear_lens.synthetic import synthetic_stories
-    from bilinear_lens.tokenizer import to_hf_tokenizer, train_tokenizer
+    from bilinear_lens.data.synthetic import synthetic_stories
+    from bilinear_lens.data.tokenizer import to_hf_tokenizer, train_tokenizer
 
     tok = to_hf_tokenizer(train_tokenizer(synthetic_stories(2000, seed=0), vocab_size=700))
     assert len(tok.encode(" happy", add_special_tokens=False)) == 1

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from bilinear_lens.mlp import MLP, BilinearMLP, GatedMLP, make_mlp
+from bilinear_lens.models.mlp import MLP, BilinearMLP, GatedMLP, make_mlp
 
 D_MODEL, D_MLP = 6, 10
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from bilinear_lens.hook_names import UnknownHookError
-from bilinear_lens.mlp import BilinearMLP, GatedMLP, MLP
-from bilinear_lens.model import build_model, next_token_loss
+from bilinear_lens.models.hook_names import UnknownHookError
+from bilinear_lens.models.mlp import BilinearMLP, GatedMLP, MLP
+from bilinear_lens.models.model import build_model, next_token_loss
 from conftest import MLP_KINDS, tiny_config
 
 MLP_HOOKS = {

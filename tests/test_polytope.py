@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from bilinear_lens.bridge import to_bridge
+from bilinear_lens.models.bridge import to_bridge
 from bilinear_lens.commands.polytope import main as polytope_main
-from bilinear_lens.config import ModelConfig
-from bilinear_lens.mlp import MLP
-from bilinear_lens.model import build_model
-from bilinear_lens.region_counts import RegionCounts
-from bilinear_lens.polytope import (
+from bilinear_lens.models.config import ModelConfig
+from bilinear_lens.models.mlp import MLP
+from bilinear_lens.models.model import build_model
+from bilinear_lens.activations.region_counts import RegionCounts
+from bilinear_lens.activations.polytope import (
     RegionTracker,
     code_path_profile,
     compare_purity,
@@ -24,7 +24,7 @@ from bilinear_lens.polytope import (
     residual_path_profile,
     track_regions,
 )
-from bilinear_lens.spline_codes import (
+from bilinear_lens.activations.spline_codes import (
     basis_codes,
     code_layout,
     default_factors,
@@ -38,8 +38,8 @@ from bilinear_lens.spline_codes import (
     spline_codes,
     unpack_bits,
 )
-from bilinear_lens.synthetic import synthetic_stories
-from bilinear_lens.tokenizer import to_hf_tokenizer, train_tokenizer
+from bilinear_lens.data.synthetic import synthetic_stories
+from bilinear_lens.data.tokenizer import to_hf_tokenizer, train_tokenizer
 from conftest import tiny_config
 
 

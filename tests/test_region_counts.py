@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from bilinear_lens.region_counts import RegionCounts
-from bilinear_lens.row_threads import for_row_blocks
-from bilinear_lens.spline_codes import pack_bits, pack_signs, region_ids
+from bilinear_lens.activations.region_counts import RegionCounts
+from bilinear_lens.activations.row_threads import for_row_blocks
+from bilinear_lens.activations.spline_codes import pack_bits, pack_signs, region_ids
 
 # The module (the package re-exports a function of the same name).
-spline_codes_module = sys.modules["bilinear_lens.spline_codes"]
+spline_codes_module = sys.modules["bilinear_lens.activations.spline_codes"]
 
 
 def _stream(seed: int, n_batches: int = 9) -> list[np.ndarray]:

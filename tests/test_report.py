@@ -7,9 +7,9 @@ import pytest
 
 from browser import CHROMIUM, ERROR_RECORDER, dump_dom, screenshot
 from bilinear_lens.cli import main
-from bilinear_lens.model import build_model
-from bilinear_lens.synthetic import synthetic_stories
-from bilinear_lens.tokenizer import to_hf_tokenizer, train_tokenizer
+from bilinear_lens.models.model import build_model
+from bilinear_lens.data.synthetic import synthetic_stories
+from bilinear_lens.data.tokenizer import to_hf_tokenizer, train_tokenizer
 from conftest import tiny_config
 
 

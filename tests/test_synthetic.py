@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from bilinear_lens.synthetic import (
+from bilinear_lens.data.synthetic import (
     NEGATIONS,
     NEGATIVE_FEELINGS,
     NEGATIVE_WORDS,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bilinear_lens.mlp import BilinearMLP, GatedMLP
-from bilinear_lens.tensor import (
+from bilinear_lens.models.mlp import BilinearMLP, GatedMLP
+from bilinear_lens.weights.tensor import (
     BilinearWeights,
     augment_input,
     bilinear_output,

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer, models
 
-from bilinear_lens.synthetic import synthetic_stories
-from bilinear_lens.tokenizer import (
+from bilinear_lens.data.synthetic import synthetic_stories
+from bilinear_lens.data.tokenizer import (
     SEPARATOR_ID,
     SPECIAL_TOKEN,
     load_tokenizer,

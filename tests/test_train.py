@@ -18,18 +18,18 @@ import pytest
 import torch
 
 from bilinear_lens import cli
-from bilinear_lens.checkpoint import (
+from bilinear_lens.models.checkpoint import read_tensors
+from bilinear_lens.training.state import (
     TrainState,
     capture_rng_state,
-    read_tensors,
     read_train_state,
     restore_rng_state,
     write_train_state,
 )
-from bilinear_lens.config import RunConfig, TrainConfig, load_run_config
-from bilinear_lens.data import prepare_data
-from bilinear_lens.model import BilinearTransformer
-from bilinear_lens.train import (
+from bilinear_lens.training.config import RunConfig, TrainConfig, load_run_config
+from bilinear_lens.data.corpus import prepare_data
+from bilinear_lens.models.model import BilinearTransformer
+from bilinear_lens.training.loop import (
     CHECKPOINTS_DIR,
     FINAL_DIR,
     METRICS_FILE,
@@ -187,7 +187,7 @@ def test_resume_from_explicit_checkpoint_and_model_mismatch(cache_dir, tmp_path)
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(cache_dir, tmp_path, monkeypatch):
-    import bilinear_lens.train as train_module
+    import bilinear_lens.training.loop as train_module
 
     calls = {"n": 0}
     real_loss = train_module.compute_loss

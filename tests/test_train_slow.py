@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from bilinear_lens.config import load_run_config
-from bilinear_lens.model import BilinearTransformer
-from bilinear_lens.train import train
+from bilinear_lens.training.config import load_run_config
+from bilinear_lens.models.model import BilinearTransformer
+from bilinear_lens.training.loop import train
 
 TINY_RECIPE = Path(__file__).resolve().parents[1] / "training" / "configs" / "tiny.toml"
 

@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from browser import CHROMIUM, ERROR_RECORDER, dump_dom
-from bilinear_lens.config import ModelConfig
-from bilinear_lens.model import build_model
-from bilinear_lens.plots import (
+from bilinear_lens.models.config import ModelConfig
+from bilinear_lens.models.model import build_model
+from bilinear_lens.views.plots import (
     figure_to_base64_png,
     figure_to_html,
     plot_ablation_effects,
@@ -30,9 +30,9 @@ from bilinear_lens.plots import (
     plot_rank_k_curve,
     plot_rank_k_scatter,
 )
-from bilinear_lens.synthetic import synthetic_stories
-from bilinear_lens.tokenizer import to_hf_tokenizer, train_tokenizer
-from bilinear_lens.viz import (
+from bilinear_lens.data.synthetic import synthetic_stories
+from bilinear_lens.data.tokenizer import to_hf_tokenizer, train_tokenizer
+from bilinear_lens.views.viz import (
     attention_view,
     circuitsvis_bundle_script,
     colored_tokens_view,

@@ -6,7 +6,7 @@
 Texts (``--text-file``: documents separated by blank lines, as in the training data's
 ``.txt`` files; default: the built-in synthetic stories) are tokenized with a BOS token
 before each document, concatenated and cut into rows of ``--seq-len`` tokens, so no row is
-padded. Every neuron is ablated on its own (:func:`bilinear_lens.ablation.ablation_sweep`)
+padded. Every neuron is ablated on its own (:func:`bilinear_lens.activations.ablation.ablation_sweep`)
 and the ``--top`` neurons by ``|delta loss|`` are printed, or one JSON object with
 ``--json``. Errors (missing checkpoint, bad layer...) exit with code 2.
 """
@@ -21,9 +21,9 @@ from typing import Any, Optional
 
 import torch
 
-from bilinear_lens.ablation import METHODS, NEURON_HOOKS, NeuronTable, ablation_sweep
+from bilinear_lens.activations.ablation import METHODS, NEURON_HOOKS, NeuronTable, ablation_sweep
 from bilinear_lens.commands.common import UsageError, load_model_with_tokenizer
-from bilinear_lens.hook_names import UnknownHookError
+from bilinear_lens.models.hook_names import UnknownHookError
 
 
 
@@ -58,7 +58,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def _read_texts(text_file: Optional[str], n_texts: int, seed: int) -> list[str]:
     if text_file is None:
-        from bilinear_lens.synthetic import synthetic_stories
+        from bilinear_lens.data.synthetic import synthetic_stories
 
         return synthetic_stories(n_texts, seed=seed)
     path = Path(text_file)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bilinear_lens.checkpoint import CheckpointError
+from bilinear_lens.models.checkpoint import CheckpointError
 
 
 class UsageError(Exception):
@@ -14,7 +14,7 @@ class UsageError(Exception):
 def load_model_with_tokenizer(path: str, command: str) -> Any:
     """Load a checkpoint for ``command``; a missing/corrupt checkpoint or a missing
     tokenizer (needed to read text) is a :class:`UsageError`."""
-    from bilinear_lens.model import BilinearTransformer
+    from bilinear_lens.models.model import BilinearTransformer
 
     try:
         model = BilinearTransformer.from_pretrained(path)

@@ -8,7 +8,7 @@ import json
 import sys
 from typing import Optional
 
-from bilinear_lens.checkpoint import CheckpointError
+from bilinear_lens.models.checkpoint import CheckpointError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,9 +31,9 @@ def _token(spec: str):
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from bilinear_lens.eigen_readings import layer_eigendecomposition, top_tokens_for_eigenvectors
-    from bilinear_lens.eigen import low_rank_error
-    from bilinear_lens.model import BilinearTransformer
+    from bilinear_lens.activations.eigen_readings import layer_eigendecomposition, top_tokens_for_eigenvectors
+    from bilinear_lens.weights.eigen import low_rank_error
+    from bilinear_lens.models.model import BilinearTransformer
 
     try:
         model = BilinearTransformer.from_pretrained(args.checkpoint)

@@ -3,10 +3,10 @@
     bilinear-lens polytope --checkpoint runs/tiny/final --layer 0 --text-file stories.txt
 
 Prints the number of tokens and distinct regions (spline codes, see
-:mod:`bilinear_lens.spline_codes`), tokens-per-region statistics, the most common regions
+:mod:`bilinear_lens.activations.spline_codes`), tokens-per-region statistics, the most common regions
 with example contexts, the mean Hamming distance between sampled tokens' codes and, when
 tokens carry labels (word classes of the synthetic vocabulary by default), the purity of
-regions vs k-means clusters (:func:`bilinear_lens.polytope.compare_purity`). ``--json``
+regions vs k-means clusters (:func:`bilinear_lens.activations.polytope.compare_purity`). ``--json``
 prints the same as one JSON object. BOS/padding tokens are not counted.
 """
 
@@ -22,7 +22,7 @@ from typing import Any, Optional
 import numpy as np
 
 from bilinear_lens.commands.common import UsageError, load_model_with_tokenizer
-from bilinear_lens.polytope import (
+from bilinear_lens.activations.polytope import (
     compare_purity,
     decode_context,
     region_summary,
@@ -30,7 +30,7 @@ from bilinear_lens.polytope import (
     track_regions,
     word_class_labels,
 )
-from bilinear_lens.spline_codes import CODE_FACTORS, code_layout
+from bilinear_lens.activations.spline_codes import CODE_FACTORS, code_layout
 
 LABEL_KINDS = ("word-class", "token", "none")
 

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from bilinear_lens.checkpoint import CheckpointError
+from bilinear_lens.models.checkpoint import CheckpointError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,8 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from bilinear_lens.model import BilinearTransformer
-    from bilinear_lens.report import write_report
+    from bilinear_lens.models.model import BilinearTransformer
+    from bilinear_lens.views.report import write_report
 
     try:
         model = BilinearTransformer.from_pretrained(args.checkpoint)

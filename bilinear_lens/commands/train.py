@@ -39,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from bilinear_lens.config import load_run_config
-    from bilinear_lens.train import RUN_CONFIG_FILE, NonFiniteLossError, train
+    from bilinear_lens.training.config import load_run_config
+    from bilinear_lens.training.loop import RUN_CONFIG_FILE, NonFiniteLossError, train
 
     rank = int(os.environ.get("RANK", "0") or 0)
     if not args.quiet and rank == 0:

@@ -128,7 +128,7 @@ class BilinearMLP(GatedMLP):
     ``out = W_out^T ((W_in^T x + b_in) * (W_gate^T x + b_gate)) + b_out``. With no biases
     (the default, as in Pearce et al. 2024) it is the third-order tensor
     ``B[a, i, j] = sum_h W_out[h, a] W_in[i, h] W_gate[j, h]`` applied to ``x`` twice,
-    so ``u . out = x^T Q(u) x`` (see :mod:`bilinear_lens.tensor`).
+    so ``u . out = x^T Q(u) x`` (see :mod:`bilinear_lens.weights.tensor`).
     """
 
     def __init__(self, d_model: int, d_mlp: int, bias: bool = False):

@@ -1,6 +1,6 @@
 """Eigendecompositions of interaction matrices, exact and matrix-free, and low-rank views.
 
-``Q(u)`` (see :mod:`bilinear_lens.tensor`) is symmetric, so ``Q = sum_i lambda_i v_i v_i^T``
+``Q(u)`` (see :mod:`bilinear_lens.weights.tensor`) is symmetric, so ``Q = sum_i lambda_i v_i v_i^T``
 and ``u . MLP(x) = x^T Q x = sum_i lambda_i (v_i . x)^2``: each eigenvector is an input
 direction whose squared projection drives the output ``u`` with sign and weight
 ``lambda_i``. Eigenpairs are always ordered by ``|lambda|`` descending, so "top-k" means
@@ -17,7 +17,7 @@ from jaxtyping import Float
 from scipy.sparse.linalg import LinearOperator, eigsh, lobpcg
 from torch import Tensor
 
-from bilinear_lens.tensor import (
+from bilinear_lens.weights.tensor import (
     BilinearWeights,
     MLPLike,
     _check_directions,
@@ -70,7 +70,7 @@ def eigendecompose(Q: Float[Tensor, "*batch d d"]) -> Eigendecomposition:
     """Exact ``Q = V diag(lambda) V^T`` for symmetric (batched) ``Q`` via ``torch.linalg.eigh``.
 
     Returns all ``d`` pairs sorted by ``|lambda|`` descending. ``Q`` must be symmetric (as
-    :func:`~bilinear_lens.tensor.interaction_matrix` returns; ``eigh`` reads one triangle).
+    :func:`~bilinear_lens.weights.tensor.interaction_matrix` returns; ``eigh`` reads one triangle).
     """
     if Q.ndim < 2 or Q.shape[-1] != Q.shape[-2]:
         raise ValueError(f"Q must be [..., d, d], got shape {tuple(Q.shape)}")
@@ -87,7 +87,7 @@ def eigendecompose_directions(
 ) -> Eigendecomposition:
     """Top-``k`` (all if ``None``) eigenpairs of ``Q(U[n])`` for every direction.
 
-    Streams :func:`~bilinear_lens.tensor.iter_interaction_matrices` and eigendecomposes
+    Streams :func:`~bilinear_lens.weights.tensor.iter_interaction_matrices` and eigendecomposes
     each chunk, keeping only ``k`` pairs, so peak memory is one chunk plus the
     ``n_dirs * d * k`` result (never all ``n_dirs`` matrices).
     """
@@ -331,7 +331,7 @@ def eigenvector_activations(
     """``lambda_i (v_i . x)^2`` for the top-``k`` components (all if ``None``).
 
     Summed over all ``d`` components this is ``x^T Q x`` (``= u . MLP(x)``). ``x`` must
-    live where ``Q`` does (augment it with :func:`~bilinear_lens.tensor.augment_input`
+    live where ``Q`` does (augment it with :func:`~bilinear_lens.weights.tensor.augment_input`
     for a bias-inclusive decomposition). A batched ``eig`` gives one block per matrix.
     """
     eig = eig.top(eig.k if k is None else k)

@@ -89,7 +89,7 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
     """Load a ``tokenizer.json`` (a file, or a directory holding one).
 
     Raises ``FileNotFoundError`` naming the path, and ``ValueError`` if the tokenizer does
-    not have ``<|endoftext|>`` as id 0 (the packing in :mod:`bilinear_lens.data` needs it).
+    not have ``<|endoftext|>`` as id 0 (the packing in :mod:`bilinear_lens.data.corpus` needs it).
     """
     path = Path(path)
     if path.is_dir():

@@ -48,8 +48,8 @@ from transformer_lens.model_bridge.generalized_components import (
 )
 from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
 
-from bilinear_lens.config import ModelConfig
-from bilinear_lens.model import BilinearTransformer
+from bilinear_lens.models.config import ModelConfig
+from bilinear_lens.models.model import BilinearTransformer
 
 ARCHITECTURE_NAME = "BilinearLensTransformer"
 

@@ -8,8 +8,8 @@ Every intervention is a TransformerLens forward hook. A ``*_hook(s)`` factory re
         loss = model(tokens, return_type="loss")
 
 Only ``hook_dict``, ``hooks``, ``run_with_hooks``, ``cfg`` and forward calls are used, so
-everything runs on :class:`~bilinear_lens.model.BilinearTransformer` and on its
-TransformerLens ``TransformerBridge`` (:func:`~bilinear_lens.bridge.to_bridge`) alike.
+everything runs on :class:`~bilinear_lens.models.model.BilinearTransformer` and on its
+TransformerLens ``TransformerBridge`` (:func:`~bilinear_lens.models.bridge.to_bridge`) alike.
 
 Ablation methods (what the ablated units are set to):
 
@@ -25,7 +25,7 @@ Sweeps (:func:`ablation_sweep`, :func:`patch_neurons`) run many single-neuron
 interventions per forward pass: the token batch is repeated ``k`` times along the batch
 dim and copy ``j`` gets neuron ``j`` ablated (or patched). Copy ``j`` then computes the
 same float ops as a one-neuron forward pass, so results match a one-at-a-time loop.
-On :class:`~bilinear_lens.model.BilinearTransformer` the copies start at the ablated
+On :class:`~bilinear_lens.models.model.BilinearTransformer` the copies start at the ablated
 activation itself: hook points before it (earlier blocks, the layer's attention and
 ``ln2``, the MLP's input projections) see only the unablated tokens, whose activations
 the sweep computes once, and only the hook points after it see the ``k`` stacked copies.
@@ -43,10 +43,10 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from bilinear_lens.directions import TokenLike, token_id
-from bilinear_lens.eigen import Eigendecomposition, eigendecompose
-from bilinear_lens.hook_names import check_hook_names
-from bilinear_lens.tensor import BilinearWeights, interaction_matrix
+from bilinear_lens.weights.directions import TokenLike, token_id
+from bilinear_lens.weights.eigen import Eigendecomposition, eigendecompose
+from bilinear_lens.models.hook_names import check_hook_names
+from bilinear_lens.weights.tensor import BilinearWeights, interaction_matrix
 
 METHODS = ("zero", "mean", "resample")
 NEURON_HOOKS = ("hook_post", "hook_pre", "hook_pre_linear")
@@ -387,7 +387,7 @@ def eigen_ablation_hooks(
     """Hooks replacing a bilinear layer's output along ``u`` by a subset of its eigen-components.
 
     With ``Q(u) = sum_i lambda_i v_i v_i^T`` (sorted by ``|lambda|``, see
-    :func:`~bilinear_lens.eigen.eigendecompose`), the layer output ``y`` is edited as
+    :func:`~bilinear_lens.weights.eigen.eigendecompose`), the layer output ``y`` is edited as
     ``y - (u . y - approx(x)) u / |u|^2`` with ``approx(x) = sum_{i in kept} lambda_i (v_i . x)^2``
     and ``x`` the MLP input. Only the component along ``u`` changes. ``keep=k`` keeps the
     top-``k`` (rank-``k`` approximation), ``keep=[i, ...]`` those components and
@@ -620,7 +620,7 @@ CopiesForward = Callable[[Tensor, _Replacement], Tensor]
 def _starts_inside_mlp(model: Any) -> bool:
     """Whether copies can restart inside the ablated MLP: only on our model, whose block
     arithmetic :func:`_forward_from_mlp` mirrors (a TransformerBridge runs whole forwards)."""
-    from bilinear_lens.model import BilinearTransformer
+    from bilinear_lens.models.model import BilinearTransformer
 
     return isinstance(model, BilinearTransformer)
 

@@ -2,7 +2,7 @@
 
 ``BilinearTransformer`` is a :class:`transformer_lens.HookedRootModule`, so
 ``run_with_cache`` / ``run_with_hooks`` / ``hooks()`` work on it directly with
-TransformerLens' hook names, and :func:`bilinear_lens.bridge.to_bridge` wraps it in a
+TransformerLens' hook names, and :func:`bilinear_lens.models.bridge.to_bridge` wraps it in a
 ``TransformerBridge``. Module layout (what the bridge adapter maps)::
 
     embed (nn.Embedding)            hook_embed
@@ -12,7 +12,7 @@ TransformerLens' hook names, and :func:`bilinear_lens.bridge.to_bridge` wraps it
       ln1, ln2                      hook_scale, hook_normalized
       attn (q, k, v, o: nn.Linear)  hook_q, hook_k, hook_v, hook_rot_q, hook_rot_k,
                                     hook_attn_scores, hook_pattern, hook_z
-      mlp (see bilinear_lens.mlp)   hook_in, hook_pre, [hook_pre_linear], hook_post, hook_out
+      mlp (see bilinear_lens.models.mlp)   hook_in, hook_pre, [hook_pre_linear], hook_post, hook_out
     ln_final                        hook_scale, hook_normalized
     unembed (nn.Linear, no bias)
 
@@ -33,9 +33,21 @@ from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.HookedRootModule import HookedRootModule
 
-from bilinear_lens.config import ModelConfig
-from bilinear_lens.hook_names import check_hook_names
-from bilinear_lens.mlp import make_mlp
+from bilinear_lens.data.tokenizer import load_tokenizer, to_hf_tokenizer
+from bilinear_lens.models.checkpoint import (
+    CONFIG_FILE,
+    TOKENIZER_FILE,
+    WEIGHTS_FILE,
+    CheckpointError,
+    atomic_directory,
+    check_state_dict,
+    read_model_config,
+    read_tensors,
+    write_model_dir,
+)
+from bilinear_lens.models.config import ModelConfig
+from bilinear_lens.models.hook_names import check_hook_names
+from bilinear_lens.models.mlp import make_mlp
 
 TORCH_DTYPES = {
     "float32": torch.float32,
@@ -448,19 +460,47 @@ class BilinearTransformer(HookedRootModule):
             tokens = torch.cat([tokens, nxt], dim=1)
         return self.to_string(tokens[0]) if isinstance(input, str) else tokens
 
-    # ---- persistence (see bilinear_lens.checkpoint) ----
+    # ---- persistence (files: bilinear_lens.models.checkpoint) ----
     def save_pretrained(self, path: Union[str, Path]) -> Path:
         """Write ``config.json`` + ``model.safetensors`` (+ ``tokenizer.json``) atomically."""
-        from bilinear_lens.checkpoint import save_model
-
         return save_model(self, path)
 
     @classmethod
     def from_pretrained(cls, path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> "BilinearTransformer":
         """Load a model saved by :meth:`save_pretrained` (safetensors: never unpickles)."""
-        from bilinear_lens.checkpoint import load_model
-
         return load_model(path, device=device)
+
+
+def save_model(model: BilinearTransformer, path: Union[str, Path]) -> Path:
+    """Atomically write ``model`` to directory ``path`` (see :mod:`bilinear_lens.models.checkpoint`)."""
+    with atomic_directory(path) as tmp:
+        write_model_dir(tmp, model.cfg.to_dict(), model.state_dict(), getattr(model, "tokenizer", None))
+    return Path(path)
+
+
+def load_config(path: Union[str, Path]) -> ModelConfig:
+    """Read and validate ``config.json`` of a model directory."""
+    return ModelConfig.from_dict(read_model_config(path), where=str(Path(path) / CONFIG_FILE))
+
+
+def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> BilinearTransformer:
+    """Load a :class:`BilinearTransformer` saved by :func:`save_model`; every error names the file."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {path}")
+    cfg = load_config(path)
+    tokenizer = None
+    if (path / TOKENIZER_FILE).is_file():
+        tokenizer = to_hf_tokenizer(load_tokenizer(path / TOKENIZER_FILE))
+    model = BilinearTransformer(cfg, tokenizer=tokenizer)
+    state = read_tensors(path / WEIGHTS_FILE, device="cpu", what="model weights")
+    expected = model.state_dict()
+    check_state_dict(expected, state, where=str(path / WEIGHTS_FILE))
+    for key, tensor in state.items():
+        if tensor.dtype != expected[key].dtype:
+            raise CheckpointError(f"{path / WEIGHTS_FILE}: {key} has dtype {tensor.dtype}, config says {expected[key].dtype}")
+    model.load_state_dict(state)
+    return model.to(device)
 
 
 def next_token_loss(

@@ -1,6 +1,6 @@
 """The polytope lens (Black et al. 2022): regions over a dataset, boundaries along paths, purity.
 
-Built on :mod:`bilinear_lens.spline_codes` (what a token's code is; read its docstring for
+Built on :mod:`bilinear_lens.activations.spline_codes` (what a token's code is; read its docstring for
 what a "region" means for each MLP kind, bilinear layers included).
 
 - **Regions over a dataset.** :class:`RegionTracker` streams packed codes batch by batch
@@ -33,8 +33,8 @@ import torch
 from jaxtyping import Float, Int, UInt8
 from torch import Tensor
 
-from bilinear_lens.region_counts import RegionCounts
-from bilinear_lens.spline_codes import (
+from bilinear_lens.activations.region_counts import RegionCounts
+from bilinear_lens.activations.spline_codes import (
     Layers,
     code_layout,
     codes_from_activations,
@@ -44,7 +44,7 @@ from bilinear_lens.spline_codes import (
     residual_codes,
     run_capturing,
 )
-from bilinear_lens.synthetic import word_class
+from bilinear_lens.data.synthetic import word_class
 
 ArrayLike = Union[np.ndarray, Tensor]
 
@@ -61,13 +61,13 @@ class RegionTracker:
 
     ``update`` takes a batch of packed codes (and optionally one context object and one
     integer label per token; label ``< 0`` means unlabelled). Region ids are
-    :func:`~bilinear_lens.spline_codes.region_ids` (64-bit hashes of the codes). Examples
+    :func:`~bilinear_lens.activations.spline_codes.region_ids` (64-bit hashes of the codes). Examples
     are a uniform reservoir sample (Algorithm R) of ``examples_per_region`` contexts per
     region, over the tokens that came with contexts; codes for Hamming statistics a uniform
     reservoir of ``hamming_sample`` tokens. Counts do not depend on how the stream is split
     into batches.
 
-    Memory: 16 bytes per region in a :class:`~bilinear_lens.region_counts.RegionCounts`
+    Memory: 16 bytes per region in a :class:`~bilinear_lens.activations.region_counts.RegionCounts`
     (plus its merge buffer), a ``(region, label)`` entry per pair seen, ``hamming_sample``
     codes and, once contexts are given, a dict entry (the reservoir's position) and at most
     ``examples_per_region`` contexts per region. Counting alone does no Python work per
@@ -252,7 +252,7 @@ def decode_context(tokenizer: Any, window: Sequence[int]) -> str:
 
 
 def word_class_labels(tokenizer: Any, d_vocab: int) -> tuple[np.ndarray, list[str]]:
-    """Per token id, the :func:`~bilinear_lens.synthetic.word_class` of the decoded token as
+    """Per token id, the :func:`~bilinear_lens.data.synthetic.word_class` of the decoded token as
     an index into the returned class names; ``-1`` for ``"other"`` (sub-word pieces,
     punctuation, special tokens), which purity then ignores."""
     classes = [word_class(tokenizer.decode([i])) for i in range(d_vocab)]
@@ -433,7 +433,7 @@ def residual_path_profile(
 ) -> PathProfile:
     """Boundaries of layer ``layer``'s units crossed on the straight line between two
     residual vectors (read as ``hook_resid_mid``; see
-    :func:`~bilinear_lens.spline_codes.residual_codes`). Distance is in residual space."""
+    :func:`~bilinear_lens.activations.spline_codes.residual_codes`). Distance is in residual space."""
     n_units = code_layout(model, layer, factors).n_units
     return code_path_profile(lambda x: residual_codes(model, layer, x, factors), start, end, n_units, n_steps)
 

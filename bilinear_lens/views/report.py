@@ -28,7 +28,7 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from bilinear_lens.directions import token_id
+from bilinear_lens.weights.directions import token_id
 
 DEFAULT_OUTPUT_TOKENS = (" happy", " sad")
 DEFAULT_INPUT_TOKENS = (" not", " happy", " sad", " very", " was", " never", " good", " bad")
@@ -86,19 +86,19 @@ def build_report(
     title: Optional[str] = None,
 ) -> str:
     """The report's HTML (see module docstring). ``model`` is a
-    :class:`~bilinear_lens.model.BilinearTransformer` with a tokenizer."""
-    from bilinear_lens import plots, viz
-    from bilinear_lens.ablation import ablation_sweep
-    from bilinear_lens.directions import logit_diff_direction
-    from bilinear_lens.eigen import low_rank_error
-    from bilinear_lens.eigen_readings import (
+    :class:`~bilinear_lens.models.model.BilinearTransformer` with a tokenizer."""
+    from bilinear_lens.views import plots, viz
+    from bilinear_lens.activations.ablation import ablation_sweep
+    from bilinear_lens.weights.directions import logit_diff_direction
+    from bilinear_lens.weights.eigen import low_rank_error
+    from bilinear_lens.activations.eigen_readings import (
         eigenvector_activations_on_tokens,
         layer_eigendecomposition,
         normalized_embeddings,
         rank_k_correlation_on_tokens,
         top_tokens_for_eigenvectors,
     )
-    from bilinear_lens.tensor import interaction
+    from bilinear_lens.weights.tensor import interaction
 
     cfg = model.cfg
     if getattr(model, "tokenizer", None) is None:
@@ -106,7 +106,7 @@ def build_report(
     if not 0 <= layer < cfg.n_layers:
         raise ValueError(f"layer {layer} is out of range: the model has {cfg.n_layers} layers")
     if texts is None:
-        from bilinear_lens.synthetic import synthetic_stories
+        from bilinear_lens.data.synthetic import synthetic_stories
 
         texts = synthetic_stories(8, seed=1)
     samples = _sample_tokens(model, texts, max_len=cfg.n_ctx)
@@ -177,7 +177,7 @@ def build_report(
         sections.append(plots.plot_ablation_effects(deltas.numpy(), top=ablation_top, title="Δ loss when zeroing one neuron"))
 
     if cfg.mlp_kind not in ("none", "linear") and len(out_ids) >= 2:
-        from bilinear_lens.polytope import embedding_path_profile
+        from bilinear_lens.activations.polytope import embedding_path_profile
 
         prompt = samples[0]
         profile = embedding_path_profile(model, prompt, len(prompt) - 1, out_ids[0], out_ids[1], layers=layer, n_steps=128)

@@ -41,8 +41,8 @@ code. :func:`basis_codes` gives the alternative "sign pattern in a chosen basis"
 ``r @ basis > 0``.
 
 Functions taking a ``model`` only use ``cfg``, ``hook_dict``, ``run_with_cache`` and
-``run_with_hooks``, so they accept a :class:`~bilinear_lens.model.BilinearTransformer`
-or its ``TransformerBridge`` (:func:`bilinear_lens.bridge.to_bridge`).
+``run_with_hooks``, so they accept a :class:`~bilinear_lens.models.model.BilinearTransformer`
+or its ``TransformerBridge`` (:func:`bilinear_lens.models.bridge.to_bridge`).
 """
 
 from __future__ import annotations
@@ -55,8 +55,8 @@ import torch
 from jaxtyping import Bool, Float, Int, UInt8
 from torch import Tensor
 
-from bilinear_lens.hook_names import check_hook_names
-from bilinear_lens.row_threads import for_row_blocks
+from bilinear_lens.models.hook_names import check_hook_names
+from bilinear_lens.activations.row_threads import for_row_blocks
 
 BIT_ORDER = "little"
 CODE_FACTORS = ("pre", "pre_linear", "post")
@@ -107,7 +107,7 @@ def pack_signs(x: Float[Tensor, "... d"], n_threads: Optional[int] = None) -> UI
     Works on numpy in row chunks (numpy's comparison is several times faster than torch's
     on small CPUs, and a chunk's mask stays in cache for ``packbits``). Large inputs are
     split across ``n_threads`` threads (default ``torch.get_num_threads()``; see
-    :mod:`bilinear_lens.row_threads`); the result does not depend on the thread count.
+    :mod:`bilinear_lens.activations.row_threads`); the result does not depend on the thread count.
     Right after a multi-threaded torch op, torch's OpenMP workers spin and slow these
     threads; exporting ``OMP_WAIT_POLICY=PASSIVE`` before starting Python avoids that
     (1.06 -> 1.22M tokens/s at d_mlp 2048 after a matmul, see ``benchmarks/polytope.py``).

@@ -1,13 +1,13 @@
 """Eigen-readings of a model's bilinear layer, checked on real activations through hooks.
 
-:mod:`bilinear_lens.eigen` works on weights alone. This module connects it to a model
-(our :class:`~bilinear_lens.model.BilinearTransformer` or a TransformerLens
+:mod:`bilinear_lens.weights.eigen` works on weights alone. This module connects it to a model
+(our :class:`~bilinear_lens.models.model.BilinearTransformer` or a TransformerLens
 ``TransformerBridge`` of it, anything with ``blocks[l].mlp`` and the hook
 ``blocks.{l}.mlp.hook_in``):
 
 - :func:`layer_eigendecomposition`: ``Q(u)`` of layer ``l`` for an output direction (a
   token, a ``(token_a, token_b)`` logit difference, or a vector; see
-  :mod:`bilinear_lens.directions`), exact or matrix-free.
+  :mod:`bilinear_lens.weights.directions`), exact or matrix-free.
 - :func:`eigenvector_activations_on_tokens`: ``lambda_i (v_i . x)^2`` for every token of a
   batch, where ``x`` is the MLP input cached at ``blocks.{l}.mlp.hook_in``.
 - :func:`rank_k_correlation_on_tokens`: the paper's Figure 9 check: correlation over real
@@ -25,16 +25,16 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from bilinear_lens.directions import resolve_direction
-from bilinear_lens.eigen import (
+from bilinear_lens.weights.directions import resolve_direction
+from bilinear_lens.weights.eigen import (
     Eigendecomposition,
     eigendecompose,
     eigenvector_activations,
     low_rank_correlation,
     top_eigenvectors,
 )
-from bilinear_lens.hook_names import check_hook_names
-from bilinear_lens.tensor import interaction_matrix
+from bilinear_lens.models.hook_names import check_hook_names
+from bilinear_lens.weights.tensor import interaction_matrix
 
 DirectionSpec = Union[int, str, tuple, Tensor]
 
@@ -119,7 +119,7 @@ def rank_k_correlation_on_tokens(
 ) -> dict[int, float]:
     """Pearson correlation over all tokens of ``tokens`` between ``u . MLP(x)`` (the true
     output, computed from the MLP on the hooked input) and ``sum_{i<k} lambda_i (v_i . x)^2``
-    (:func:`~bilinear_lens.eigen.low_rank_correlation` on the hooked inputs). A ``k`` beyond
+    (:func:`~bilinear_lens.weights.eigen.low_rank_correlation` on the hooked inputs). A ``k`` beyond
     the components in ``layer_eig`` uses all of them."""
     x = mlp_inputs(model, tokens, layer_eig.layer).reshape(-1, layer_eig.direction.shape[0])
     mlp = model.blocks[layer_eig.layer].mlp

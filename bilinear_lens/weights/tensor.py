@@ -21,7 +21,7 @@ ignored: ``Q`` then describes the purely quadratic part of the MLP.
 
 Every function takes the MLP by duck typing: anything with ``W_in``, ``W_gate``,
 ``W_out`` (and optionally ``b_in``, ``b_gate``, ``b_out``) attributes in this orientation
-(our :class:`~bilinear_lens.mlp.BilinearMLP`, TransformerLens' ``TransformerBridge`` gated
+(our :class:`~bilinear_lens.models.mlp.BilinearMLP`, TransformerLens' ``TransformerBridge`` gated
 MLP components) or a :class:`BilinearWeights`.
 """
 

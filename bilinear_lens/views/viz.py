@@ -35,7 +35,7 @@ from circuitsvis.topk_tokens import topk_tokens
 from circuitsvis.utils.render import RenderedHTML
 from torch import Tensor
 
-from bilinear_lens.plots import _as_array  # one converter for views and figures
+from bilinear_lens.views.plots import _as_array  # one converter for views and figures
 
 ArrayLike = Union[Tensor, np.ndarray, Sequence[float], Sequence[Sequence[float]]]
 
@@ -417,7 +417,7 @@ def html_page(sections: Sequence[Any], title: str = "bilinear-lens report") -> s
     """
     from matplotlib.figure import Figure
 
-    from bilinear_lens.plots import figure_to_html
+    from bilinear_lens.views.plots import figure_to_html
 
     parts, any_view = [], False
     for item in sections:

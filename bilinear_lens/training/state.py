@@ -1,182 +1,27 @@
-"""Atomic, pickle-free checkpoint directories: safetensors for tensors, JSON for the rest.
-
-A checkpoint directory is written into a temporary sibling directory and renamed into
-place, so a crash mid-write never leaves a half-written checkpoint where a good one was.
-Loading reads only ``safetensors`` and JSON: it never unpickles, so a checkpoint cannot
-run code. Every load error names the file and what is wrong with it.
-
-Model directory layout (``save_model`` / ``load_model``)::
-
-    config.json          ModelConfig fields + {"format": "bilinear-lens", "format_version": 1}
-    model.safetensors    state dict (non-persistent buffers such as rotary tables excluded)
-    tokenizer.json       optional: a HF ``tokenizers`` tokenizer
+"""Pickle-free training state: optimizer, schedule, data position, metrics and RNG states,
+written next to the model files of a training checkpoint (see
+:mod:`bilinear_lens.models.checkpoint` for the atomic directory and the model files).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Union
+from typing import Any, Mapping, Optional
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-FORMAT_NAME = "bilinear-lens"
-FORMAT_VERSION = 1
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-TOKENIZER_FILE = "tokenizer.json"
+from bilinear_lens.models.checkpoint import (
+    CheckpointError,
+    PathLike,
+    read_json,
+    read_tensors,
+    write_json,
+    write_tensors,
+)
 
-PathLike = Union[str, Path]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, corrupt, or does not match what is expected."""
-
-
-@contextlib.contextmanager
-def atomic_directory(path: PathLike) -> Iterator[Path]:
-    """Yield a temporary directory next to ``path``; on success it replaces ``path``.
-
-    On an exception the temporary directory is removed and ``path`` is left untouched.
-    Replacing an existing directory renames it aside first, so at every instant either
-    the old or the new complete directory exists at ``path`` (or its ``.old`` sibling).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        yield tmp
-        for child in tmp.rglob("*"):  # flush file contents before the rename publishes them
-            if child.is_file():
-                with open(child, "rb+") as fh:
-                    os.fsync(fh.fileno())
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def write_json(path: PathLike, data: Any) -> None:
-    Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def read_json(path: PathLike, what: str = "JSON file") -> Any:
-    """Parse ``path``; a missing or malformed file raises with the path and reason."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{what} {path} is not valid JSON: {err}") from err
-
-
-def write_tensors(path: PathLike, tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None) -> None:
-    """Save tensors with safetensors (contiguous, detached copies; shared storage is fine)."""
-    save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, str(path), metadata=dict(metadata or {}))
-
-
-def read_tensors(path: PathLike, device: Union[str, torch.device] = "cpu", what: str = "weights file") -> dict[str, Tensor]:
-    """Load a safetensors file (never unpickles); corrupt files raise :class:`CheckpointError`."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
-    try:
-        return load_file(str(path), device=str(device))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{what} {path} is corrupt or not a safetensors file: {err}") from err
-
-
-def check_state_dict(expected: Mapping[str, Tensor], found: Mapping[str, Tensor], where: str) -> None:
-    """Raise :class:`CheckpointError` naming missing/unexpected keys and shape mismatches."""
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    problems = []
-    if missing:
-        problems.append(f"missing tensors {missing}")
-    if unexpected:
-        problems.append(f"unexpected tensors {unexpected}")
-    for key in sorted(set(expected) & set(found)):
-        if tuple(expected[key].shape) != tuple(found[key].shape):
-            problems.append(f"{key}: shape {tuple(found[key].shape)} in file, model expects {tuple(expected[key].shape)}")
-    if problems:
-        raise CheckpointError(f"{where} does not match the model config: " + "; ".join(problems))
-
-
-def write_model_files(model: Any, directory: Path) -> None:
-    """Write config, weights and tokenizer of ``model`` into an existing ``directory``."""
-    write_json(directory / CONFIG_FILE, {**model.cfg.to_dict(), "format": FORMAT_NAME, "format_version": FORMAT_VERSION})
-    write_tensors(directory / WEIGHTS_FILE, model.state_dict(), metadata={"format": FORMAT_NAME})
-    tokenizer = getattr(model, "tokenizer", None)
-    if tokenizer is not None:
-        backend = getattr(tokenizer, "backend_tokenizer", tokenizer)  # HF fast tokenizer or tokenizers.Tokenizer
-        backend.save(str(directory / TOKENIZER_FILE))
-
-
-def save_model(model: Any, path: PathLike) -> Path:
-    """Atomically write ``model`` (a :class:`BilinearTransformer`) to directory ``path``."""
-    with atomic_directory(path) as tmp:
-        write_model_files(model, tmp)
-    return Path(path)
-
-
-def load_config(path: PathLike) -> Any:
-    """Read and validate ``config.json`` of a model directory."""
-    from bilinear_lens.config import ModelConfig
-
-    config_path = Path(path) / CONFIG_FILE
-    data = read_json(config_path, what="model config")
-    if not isinstance(data, dict):
-        raise CheckpointError(f"model config {config_path} must be a JSON object")
-    fmt, version = data.pop("format", None), data.pop("format_version", None)
-    if fmt != FORMAT_NAME:
-        raise CheckpointError(f"{config_path} is not a bilinear-lens config (format={fmt!r})")
-    if version != FORMAT_VERSION:
-        raise CheckpointError(f"{config_path} has format_version={version!r}; this version reads {FORMAT_VERSION}")
-    return ModelConfig.from_dict(data, where=str(config_path))
-
-
-def load_model(path: PathLike, device: Union[str, torch.device] = "cpu") -> Any:
-    """Load a :class:`BilinearTransformer` saved by :func:`save_model`."""
-    from bilinear_lens.model import BilinearTransformer
-
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint directory not found: {path}")
-    cfg = load_config(path)
-    tokenizer = None
-    if (path / TOKENIZER_FILE).is_file():
-        from bilinear_lens.tokenizer import load_tokenizer, to_hf_tokenizer
-
-        tokenizer = to_hf_tokenizer(load_tokenizer(path / TOKENIZER_FILE))
-    model = BilinearTransformer(cfg, tokenizer=tokenizer)
-    state = read_tensors(path / WEIGHTS_FILE, device="cpu", what="model weights")
-    expected = model.state_dict()
-    check_state_dict(expected, state, where=str(path / WEIGHTS_FILE))
-    for key, tensor in state.items():
-        if tensor.dtype != expected[key].dtype:
-            raise CheckpointError(f"{path / WEIGHTS_FILE}: {key} has dtype {tensor.dtype}, config says {expected[key].dtype}")
-    model.load_state_dict(state)
-    return model.to(device)
-
-
-# --- training state ------------------------------------------------------------------------
-#
 # A training checkpoint directory holds the model files above plus
 #
 #     train_state.safetensors   optimizer tensors ("optimizer.state.{param_index}.{name}",
@@ -200,7 +45,7 @@ class TrainState:
 
     ``step``: optimizer steps completed. ``optimizer``: ``optimizer.state_dict()``.
     ``scheduler``: the learning-rate schedule's state (JSON-able). ``data``: the position
-    in the data stream (JSON-able; for :class:`~bilinear_lens.data.TokenBlocks` the step
+    in the data stream (JSON-able; for :class:`~bilinear_lens.data.corpus.TokenBlocks` the step
     determines the next batch). ``metrics``: running metrics (JSON-able). ``rng``: the
     generator states from :func:`capture_rng_state` (``None``: not saved).
     """

@@ -9,7 +9,7 @@ Pipeline (:func:`prepare_data` runs all of it)::
 
 Sources (:func:`iter_texts`):
 
-- ``"synthetic"``: the built-in story generator (:mod:`bilinear_lens.synthetic`);
+- ``"synthetic"``: the built-in story generator (:mod:`bilinear_lens.data.synthetic`);
 - a local file, read through ``datasets``: ``.txt`` (documents separated by a blank line,
   as in this project's TinyStories exports), ``.jsonl`` / ``.json`` (a text field) or
   ``.parquet`` (a text column);
@@ -44,8 +44,8 @@ from tokenizers import Tokenizer
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from bilinear_lens.synthetic import iter_synthetic_stories
-from bilinear_lens.tokenizer import (
+from bilinear_lens.data.synthetic import iter_synthetic_stories
+from bilinear_lens.data.tokenizer import (
     DEFAULT_VOCAB_SIZE,
     SEPARATOR_ID,
     load_tokenizer,

@@ -1,7 +1,7 @@
 """Output directions in residual space, for reading a layer's contribution to the logits.
 
 A direction ``u`` (``[d_model]``) turns the MLP output ``y`` into a scalar ``u . y``; for a
-bilinear layer that scalar is the quadratic form ``x^T Q(u) x`` (:mod:`bilinear_lens.tensor`).
+bilinear layer that scalar is the quadratic form ``x^T Q(u) x`` (:mod:`bilinear_lens.weights.tensor`).
 
 **Final norm.** Logits are ``unembed(norm(resid))``. For a direction in *residual* space we
 pull the unembedding column back through the norm's affine part:

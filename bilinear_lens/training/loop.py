@@ -1,4 +1,4 @@
-"""Train a :class:`~bilinear_lens.model.BilinearTransformer` from a recipe.
+"""Train a :class:`~bilinear_lens.models.model.BilinearTransformer` from a recipe.
 
 One function, :func:`train`, readable top to bottom (in the spirit of nanoGPT's
 ``train.py``)::
@@ -20,7 +20,7 @@ Run directory (``out_dir``)::
                                     ``BilinearTransformer.from_pretrained(out_dir / "final")``
 
 Exact resume: the batch of a step is a pure function of the step
-(:meth:`~bilinear_lens.data.TokenBlocks.batch`), the learning rate too
+(:meth:`~bilinear_lens.data.corpus.TokenBlocks.batch`), the learning rate too
 (:func:`learning_rate`), the model has no dropout, and a checkpoint holds the weights,
 the AdamW moments and the RNG states. So training ``k`` steps, stopping and resuming to
 ``N`` gives bitwise the weights of training ``N`` steps straight (on the same device and
@@ -53,21 +53,19 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from bilinear_lens.checkpoint import (
+from bilinear_lens.models.checkpoint import atomic_directory, write_model_dir
+from bilinear_lens.models.model import load_config, load_model
+from bilinear_lens.training.state import (
     TrainState,
-    atomic_directory,
     capture_rng_state,
-    load_config,
-    load_model,
     read_train_state,
     restore_rng_state,
-    write_model_files,
     write_train_state,
 )
-from bilinear_lens.config import RunConfig, TrainConfig
-from bilinear_lens.data import TokenBlocks, prepare_data
-from bilinear_lens.model import BilinearTransformer
-from bilinear_lens.tokenizer import to_hf_tokenizer
+from bilinear_lens.training.config import RunConfig, TrainConfig
+from bilinear_lens.data.corpus import TokenBlocks, prepare_data
+from bilinear_lens.models.model import BilinearTransformer
+from bilinear_lens.data.tokenizer import to_hf_tokenizer
 
 __all__ = [
     "NonFiniteLossError",
@@ -289,7 +287,7 @@ def _save_checkpoint(path: Path, model: BilinearTransformer, run_config: RunConf
     """Write a complete checkpoint atomically (temp dir + rename): model files, training
     state, resolved recipe. A crash mid-write leaves the previous checkpoint untouched."""
     with atomic_directory(path) as tmp:
-        write_model_files(model, tmp)
+        write_model_dir(tmp, model.cfg.to_dict(), model.state_dict(), model.tokenizer)
         write_train_state(tmp, state)
         run_config.save_toml(tmp / RUN_CONFIG_FILE)
 
@@ -355,7 +353,7 @@ def train(
     """Train a model from ``run_config`` into ``out_dir`` (see the module docstring).
 
     Args:
-        run_config: the recipe (:func:`bilinear_lens.config.load_run_config`).
+        run_config: the recipe (:func:`bilinear_lens.training.config.load_run_config`).
         out_dir: run directory; created if missing.
         resume: ``False``: start fresh (refused if ``out_dir`` already has checkpoints);
             ``True``: continue from the newest checkpoint in ``out_dir``; a path: continue

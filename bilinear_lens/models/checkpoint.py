@@ -1,0 +1,143 @@
+"""Atomic, pickle-free checkpoint directories: safetensors for tensors, JSON for the rest.
+
+A checkpoint directory is written into a temporary sibling directory and renamed into
+place, so a crash mid-write never leaves a half-written checkpoint where a good one was.
+Loading reads only ``safetensors`` and JSON: it never unpickles, so a checkpoint cannot
+run code. Every load error names the file and what is wrong with it.
+
+Model directory layout (``save_model`` / ``load_model``)::
+
+    config.json          ModelConfig fields + {"format": "bilinear-lens", "format_version": 1}
+    model.safetensors    state dict (non-persistent buffers such as rotary tables excluded)
+    tokenizer.json       optional: a HF ``tokenizers`` tokenizer
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Union
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+FORMAT_NAME = "bilinear-lens"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+
+PathLike = Union[str, Path]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, corrupt, or does not match what is expected."""
+
+
+@contextlib.contextmanager
+def atomic_directory(path: PathLike) -> Iterator[Path]:
+    """Yield a temporary directory next to ``path``; on success it replaces ``path``.
+
+    On an exception the temporary directory is removed and ``path`` is left untouched.
+    Replacing an existing directory renames it aside first, so at every instant either
+    the old or the new complete directory exists at ``path`` (or its ``.old`` sibling).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        for child in tmp.rglob("*"):  # flush file contents before the rename publishes them
+            if child.is_file():
+                with open(child, "rb+") as fh:
+                    os.fsync(fh.fileno())
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json(path: PathLike, data: Any) -> None:
+    Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: PathLike, what: str = "JSON file") -> Any:
+    """Parse ``path``; a missing or malformed file raises with the path and reason."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{what} {path} is not valid JSON: {err}") from err
+
+
+def write_tensors(path: PathLike, tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None) -> None:
+    """Save tensors with safetensors (contiguous, detached copies; shared storage is fine)."""
+    save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, str(path), metadata=dict(metadata or {}))
+
+
+def read_tensors(path: PathLike, device: Union[str, torch.device] = "cpu", what: str = "weights file") -> dict[str, Tensor]:
+    """Load a safetensors file (never unpickles); corrupt files raise :class:`CheckpointError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{what} {path} is corrupt or not a safetensors file: {err}") from err
+
+
+def check_state_dict(expected: Mapping[str, Tensor], found: Mapping[str, Tensor], where: str) -> None:
+    """Raise :class:`CheckpointError` naming missing/unexpected keys and shape mismatches."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {missing}")
+    if unexpected:
+        problems.append(f"unexpected tensors {unexpected}")
+    for key in sorted(set(expected) & set(found)):
+        if tuple(expected[key].shape) != tuple(found[key].shape):
+            problems.append(f"{key}: shape {tuple(found[key].shape)} in file, model expects {tuple(expected[key].shape)}")
+    if problems:
+        raise CheckpointError(f"{where} does not match the model config: " + "; ".join(problems))
+
+
+def write_model_dir(
+    directory: Path, config: Mapping[str, Any], state_dict: Mapping[str, Tensor], tokenizer: Any = None
+) -> None:
+    """Write a model directory's files (``config.json``, ``model.safetensors``, optional
+    ``tokenizer.json``) into an existing ``directory`` (callers wrap it in
+    :func:`atomic_directory`). ``tokenizer``: a HF fast tokenizer or a ``tokenizers.Tokenizer``."""
+    write_json(directory / CONFIG_FILE, {**config, "format": FORMAT_NAME, "format_version": FORMAT_VERSION})
+    write_tensors(directory / WEIGHTS_FILE, state_dict, metadata={"format": FORMAT_NAME})
+    if tokenizer is not None:
+        backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
+        backend.save(str(directory / TOKENIZER_FILE))
+
+
+def read_model_config(path: PathLike) -> dict[str, Any]:
+    """The ``config.json`` fields of a model directory (format keys checked and removed)."""
+    config_path = Path(path) / CONFIG_FILE
+    data = read_json(config_path, what="model config")
+    if not isinstance(data, dict):
+        raise CheckpointError(f"model config {config_path} must be a JSON object")
+    fmt, version = data.pop("format", None), data.pop("format_version", None)
+    if fmt != FORMAT_NAME:
+        raise CheckpointError(f"{config_path} is not a bilinear-lens config (format={fmt!r})")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{config_path} has format_version={version!r}; this version reads {FORMAT_VERSION}")
+    return data
