@@ -22,7 +22,8 @@ from bilinear_lens.models.mlp import MLP, BilinearMLP, GatedMLP, make_mlp
 from bilinear_lens.models.model import BilinearTransformer, build_model, load_model, next_token_loss, save_model
 from bilinear_lens.models.bridge import to_bridge, load_bridge, BilinearLensArchitectureAdapter, ARCHITECTURE_NAME
 from bilinear_lens.training.config import DataConfig, TrainConfig, RunConfig, load_run_config
-from bilinear_lens.training.loop import train, TrainResult, NonFiniteLossError
+from bilinear_lens.training.loop import train, TrainResult, NonFiniteLossError, Trainer, TrainTask
+from bilinear_lens.locking import LockHeldError
 from bilinear_lens.data.corpus import prepare_data, TokenBlocks, load_texts
 from bilinear_lens.data.synthetic import synthetic_stories, word_class
 from bilinear_lens.data.tokenizer import train_tokenizer, load_tokenizer, save_tokenizer, to_hf_tokenizer

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import pickle
 from pathlib import Path
 
 import datasets
@@ -349,10 +348,3 @@ def test_eval_batches_fixed_order_and_rank_partition(blocks: TokenBlocks) -> Non
     assert [len(p) for p in per_rank] == [2, 2]
     assert torch.equal(torch.cat([per_rank[0][0], per_rank[1][0], per_rank[0][1], per_rank[1][1]]), torch.cat(batches))
 
-
-def test_file_backed_blocks_pickle_by_path(prepared: tuple[Path, tuple]) -> None:
-    _, (_, train, _) = prepared
-    payload = pickle.dumps(train)
-    assert len(payload) < 10_000  # the tokens are not copied into the pickle
-    clone = pickle.loads(payload)
-    assert torch.equal(clone.batch(2, 8, seed=1), train.batch(2, 8, seed=1))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -39,11 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    from bilinear_lens.locking import LockHeldError
     from bilinear_lens.training.config import load_run_config
+    from bilinear_lens.training.distributed import read_environment
     from bilinear_lens.training.loop import RUN_CONFIG_FILE, NonFiniteLossError, train
 
-    rank = int(os.environ.get("RANK", "0") or 0)
-    if not args.quiet and rank == 0:
+    is_main = read_environment().is_main
+    if not args.quiet and is_main:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = args.config
     if config is None:
@@ -55,10 +56,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         run_config = load_run_config(config, args.overrides)
         result = train(run_config, args.out, resume=args.resume, progress=not args.no_progress, stop_at=args.stop_at)
-    except (ValueError, FileNotFoundError, FileExistsError, NonFiniteLossError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, NonFiniteLossError, LockHeldError) as err:
         print(f"bilinear-lens train: error: {err}", file=sys.stderr)
         return 1
-    if rank == 0:
+    if is_main:
         status = "final checkpoint" if result.finished else f"stopped at step {result.steps}; checkpoint"
         print(f"{status}: {result.final_checkpoint}")
         if result.val_loss is not None:

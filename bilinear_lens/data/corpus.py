@@ -22,7 +22,9 @@ TinyStories has) never straddle train and val.
 The token cache is keyed by a hash of the source spec (for a local file: its path, size
 and mtime) and the tokenizer, so a later run with the same inputs memory-maps the files
 instead of tokenizing again. Files are written to temporaries and renamed into place, with
-the JSON sidecars written last, so an interrupted run never leaves a cache that looks valid.
+the JSON sidecars written last, so an interrupted run never leaves a cache that looks valid;
+a lock file per cache entry lets one process write it while others wait, and the
+temporaries of killed writers are removed on the next call.
 
 Batches (:meth:`TokenBlocks.batch`) are a pure function of ``(step, batch_size, rank,
 world_size, seed)``: resuming at step ``k`` needs only ``k``, and the ranks of one step get
@@ -36,7 +38,7 @@ import json
 import os
 from itertools import chain, islice
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -45,6 +47,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from bilinear_lens.data.synthetic import iter_synthetic_stories
+from bilinear_lens.locking import exclusive_lock
+from bilinear_lens.models.checkpoint import atomic_write_text, remove_stale_temporaries
 from bilinear_lens.data.tokenizer import (
     DEFAULT_VOCAB_SIZE,
     SEPARATOR_ID,
@@ -347,12 +351,6 @@ def _cache_paths(cache_dir: Path, key: str, split: str) -> tuple[Path, Path]:
     return cache_dir / f"{key}.{split}.bin", cache_dir / f"{key}.{split}.json"
 
 
-def _write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-
-
 def build_token_cache(
     texts: Iterable[str],
     tokenizer: Tokenizer,
@@ -417,7 +415,8 @@ def build_token_cache(
             os.replace(tmp_paths[split], bin_path)
             out[split] = bin_path
         for split in reversed(splits):  # train's sidecar last: it marks the cache complete
-            _write_json_atomic(_cache_paths(cache_dir, key, split)[1], {**meta_common, "split": split, **counts[split]})
+            atomic_write_text(_cache_paths(cache_dir, key, split)[1],
+                              json.dumps({**meta_common, "split": split, **counts[split]}, indent=2, sort_keys=True))
         return out
     finally:
         for f in files.values():
@@ -501,19 +500,6 @@ class TokenBlocks:
         blocks = cls(open_token_file(path), n_ctx, name or meta.get("split", "train"))
         blocks.path = Path(path)
         return blocks
-
-    # Pickle a file-backed instance by path, not by value (DataLoader workers, spawn).
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__, _perm_cache=None)
-        if self.path is not None:
-            state.update(tokens=None, blocks=None)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        if self.path is not None:
-            self.tokens = open_token_file(self.path)
-            self.blocks = pack_blocks(self.tokens, self.n_ctx, self.name)
 
     @property
     def n_blocks(self) -> int:
@@ -644,6 +630,7 @@ def prepare_data(
         raise ValueError(f"tokenizer_train_docs must be >= 1 or None, got {tokenizer_train_docs}")
     cache_dir = Path(cache_dir)
     spec = source_spec(source, split, max_docs=max_docs, max_chars=max_chars, text_column=text_column, seed=seed)
+    remove_stale_temporaries(cache_dir)
 
     def texts() -> Iterator[str]:
         return iter_texts(
@@ -652,22 +639,7 @@ def prepare_data(
         )
 
     if tokenizer is None:
-        tok_key = hashlib.sha256(
-            json.dumps({"spec": spec, "vocab_size": vocab_size, "train_docs": tokenizer_train_docs,
-                        "val_fraction": val_fraction, "seed": seed}, sort_keys=True).encode()
-        ).hexdigest()[:24]
-        tok_path = cache_dir / f"tokenizer-{tok_key}.json"
-        if tok_path.is_file():
-            tok = load_tokenizer(tok_path)
-        else:
-            if vocab_size > _MAX_TOKEN_ID + 1:  # refuse before spending time training
-                raise ValueError(f"vocab_size={vocab_size} does not fit uint16 token files (max {_MAX_TOKEN_ID + 1})")
-            train_texts = (t for t in texts() if not is_val_document(t, val_fraction, seed))
-            sample = list(islice(train_texts, tokenizer_train_docs))
-            if not sample:
-                raise ValueError(f"empty corpus: {spec['source']!r} has no training documents")
-            tok = train_tokenizer(sample, vocab_size, show_progress=progress)
-            save_tokenizer(tok, tok_path)
+        tok = _cached_tokenizer(texts, spec, cache_dir, vocab_size, tokenizer_train_docs, val_fraction, seed, progress)
     elif isinstance(tokenizer, Tokenizer):
         tok = tokenizer
     else:
@@ -677,13 +649,40 @@ def prepare_data(
     tok_sha = tokenizer_hash(tok)
     key = token_cache_key(spec, tok_sha, val_fraction, seed)
     splits = ["train", "val"] if val_fraction > 0 else ["train"]
-    if not _cache_is_valid(cache_dir, key, splits, tok_sha):
-        build_token_cache(
-            texts(), tok, cache_dir, key, val_fraction=val_fraction, seed=seed,
-            description=spec, progress=progress,
-        )
+    # One writer per cache entry: a second process waits, then finds the cache complete.
+    with exclusive_lock(cache_dir / f"{key}.lock", what=f"token cache {key}", wait=True):
+        if not _cache_is_valid(cache_dir, key, splits, tok_sha):
+            build_token_cache(
+                texts(), tok, cache_dir, key, val_fraction=val_fraction, seed=seed,
+                description=spec, progress=progress,
+            )
     train_blocks = TokenBlocks.from_file(_cache_paths(cache_dir, key, "train")[0], n_ctx, "train")
     val_blocks = (
         TokenBlocks.from_file(_cache_paths(cache_dir, key, "val")[0], n_ctx, "val") if val_fraction > 0 else None
     )
     return tok, train_blocks, val_blocks
+
+
+def _cached_tokenizer(
+    texts: Callable[[], Iterator[str]], spec: dict[str, Any], cache_dir: Path, vocab_size: int,
+    train_docs: Optional[int], val_fraction: float, seed: int, progress: bool,
+) -> Tokenizer:
+    """The BPE trained on the first ``train_docs`` training documents of ``texts()``,
+    read from ``cache_dir`` if an earlier call trained it (one trainer at a time)."""
+    tok_key = hashlib.sha256(
+        json.dumps({"spec": spec, "vocab_size": vocab_size, "train_docs": train_docs,
+                    "val_fraction": val_fraction, "seed": seed}, sort_keys=True).encode()
+    ).hexdigest()[:24]
+    tok_path = cache_dir / f"tokenizer-{tok_key}.json"
+    with exclusive_lock(tok_path.with_suffix(".lock"), what=f"tokenizer cache {tok_path}", wait=True):
+        if tok_path.is_file():
+            return load_tokenizer(tok_path)
+        if vocab_size > _MAX_TOKEN_ID + 1:  # refuse before spending time training
+            raise ValueError(f"vocab_size={vocab_size} does not fit uint16 token files (max {_MAX_TOKEN_ID + 1})")
+        train_texts = (t for t in texts() if not is_val_document(t, val_fraction, seed))
+        sample = list(islice(train_texts, train_docs))
+        if not sample:
+            raise ValueError(f"empty corpus: {spec['source']!r} has no training documents")
+        tok = train_tokenizer(sample, vocab_size, show_progress=progress)
+        save_tokenizer(tok, tok_path)
+        return tok

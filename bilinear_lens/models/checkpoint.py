@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,6 +27,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+from bilinear_lens.locking import pid_alive
 
 FORMAT_NAME = "bilinear-lens"
 FORMAT_VERSION = 1
@@ -40,6 +43,19 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, corrupt, or does not match what is expected."""
 
 
+def current_umask() -> int:
+    """The process's file-mode creation mask (read by setting it and setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _temp_name(path: Path, kind: str) -> str:
+    """``.<name>.<kind>-<pid>``: the pid lets :func:`remove_stale_temporaries` tell a dead
+    writer's leftovers from a live writer's work in progress."""
+    return f".{path.name}.{kind}-{os.getpid()}"
+
+
 @contextlib.contextmanager
 def atomic_directory(path: PathLike) -> Iterator[Path]:
     """Yield a temporary directory next to ``path``; on success it replaces ``path``.
@@ -47,18 +63,21 @@ def atomic_directory(path: PathLike) -> Iterator[Path]:
     On an exception the temporary directory is removed and ``path`` is left untouched.
     Replacing an existing directory renames it aside first, so at every instant either
     the old or the new complete directory exists at ``path`` (or its ``.old`` sibling).
+    The published directory gets the mode an ordinary ``mkdir`` would (``0o777 & ~umask``),
+    not ``mkdtemp``'s private ``0o700``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_name(path, "tmp") + "-", dir=path.parent))
     try:
         yield tmp
         for child in tmp.rglob("*"):  # flush file contents before the rename publishes them
             if child.is_file():
                 with open(child, "rb+") as fh:
                     os.fsync(fh.fileno())
+        os.chmod(tmp, 0o777 & ~current_umask())
         if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            old = path.with_name(_temp_name(path, "old"))
             os.replace(path, old)
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
@@ -67,6 +86,47 @@ def atomic_directory(path: PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def atomic_write_text(path: PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` through a temporary sibling and a rename, so
+    readers see the old file or the whole new one; the mode follows the umask."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(_temp_name(path, "tmp"))
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+_TEMP_PID = re.compile(r"\.(?:tmp|old)-(\d+)(?:-[^/]*)?$")
+
+
+def remove_stale_temporaries(directory: PathLike) -> list[Path]:
+    """Delete the leftovers of killed writers directly in ``directory``: temporaries named
+    ``*.tmp-<pid>[-...]`` / ``*.old-<pid>`` (this module's, and the token cache's
+    ``.bin.tmp-<pid>``) whose ``pid`` is not a live process on this host. Returns them."""
+    directory = Path(directory)
+    removed: list[Path] = []
+    if not directory.is_dir():
+        return removed
+    for child in directory.iterdir():
+        match = _TEMP_PID.search(child.name)
+        if match is None or pid_alive(int(match.group(1))):
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+        removed.append(child)
+    return removed
 
 
 def write_json(path: PathLike, data: Any) -> None:

@@ -93,6 +93,11 @@ class TrainConfig:
     dimension >= 2 (all matmul weights and the embedding/unembedding, as in nanoGPT) and no
     1-D parameter (norm scales, biases). ``grad_clip``: max global gradient norm (0: off).
 
+    Divergence guard: training stops with an error when the loss or gradient norm is not
+    finite, and a checkpoint is written only when every weight and optimizer-state value
+    is finite and no weight exceeds ``max_abs_weight`` in absolute value (0: no bound).
+    Healthy weights of these models are O(1); a diverged run's grow past 1e6 in a few steps.
+
     Cadence (in steps, 0 disables): ``log_every`` (metrics line and progress bar),
     ``eval_every`` (validation loss over at most ``eval_batches`` batches of
     ``eval_batch_size`` sequences, 0: the whole split), ``checkpoint_every`` (keeping the
@@ -115,6 +120,7 @@ class TrainConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+    max_abs_weight: float = 1e4
     seed: int = 0
     log_every: int = 10
     eval_every: int = 100
@@ -154,7 +160,7 @@ class TrainConfig:
                 raise config_error(name, key, getattr(self, key), "must be a number in [0, 1)")
         if not is_number(self.eps) or not self.eps > 0:
             raise config_error(name, "eps", self.eps, "must be a positive number")
-        for key in ("weight_decay", "grad_clip"):
+        for key in ("weight_decay", "grad_clip", "max_abs_weight"):
             if not is_number(getattr(self, key)) or getattr(self, key) < 0:
                 raise config_error(name, key, getattr(self, key), "must be a non-negative number")
         if self.device not in DEVICES and not (isinstance(self.device, str) and self.device.startswith("cuda:")):

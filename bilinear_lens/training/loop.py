@@ -1,50 +1,52 @@
 """Train a :class:`~bilinear_lens.models.model.BilinearTransformer` from a recipe.
 
-One function, :func:`train`, readable top to bottom (in the spirit of nanoGPT's
-``train.py``)::
+Two layers, each readable top to bottom (in the spirit of nanoGPT's ``train.py`` and
+SAELens' ``SAETrainer.fit()``):
 
-    setup      distributed env (torchrun), device, data (tokenize once, cached), model,
-               AdamW; or all of it restored from a checkpoint (``resume``)
-    loop       for each step: lr from the schedule -> batch of the step -> micro-batches
-               (forward, backward) -> all-reduced loss, non-finite check -> grad clip ->
-               optimizer step -> log / eval / checkpoint
-    finish     final eval, final checkpoint (``<out>/final``), :class:`TrainResult`
+- :func:`train` (the language model): read the environment once, lock the run directory,
+  prepare the data (tokenize once, cached), build or restore the model, wrap them in a
+  :class:`TrainTask`, run a :class:`Trainer`, return a :class:`TrainResult`.
+- :class:`Trainer` (any model, any loss): ``fit()`` is the loop ::
 
-Run directory (``out_dir``)::
+      while step < end_step:
+          step()                      lr from the schedule -> batch -> micro-batches
+                                      (forward, backward) -> all-reduced loss, NaN guard ->
+                                      grad clip -> optimizer step
+          _evaluate_if_needed()
+          _log_if_needed()            metrics.jsonl, progress bar
+          _checkpoint_if_needed()     divergence guard, then an atomic checkpoint
 
-    run_config.toml                 resolved recipe of the latest invocation
-    metrics.jsonl                   one JSON object per logged step (see ``_record``)
-    checkpoints/step_000100/        model (config.json, model.safetensors, tokenizer.json),
-                                    train_state.safetensors + train_state.json, run_config.toml
-    final/                          the same, for the last step: load it with
-                                    ``BilinearTransformer.from_pretrained(out_dir / "final")``
+Extension point: another model and loss (e.g. a top-k SAE on cached activations) reuse
+the whole machinery (schedule, gradient accumulation, DDP, NaN/explosion guard,
+checkpoints with exact resume, metrics, progress) by building a :class:`TrainTask`
+(its model, ``batch(step)``, ``loss(model, micro_batch)``, ``evaluate()``,
+``write_model_files(dir)``, ``data_state(step)``) and calling
+``Trainer(task, optimizer, ...).fit(end_step)`` inside :func:`claim_run_dir`;
+:func:`~bilinear_lens.training.state.load_trainer_state` restores its optimizer on resume
+once the caller has loaded the weights. Exact resume needs ``batch(step)`` to be a pure
+function of the step (as :meth:`~bilinear_lens.data.corpus.TokenBlocks.batch` is).
 
-Exact resume: the batch of a step is a pure function of the step
-(:meth:`~bilinear_lens.data.corpus.TokenBlocks.batch`), the learning rate too
-(:func:`learning_rate`), the model has no dropout, and a checkpoint holds the weights,
-the AdamW moments and the RNG states. So training ``k`` steps, stopping and resuming to
-``N`` gives bitwise the weights of training ``N`` steps straight (on the same device and
-world size).
+Run directory layout: :mod:`bilinear_lens.training.run_dir`. Exact resume: the batch and
+the learning rate of a step are pure functions of the step, the model has no dropout, and
+a checkpoint holds the weights, the AdamW moments, the RNG states and the running metrics
+interval. So training ``k`` steps, stopping and resuming to ``N`` gives bitwise the
+weights and metrics of training ``N`` steps straight (on the same device and world size).
 
-Multi-process: launch with ``torchrun`` (it sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``).
-Each rank takes its disjoint share of every global batch, DistributedDataParallel
-averages the gradients (so the update equals single-process training on the same global
-batch, up to float summation order), and only rank 0 writes files or shows progress.
+Multi-process: launch with ``torchrun``. Each rank takes its disjoint share of every
+global batch, DistributedDataParallel averages the gradients (so the update equals
+single-process training on the same global batch, up to float summation order), and only
+rank 0 writes files or shows progress.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
-import os
-import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -53,23 +55,33 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from bilinear_lens.models.checkpoint import atomic_directory, write_model_dir
-from bilinear_lens.models.model import load_config, load_model
-from bilinear_lens.training.state import (
-    TrainState,
-    capture_rng_state,
-    read_train_state,
-    restore_rng_state,
-    write_train_state,
-)
-from bilinear_lens.training.config import RunConfig, TrainConfig
 from bilinear_lens.data.corpus import TokenBlocks, prepare_data
-from bilinear_lens.models.model import BilinearTransformer
 from bilinear_lens.data.tokenizer import to_hf_tokenizer
+from bilinear_lens.models.checkpoint import write_model_dir
+from bilinear_lens.models.model import BilinearTransformer, load_config, load_model
+from bilinear_lens.training.config import RunConfig, TrainConfig
+from bilinear_lens.training.distributed import DistEnv, read_environment
+from bilinear_lens.training.guard import DivergenceGuard, NonFiniteLossError
+from bilinear_lens.training.metrics import IntervalMeter, MetricsLog, make_record
+from bilinear_lens.training.run_dir import (
+    CHECKPOINTS_DIR,
+    FINAL_DIR,
+    METRICS_FILE,
+    RUN_CONFIG_FILE,
+    checkpoint_path,
+    claim_run_dir,
+    latest_checkpoint,
+    list_checkpoints,
+    prune_checkpoints,
+    resolve_resume,
+)
+from bilinear_lens.training.state import TrainState, load_trainer_state, save_trainer_state, seed_everything
 
 __all__ = [
     "NonFiniteLossError",
     "TrainResult",
+    "TrainTask",
+    "Trainer",
     "train",
     "learning_rate",
     "make_optimizer",
@@ -78,7 +90,6 @@ __all__ = [
     "unigram_entropy",
     "list_checkpoints",
     "latest_checkpoint",
-    "iter_metrics",
     "CHECKPOINTS_DIR",
     "FINAL_DIR",
     "METRICS_FILE",
@@ -86,25 +97,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINTS_DIR = "checkpoints"
-FINAL_DIR = "final"
-METRICS_FILE = "metrics.jsonl"
-RUN_CONFIG_FILE = "run_config.toml"
-_STEP_PREFIX = "step_"
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss (or gradient norm) became NaN/inf. The update of that step was not
-    applied and no checkpoint was written after it: ``last_checkpoint`` is intact."""
-
-    def __init__(self, step: int, what: str, value: float, last_checkpoint: Optional[Path]):
-        self.step, self.value, self.last_checkpoint = step, value, last_checkpoint
-        where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
-        super().__init__(
-            f"non-finite {what} ({value}) at step {step}; training stopped before applying that update, "
-            f"{where} (resume from it with a lower train.lr or a smaller train.grad_clip)"
-        )
 
 
 @dataclass
@@ -125,58 +117,6 @@ class TrainResult:
     out_dir: Path
     unigram_entropy: float
     finished: bool = True  # False when stop_at ended the run before the schedule did
-
-
-# --- distributed setup ------------------------------------------------------------------
-
-
-@dataclass
-class _Dist:
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-    created_group: bool = False  # whether train() must destroy the process group
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name, "")
-    try:
-        return int(value) if value else default
-    except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} must be an integer") from None
-
-
-def _setup_distributed(device: torch.device) -> _Dist:
-    """Read torchrun's RANK/WORLD_SIZE/LOCAL_RANK; join the process group when > 1 process."""
-    world_size = _env_int("WORLD_SIZE", 1)
-    d = _Dist(rank=_env_int("RANK", 0), local_rank=_env_int("LOCAL_RANK", 0), world_size=world_size)
-    if d.enabled and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        d.created_group = True
-    return d
-
-
-def _resolve_device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"train.device={name!r} but CUDA is not available; use 'auto' or 'cpu'")
-        return torch.device(name if ":" in name else f"cuda:{local_rank}")
-    return torch.device(name)
-
-
-def _barrier(d: _Dist) -> None:
-    if d.enabled:
-        dist.barrier()
 
 
 # --- schedule, optimizer, loss ------------------------------------------------------------
@@ -213,6 +153,13 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+def _apply_recipe_hyperparameters(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> None:
+    """Set the recipe's betas, eps and weight decay on restored param groups (a resumed
+    run's recipe may change them); the groups are :func:`make_optimizer`'s."""
+    for group, decay in zip(optimizer.param_groups, (cfg.weight_decay, 0.0)):
+        group.update(betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=decay)
 
 
 def compute_loss(model: torch.nn.Module, block: Tensor, reduction: str = "mean") -> Tensor:
@@ -258,89 +205,181 @@ def unigram_entropy(tokens: np.ndarray) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-# --- checkpoints ----------------------------------------------------------------------------
+# --- the generic trainer -------------------------------------------------------------------
 
 
-def _step_dir_name(step: int) -> str:
-    return f"{_STEP_PREFIX}{step:06d}"
+@dataclass
+class TrainTask:
+    """The model-specific half of a training run; :class:`Trainer` does the rest.
+
+    ``model``: the bare module (its parameters are optimized, checked and saved).
+    ``batch(step)``: this rank's share of the global batch of ``step`` (a pure function of
+    the step for exact resume), split by the trainer into ``grad_accum`` micro-batches.
+    ``loss(module, micro_batch)``: mean loss of a micro-batch, a scalar tensor (``module``
+    is ``model`` or its DDP wrapper). ``evaluate()``: validation loss, the same on every
+    rank, or ``None``. ``write_model_files(directory)``: the model's files of a checkpoint.
+    ``data_state(step)``: the data position saved in a checkpoint (JSON-able).
+    ``tokens_per_step``: items a step consumes over all ranks (throughput, ``tokens``).
+    """
+
+    model: torch.nn.Module
+    batch: Callable[[int], Tensor]
+    loss: Callable[[torch.nn.Module, Tensor], Tensor]
+    evaluate: Callable[[], Optional[float]]
+    write_model_files: Callable[[Path], None]
+    data_state: Callable[[int], dict[str, Any]]
+    tokens_per_step: int
 
 
-def list_checkpoints(out_dir: Union[str, Path]) -> list[tuple[int, Path]]:
-    """Complete step checkpoints of a run, oldest first, as ``(step, path)``."""
-    root = Path(out_dir) / CHECKPOINTS_DIR
-    found = []
-    if root.is_dir():
-        for child in root.iterdir():
-            suffix = child.name[len(_STEP_PREFIX):]
-            if child.name.startswith(_STEP_PREFIX) and suffix.isdigit() and (child / "train_state.json").is_file():
-                found.append((int(suffix), child))
-    return sorted(found)
+class Trainer:
+    """Optimizes ``task.model`` for ``total_steps`` steps of ``cfg`` into ``out_dir``.
+
+    ``resume_from``: a checkpoint whose weights ``task.model`` already holds; the trainer
+    restores the optimizer, RNGs, step and metrics from it. Call inside
+    :func:`~bilinear_lens.training.run_dir.claim_run_dir`.
+    """
+
+    def __init__(
+        self, task: TrainTask, optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int,
+        env: DistEnv, out_dir: Path, resume_from: Optional[Path] = None, progress: bool = True,
+    ):
+        self.task, self.optimizer, self.cfg, self.total_steps = task, optimizer, cfg, total_steps
+        self.env, self.out_dir, self.resume_from, self.progress = env, out_dir, resume_from, progress
+        self.micro_batch = cfg.batch_size // (env.world_size * cfg.grad_accum)
+        self.step, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
+        self.meter = IntervalMeter()
+        self.last_val: Optional[float] = None
+        # Nothing in the loop draws random numbers today (no dropout; the data order has its
+        # own seeded generator), but seed the global generators so any future stochastic op
+        # is reproducible too; load_trainer_state restores their saved states instead.
+        seed_everything(cfg.seed)
+        if resume_from is not None:
+            self._restore(load_trainer_state(resume_from, optimizer))
+        self.lr = learning_rate(self.step, cfg, total_steps)
+        self.guard = DivergenceGuard(cfg.max_abs_weight, last_good=resume_from)
+        self.log = MetricsLog(out_dir / METRICS_FILE, write=env.is_main,
+                              resume_step=self.step if resume_from is not None else None)
+        self.train_model = task.model  # DDP averages gradients over ranks during backward
+        if env.enabled:
+            device_ids = [env.device.index] if env.device.type == "cuda" else None
+            self.train_model = torch.nn.parallel.DistributedDataParallel(task.model, device_ids=device_ids)
+        self.autocast = (torch.autocast(env.device.type, dtype=torch.bfloat16) if cfg.autocast == "bfloat16"
+                         else contextlib.nullcontext())
+        self.start_time = time.perf_counter()
+        self.bar: Any = None
+
+    def _restore(self, state: TrainState) -> None:
+        _apply_recipe_hyperparameters(self.optimizer, self.cfg)
+        self.step = state.step
+        self.elapsed_before = float(state.metrics.get("elapsed_s", 0.0))
+        self.tokens_seen = int(state.metrics.get("tokens", state.step * self.task.tokens_per_step))
+        self.meter = IntervalMeter.from_state(state.metrics.get("interval"))
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.total_steps
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.start_time
+
+    def fit(self, end_step: Optional[int] = None) -> Path:
+        """Train to ``end_step`` (default: the end of the schedule) with a checkpoint there;
+        at the end of the schedule also write ``out_dir/final``. Returns the last checkpoint."""
+        end_step = self.total_steps if end_step is None else min(end_step, self.total_steps)
+        if self.step == 0 and self.cfg.eval_every:  # the untrained loss: a baseline
+            self.last_val = self.task.evaluate()
+            self.log.append(make_record(0, None, self.last_val, self.lr, None, 0, self.elapsed()))
+        elif self.step >= end_step and self.resume_from is not None:  # nothing left to train
+            self.last_val = self.task.evaluate()
+        self.bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+                        disable=True if not (self.progress and self.env.is_main) else None)
+        try:
+            self.optimizer.zero_grad(set_to_none=True)
+            while self.step < end_step:
+                self.train_step()
+                evaluated = self._evaluate_if_needed()
+                self._log_if_needed(evaluated)
+                self._checkpoint_if_needed(end_step)
+                self.bar.update(1)
+        finally:
+            self.bar.close()
+        if self.finished:
+            self.save_checkpoint(self.out_dir / FINAL_DIR)
+        assert self.guard.last_good is not None  # end_step >= 1 always checkpoints
+        return self.guard.last_good
+
+    def train_step(self) -> None:
+        """One optimizer step: schedule, gradients of this rank's batch, guard, clip, update."""
+        t0 = time.perf_counter()
+        self.lr = learning_rate(self.step, self.cfg, self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
+        loss = self._accumulate_gradients(self.task.batch(self.step))
+        self.guard.check_scalar(self.step + 1, "training loss", loss)
+        if self.cfg.grad_clip > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.task.model.parameters(), self.cfg.grad_clip))
+            self.guard.check_scalar(self.step + 1, "gradient norm", grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += self.task.tokens_per_step
+        self.meter.add(loss, time.perf_counter() - t0)
+
+    def _accumulate_gradients(self, batch: Tensor) -> float:
+        """Backward over the micro-batches of ``batch``; the global mean loss (all ranks)."""
+        loss_sum = torch.zeros((), device=self.env.device)
+        for i, micro in enumerate(batch.to(self.env.device).split(self.micro_batch)):
+            last_micro = i == self.cfg.grad_accum - 1
+            # Skip DDP's gradient all-reduce until the last micro-batch of the step.
+            sync = contextlib.nullcontext() if (last_micro or not self.env.enabled) else self.train_model.no_sync()
+            with sync:
+                with self.autocast:
+                    loss = self.task.loss(self.train_model, micro) / self.cfg.grad_accum
+                loss.backward()
+            loss_sum += loss.detach()
+        if self.env.enabled:  # the global mean, for logging and a rank-consistent NaN check
+            dist.all_reduce(loss_sum)
+            loss_sum /= self.env.world_size
+        return float(loss_sum)
+
+    def _evaluate_if_needed(self) -> bool:
+        due = bool(self.cfg.eval_every and self.step % self.cfg.eval_every == 0) or self.step == self.total_steps
+        if due:
+            self.last_val = self.task.evaluate()
+        return due
+
+    def _log_if_needed(self, evaluated: bool) -> None:
+        if not (evaluated or (self.cfg.log_every and self.step % self.cfg.log_every == 0)):
+            return
+        tokens_per_s = self.meter.items_per_s(self.task.tokens_per_step)
+        self.log.append(make_record(self.step, self.meter.mean_loss(), self.last_val if evaluated else None,
+                                    self.lr, tokens_per_s, self.tokens_seen, self.elapsed()))
+        self.bar.set_postfix(loss=f"{self.meter.mean_loss():.3f}", tok_s=f"{tokens_per_s:,.0f}" if tokens_per_s else "-")
+        self.meter.reset()
+
+    def _checkpoint_if_needed(self, end_step: int) -> None:
+        if (self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0) or self.step == end_step:
+            self.save_checkpoint(checkpoint_path(self.out_dir, self.step))
+            if self.env.is_main:
+                prune_checkpoints(self.out_dir, self.cfg.keep_last)
+
+    def save_checkpoint(self, path: Path) -> None:
+        """Check the weights and optimizer state (:class:`DivergenceGuard`), then write a
+        checkpoint of the current step at ``path`` (rank 0) and record it as good."""
+        self.guard.check_state(self.step, self.task.model, self.optimizer)
+        if self.env.is_main:
+            metrics = {"elapsed_s": self.elapsed(), "tokens": self.tokens_seen, "val_loss": self.last_val,
+                       "train_loss": self.log.last_train_loss, "interval": self.meter.state()}
+            scheduler = {"schedule": self.cfg.schedule, "total_steps": self.total_steps,
+                         "next_lr": learning_rate(self.step, self.cfg, self.total_steps)}
+            state = TrainState(step=self.step, optimizer={}, scheduler=scheduler,
+                               data=self.task.data_state(self.step), metrics=metrics)
+            save_trainer_state(path, self.optimizer, state, self.task.write_model_files)
+        self.env.barrier()
+        self.guard.mark_good(path)
 
 
-def latest_checkpoint(out_dir: Union[str, Path]) -> Optional[Path]:
-    """The newest step checkpoint of a run, or ``None``."""
-    found = list_checkpoints(out_dir)
-    return found[-1][1] if found else None
-
-
-def _save_checkpoint(path: Path, model: BilinearTransformer, run_config: RunConfig, state: TrainState) -> None:
-    """Write a complete checkpoint atomically (temp dir + rename): model files, training
-    state, resolved recipe. A crash mid-write leaves the previous checkpoint untouched."""
-    with atomic_directory(path) as tmp:
-        write_model_dir(tmp, model.cfg.to_dict(), model.state_dict(), model.tokenizer)
-        write_train_state(tmp, state)
-        run_config.save_toml(tmp / RUN_CONFIG_FILE)
-
-
-def _prune_checkpoints(out_dir: Path, keep_last: int) -> None:
-    for _, path in list_checkpoints(out_dir)[:-keep_last]:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _resolve_resume(resume: Union[bool, str, Path], out_dir: Path) -> Optional[Path]:
-    if resume is False or resume is None:
-        existing = latest_checkpoint(out_dir)
-        if existing is not None:
-            raise FileExistsError(
-                f"{out_dir} already holds checkpoints (latest {existing.name}); pass resume=True "
-                "(CLI: --resume) to continue that run, or choose another output directory"
-            )
-        return None
-    if resume is True:
-        path = latest_checkpoint(out_dir)
-        if path is None:
-            raise FileNotFoundError(f"resume requested but {out_dir / CHECKPOINTS_DIR} holds no complete checkpoint")
-        return path
-    path = Path(resume)
-    if not (path / "train_state.json").is_file():
-        raise FileNotFoundError(f"cannot resume from {path}: no train_state.json there (not a training checkpoint)")
-    return path
-
-
-# --- metrics --------------------------------------------------------------------------------
-
-
-def _read_metrics(path: Path, up_to_step: int) -> list[dict[str, Any]]:
-    """Records of an earlier invocation, dropping any logged after the resumed checkpoint."""
-    if not path.is_file():
-        return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if r["step"] <= up_to_step]
-
-
-def _record(
-    step: int, train_loss: Optional[float], val_loss: Optional[float], lr: float,
-    tokens_per_s: Optional[float], tokens: int, elapsed_s: float,
-) -> dict[str, Any]:
-    """One metrics line: ``step`` (updates done), ``train_loss`` (mean over the steps since
-    the last record), ``val_loss`` (when evaluated at this step, else null), ``lr`` (of the
-    last update), ``tokens_per_s`` (training throughput over the interval, all ranks),
-    ``tokens`` (seen so far), ``elapsed_s`` (wall time since the run first started)."""
-    return {"step": step, "train_loss": train_loss, "val_loss": val_loss, "lr": lr,
-            "tokens_per_s": tokens_per_s, "tokens": tokens, "elapsed_s": round(elapsed_s, 3)}
-
-
-# --- the training function ------------------------------------------------------------------
+# --- the language model: train() ---------------------------------------------------------------
 
 
 def train(
@@ -354,7 +393,8 @@ def train(
 
     Args:
         run_config: the recipe (:func:`bilinear_lens.training.config.load_run_config`).
-        out_dir: run directory; created if missing.
+        out_dir: run directory; created if missing; locked for the run (a second writer
+            gets :class:`~bilinear_lens.locking.LockHeldError` naming the holder).
         resume: ``False``: start fresh (refused if ``out_dir`` already has checkpoints);
             ``True``: continue from the newest checkpoint in ``out_dir``; a path: continue
             from that checkpoint. The model config must match the checkpoint's; the
@@ -365,247 +405,120 @@ def train(
 
     Raises:
         ValueError: bad config or data (before any training step); ``FileNotFoundError``
-            for a missing corpus or checkpoint; :class:`NonFiniteLossError` when the loss
-            diverges.
+            for a missing corpus or checkpoint; :class:`NonFiniteLossError` when training
+            diverges; ``LockHeldError`` when another run writes ``out_dir``.
     """
     out_dir = Path(out_dir)
     tc = run_config.train
-    probe = _Dist(rank=_env_int("RANK", 0), local_rank=_env_int("LOCAL_RANK", 0), world_size=_env_int("WORLD_SIZE", 1))
-    device = _resolve_device(tc.device, probe.local_rank)
-    if tc.batch_size % (probe.world_size * tc.grad_accum):
+    env = read_environment(tc.device)
+    if tc.batch_size % (env.world_size * tc.grad_accum):
         raise ValueError(
             f"train.batch_size={tc.batch_size} in {run_config.source} must be divisible by "
-            f"world_size * train.grad_accum = {probe.world_size} * {tc.grad_accum}"
+            f"world_size * train.grad_accum = {env.world_size} * {tc.grad_accum}"
         )
     if stop_at is not None and stop_at < 1:
         raise ValueError(f"stop_at must be >= 1, got {stop_at}")
-    ckpt_path = _resolve_resume(resume, out_dir)
-    ddp = _setup_distributed(device)
     threads_before = torch.get_num_threads()
-    if tc.num_threads:
-        torch.set_num_threads(tc.num_threads)
     try:
-        return _train(run_config, out_dir, ckpt_path, progress, stop_at, ddp, device)
+        with claim_run_dir(out_dir, writer=env.is_main):
+            ckpt_path = resolve_resume(resume, out_dir)
+            env.init_group()
+            if tc.num_threads:
+                torch.set_num_threads(tc.num_threads)
+            return _train(run_config, out_dir, ckpt_path, progress, stop_at, env)
     finally:
         torch.set_num_threads(threads_before)
-        if ddp.created_group:
-            dist.destroy_process_group()
+        env.close()
 
 
-def _train(
-    run_config: RunConfig,
-    out_dir: Path,
-    ckpt_path: Optional[Path],
-    progress: bool,
-    stop_at: Optional[int],
-    ddp: _Dist,
-    device: torch.device,
-) -> TrainResult:
-    tc, dc = run_config.train, run_config.data
-
-    # ---- data: rank 0 tokenizes (and fills the cache) first, the others then read it ----
-    tokenizer_arg: Any = dc.tokenizer or None
-    if ckpt_path is not None:  # continue with exactly the checkpoint's tokenizer
-        tokenizer_arg = ckpt_path / "tokenizer.json"
-    if not ddp.is_main:
-        _barrier(ddp)
-    tokenizer, train_blocks, val_blocks = prepare_data(
+def _prepare_data(
+    run_config: RunConfig, ckpt_path: Optional[Path], env: DistEnv, progress: bool
+) -> tuple[Any, TokenBlocks, Optional[TokenBlocks]]:
+    """Tokenizer and blocks; rank 0 tokenizes (and fills the cache) first, the others then
+    read it. A resumed run continues with exactly the checkpoint's tokenizer."""
+    dc = run_config.data
+    tokenizer_arg: Any = ckpt_path / "tokenizer.json" if ckpt_path is not None else (dc.tokenizer or None)
+    if not env.is_main:
+        env.barrier()
+    data = prepare_data(
         dc.source, tokenizer=tokenizer_arg, vocab_size=dc.vocab_size, n_ctx=run_config.model.n_ctx,
         cache_dir=dc.cache_dir, val_fraction=dc.val_fraction, seed=dc.seed, max_docs=dc.max_docs or None,
         split=dc.split, max_chars=dc.max_chars or None, text_column=dc.text_column, streaming=dc.streaming,
-        tokenizer_train_docs=dc.tokenizer_train_docs or None, progress=progress and ddp.is_main,
+        tokenizer_train_docs=dc.tokenizer_train_docs or None, progress=progress and env.is_main,
     )
-    if ddp.is_main:
-        _barrier(ddp)
+    if env.is_main:
+        env.barrier()
+    return data
+
+
+def _load_or_build_model(run_config: RunConfig, ckpt_path: Optional[Path], device: torch.device) -> BilinearTransformer:
+    """The checkpoint's model (its config must equal the recipe's), or a fresh one."""
+    if ckpt_path is None:
+        return BilinearTransformer(run_config.model).to(device)
+    saved_cfg = load_config(ckpt_path)
+    if saved_cfg != run_config.model:
+        diffs = {k: (v, getattr(run_config.model, k)) for k, v in saved_cfg.to_dict().items()
+                 if getattr(run_config.model, k) != v}
+        raise ValueError(
+            f"cannot resume from {ckpt_path}: its model config differs from {run_config.source} "
+            f"in {{field: (checkpoint, recipe)}} = {diffs}"
+        )
+    return load_model(ckpt_path, device=device)
+
+
+def _language_model_task(
+    run_config: RunConfig, model: BilinearTransformer, train_blocks: TokenBlocks,
+    val_blocks: Optional[TokenBlocks], env: DistEnv,
+) -> TrainTask:
+    """Next-token prediction on ``train_blocks``, validation on ``val_blocks``."""
+    tc = run_config.train
+    batches_per_epoch = train_blocks.batches_per_epoch(tc.batch_size)
+    val_batch = tc.eval_batch_size or tc.batch_size // (env.world_size * tc.grad_accum)
+
+    def write_model_files(directory: Path) -> None:
+        write_model_dir(directory, model.cfg.to_dict(), model.state_dict(), model.tokenizer)
+        run_config.save_toml(directory / RUN_CONFIG_FILE)
+
+    return TrainTask(
+        model=model,
+        batch=lambda step: train_blocks.batch(step, tc.batch_size, env.rank, env.world_size, seed=tc.seed),
+        loss=compute_loss,
+        evaluate=lambda: None if val_blocks is None else evaluate(
+            model, val_blocks, val_batch, tc.eval_batches, env.device, env.rank, env.world_size),
+        write_model_files=write_model_files,
+        data_state=lambda step: {"next_step": step, "epoch": step // batches_per_epoch, "batch_size": tc.batch_size,
+                                 "seed": tc.seed, "world_size": env.world_size},
+        tokens_per_step=tc.batch_size * run_config.model.n_ctx,
+    )
+
+
+def _train(
+    run_config: RunConfig, out_dir: Path, ckpt_path: Optional[Path], progress: bool,
+    stop_at: Optional[int], env: DistEnv,
+) -> TrainResult:
+    tc = run_config.train
+    tokenizer, train_blocks, val_blocks = _prepare_data(run_config, ckpt_path, env, progress)
     run_config = run_config.with_vocab_size(tokenizer.get_vocab_size())
     batches_per_epoch = train_blocks.batches_per_epoch(tc.batch_size)  # raises if batch > data
     total_steps = tc.steps or math.ceil(tc.epochs * batches_per_epoch)
-    micro_batch = tc.batch_size // (ddp.world_size * tc.grad_accum)
-    tokens_per_step = tc.batch_size * run_config.model.n_ctx
-
-    # ---- model and optimizer: fresh, or restored from a checkpoint ----
-    state: Optional[TrainState] = None
-    if ckpt_path is not None:
-        saved_cfg = load_config(ckpt_path)
-        if saved_cfg != run_config.model:
-            diffs = {k: (v, getattr(run_config.model, k)) for k, v in saved_cfg.to_dict().items()
-                     if getattr(run_config.model, k) != v}
-            raise ValueError(
-                f"cannot resume from {ckpt_path}: its model config differs from {run_config.source} "
-                f"in {{field: (checkpoint, recipe)}} = {diffs}"
-            )
-        model = load_model(ckpt_path, device=device)
-        state = read_train_state(ckpt_path)
-    else:
-        model = BilinearTransformer(run_config.model).to(device)
+    model = _load_or_build_model(run_config, ckpt_path, env.device)
     model.tokenizer = to_hf_tokenizer(tokenizer, model_max_length=run_config.model.n_ctx)
     model.train()
-    optimizer = make_optimizer(model, tc)
-    start_step, elapsed_before, tokens_seen = 0, 0.0, 0
-    # Nothing in the loop draws random numbers today (no dropout; the data order has its own
-    # seeded generator), but seed the global generators so any future stochastic op is
-    # reproducible too; a resumed run restores their saved states instead.
-    torch.manual_seed(tc.seed)
-    np.random.seed(tc.seed)
-    random.seed(tc.seed)
-    if state is not None:
-        optimizer.load_state_dict(state.optimizer)
-        for group, decay in zip(optimizer.param_groups, (tc.weight_decay, 0.0)):  # the recipe may change these
-            group.update(betas=(tc.beta1, tc.beta2), eps=tc.eps, weight_decay=decay)
-        if state.rng is not None:
-            restore_rng_state(state.rng)
-        start_step = state.step
-        elapsed_before = float(state.metrics.get("elapsed_s", 0.0))
-        tokens_seen = int(state.metrics.get("tokens", start_step * tokens_per_step))
-    # DDP averages gradients over ranks during backward (bucketed all-reduce).
-    train_model: torch.nn.Module = model
-    if ddp.enabled:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16) if tc.autocast == "bfloat16" else contextlib.nullcontext()
-    )
-
-    # ---- run directory, metrics ----
-    metrics_path = out_dir / METRICS_FILE
-    records = _read_metrics(metrics_path, start_step) if ckpt_path is not None else []
-    if ddp.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    task = _language_model_task(run_config, model, train_blocks, val_blocks, env)
+    trainer = Trainer(task, make_optimizer(model, tc), tc, total_steps, env, out_dir, ckpt_path, progress)
+    if env.is_main:
         run_config.save_toml(out_dir / RUN_CONFIG_FILE)
-        with open(metrics_path, "w") as fh:  # rewrite: drops records past a resumed checkpoint
-            fh.writelines(json.dumps(r) + "\n" for r in records)
-        n_params = sum(p.numel() for p in model.parameters())
         logger.info(
             "training %s params (%s MLP) on %s x %d process(es): %d steps of %d tokens, %d steps/epoch%s",
-            f"{n_params:,}", run_config.model.mlp_kind, device, ddp.world_size, total_steps, tokens_per_step,
-            batches_per_epoch, f", resuming at step {start_step}" if start_step else "",
+            f"{sum(p.numel() for p in model.parameters()):,}", run_config.model.mlp_kind, env.device,
+            env.world_size, total_steps, task.tokens_per_step, batches_per_epoch,
+            f", resuming at step {trainer.step}" if trainer.step else "",
         )
-    last_checkpoint = ckpt_path
-    last_val: Optional[float] = None
-    val_batch = tc.eval_batch_size or micro_batch
-    start_time = time.perf_counter()
-
-    def elapsed() -> float:
-        return elapsed_before + time.perf_counter() - start_time
-
-    def run_eval() -> Optional[float]:
-        if val_blocks is None:
-            return None
-        return evaluate(model, val_blocks, val_batch, tc.eval_batches, device, ddp.rank, ddp.world_size)
-
-    def log(record: dict[str, Any]) -> None:
-        records.append(record)
-        if ddp.is_main:
-            with open(metrics_path, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
-
-    def save(step: int, path: Path) -> None:
-        nonlocal last_checkpoint
-        if ddp.is_main:
-            metrics = {"elapsed_s": elapsed(), "tokens": tokens_seen, "val_loss": last_val,
-                       "train_loss": records[-1]["train_loss"] if records else None}
-            state = TrainState(
-                step=step, optimizer=optimizer.state_dict(), metrics=metrics, rng=capture_rng_state(),
-                scheduler={"schedule": tc.schedule, "next_lr": learning_rate(step, tc, total_steps),
-                           "total_steps": total_steps},
-                data={"next_step": step, "epoch": step // batches_per_epoch, "batch_size": tc.batch_size,
-                      "seed": tc.seed, "world_size": ddp.world_size},
-            )
-            _save_checkpoint(path, model, run_config, state)
-        _barrier(ddp)
-        last_checkpoint = path
-
-    if start_step == 0 and tc.eval_every:  # the untrained loss, ~ln(d_vocab): a baseline
-        last_val = run_eval()
-        log(_record(0, None, last_val, learning_rate(0, tc, total_steps), None, 0, elapsed()))
-
-    # ---- the loop ----
-    end_step = total_steps if stop_at is None else min(stop_at, total_steps)
-    bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
-               disable=True if not (progress and ddp.is_main) else None)
-    interval_loss, interval_steps, interval_time = 0.0, 0, 0.0
-    lr = learning_rate(start_step, tc, total_steps)
-    step = start_step
-    optimizer.zero_grad(set_to_none=True)
-    while step < end_step:
-        t0 = time.perf_counter()
-        lr = learning_rate(step, tc, total_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        # This rank's share of the global batch of this step, split into micro-batches.
-        batch = train_blocks.batch(step, tc.batch_size, ddp.rank, ddp.world_size, seed=tc.seed).to(device)
-        loss_sum = torch.zeros((), device=device)
-        for i, micro in enumerate(batch.split(micro_batch)):
-            last_micro = i == tc.grad_accum - 1
-            # Skip DDP's gradient all-reduce until the last micro-batch of the step.
-            sync = contextlib.nullcontext() if (last_micro or not ddp.enabled) else train_model.no_sync()
-            with sync:
-                with autocast:
-                    loss = compute_loss(train_model, micro) / tc.grad_accum
-                loss.backward()
-            loss_sum += loss.detach()
-        if ddp.enabled:  # the global mean loss, for logging and a rank-consistent NaN check
-            dist.all_reduce(loss_sum)
-            loss_sum /= ddp.world_size
-        train_loss = float(loss_sum)
-        if not math.isfinite(train_loss):
-            bar.close()
-            raise NonFiniteLossError(step + 1, "training loss", train_loss, last_checkpoint)
-        if tc.grad_clip > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
-            if not math.isfinite(grad_norm):
-                bar.close()
-                raise NonFiniteLossError(step + 1, "gradient norm", grad_norm, last_checkpoint)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        tokens_seen += tokens_per_step
-        interval_loss += train_loss
-        interval_steps += 1
-        interval_time += time.perf_counter() - t0
-
-        # ---- bookkeeping: log, eval, checkpoint ----
-        is_last = step == end_step
-        do_eval = bool(tc.eval_every and step % tc.eval_every == 0) or (step == total_steps)
-        do_log = bool(tc.log_every and step % tc.log_every == 0) or do_eval or is_last
-        if do_eval:
-            last_val = run_eval()
-        if do_log:
-            tokens_per_s = interval_steps * tokens_per_step / interval_time if interval_time > 0 else None
-            log(_record(step, interval_loss / interval_steps, last_val if do_eval else None, lr,
-                        tokens_per_s, tokens_seen, elapsed()))
-            bar.set_postfix(loss=f"{interval_loss / interval_steps:.3f}",
-                            tok_s=f"{tokens_per_s:,.0f}" if tokens_per_s else "-")
-            interval_loss, interval_steps, interval_time = 0.0, 0, 0.0
-        if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or is_last:
-            save(step, out_dir / CHECKPOINTS_DIR / _step_dir_name(step))
-            if ddp.is_main:
-                _prune_checkpoints(out_dir, tc.keep_last)
-        bar.update(1)
-    bar.close()
-
-    # ---- finish: the final model, or the checkpoint where stop_at stopped us ----
-    finished = step >= total_steps
-    if step == start_step and ckpt_path is not None:  # nothing left to train
-        last_val = run_eval()
-    final = last_checkpoint
-    if finished:
-        final = out_dir / FINAL_DIR
-        save(step, final)
-    assert final is not None
+    final = trainer.fit(stop_at)
+    if env.is_main:
+        logger.info("step %d: val loss %s; checkpoint %s", trainer.step, trainer.last_val, final)
     entropy_tokens = val_blocks.tokens if val_blocks is not None else train_blocks.tokens
-    if ddp.is_main:
-        logger.info("step %d: val loss %s; checkpoint %s", step, last_val, final)
     return TrainResult(
-        final_checkpoint=final, val_loss=last_val, steps=step, metrics=records, out_dir=out_dir,
-        unigram_entropy=unigram_entropy(entropy_tokens), finished=finished,
+        final_checkpoint=final, val_loss=trainer.last_val, steps=trainer.step, metrics=trainer.log.records,
+        out_dir=out_dir, unigram_entropy=unigram_entropy(entropy_tokens), finished=trainer.finished,
     )
-
-
-def iter_metrics(out_dir: Union[str, Path]) -> Iterator[dict[str, Any]]:
-    """The records of ``out_dir/metrics.jsonl``, in order."""
-    with open(Path(out_dir) / METRICS_FILE) as fh:
-        for line in fh:
-            if line.strip():
-                yield json.loads(line)

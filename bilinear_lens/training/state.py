@@ -1,6 +1,10 @@
 """Pickle-free training state: optimizer, schedule, data position, metrics and RNG states,
 written next to the model files of a training checkpoint (see
 :mod:`bilinear_lens.models.checkpoint` for the atomic directory and the model files).
+
+Resume has one home: :func:`save_trainer_state` writes a whole training checkpoint and
+:func:`load_trainer_state`, right below it, restores what it wrote (the caller loads the
+model weights with the model's own loader).
 """
 
 from __future__ import annotations
@@ -8,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from torch import Tensor
@@ -16,6 +20,7 @@ from torch import Tensor
 from bilinear_lens.models.checkpoint import (
     CheckpointError,
     PathLike,
+    atomic_directory,
     read_json,
     read_tensors,
     write_json,
@@ -91,6 +96,18 @@ def unflatten_optimizer_state(tensors: Mapping[str, Tensor], meta: Mapping[str, 
                 group[key] = tuple(group[key])
         groups.append(group)
     return {"state": dict(sorted(state.items())), "param_groups": groups}
+
+
+def seed_everything(seed: int) -> None:
+    """Seed the torch, NumPy and Python global generators (a resumed run then restores
+    their saved states instead)."""
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -196,3 +213,29 @@ def read_train_state(directory: PathLike) -> TrainState:
         if isinstance(err, CheckpointError):
             raise
         raise CheckpointError(f"training state in {directory} is incomplete or malformed: {err!r}") from err
+
+
+def save_trainer_state(
+    path: PathLike,
+    optimizer: torch.optim.Optimizer,
+    state: TrainState,
+    write_model_files: Callable[[Path], None],
+) -> None:
+    """Write a training checkpoint at ``path`` atomically: the model's files (written by
+    ``write_model_files(directory)``) and ``state`` with ``optimizer``'s state and the RNG
+    states captured now. A crash mid-write leaves the previous ``path`` untouched."""
+    state = dataclasses.replace(state, optimizer=optimizer.state_dict(), rng=capture_rng_state())
+    with atomic_directory(path) as tmp:
+        write_model_files(tmp)
+        write_train_state(tmp, state)
+
+
+def load_trainer_state(path: PathLike, optimizer: torch.optim.Optimizer) -> TrainState:
+    """Restore what :func:`save_trainer_state` wrote at ``path`` into ``optimizer`` (whose
+    parameters must already hold the checkpoint's weights) and the RNGs; returns the
+    state for the rest (step, metrics, data position)."""
+    state = read_train_state(path)
+    optimizer.load_state_dict(state.optimizer)
+    if state.rng is not None:
+        restore_rng_state(state.rng)
+    return state
