@@ -63,19 +63,24 @@ def atomic_directory(path: PathLike) -> Iterator[Path]:
     On an exception the temporary directory is removed and ``path`` is left untouched.
     Replacing an existing directory renames it aside first, so at every instant either
     the old or the new complete directory exists at ``path`` (or its ``.old`` sibling).
-    The published directory gets the mode an ordinary ``mkdir`` would (``0o777 & ~umask``),
-    not ``mkdtemp``'s private ``0o700``.
+    The published directory and its files get the modes an ordinary ``mkdir`` / ``open``
+    would (``0o777 & ~umask``, ``0o666 & ~umask``), not ``mkdtemp``'s private ``0o700``
+    nor the ``0o600`` that safetensors gives its files.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=_temp_name(path, "tmp") + "-", dir=path.parent))
     try:
         yield tmp
+        umask = current_umask()
         for child in tmp.rglob("*"):  # flush file contents before the rename publishes them
             if child.is_file():
                 with open(child, "rb+") as fh:
                     os.fsync(fh.fileno())
-        os.chmod(tmp, 0o777 & ~current_umask())
+                os.chmod(child, 0o666 & ~umask)  # safetensors writes 0600
+            elif child.is_dir():
+                os.chmod(child, 0o777 & ~umask)
+        os.chmod(tmp, 0o777 & ~umask)
         if path.exists():
             old = path.with_name(_temp_name(path, "old"))
             os.replace(path, old)

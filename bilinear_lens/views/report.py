@@ -21,13 +21,12 @@ from disk with no network. ``write_report`` writes it atomically.
 from __future__ import annotations
 
 import html
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import torch
 
+from bilinear_lens.models.checkpoint import atomic_write_text
 from bilinear_lens.weights.directions import token_id
 
 DEFAULT_OUTPUT_TOKENS = (" happy", " sad")
@@ -199,15 +198,5 @@ def build_report(
 
 def write_report(model: Any, path: Union[str, Path], **kwargs: Any) -> Path:
     """Build the report and write it to ``path`` atomically (temp file + rename)."""
-    path = Path(path)
     page = build_report(model, **kwargs)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(page)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(path, page)  # mode follows the umask, like an ordinary file
