@@ -43,7 +43,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     from bilinear_lens.training.distributed import read_environment
     from bilinear_lens.training.loop import RUN_CONFIG_FILE, NonFiniteLossError, train
 
-    is_main = read_environment().is_main
+    try:
+        is_main = read_environment().is_main  # rank 0 logs and prints
+    except ValueError as err:  # a malformed RANK / WORLD_SIZE / LOCAL_RANK
+        print(f"bilinear-lens train: error: {err}", file=sys.stderr)
+        return 1
     if not args.quiet and is_main:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = args.config
