@@ -351,6 +351,32 @@ def _cache_paths(cache_dir: Path, key: str, split: str) -> tuple[Path, Path]:
     return cache_dir / f"{key}.{split}.bin", cache_dir / f"{key}.{split}.json"
 
 
+def _stream_tokens(
+    texts: Iterable[str], tokenizer: Tokenizer, files: dict[str, Any], val_fraction: float, seed: int, progress: bool
+) -> dict[str, dict[str, int]]:
+    """Append each document's tokens to its split's file (``files[split]``), encoding in
+    batches of :data:`_ENCODE_BATCH_DOCS`; returns ``{split: {token_count, n_docs}}``."""
+    counts = {s: {"token_count": 0, "n_docs": 0} for s in files}
+    pending: dict[str, list[str]] = {s: [] for s in files}
+
+    def flush(split: str) -> None:
+        tokens = encode_documents(tokenizer, pending[split])
+        files[split].write(tokens.tobytes())
+        counts[split]["token_count"] += len(tokens)
+        counts[split]["n_docs"] += len(pending[split])
+        pending[split].clear()
+
+    for text in tqdm(texts, desc="tokenizing", unit="doc", disable=not progress):
+        split = "val" if is_val_document(text, val_fraction, seed) else "train"
+        pending[split].append(text)
+        if len(pending[split]) >= _ENCODE_BATCH_DOCS:
+            flush(split)
+    for split in files:
+        if pending[split]:
+            flush(split)
+    return counts
+
+
 def build_token_cache(
     texts: Iterable[str],
     tokenizer: Tokenizer,
@@ -378,26 +404,9 @@ def build_token_cache(
     cache_dir.mkdir(parents=True, exist_ok=True)
     splits = ["train", "val"] if val_fraction > 0 else ["train"]
     tmp_paths = {s: cache_dir / f"{key}.{s}.bin.tmp-{os.getpid()}" for s in splits}
-    counts = {s: {"token_count": 0, "n_docs": 0} for s in splits}
     files = {s: open(tmp_paths[s], "wb") for s in splits}
     try:
-        pending: dict[str, list[str]] = {s: [] for s in splits}
-
-        def flush(split: str) -> None:
-            tokens = encode_documents(tokenizer, pending[split])
-            files[split].write(tokens.tobytes())
-            counts[split]["token_count"] += len(tokens)
-            counts[split]["n_docs"] += len(pending[split])
-            pending[split].clear()
-
-        for text in tqdm(texts, desc="tokenizing", unit="doc", disable=not progress):
-            split = "val" if is_val_document(text, val_fraction, seed) else "train"
-            pending[split].append(text)
-            if len(pending[split]) >= _ENCODE_BATCH_DOCS:
-                flush(split)
-        for split in splits:
-            if pending[split]:
-                flush(split)
+        counts = _stream_tokens(texts, tokenizer, files, val_fraction, seed, progress)
         for f in files.values():
             f.close()
         if sum(c["n_docs"] for c in counts.values()) == 0:
@@ -582,6 +591,16 @@ class TokenBlocks:
 # --- entry point --------------------------------------------------------------------------
 
 
+def _check_prepare_args(n_ctx: int, val_fraction: float, seed: int, tokenizer_train_docs: Optional[int]) -> None:
+    if n_ctx < 1:
+        raise ValueError(f"n_ctx must be >= 1, got {n_ctx}")
+    _check_val_fraction(val_fraction)
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    if tokenizer_train_docs is not None and tokenizer_train_docs < 1:
+        raise ValueError(f"tokenizer_train_docs must be >= 1 or None, got {tokenizer_train_docs}")
+
+
 def prepare_data(
     source: str | os.PathLike[str] = SYNTHETIC_SOURCE,
     tokenizer: Tokenizer | str | os.PathLike[str] | None = None,
@@ -621,13 +640,7 @@ def prepare_data(
     Raises ``ValueError`` for bad parameters, an empty corpus, or an ``n_ctx`` too large to
     fill one block of either split (the message names ``n_ctx`` and the token count).
     """
-    if n_ctx < 1:
-        raise ValueError(f"n_ctx must be >= 1, got {n_ctx}")
-    _check_val_fraction(val_fraction)
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
-    if tokenizer_train_docs is not None and tokenizer_train_docs < 1:
-        raise ValueError(f"tokenizer_train_docs must be >= 1 or None, got {tokenizer_train_docs}")
+    _check_prepare_args(n_ctx, val_fraction, seed, tokenizer_train_docs)
     cache_dir = Path(cache_dir)
     spec = source_spec(source, split, max_docs=max_docs, max_chars=max_chars, text_column=text_column, seed=seed)
     remove_stale_temporaries(cache_dir)
