@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from bilinear_lens import cli
-from bilinear_lens.models.checkpoint import read_tensors
+from bilinear_lens.models.checkpoint import read_tensors, write_tensors
 from bilinear_lens.training.state import (
     TrainState,
     capture_rng_state,
@@ -29,15 +29,19 @@ from bilinear_lens.training.state import (
 from bilinear_lens.training.config import RunConfig, TrainConfig, load_run_config
 from bilinear_lens.data.corpus import prepare_data
 from bilinear_lens.models.model import BilinearTransformer
+from bilinear_lens.training.distributed import read_environment
 from bilinear_lens.training.loop import (
     CHECKPOINTS_DIR,
     FINAL_DIR,
     METRICS_FILE,
     NonFiniteLossError,
+    Trainer,
+    TrainTask,
     learning_rate,
     list_checkpoints,
     train,
 )
+from bilinear_lens.training.run_dir import claim_run_dir
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_RECIPE = REPO / "training" / "configs" / "tiny.toml"
@@ -181,6 +185,47 @@ def test_resume_from_explicit_checkpoint_and_model_mismatch(cache_dir, tmp_path)
         train(other, tmp_path / "a", resume=True, progress=False)
     with pytest.raises(FileNotFoundError, match="holds no complete checkpoint"):
         train(cfg, tmp_path / "empty", resume=True, progress=False)
+
+
+# --- the Trainer with another model and loss ------------------------------------------------
+
+
+def train_least_squares(out_dir: Path, stop_at=None, resume=None) -> tuple[Trainer, Path]:
+    """A second trainer on the same machinery: a linear model, squared error, its own files."""
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(64, 6, generator=gen)  # [x (5) | y (1)]
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 1)
+    if resume is not None:
+        model.load_state_dict(read_tensors(resume / "weights.safetensors"))
+    task = TrainTask(
+        model=model,
+        batch=lambda step: rows[(step % 8) * 8:(step % 8 + 1) * 8],
+        loss=lambda module, batch: ((module(batch[:, :5]) - batch[:, 5:]) ** 2).mean(),
+        evaluate=lambda: float(((model(rows[:, :5]) - rows[:, 5:]) ** 2).mean().detach()),
+        write_model_files=lambda directory: write_tensors(directory / "weights.safetensors", model.state_dict()),
+        data_state=lambda step: {"next_step": step},
+        tokens_per_step=8,
+    )
+    cfg = TrainConfig(steps=10, batch_size=8, grad_accum=2, lr=0.05, warmup_steps=0, log_every=2, eval_every=5,
+                      checkpoint_every=3, device="cpu")
+    with claim_run_dir(out_dir, writer=True):
+        trainer = Trainer(task, torch.optim.AdamW(model.parameters(), lr=cfg.lr), cfg, cfg.steps,
+                          read_environment("cpu"), out_dir, resume_from=resume, progress=False)
+        return trainer, trainer.fit(stop_at)
+
+
+def test_trainer_trains_another_model_and_resumes_bitwise(tmp_path):
+    straight, final = train_least_squares(tmp_path / "straight")
+    assert final == tmp_path / "straight" / FINAL_DIR and straight.finished
+    assert straight.log.records[-1]["val_loss"] < straight.log.records[0]["val_loss"]
+    _, stopped = train_least_squares(tmp_path / "resumed", stop_at=4)
+    resumed, _ = train_least_squares(tmp_path / "resumed", resume=stopped)
+    a = read_tensors(tmp_path / "straight" / FINAL_DIR / "weights.safetensors")
+    b = read_tensors(tmp_path / "resumed" / FINAL_DIR / "weights.safetensors")
+    assert state_dicts_equal(a, b)
+    assert [r["train_loss"] for r in resumed.log.records] == [r["train_loss"] for r in straight.log.records]
+    assert read_train_state(tmp_path / "resumed" / FINAL_DIR).data == {"next_step": 10}
 
 
 # --- divergence ----------------------------------------------------------------------------

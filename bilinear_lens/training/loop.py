@@ -269,7 +269,6 @@ class Trainer:
         self.bar: Any = None
 
     def _restore(self, state: TrainState) -> None:
-        _apply_recipe_hyperparameters(self.optimizer, self.cfg)
         self.step = state.step
         self.elapsed_before = float(state.metrics.get("elapsed_s", 0.0))
         self.tokens_seen = int(state.metrics.get("tokens", state.step * self.task.tokens_per_step))
@@ -506,6 +505,8 @@ def _train(
     model.train()
     task = _language_model_task(run_config, model, train_blocks, val_blocks, env)
     trainer = Trainer(task, make_optimizer(model, tc), tc, total_steps, env, out_dir, ckpt_path, progress)
+    if ckpt_path is not None:
+        _apply_recipe_hyperparameters(trainer.optimizer, tc)
     if env.is_main:
         run_config.save_toml(out_dir / RUN_CONFIG_FILE)
         logger.info(
