@@ -12,7 +12,7 @@ checkpoint against an uninterrupted run.
    most one checkpoint interval (else *lost*). At the end: the final weights, AdamW state
    and metrics records equal the reference's, and no temporaries are left.
 
-    python -m benchmarks.fault_injection --kills 5
+    python -m benchmarks.fault_injection --kills 5          # ~5 min on 2 busy CPU cores
     # -> "5 kills, 5 bitwise resumes, 0 corrupt, 0 lost beyond one checkpoint interval"
 """
 
