@@ -61,6 +61,8 @@ class DivergenceGuard:
         """Every weight and optimizer tensor finite, every ``|w| <= max_abs_weight``."""
         largest = 0.0
         for name, param in model.named_parameters():
+            if param.numel() == 0:
+                continue
             if not torch.isfinite(param).all():
                 self.fail(step, f"non-finite weights in {name}", float(param.abs().max()))
             largest = max(largest, float(param.abs().max()))
