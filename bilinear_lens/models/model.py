@@ -642,18 +642,24 @@ def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu")
     path = resolve_model_dir(path)
     cfg, state = _read_config_and_weights(path)
     weights_path = path / WEIGHTS_FILE
-    tokenizer = load_model_tokenizer(path)
+    model = model_from_state_dict(cfg, state, load_model_tokenizer(path), where=str(weights_path))
+    # after the shape check: shape-changing edits get its more specific message
+    check_saved_config(cfg.to_dict(), read_tensor_metadata(weights_path), where=str(path / CONFIG_FILE))
+    return model.to(device)
+
+
+def model_from_state_dict(cfg: ModelConfig, state: dict[str, Tensor], tokenizer: Any, where: str) -> BilinearTransformer:
+    """A model of ``cfg`` holding ``state``; missing/unexpected tensors, shape or dtype
+    mismatches and NaN/inf values raise one-line :class:`CheckpointError` s naming ``where``."""
     model = BilinearTransformer(cfg, tokenizer=tokenizer)
     expected = model.state_dict()
-    check_state_dict(expected, state, where=str(weights_path))
+    check_state_dict(expected, state, where=where)
     for key, tensor in state.items():
         if tensor.dtype != expected[key].dtype:
-            raise CheckpointError(f"{weights_path}: {key} has dtype {tensor.dtype}, config says {expected[key].dtype}")
-    # after the shape check: shape-changing edits get the more specific message above
-    check_saved_config(cfg.to_dict(), read_tensor_metadata(weights_path), where=str(path / CONFIG_FILE))
-    check_finite(state, where=str(weights_path))
+            raise CheckpointError(f"{where}: {key} has dtype {tensor.dtype}, config says {expected[key].dtype}")
+    check_finite(state, where=where)
     model.load_state_dict(state)
-    return model.to(device)
+    return model
 
 
 def next_token_loss(
