@@ -426,18 +426,7 @@ class BilinearTransformer(StackedWeightViews, HookedRootModule):
         if stop_at_layer is not None:
             return resid
         logits = self.unembed(self.ln_final(resid))
-        if return_type == "logits":
-            return logits
-        if return_type is None:
-            return None
-        if tokens is None:
-            raise ValueError(f"return_type={return_type!r} with start_at_layer needs tokens= for the loss")
-        loss = next_token_loss(logits, tokens, per_token=loss_per_token, attention_mask=attention_mask)
-        if return_type == "loss":
-            return loss
-        if return_type == "both":
-            return logits, loss
-        raise ValueError(f"return_type={return_type!r}; allowed: 'logits', 'loss', 'both', None")
+        return _by_return_type(logits, return_type, tokens, loss_per_token, attention_mask)
 
     def _check_tokens(self, tokens: Tensor) -> None:
         if tokens.dim() != 2:
@@ -660,6 +649,26 @@ def model_from_state_dict(cfg: ModelConfig, state: dict[str, Tensor], tokenizer:
     check_finite(state, where=where)
     model.load_state_dict(state)
     return model
+
+
+def _by_return_type(
+    logits: Float[Tensor, "batch pos d_vocab"],
+    return_type: Optional[str],
+    tokens: Optional[Int[Tensor, "batch pos"]],
+    loss_per_token: bool,
+    attention_mask: Optional[Tensor],
+) -> Any:
+    """What :meth:`BilinearTransformer.forward` returns for ``return_type``."""
+    if return_type == "logits":
+        return logits
+    if return_type is None:
+        return None
+    if return_type not in ("loss", "both"):
+        raise ValueError(f"return_type={return_type!r}; allowed: 'logits', 'loss', 'both', None")
+    if tokens is None:
+        raise ValueError(f"return_type={return_type!r} with start_at_layer needs tokens= for the loss")
+    loss = next_token_loss(logits, tokens, per_token=loss_per_token, attention_mask=attention_mask)
+    return loss if return_type == "loss" else (logits, loss)
 
 
 def next_token_loss(
