@@ -180,3 +180,12 @@ def test_every_shared_hook_matches_the_bridge(kind, tokens):
     assert len(shared) >= (16 if kind == "none" else 30)
     for name in shared:
         torch.testing.assert_close(theirs[name], ours[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_bridge_of_a_no_bos_model_tokenizes_like_the_model(backend):
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=SPECIAL_TOKEN, pad_token=SPECIAL_TOKEN)
+    m = build_model(tiny_config(d_vocab=len(tok), n_ctx=64), tokenizer=tok)
+    bridge = to_bridge(m)
+    text = "Lily lost her red kite."
+    assert torch.equal(bridge.to_tokens(text), m.to_tokens(text))
+    torch.testing.assert_close(bridge(text), m(text), rtol=1e-5, atol=1e-5)
