@@ -46,6 +46,12 @@ def test_run_with_cache_returns_activation_cache(model):
     torch.testing.assert_close(attrs.sum(0), logits.gather(-1, targets[..., None])[..., 0], rtol=1e-4, atol=1e-4)
     _, plain = model.run_with_cache(TEXTS[0], return_cache_object=False)
     assert type(plain) is dict and plain.keys() == cache.keys()
+    # per-head and per-neuron decomposition (uses attn.W_O and mlp.W_out of each block)
+    cache.compute_head_results()
+    torch.testing.assert_close(cache["result", 0].sum(-2), cache["attn_out", 0])
+    full, names = cache.get_full_resid_decomposition(expand_neurons=True, return_labels=True)
+    assert len(names) == 2 * 4 + 2 * 48 + 2 and names[-2:] == ["embed", "bias"]
+    torch.testing.assert_close(full.sum(0), final)
 
 
 def test_stacked_weights_have_tl_shapes_and_compute_the_hooks(model):

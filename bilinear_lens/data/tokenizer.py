@@ -28,6 +28,7 @@ __all__ = [
     "to_hf_tokenizer",
     "read_tokenizer_file",
     "load_model_tokenizer",
+    "save_model_tokenizer",
 ]
 
 SPECIAL_TOKEN = "<|endoftext|>"
@@ -136,6 +137,29 @@ def load_model_tokenizer(directory: str | os.PathLike[str]) -> Optional[PreTrain
         return PreTrainedTokenizerFast.from_pretrained(str(directory), local_files_only=True)
     except Exception as err:  # transformers raises JSON, OS and value errors here
         raise CheckpointError(f"tokenizer files in {directory} ({config_path.name}) cannot be loaded: {_first_line(err)}") from None
+
+
+def save_model_tokenizer(tokenizer: object, directory: str | os.PathLike[str], full: bool = False) -> None:
+    """Write a model directory's tokenizer files, read back by :func:`load_model_tokenizer`.
+
+    One of ours (``<|endoftext|>`` as id 0 and as BOS/EOS/pad, what :func:`to_hf_tokenizer`
+    rebuilds) needs only ``tokenizer.json``; any other ``transformers`` tokenizer, or
+    ``full=True`` (the HF layout, for ``AutoTokenizer``), also gets ``tokenizer_config.json``.
+    """
+    directory = Path(directory)
+    if full or not _is_ours(tokenizer):
+        tokenizer.save_pretrained(str(directory))  # type: ignore[attr-defined]
+    else:
+        getattr(tokenizer, "backend_tokenizer", tokenizer).save(str(directory / "tokenizer.json"))
+
+
+def _is_ours(tokenizer: object) -> bool:
+    """A bare ``tokenizers.Tokenizer``, or a wrapper :func:`to_hf_tokenizer` would rebuild."""
+    if not hasattr(tokenizer, "save_pretrained"):
+        return True
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    specials = {getattr(tokenizer, f"{t}_token", None) for t in ("bos", "eos", "pad")}
+    return backend is not None and backend.token_to_id(SPECIAL_TOKEN) == SEPARATOR_ID and specials == {SPECIAL_TOKEN}
 
 
 def _first_line(err: BaseException) -> str:

@@ -11,7 +11,7 @@ Model directory layout (``save_model`` / ``load_model``)::
     model.safetensors    state dict (non-persistent buffers such as rotary tables excluded);
                          its metadata records the config the weights were saved with
     tokenizer.json       optional: a HF ``tokenizers`` tokenizer
-    tokenizer_config.json  with a ``transformers`` tokenizer: its special tokens (BOS/EOS/pad)
+    tokenizer_config.json  only for a tokenizer other than ours: its BOS/EOS/pad tokens
 """
 
 from __future__ import annotations
@@ -128,7 +128,10 @@ def write_model_dir(
     write_json(directory / CONFIG_FILE, {**config, "format": FORMAT_NAME, "format_version": FORMAT_VERSION})
     write_tensors(directory / WEIGHTS_FILE, state_dict, metadata={"format": FORMAT_NAME, **saved_config_metadata(config)})
     if tokenizer is not None:
-        write_tokenizer_files(directory, tokenizer)
+        # imported here: bilinear_lens.data.tokenizer imports this module
+        from bilinear_lens.data.tokenizer import save_model_tokenizer
+
+        save_model_tokenizer(tokenizer, directory)
 
 
 def read_model_config(path: PathLike) -> dict[str, Any]:
@@ -189,11 +192,3 @@ def check_finite(state: Mapping[str, Tensor], where: str) -> None:
             n_nan, n_inf = int(tensor.isnan().sum()), int(tensor.isinf().sum())
             raise CheckpointError(f"{where}: tensor {name} holds non-finite values ({n_nan} NaN, {n_inf} inf)")
 
-
-def write_tokenizer_files(directory: Path, tokenizer: Any) -> None:
-    """``tokenizer.json`` (+ ``tokenizer_config.json`` for a ``transformers`` tokenizer, so
-    its BOS/EOS/pad tokens survive) into ``directory``."""
-    if hasattr(tokenizer, "save_pretrained"):
-        tokenizer.save_pretrained(str(directory))
-    else:
-        tokenizer.save(str(directory / TOKENIZER_FILE))

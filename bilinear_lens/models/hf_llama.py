@@ -37,13 +37,13 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
+from bilinear_lens.data.tokenizer import save_model_tokenizer
 from bilinear_lens.models.checkpoint import (
     SAVED_CONFIG_KEY,
     WEIGHTS_FILE,
     CheckpointError,
     saved_config_metadata,
     write_tensors,
-    write_tokenizer_files,
 )
 from bilinear_lens.models.config import ModelConfig
 
@@ -229,4 +229,4 @@ def write_llama_files(directory: Path, cfg: ModelConfig, state: Mapping[str, Ten
     metadata = {"format": "pt", **saved_config_metadata(cfg.to_dict())}  # transformers wants format "pt"
     write_tensors(directory / WEIGHTS_FILE, to_llama_state_dict(state, cfg), metadata=metadata)
     if tokenizer is not None:
-        write_tokenizer_files(directory, tokenizer)
+        save_model_tokenizer(tokenizer, directory, full=True)  # AutoTokenizer needs tokenizer_config.json
