@@ -52,6 +52,21 @@ LLAMA_ARCHITECTURE = "LlamaForCausalLM"
 HIDDEN_ACTS = {"bilinear": "linear", "swiglu": "silu"}
 MLP_KINDS_BY_ACT = {act: kind for kind, act in HIDDEN_ACTS.items()}
 
+# Llama config.json field -> our ModelConfig field, read in both directions
+_LLAMA_FIELDS = {
+    "vocab_size": "d_vocab",
+    "hidden_size": "d_model",
+    "intermediate_size": "d_mlp",
+    "num_hidden_layers": "n_layers",
+    "num_attention_heads": "n_heads",
+    "max_position_embeddings": "n_ctx",
+    "rms_norm_eps": "eps",
+    "attention_bias": "attn_bias",
+    "mlp_bias": "mlp_bias",
+}
+# fields a Llama config.json may leave out, with transformers' defaults
+_LLAMA_DEFAULTS = {"rms_norm_eps": 1e-6, "attention_bias": False, "mlp_bias": False}
+
 _LAYER_NAMES = {
     "ln1.weight": "input_layernorm.weight",
     "ln2.weight": "post_attention_layernorm.weight",
@@ -88,19 +103,11 @@ def llama_config_dict(cfg: ModelConfig) -> dict[str, Any]:
     """The ``LlamaConfig`` keyword arguments describing ``cfg`` (checked expressible)."""
     check_llama_expressible(cfg)
     return dict(
-        vocab_size=cfg.d_vocab,
-        hidden_size=cfg.d_model,
-        intermediate_size=cfg.d_mlp,
-        num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads,
+        **{theirs: getattr(cfg, ours) for theirs, ours in _LLAMA_FIELDS.items()},
         num_key_value_heads=cfg.n_heads,
         head_dim=cfg.d_head,
         hidden_act=HIDDEN_ACTS[cfg.mlp_kind],
-        max_position_embeddings=cfg.n_ctx,
-        rms_norm_eps=cfg.eps,
         rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rotary_base)},
-        attention_bias=cfg.attn_bias,
-        mlp_bias=cfg.mlp_bias,
         tie_word_embeddings=False,
         architectures=[LLAMA_ARCHITECTURE],
         dtype=cfg.dtype,
@@ -178,20 +185,13 @@ def model_config_from_llama(hf: Mapping[str, Any], where: str) -> ModelConfig:
         raise CheckpointError(f"{where}: head_dim={hf['head_dim']} is not supported; must be hidden_size/num_attention_heads={d_model // n_heads}")
     if hf.get("tie_word_embeddings", False):
         raise CheckpointError(f"{where}: tie_word_embeddings=true is not supported; the unembedding must be its own matrix")
-    fields = dict(
-        d_vocab=_get(hf, "vocab_size", where),
-        d_model=d_model,
-        n_layers=_get(hf, "num_hidden_layers", where),
-        n_heads=n_heads,
-        d_mlp=_get(hf, "intermediate_size", where),
-        n_ctx=_get(hf, "max_position_embeddings", where),
+    fields = {ours: hf.get(theirs, _LLAMA_DEFAULTS.get(theirs)) if theirs in _LLAMA_DEFAULTS else _get(hf, theirs, where)
+              for theirs, ours in _LLAMA_FIELDS.items()}
+    fields.update(
         mlp_kind=MLP_KINDS_BY_ACT[act],
         normalization_type="RMS",
         positional_embedding_type="rotary",
         rotary_base=_rope_theta(hf, where),
-        attn_bias=bool(hf.get("attention_bias", False)),
-        mlp_bias=bool(hf.get("mlp_bias", False)),
-        eps=float(hf.get("rms_norm_eps", 1e-6)),
         dtype=str(hf.get("dtype") or hf.get("torch_dtype") or "float32"),
     )
     try:
