@@ -107,7 +107,12 @@ def test_missing_llama_tensor_is_named(tmp_path):
     weights = load_file(str(path / "model.safetensors"))
     del weights["model.layers.1.mlp.up_proj.weight"]
     save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match=r"model.safetensors does not match the model config: missing tensors \['blocks.1.mlp.in.weight'\]"):
+    with pytest.raises(CheckpointError, match=r"model.safetensors does not match its config.json: missing tensors \['model.layers.1.mlp.up_proj.weight'\]"):
+        BilinearTransformer.from_pretrained(path)
+    weights["model.layers.1.mlp.up_proj.weight"] = torch.zeros(40, 32)
+    weights["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(32)  # attention_bias is false
+    save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"unexpected tensors \['model.layers.0.self_attn.q_proj.bias'\]"):
         BilinearTransformer.from_pretrained(path)
 
 

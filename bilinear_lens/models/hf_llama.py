@@ -129,7 +129,12 @@ def to_llama_state_dict(state: Mapping[str, Tensor], cfg: ModelConfig) -> dict[s
 def from_llama_state_dict(state: Mapping[str, Tensor], cfg: ModelConfig, where: str) -> dict[str, Tensor]:
     """Inverse of :func:`to_llama_state_dict`; with ``cfg.normalization_type == "RMSPre"``
     the norm weights must be exactly ones (else :class:`CheckpointError` naming the tensor).
-    Unknown tensors are kept under their Llama names so the shape check reports them."""
+    Missing or unexpected tensors are named in Llama's names."""
+    expected = set(llama_tensor_names(cfg))
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        problems = ([f"missing tensors {missing}"] if missing else []) + ([f"unexpected tensors {unexpected}"] if unexpected else [])
+        raise CheckpointError(f"{where} does not match its config.json: " + "; ".join(problems))
     ours_by_llama = {_llama_name(k): k for k in _our_names(cfg)}
     out: dict[str, Tensor] = {}
     for name, tensor in state.items():
@@ -140,6 +145,15 @@ def from_llama_state_dict(state: Mapping[str, Tensor], cfg: ModelConfig, where: 
             continue
         out[ours] = tensor
     return out
+
+
+def llama_tensor_names(cfg: ModelConfig) -> list[str]:
+    """The tensors a Llama checkpoint of ``cfg`` holds (norm weights always; biases per config)."""
+    wanted = ["ln1.weight", "ln2.weight"] + [f"attn.{p}.weight" for p in "qkvo"] + [f"mlp.{p}.weight" for p in ("gate", "in", "out")]
+    wanted += [f"attn.{p}.bias" for p in "qkvo"] if cfg.attn_bias else []
+    wanted += [f"mlp.{p}.bias" for p in ("gate", "in", "out")] if cfg.mlp_bias else []
+    layers = [f"blocks.{l}.{name}" for l in range(cfg.n_layers) for name in wanted]
+    return [_llama_name(n) for n in list(_TOP_NAMES) + layers]
 
 
 def _our_names(cfg: ModelConfig) -> list[str]:
