@@ -226,3 +226,13 @@ def test_cli_convert_writes_ours_and_hf_and_refuses_cleanly(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("bilinear-lens convert: error:") and err.count("\n") == 1
     assert not (tmp_path / "never").exists()
+
+
+def test_from_pretrained_converts_their_checkpoints_on_the_fly(tmp_path):
+    cfg = jun2024_config(model_type="")  # PretrainedConfig writes an empty model_type for custom configs
+    state = paper_state("jun2024", cfg)
+    path = write_checkpoint(tmp_path / "ckpt", cfg, state)
+    model = BilinearTransformer.from_pretrained(path)
+    tokens = torch.randint(0, N_VOCAB, (1, 8), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.equal(model(tokens), load_paper_checkpoint(path)(tokens))

@@ -573,7 +573,7 @@ class BilinearTransformer(StackedWeightViews, HookedRootModule):
     @classmethod
     def from_pretrained(cls, path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> "BilinearTransformer":
         """Load our checkpoint directory, an HF Llama-format directory (``hidden_act`` linear
-        or silu), or a hub id (``owner/name``, through ``huggingface_hub.snapshot_download``,
+        or silu), one of the paper's released checkpoints (converted), or a hub id (``owner/name``, through ``huggingface_hub.snapshot_download``,
         respecting ``HF_HUB_OFFLINE`` and the local cache). Safetensors only: never unpickles."""
         return load_model(path, device=device)
 
@@ -610,10 +610,10 @@ def load_config(path: Union[str, Path]) -> ModelConfig:
     return ModelConfig.from_dict(read_model_config(path), where=str(Path(path) / CONFIG_FILE))
 
 
-def _read_config_and_weights(path: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
-    """Our format (``"format": "bilinear-lens"``) or the HF Llama format (``"model_type"``)."""
+def _read_config_and_weights(path: Path, raw: Any) -> tuple[ModelConfig, dict[str, Tensor]]:
+    """Our format (``"format": "bilinear-lens"``) or the HF Llama format (``"model_type"``);
+    ``raw`` is the parsed ``config.json``."""
     config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
-    raw = read_json(config_path, what="model config")
     if isinstance(raw, dict) and "model_type" in raw and "format" not in raw:
         cfg = model_config_from_llama(raw, where=str(config_path))
         weights = read_tensors(weights_path, device="cpu", what="model weights")
@@ -627,9 +627,16 @@ def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu")
     """Load a model directory or hub id (see :meth:`BilinearTransformer.from_pretrained`);
     every error is one line naming the file. Refused: missing/unexpected tensors, shape or
     dtype mismatches, NaN/inf weights, a ``config.json`` that differs from the config the
-    weights were saved with (recorded in the safetensors metadata), corrupt tokenizer files."""
+    weights were saved with (recorded in the safetensors metadata), corrupt tokenizer files.
+    The paper's released checkpoints are converted on the fly (:func:`load_paper_checkpoint`)."""
+    # imported here: paper_checkpoints builds models with this module
+    from bilinear_lens.models.paper_checkpoints import is_paper_config, load_paper_checkpoint
+
     path = resolve_model_dir(path)
-    cfg, state = _read_config_and_weights(path)
+    raw = read_json(path / CONFIG_FILE, what="model config")
+    if is_paper_config(raw):
+        return load_paper_checkpoint(path).to(device)
+    cfg, state = _read_config_and_weights(path, raw)
     weights_path = path / WEIGHTS_FILE
     model = model_from_state_dict(cfg, state, load_model_tokenizer(path), where=str(weights_path))
     # after the shape check: shape-changing edits get its more specific message

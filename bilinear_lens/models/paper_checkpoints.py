@@ -57,6 +57,17 @@ PAPER_TOKENIZERS = {
 PAPER_FORMATS = ("oct2024", "jun2024")
 
 
+def is_paper_config(config: Any) -> bool:
+    """Whether a parsed ``config.json`` is one of theirs (their ``Config`` fields, no
+    ``model_type`` of a registered architecture, not ours)."""
+    return (
+        isinstance(config, dict)
+        and {"n_layer", "n_head", "d_hidden"} <= set(config)
+        and not config.get("model_type")
+        and "format" not in config
+    )
+
+
 def detect_paper_format(state: Mapping[str, Tensor], where: str) -> str:
     """``"oct2024"`` (MLP output ``mlp.p``) or ``"jun2024"`` (``mlp.o``), from the tensor names."""
     if "transformer.h.0.mlp.p.weight" in state:
