@@ -16,17 +16,21 @@ importing TransformerLens costs, which the model needs anyway.)
 from __future__ import annotations
 
 from bilinear_lens.models.checkpoint import CheckpointError
+from bilinear_lens.models.hf_llama import check_llama_expressible, llama_config_dict, model_config_from_llama, to_llama_state_dict, from_llama_state_dict
+from bilinear_lens.models.hub import resolve_model_dir, push_model_dir
+from bilinear_lens.models.paper_checkpoints import load_paper_checkpoint, convert_paper_state_dict, paper_model_config, detect_paper_format
+from bilinear_lens.models.sampling import sample_next_token, filter_logits
 from bilinear_lens.models.config import ModelConfig
 from bilinear_lens.models.hook_names import UnknownHookError
 from bilinear_lens.models.mlp import MLP, BilinearMLP, GatedMLP, make_mlp
-from bilinear_lens.models.model import BilinearTransformer, build_model, load_model, next_token_loss, save_model
+from bilinear_lens.models.model import BilinearTransformer, build_model, load_model, next_token_loss, save_model, model_from_state_dict
 from bilinear_lens.models.bridge import to_bridge, load_bridge, BilinearLensArchitectureAdapter, ARCHITECTURE_NAME
 from bilinear_lens.training.config import DataConfig, TrainConfig, RunConfig, load_run_config
 from bilinear_lens.training.loop import train, TrainResult, NonFiniteLossError, Trainer, TrainTask
 from bilinear_lens.locking import LockHeldError
 from bilinear_lens.data.corpus import prepare_data, TokenBlocks, load_texts
 from bilinear_lens.data.synthetic import synthetic_stories, word_class
-from bilinear_lens.data.tokenizer import train_tokenizer, load_tokenizer, save_tokenizer, to_hf_tokenizer
+from bilinear_lens.data.tokenizer import train_tokenizer, load_tokenizer, save_tokenizer, to_hf_tokenizer, load_model_tokenizer
 from bilinear_lens.weights.tensor import BilinearWeights, bilinear_tensor, bilinear_output, interaction_matrix, interaction_matrices, iter_interaction_matrices, interaction, quadratic_form, augment_input
 from bilinear_lens.weights.eigen import Eigendecomposition, eigendecompose, eigendecompose_directions, top_eigenvectors, interaction_operator, low_rank_approximation, low_rank_error, low_rank_output, low_rank_correlation, eigenvector_activations
 from bilinear_lens.weights.directions import token_direction, token_directions, logit_diff_direction, vector_direction, feature_direction, resolve_direction

@@ -17,6 +17,7 @@ COMMANDS = {
     "ablate": "neuron ablation sweep of an MLP layer",
     "polytope": "polytope-region statistics of an MLP layer over a text file",
     "report": "self-contained HTML report of a checkpoint",
+    "convert": "convert models: the paper's checkpoints, HF Llama format, hub ids",
 }
 
 

@@ -96,3 +96,89 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, tokens):
             raise RuntimeError("disk full")
     assert torch.equal(BilinearTransformer.from_pretrained(tmp_path / "m")(tokens), model(tokens))
     assert [p.name for p in tmp_path.iterdir()] == ["m"], "temporary directories must be cleaned up"
+
+
+# ---- load-time checks: non-finite weights, edited configs, corrupt tokenizers (issue 14) ----
+
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from bilinear_lens.models.checkpoint import read_tensor_metadata  # noqa: E402
+
+from bilinear_lens.cli import main as cli_main  # noqa: E402
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused(bad, tmp_path):
+    path = build_model(tiny_config()).save_pretrained(tmp_path / "m")
+    weights_path = path / "model.safetensors"
+    meta = read_tensor_metadata(weights_path)
+    weights = load_file(str(weights_path))
+    weights["blocks.1.mlp.out.weight"][3, 4] = bad
+    save_file(weights, str(weights_path), metadata=meta)
+    kind = "1 NaN, 0 inf" if bad != bad else "0 NaN, 1 inf"
+    with pytest.raises(CheckpointError, match=rf"model.safetensors: tensor blocks.1.mlp.out.weight holds non-finite values \({kind}\)"):
+        load_model(path)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("n_heads", 2), ("mlp_kind", "swiglu"), ("normalization_type", "LNPre"), ("rotary_base", 500.0), ("n_ctx", 32), ("eps", 1e-3)],
+)
+def test_shape_preserving_config_edits_are_refused(field, value, tmp_path):
+    path = build_model(tiny_config()).save_pretrained(tmp_path / "m")
+    cfg = json.loads((path / "config.json").read_text())
+    old = cfg[field]
+    cfg[field] = value
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=rf"config.json: the config differs from the one the weights were saved with \({field}: config {value!r}, weights saved with {old!r}\)"):
+        load_model(path)
+
+
+def test_checkpoints_without_the_config_record_still_load(tmp_path, tokens):
+    model = build_model(tiny_config())
+    path = model.save_pretrained(tmp_path / "m")
+    save_file(load_file(str(path / "model.safetensors")), str(path / "model.safetensors"), metadata={"format": "bilinear-lens"})
+    assert torch.equal(load_model(path)(tokens), model(tokens))
+    seed_only = json.loads((path / "config.json").read_text())
+    seed_only["seed"] = 99  # init-only fields do not change what the weights compute
+    (path / "config.json").write_text(json.dumps(seed_only))
+    assert torch.equal(load_model(path)(tokens), model(tokens))
+
+
+@pytest.fixture
+def with_tokenizer(tmp_path):
+    tok = to_hf_tokenizer(train_tokenizer(synthetic_stories(200, seed=0), vocab_size=300))
+    return build_model(tiny_config(d_vocab=len(tok), n_ctx=64), tokenizer=tok).save_pretrained(tmp_path / "m")
+
+
+@pytest.mark.parametrize("content", [b"\x89PNG\r\n\x1a\n\x00\x00binary", b'{"version": "1.0", "truncated'])
+def test_corrupt_tokenizer_is_one_line(content, with_tokenizer):
+    (with_tokenizer / "tokenizer.json").write_bytes(content)
+    with pytest.raises(CheckpointError, match=r"tokenizer file .*m/tokenizer.json is corrupt or not a tokenizers JSON file") as info:
+        load_model(with_tokenizer)
+    assert "\n" not in str(info.value)
+
+
+def test_corrupt_tokenizer_config_is_one_line(with_tokenizer):
+    (with_tokenizer / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"tokenizer files in .*m \(tokenizer_config.json\) cannot be loaded") as info:
+        load_model(with_tokenizer)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["eigen", "--checkpoint", "{m}", "--token", " happy"],
+        ["ablate", "--checkpoint", "{m}"],
+        ["polytope", "--checkpoint", "{m}", "--text-file", "{m}/config.json"],
+        ["report", "--checkpoint", "{m}", "--out", "{m}/../r.html"],
+        ["convert", "{m}", "--out", "{m}/../converted"],
+    ],
+    ids=lambda a: a[0],
+)
+def test_every_command_reports_a_corrupt_tokenizer_in_one_line(argv, with_tokenizer, capsys):
+    (with_tokenizer / "tokenizer.json").write_bytes(b"\x00\xff\x00binary")
+    assert cli_main([a.format(m=with_tokenizer) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert "tokenizer.json is corrupt or not a tokenizers JSON file" in err and err.count("\n") == 1, err

@@ -61,3 +61,19 @@ def test_matched_params_keeps_mlp_size():
     assert relu.d_mlp == 192
     assert relu.mlp_params_per_layer() == cfg.mlp_params_per_layer()
     assert relu.with_matched_params("swiglu").d_mlp == 128
+
+
+def test_no_norm_is_expressible_in_toml(tmp_path):
+    """TOML has no null: recipes say normalization_type = "none"; it round-trips as None."""
+    from bilinear_lens.training.config import load_run_config
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[model]\nd_vocab = 97\nnormalization_type = "none"\n')
+    cfg = load_run_config(recipe)
+    assert cfg.model.normalization_type is None
+    again = tmp_path / "again.toml"
+    cfg.save_toml(again)
+    assert load_run_config(again).model.normalization_type is None
+    assert ModelConfig(normalization_type="none") == ModelConfig(normalization_type=None)
+    with pytest.raises(ValueError, match=r"normalization_type='RMSNorm' is invalid: allowed values are \['RMS', 'RMSPre', 'LN', 'LNPre'\] or 'none'"):
+        ModelConfig(normalization_type="RMSNorm")

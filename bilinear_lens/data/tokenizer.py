@@ -15,6 +15,8 @@ from typing import Iterable, Optional
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from bilinear_lens.models.checkpoint import CheckpointError
+
 __all__ = [
     "SPECIAL_TOKEN",
     "SEPARATOR_ID",
@@ -24,6 +26,9 @@ __all__ = [
     "load_tokenizer",
     "tokenizer_hash",
     "to_hf_tokenizer",
+    "read_tokenizer_file",
+    "load_model_tokenizer",
+    "save_model_tokenizer",
 ]
 
 SPECIAL_TOKEN = "<|endoftext|>"
@@ -94,11 +99,71 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
     path = Path(path)
     if path.is_dir():
         path = path / "tokenizer.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"tokenizer file not found: {path}")
-    tokenizer = Tokenizer.from_file(str(path))
+    tokenizer = read_tokenizer_file(path)
     _check_special_token(tokenizer, str(path))
     return tokenizer
+
+
+def read_tokenizer_file(path: str | os.PathLike[str]) -> Tokenizer:
+    """Parse a ``tokenizer.json``; a missing file raises ``FileNotFoundError`` and a corrupt or
+    binary one a one-line :class:`CheckpointError`, both naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer file not found: {path}")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as err:  # tokenizers raises a bare Exception for every parse error
+        raise CheckpointError(f"tokenizer file {path} is corrupt or not a tokenizers JSON file: {_first_line(err)}") from None
+
+
+def load_model_tokenizer(directory: str | os.PathLike[str]) -> Optional[PreTrainedTokenizerFast]:
+    """The ``transformers`` tokenizer of a model directory, or ``None`` without ``tokenizer.json``.
+
+    With ``tokenizer_config.json`` (HF layout: any tokenizer, its own BOS/EOS/pad, possibly
+    no BOS) the special tokens come from it; without, the tokenizer must be one of ours
+    (``<|endoftext|>`` as id 0, wrapped by :func:`to_hf_tokenizer`). Corrupt files raise
+    :class:`CheckpointError` naming the file.
+    """
+    directory = Path(directory)
+    path = directory / "tokenizer.json"
+    if not path.is_file():
+        return None
+    backend = read_tokenizer_file(path)  # one-line error for a corrupt file, before transformers parses it
+    config_path = directory / "tokenizer_config.json"
+    if not config_path.is_file():
+        _check_special_token(backend, str(path))
+        return to_hf_tokenizer(backend)
+    try:
+        return PreTrainedTokenizerFast.from_pretrained(str(directory), local_files_only=True)
+    except Exception as err:  # transformers raises JSON, OS and value errors here
+        raise CheckpointError(f"tokenizer files in {directory} ({config_path.name}) cannot be loaded: {_first_line(err)}") from None
+
+
+def save_model_tokenizer(tokenizer: object, directory: str | os.PathLike[str], full: bool = False) -> None:
+    """Write a model directory's tokenizer files, read back by :func:`load_model_tokenizer`.
+
+    One of ours (``<|endoftext|>`` as id 0 and as BOS/EOS/pad, what :func:`to_hf_tokenizer`
+    rebuilds) needs only ``tokenizer.json``; any other ``transformers`` tokenizer, or
+    ``full=True`` (the HF layout, for ``AutoTokenizer``), also gets ``tokenizer_config.json``.
+    """
+    directory = Path(directory)
+    if full or not _is_ours(tokenizer):
+        tokenizer.save_pretrained(str(directory))  # type: ignore[attr-defined]
+    else:
+        getattr(tokenizer, "backend_tokenizer", tokenizer).save(str(directory / "tokenizer.json"))
+
+
+def _is_ours(tokenizer: object) -> bool:
+    """A bare ``tokenizers.Tokenizer``, or a wrapper :func:`to_hf_tokenizer` would rebuild."""
+    if not hasattr(tokenizer, "save_pretrained"):
+        return True
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    specials = {getattr(tokenizer, f"{t}_token", None) for t in ("bos", "eos", "pad")}
+    return backend is not None and backend.token_to_id(SPECIAL_TOKEN) == SEPARATOR_ID and specials == {SPECIAL_TOKEN}
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def tokenizer_hash(tokenizer: Tokenizer) -> str:

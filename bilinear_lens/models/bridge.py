@@ -174,8 +174,9 @@ class BridgeContainer(nn.Module):
         return self.inner(input_ids, attention_mask=attention_mask, position_ids=position_ids)
 
 
-def bridge_config(cfg: ModelConfig) -> TransformerBridgeConfig:
-    """The ``TransformerBridgeConfig`` describing a model of config ``cfg``."""
+def bridge_config(cfg: ModelConfig, default_prepend_bos: bool = True) -> TransformerBridgeConfig:
+    """The ``TransformerBridgeConfig`` describing a model of config ``cfg`` (``default_prepend_bos``:
+    the model's, False for tokenizers without BOS such as the paper's)."""
     tl_cfg = TransformerBridgeConfig(
         d_model=cfg.d_model,
         d_head=cfg.d_head,
@@ -192,13 +193,13 @@ def bridge_config(cfg: ModelConfig) -> TransformerBridgeConfig:
         attn_only=cfg.attn_only,
         gated_mlp=cfg.gated,
         architecture=ARCHITECTURE_NAME,
-        default_prepend_bos=True,
+        default_prepend_bos=default_prepend_bos,
     )
     tl_cfg.bilinear_lens_mlp_kind = cfg.mlp_kind
     return tl_cfg
 
 
-def _bridge_tokenizer(tokenizer: Any) -> Any:
+def _bridge_tokenizer(tokenizer: Any, prepend_bos: bool = True) -> Any:
     """A copy of ``tokenizer`` that TransformerBridge accepts as is.
 
     The bridge reloads tokenizers by ``name_or_path`` to add a BOS token unless they say
@@ -210,7 +211,7 @@ def _bridge_tokenizer(tokenizer: Any) -> Any:
         return None
     tokenizer = copy.deepcopy(tokenizer)
     tokenizer.init_kwargs.setdefault("name_or_path", "bilinear-lens")
-    tokenizer.init_kwargs["add_bos_token"] = True
+    tokenizer.init_kwargs["add_bos_token"] = prepend_bos
     return tokenizer
 
 
@@ -227,11 +228,11 @@ def to_bridge(model: BilinearTransformer, copy_model: bool = True, model_name: s
     if not isinstance(model, BilinearTransformer):
         raise TypeError(f"to_bridge expects a BilinearTransformer, got {type(model).__name__}")
     inner = copy.deepcopy(model) if copy_model else model
-    tokenizer = _bridge_tokenizer(inner.tokenizer)
+    tokenizer = _bridge_tokenizer(inner.tokenizer, inner.default_prepend_bos)
     return build_bridge_from_module(
         BridgeContainer(inner),
         ARCHITECTURE_NAME,
-        tl_config=bridge_config(model.cfg),
+        tl_config=bridge_config(model.cfg, default_prepend_bos=inner.default_prepend_bos),
         tokenizer=tokenizer,
         model_name=model_name,
     )

@@ -8,8 +8,10 @@ run code. Every load error names the file and what is wrong with it.
 Model directory layout (``save_model`` / ``load_model``)::
 
     config.json          ModelConfig fields + {"format": "bilinear-lens", "format_version": 1}
-    model.safetensors    state dict (non-persistent buffers such as rotary tables excluded)
+    model.safetensors    state dict (non-persistent buffers such as rotary tables excluded);
+                         its metadata records the config the weights were saved with
     tokenizer.json       optional: a HF ``tokenizers`` tokenizer
+    tokenizer_config.json  only for a tokenizer other than ours: its BOS/EOS/pad tokens
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Union
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -193,12 +195,15 @@ def write_model_dir(
 ) -> None:
     """Write a model directory's files (``config.json``, ``model.safetensors``, optional
     ``tokenizer.json``) into an existing ``directory`` (callers wrap it in
-    :func:`atomic_directory`). ``tokenizer``: a HF fast tokenizer or a ``tokenizers.Tokenizer``."""
+    :func:`atomic_directory`). ``tokenizer``: a HF fast tokenizer or a ``tokenizers.Tokenizer``.
+    The weights' safetensors metadata records ``config`` (see :func:`check_saved_config`)."""
     write_json(directory / CONFIG_FILE, {**config, "format": FORMAT_NAME, "format_version": FORMAT_VERSION})
-    write_tensors(directory / WEIGHTS_FILE, state_dict, metadata={"format": FORMAT_NAME})
+    write_tensors(directory / WEIGHTS_FILE, state_dict, metadata={"format": FORMAT_NAME, **saved_config_metadata(config)})
     if tokenizer is not None:
-        backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
-        backend.save(str(directory / TOKENIZER_FILE))
+        # imported here: bilinear_lens.data.tokenizer imports this module
+        from bilinear_lens.data.tokenizer import save_model_tokenizer
+
+        save_model_tokenizer(tokenizer, directory)
 
 
 def read_model_config(path: PathLike) -> dict[str, Any]:
@@ -213,3 +218,49 @@ def read_model_config(path: PathLike) -> dict[str, Any]:
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{config_path} has format_version={version!r}; this version reads {FORMAT_VERSION}")
     return data
+
+
+# ---- load-time checks: non-finite weights, a config edited after saving ----
+
+SAVED_CONFIG_KEY = "bilinear_lens_config"
+# Fields that do not change what loaded weights compute (they only seed a fresh init).
+INIT_ONLY_FIELDS = ("seed", "init_range")
+
+
+def saved_config_metadata(config: Mapping[str, Any]) -> dict[str, str]:
+    """Safetensors metadata recording ``config`` as canonical JSON (sorted keys)."""
+    return {SAVED_CONFIG_KEY: json.dumps(dict(config), sort_keys=True)}
+
+
+def read_tensor_metadata(path: PathLike) -> dict[str, str]:
+    """The string metadata of a safetensors file's header (``{}`` if none)."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return dict(fh.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"weights file {path} is corrupt or not a safetensors file: {err}") from err
+
+
+def check_saved_config(config: Mapping[str, Any], metadata: Mapping[str, str], where: str) -> None:
+    """Refuse a ``config`` that differs from the one recorded in the weights' ``metadata``
+    (fields other than :data:`INIT_ONLY_FIELDS`), naming every differing field with both
+    values. Weights saved before the record existed (no key) pass."""
+    if SAVED_CONFIG_KEY not in metadata:
+        return
+    try:
+        saved = json.loads(metadata[SAVED_CONFIG_KEY])
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{where}: metadata {SAVED_CONFIG_KEY!r} is not valid JSON: {err}") from err
+    keys = sorted((set(saved) | set(config)) - set(INIT_ONLY_FIELDS))
+    differing = [f"{k}: config {config.get(k)!r}, weights saved with {saved.get(k)!r}" for k in keys if config.get(k) != saved.get(k)]
+    if differing:
+        raise CheckpointError(f"{where}: the config differs from the one the weights were saved with ({'; '.join(differing)})")
+
+
+def check_finite(state: Mapping[str, Tensor], where: str) -> None:
+    """Refuse weights holding NaN or inf, naming the first such tensor and the counts."""
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            n_nan, n_inf = int(tensor.isnan().sum()), int(tensor.isinf().sum())
+            raise CheckpointError(f"{where}: tensor {name} holds non-finite values ({n_nan} NaN, {n_inf} inf)")
+

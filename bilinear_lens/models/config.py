@@ -14,8 +14,11 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 MLP_KIND_NAMES = ("bilinear", "swiglu", "relu", "gelu", "linear", "none")
-# TransformerLens' names for the norm families ("Pre" = no learned scale, as in the paper).
+# TransformerLens' names for the norm families ("Pre" = no learned scale, as in the paper);
+# None = no norm at all (the paper's 1-layer TinyStories models). TOML has no null, so a
+# recipe says "none", which the config stores as None.
 NORMALIZATION_TYPES = ("RMS", "RMSPre", "LN", "LNPre", None)
+NO_NORM_NAME = "none"
 POSITIONAL_EMBEDDING_TYPES = ("rotary", "standard")
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 
@@ -84,10 +87,12 @@ class ModelConfig:
         if self.d_model % self.n_heads != 0:
             _fail("d_model", self.d_model, f"must be divisible by n_heads={self.n_heads}")
         self.d_head = self.d_model // self.n_heads
+        if self.normalization_type == NO_NORM_NAME:
+            self.normalization_type = None
         if self.mlp_kind not in MLP_KIND_NAMES:
             _fail("mlp_kind", self.mlp_kind, f"allowed values are {list(MLP_KIND_NAMES)}")
         if self.normalization_type not in NORMALIZATION_TYPES:
-            _fail("normalization_type", self.normalization_type, f"allowed values are {list(NORMALIZATION_TYPES)}")
+            _fail("normalization_type", self.normalization_type, f"allowed values are {list(NORMALIZATION_TYPES[:-1])} or 'none' (null)")
         if self.positional_embedding_type not in POSITIONAL_EMBEDDING_TYPES:
             _fail(
                 "positional_embedding_type",

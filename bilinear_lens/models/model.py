@@ -30,24 +30,33 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
+from transformer_lens.ActivationCache import ActivationCache
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.HookedRootModule import HookedRootModule
 
-from bilinear_lens.data.tokenizer import load_tokenizer, to_hf_tokenizer
+from bilinear_lens.data.tokenizer import load_model_tokenizer
 from bilinear_lens.models.checkpoint import (
     CONFIG_FILE,
-    TOKENIZER_FILE,
+    FORMAT_NAME,
     WEIGHTS_FILE,
     CheckpointError,
     atomic_directory,
+    check_finite,
+    check_saved_config,
     check_state_dict,
+    read_json,
     read_model_config,
+    read_tensor_metadata,
     read_tensors,
     write_model_dir,
 )
 from bilinear_lens.models.config import ModelConfig
+from bilinear_lens.models.hf_llama import model_config_from_llama, from_llama_state_dict, write_llama_files
 from bilinear_lens.models.hook_names import check_hook_names
+from bilinear_lens.models.hub import resolve_model_dir
 from bilinear_lens.models.mlp import make_mlp
+from bilinear_lens.models.sampling import check_sampling_args, sample_next_token
+from bilinear_lens.models.weight_views import AttentionWeightViews, StackedWeightViews
 
 TORCH_DTYPES = {
     "float32": torch.float32,
@@ -156,14 +165,15 @@ class Rotary(nn.Module):
         return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-class Attention(nn.Module):
+class Attention(AttentionWeightViews, nn.Module):
     """Causal multi-head self-attention returning ``(out, pattern)``.
 
     ``accepts_pattern_fn``: TransformerLens' ``AttentionBridge`` passes its
     ``hook_pattern`` as ``pattern_fn`` so bridge hooks can edit the pattern in place.
     When no hook watches the scores or pattern and no mask or ``pattern_fn`` is given,
     the fused ``scaled_dot_product_attention`` kernel runs instead (same math, faster);
-    ``pattern`` is then ``None``.
+    ``pattern`` is then ``None``. ``W_Q``/``W_K``/``W_V``/``W_O`` (and ``b_*``) are
+    TransformerLens views of the projections (see :mod:`bilinear_lens.models.weight_views`).
     """
 
     accepts_pattern_fn = True
@@ -264,11 +274,14 @@ class TransformerBlock(nn.Module):
         return (self.hook_resid_post(resid),)
 
 
-class BilinearTransformer(HookedRootModule):
+class BilinearTransformer(StackedWeightViews, HookedRootModule):
     """Decoder-only transformer whose MLPs are ``cfg.mlp_kind`` (bilinear by default).
 
     ``forward(tokens)`` returns logits ``[batch, pos, d_vocab]``; ``return_type="loss"``
     gives the mean next-token cross-entropy, ``"both"`` a ``(logits, loss)`` pair.
+    TransformerLens' stacked weights (``W_Q ... W_out``) come from
+    :class:`~bilinear_lens.models.weight_views.StackedWeightViews`; ``run_with_cache``
+    returns a ``transformer_lens.ActivationCache``.
     """
 
     def __init__(self, cfg: ModelConfig, tokenizer: Any = None):
@@ -300,14 +313,43 @@ class BilinearTransformer(HookedRootModule):
         check_hook_names(self.hook_dict, [name], where=f"{type(self).__name__}")
         super()._enable_hook_with_name(name, hook, dir)
 
-    def run_with_cache(self, *args: Any, names_filter: Any = None, **kwargs: Any) -> Any:  # type: ignore[override]
-        """TransformerLens' ``run_with_cache``; string names in ``names_filter`` are checked."""
+    def run_with_cache(  # type: ignore[override]
+        self, *args: Any, names_filter: Any = None, return_cache_object: bool = True, remove_batch_dim: bool = False, **kwargs: Any
+    ) -> tuple[Any, Union[ActivationCache, dict[str, Tensor]]]:
+        """TransformerLens' ``run_with_cache``: ``(output, ActivationCache)`` (a plain dict with
+        ``return_cache_object=False``). String names in ``names_filter`` are checked."""
         if isinstance(names_filter, str) or (
             isinstance(names_filter, (list, tuple)) and all(isinstance(n, str) for n in names_filter)
         ):
             names = [names_filter] if isinstance(names_filter, str) else list(names_filter)
             check_hook_names(self.hook_dict, names, where=f"{type(self).__name__}")
-        return super().run_with_cache(*args, names_filter=names_filter, **kwargs)
+        out, cache = super().run_with_cache(*args, names_filter=names_filter, remove_batch_dim=remove_batch_dim, **kwargs)
+        if not return_cache_object:
+            return out, cache
+        return out, ActivationCache(cache, self, has_batch_dim=not remove_batch_dim)
+
+    # ---- what ActivationCache's decompositions ask of the model ----
+    def tokens_to_residual_directions(
+        self, tokens: Union[str, int, Int[Tensor, "..."]]
+    ) -> Float[Tensor, "... d_model"]:
+        """The unembedding columns of ``tokens`` (a string is one token): ``W_U[:, t]``."""
+        if isinstance(tokens, str):
+            tokens = self.to_single_token(tokens)
+        index = torch.as_tensor(tokens, device=self.unembed.weight.device)
+        return self.unembed.weight[index]
+
+    def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True) -> Float[Tensor, "d_model"]:
+        """Sum of the attention-output and MLP-output biases written to the residual stream
+        before block ``layer`` (``mlp_input``: plus block ``layer``'s attention bias); zeros
+        without biases."""
+        total = torch.zeros(self.cfg.d_model, device=self.embed.weight.device, dtype=self.embed.weight.dtype)
+        for index, block in enumerate(self.blocks[: layer + (1 if mlp_input else 0)]):
+            if block.attn.b_O is not None:
+                total = total + block.attn.b_O
+            mlp = getattr(block, "mlp", None)
+            if include_mlp_biases and index < layer and mlp is not None and mlp.b_out is not None:
+                total = total + mlp.b_out
+        return total
 
     # ---- TransformerLens-style weight views ([d_vocab, d_model] etc.) ----
     @property
@@ -331,8 +373,16 @@ class BilinearTransformer(HookedRootModule):
         start_at_layer: Optional[int] = None,
         stop_at_layer: Optional[int] = None,
         tokens: Optional[Int[Tensor, "batch pos"]] = None,
+        loss_per_token: bool = False,
+        prepend_bos: Optional[bool] = None,
+        padding_side: Optional[str] = None,
     ) -> Any:
-        """Run the model (TransformerLens semantics for the layer range).
+        """Run the model (TransformerLens semantics for the arguments TransformerLens has).
+
+        Text input is tokenized with :meth:`to_tokens` (``prepend_bos``, ``padding_side``);
+        a padded batch gets an attention mask, positions counted from each row's first
+        real token, and a loss over real tokens only. ``loss_per_token``: the loss is
+        ``[batch, pos - 1]`` instead of the mean.
 
         ``start_at_layer=l``: ``input`` is the residual stream entering block ``l``
         (``blocks.{l}.hook_resid_pre``, ``[batch, pos, d_model]``) and the embedding and
@@ -345,7 +395,13 @@ class BilinearTransformer(HookedRootModule):
             if value is not None and not 0 <= value <= n_layers:
                 raise ValueError(f"{name}={value} is out of range [0, {n_layers}]")
         if start_at_layer is None:
-            tokens = self.to_tokens(input) if isinstance(input, (str, list)) else input
+            if isinstance(input, (str, list)):
+                tokens, text_mask = self._tokens_and_mask(input, prepend_bos, padding_side)
+                if text_mask is not None and attention_mask is None:
+                    attention_mask = text_mask
+                    position_ids = (text_mask.cumsum(-1) - 1).clamp(min=0) if position_ids is None else position_ids
+            else:
+                tokens = input
             self._check_tokens(tokens)
             batch, pos = tokens.shape
         else:
@@ -370,18 +426,7 @@ class BilinearTransformer(HookedRootModule):
         if stop_at_layer is not None:
             return resid
         logits = self.unembed(self.ln_final(resid))
-        if return_type == "logits":
-            return logits
-        if return_type is None:
-            return None
-        if tokens is None:
-            raise ValueError(f"return_type={return_type!r} with start_at_layer needs tokens= for the loss")
-        loss = next_token_loss(logits, tokens)
-        if return_type == "loss":
-            return loss
-        if return_type == "both":
-            return logits, loss
-        raise ValueError(f"return_type={return_type!r}; allowed: 'logits', 'loss', 'both', None")
+        return _by_return_type(logits, return_type, tokens, loss_per_token, attention_mask)
 
     def _check_tokens(self, tokens: Tensor) -> None:
         if tokens.dim() != 2:
@@ -403,21 +448,54 @@ class BilinearTransformer(HookedRootModule):
             raise ValueError("this model has no tokenizer; pass token ids, or attach one with model.tokenizer = ...")
         return self.tokenizer
 
-    def to_tokens(self, text: Union[str, list[str]], prepend_bos: bool = True) -> Int[Tensor, "batch pos"]:
-        """Tokenize ``text`` (right-padded with the pad token when a list has ragged lengths)."""
+    @property
+    def default_prepend_bos(self) -> bool:
+        """TransformerLens' ``cfg.default_prepend_bos``: True when the tokenizer has a BOS token
+        (ours: ``<|endoftext|>``), False for tokenizers without one (the paper's models were
+        trained without BOS)."""
+        return self.tokenizer is not None and self.tokenizer.bos_token_id is not None
+
+    def _bos_token_id(self) -> int:
+        """The BOS id; a tokenizer without one uses its EOS token, as TransformerLens does."""
+        tok = self._require_tokenizer()
+        bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        if bos is None:
+            raise ValueError("prepend_bos=True but the tokenizer has neither a BOS nor an EOS token")
+        return bos
+
+    def _tokens_and_mask(
+        self, text: Union[str, list[str]], prepend_bos: Optional[bool] = None, padding_side: Optional[str] = None
+    ) -> tuple[Int[Tensor, "batch pos"], Optional[Int[Tensor, "batch pos"]]]:
+        """Token ids of ``text`` padded to one width, and the attention mask (``None`` when
+        every row has the same length). ``prepend_bos=None``: :attr:`default_prepend_bos`;
+        ``padding_side``: ``"right"`` (default) or ``"left"``."""
+        if padding_side not in (None, "right", "left"):
+            raise ValueError(f"padding_side={padding_side!r} is invalid: allowed 'right', 'left'")
         tok = self._require_tokenizer()
         texts = [text] if isinstance(text, str) else list(text)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise ValueError("text input must be a string or a non-empty list of strings")
         ids = [tok.encode(t, add_special_tokens=False) for t in texts]
-        if prepend_bos:
-            if tok.bos_token_id is None:
-                raise ValueError("prepend_bos=True but the tokenizer has no BOS token")
-            ids = [[tok.bos_token_id] + i for i in ids]
+        if self.default_prepend_bos if prepend_bos is None else prepend_bos:
+            ids = [[self._bos_token_id()] + i for i in ids]
         width = max(len(i) for i in ids)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         out = torch.full((len(ids), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
         for row, i in enumerate(ids):
-            out[row, : len(i)] = torch.tensor(i, dtype=torch.long)
-        return out.to(self.embed.weight.device)
+            cols = slice(width - len(i), width) if padding_side == "left" else slice(0, len(i))
+            out[row, cols] = torch.tensor(i, dtype=torch.long)
+            mask[row, cols] = 1
+        device = self.embed.weight.device
+        return out.to(device), (None if bool(mask.all()) else mask.to(device))
+
+    def to_tokens(
+        self, text: Union[str, list[str]], prepend_bos: Optional[bool] = None, padding_side: Optional[str] = None
+    ) -> Int[Tensor, "batch pos"]:
+        """Tokenize ``text`` (TransformerLens semantics): ``prepend_bos=None`` follows
+        :attr:`default_prepend_bos`; a ragged list is padded with the pad token on
+        ``padding_side`` (``"right"`` by default)."""
+        return self._tokens_and_mask(text, prepend_bos, padding_side)[0]
 
     def to_string(self, tokens: Union[Tensor, list[int]]) -> Union[str, list[str]]:
         tok = self._require_tokenizer()
@@ -426,7 +504,7 @@ class BilinearTransformer(HookedRootModule):
         ids = tokens.tolist() if isinstance(tokens, Tensor) else list(tokens)
         return tok.decode(ids)
 
-    def to_str_tokens(self, input: Union[str, Tensor], prepend_bos: bool = True) -> list[str]:
+    def to_str_tokens(self, input: Union[str, Tensor], prepend_bos: Optional[bool] = None) -> list[str]:
         tokens = self.to_tokens(input, prepend_bos) if isinstance(input, str) else input
         tokens = tokens.flatten() if isinstance(tokens, Tensor) else tokens
         return [self._require_tokenizer().decode([int(t)]) for t in tokens]
@@ -443,38 +521,87 @@ class BilinearTransformer(HookedRootModule):
         input: Union[str, Int[Tensor, "batch pos"]],
         max_new_tokens: int = 20,
         temperature: float = 1.0,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        stop_at_eos: bool = True,
+        eos_token_id: Optional[int] = None,
+        prepend_bos: Optional[bool] = None,
         seed: Optional[int] = None,
     ) -> Union[str, Tensor]:
-        """Sample continuations (greedy when ``temperature == 0``)."""
-        tokens = self.to_tokens(input) if isinstance(input, str) else input
+        """Sample continuations (TransformerLens' arguments; greedy when ``temperature == 0``).
+
+        ``top_k`` / ``top_p`` restrict sampling (:mod:`bilinear_lens.models.sampling`).
+        ``stop_at_eos``: a row that produced ``eos_token_id`` (default: the tokenizer's EOS)
+        continues with EOS and generation ends when every row has. A string input returns
+        a string; token input returns ``[batch, pos + new]`` ids.
+        """
+        check_sampling_args(temperature, top_k, top_p)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens={max_new_tokens!r} is invalid: must be an integer >= 0")
+        tokens = self.to_tokens(input, prepend_bos=prepend_bos) if isinstance(input, str) else input
+        self._check_tokens(tokens)
+        if eos_token_id is None and stop_at_eos and self.tokenizer is not None:
+            eos_token_id = self.tokenizer.eos_token_id
         gen = torch.Generator(device=tokens.device)
         if seed is not None:
             gen.manual_seed(seed)
+        finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
         for _ in range(max_new_tokens):
             logits = self(tokens[:, -self.cfg.n_ctx :])[:, -1]
-            if temperature == 0:
-                nxt = logits.argmax(-1, keepdim=True)
-            else:
-                probs = (logits / temperature).softmax(-1)
-                nxt = torch.multinomial(probs, 1, generator=gen)
+            nxt = sample_next_token(logits, temperature, top_k, top_p, generator=gen)
+            if stop_at_eos and eos_token_id is not None:
+                nxt = nxt.masked_fill(finished[:, None], eos_token_id)
+                finished |= nxt[:, 0] == eos_token_id
             tokens = torch.cat([tokens, nxt], dim=1)
+            if bool(finished.all()):
+                break
         return self.to_string(tokens[0]) if isinstance(input, str) else tokens
 
-    # ---- persistence (files: bilinear_lens.models.checkpoint) ----
-    def save_pretrained(self, path: Union[str, Path]) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` (+ ``tokenizer.json``) atomically."""
-        return save_model(self, path)
+    # ---- persistence (files: bilinear_lens.models.checkpoint, .hf_llama, .hub) ----
+    def save_pretrained(self, path: Union[str, Path], format: str = FORMAT_NAME) -> Path:
+        """Write the model to directory ``path`` atomically (nothing is written on an error).
+
+        ``format="bilinear-lens"``: ``config.json`` + ``model.safetensors`` (+ tokenizer files).
+        ``format="hf"``: the Hugging Face Llama layout (``config.json`` with ``model_type``
+        and ``architectures``, ``model.safetensors``, ``generation_config.json``, tokenizer
+        files) that ``transformers.AutoModelForCausalLM`` and TransformerLens'
+        ``TransformerBridge.boot_transformers`` load without this package; configs Llama
+        cannot express raise ``ValueError`` naming the field.
+        """
+        return save_model(self, path, format=format)
 
     @classmethod
     def from_pretrained(cls, path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> "BilinearTransformer":
-        """Load a model saved by :meth:`save_pretrained` (safetensors: never unpickles)."""
+        """Load our checkpoint directory, an HF Llama-format directory (``hidden_act`` linear
+        or silu), one of the paper's released checkpoints (converted), or a hub id (``owner/name``, through ``huggingface_hub.snapshot_download``,
+        respecting ``HF_HUB_OFFLINE`` and the local cache). Safetensors only: never unpickles."""
         return load_model(path, device=device)
 
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
+        """Upload the HF Llama-format export to the hub repo ``repo_id`` (see
+        :func:`bilinear_lens.models.hub.push_model_dir`; ``kwargs`` go to it)."""
+        from bilinear_lens.models.hub import push_model_dir
 
-def save_model(model: BilinearTransformer, path: Union[str, Path]) -> Path:
-    """Atomically write ``model`` to directory ``path`` (see :mod:`bilinear_lens.models.checkpoint`)."""
+        return push_model_dir(lambda directory: self.save_pretrained(directory, format="hf"), repo_id, **kwargs)
+
+
+SAVE_FORMATS = (FORMAT_NAME, "hf")
+
+
+def save_model(model: BilinearTransformer, path: Union[str, Path], format: str = FORMAT_NAME) -> Path:
+    """Atomically write ``model`` to directory ``path`` in ``format`` (see :meth:`BilinearTransformer.save_pretrained`)."""
+    if format not in SAVE_FORMATS:
+        raise ValueError(f"format={format!r} is invalid: allowed {list(SAVE_FORMATS)}")
+    tokenizer = getattr(model, "tokenizer", None)
+    if format == "hf":
+        from bilinear_lens.models.hf_llama import check_llama_expressible
+
+        check_llama_expressible(model.cfg)  # before anything touches the disk
     with atomic_directory(path) as tmp:
-        write_model_dir(tmp, model.cfg.to_dict(), model.state_dict(), getattr(model, "tokenizer", None))
+        if format == "hf":
+            write_llama_files(tmp, model.cfg, model.state_dict(), tokenizer)
+        else:
+            write_model_dir(tmp, model.cfg.to_dict(), model.state_dict(), tokenizer)
     return Path(path)
 
 
@@ -483,33 +610,89 @@ def load_config(path: Union[str, Path]) -> ModelConfig:
     return ModelConfig.from_dict(read_model_config(path), where=str(Path(path) / CONFIG_FILE))
 
 
+def _read_config_and_weights(path: Path, raw: Any) -> tuple[ModelConfig, dict[str, Tensor]]:
+    """Our format (``"format": "bilinear-lens"``) or the HF Llama format (``"model_type"``);
+    ``raw`` is the parsed ``config.json``."""
+    config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
+    if isinstance(raw, dict) and "model_type" in raw and "format" not in raw:
+        cfg = model_config_from_llama(raw, where=str(config_path))
+        weights = read_tensors(weights_path, device="cpu", what="model weights")
+        return cfg, from_llama_state_dict(weights, cfg, where=str(weights_path))
+    if isinstance(raw, dict) and "format" not in raw:
+        raise CheckpointError(f"{config_path} has neither 'format' (bilinear-lens) nor 'model_type' (Hugging Face); cannot tell its format")
+    return load_config(path), read_tensors(weights_path, device="cpu", what="model weights")
+
+
 def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> BilinearTransformer:
-    """Load a :class:`BilinearTransformer` saved by :func:`save_model`; every error names the file."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint directory not found: {path}")
-    cfg = load_config(path)
-    tokenizer = None
-    if (path / TOKENIZER_FILE).is_file():
-        tokenizer = to_hf_tokenizer(load_tokenizer(path / TOKENIZER_FILE))
-    model = BilinearTransformer(cfg, tokenizer=tokenizer)
-    state = read_tensors(path / WEIGHTS_FILE, device="cpu", what="model weights")
-    expected = model.state_dict()
-    check_state_dict(expected, state, where=str(path / WEIGHTS_FILE))
-    for key, tensor in state.items():
-        if tensor.dtype != expected[key].dtype:
-            raise CheckpointError(f"{path / WEIGHTS_FILE}: {key} has dtype {tensor.dtype}, config says {expected[key].dtype}")
-    model.load_state_dict(state)
+    """Load a model directory or hub id (see :meth:`BilinearTransformer.from_pretrained`);
+    every error is one line naming the file. Refused: missing/unexpected tensors, shape or
+    dtype mismatches, NaN/inf weights, a ``config.json`` that differs from the config the
+    weights were saved with (recorded in the safetensors metadata), corrupt tokenizer files.
+    The paper's released checkpoints are converted on the fly (:func:`load_paper_checkpoint`)."""
+    # imported here: paper_checkpoints builds models with this module
+    from bilinear_lens.models.paper_checkpoints import is_paper_config, load_paper_checkpoint
+
+    path = resolve_model_dir(path)
+    raw = read_json(path / CONFIG_FILE, what="model config")
+    if is_paper_config(raw):
+        return load_paper_checkpoint(path).to(device)
+    cfg, state = _read_config_and_weights(path, raw)
+    weights_path = path / WEIGHTS_FILE
+    model = model_from_state_dict(cfg, state, load_model_tokenizer(path), where=str(weights_path))
+    # after the shape check: shape-changing edits get its more specific message
+    check_saved_config(cfg.to_dict(), read_tensor_metadata(weights_path), where=str(path / CONFIG_FILE))
     return model.to(device)
 
 
+def model_from_state_dict(cfg: ModelConfig, state: dict[str, Tensor], tokenizer: Any, where: str) -> BilinearTransformer:
+    """A model of ``cfg`` holding ``state``; missing/unexpected tensors, shape or dtype
+    mismatches and NaN/inf values raise one-line :class:`CheckpointError` s naming ``where``."""
+    model = BilinearTransformer(cfg, tokenizer=tokenizer)
+    expected = model.state_dict()
+    check_state_dict(expected, state, where=where)
+    for key, tensor in state.items():
+        if tensor.dtype != expected[key].dtype:
+            raise CheckpointError(f"{where}: {key} has dtype {tensor.dtype}, config says {expected[key].dtype}")
+    check_finite(state, where=where)
+    model.load_state_dict(state)
+    return model
+
+
+def _by_return_type(
+    logits: Float[Tensor, "batch pos d_vocab"],
+    return_type: Optional[str],
+    tokens: Optional[Int[Tensor, "batch pos"]],
+    loss_per_token: bool,
+    attention_mask: Optional[Tensor],
+) -> Any:
+    """What :meth:`BilinearTransformer.forward` returns for ``return_type``."""
+    if return_type == "logits":
+        return logits
+    if return_type is None:
+        return None
+    if return_type not in ("loss", "both"):
+        raise ValueError(f"return_type={return_type!r}; allowed: 'logits', 'loss', 'both', None")
+    if tokens is None:
+        raise ValueError(f"return_type={return_type!r} with start_at_layer needs tokens= for the loss")
+    loss = next_token_loss(logits, tokens, per_token=loss_per_token, attention_mask=attention_mask)
+    return loss if return_type == "loss" else (logits, loss)
+
+
 def next_token_loss(
-    logits: Float[Tensor, "batch pos d_vocab"], tokens: Int[Tensor, "batch pos"], per_token: bool = False
+    logits: Float[Tensor, "batch pos d_vocab"],
+    tokens: Int[Tensor, "batch pos"],
+    per_token: bool = False,
+    attention_mask: Optional[Int[Tensor, "batch pos"]] = None,
 ) -> Tensor:
-    """Cross-entropy of predicting ``tokens[:, 1:]`` from ``logits[:, :-1]`` (mean, or ``[batch, pos-1]``)."""
+    """Cross-entropy of predicting ``tokens[:, 1:]`` from ``logits[:, :-1]`` (mean, or
+    ``[batch, pos-1]``). With ``attention_mask`` (1 = real token) the mean runs over
+    predictions of real tokens from real tokens; per-token values at padding are 0."""
     log_probs = logits[:, :-1].float().log_softmax(-1)
     nll = -log_probs.gather(-1, tokens[:, 1:, None]).squeeze(-1)
-    return nll if per_token else nll.mean()
+    if attention_mask is None:
+        return nll if per_token else nll.mean()
+    keep = (attention_mask[:, 1:] * attention_mask[:, :-1]).to(nll.dtype)
+    return nll * keep if per_token else (nll * keep).sum() / keep.sum()
 
 
 def init_weights(model: BilinearTransformer, cfg: ModelConfig) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from bilinear_lens.models.config import ModelConfig, config_error, is_int, is_number
+from bilinear_lens.models.config import NO_NORM_NAME, ModelConfig, config_error, is_int, is_number
 
 # --- training recipes --------------------------------------------------------------------
 #
@@ -248,6 +248,8 @@ class RunConfig:
         for section, table in self.to_dict().items():
             lines.append(f"\n[{section}]")
             for key, value in table.items():
+                if section == "model" and key == "normalization_type" and value is None:
+                    value = NO_NORM_NAME  # "no norm" is not the default: TOML says it "none"
                 if value is not None:  # TOML has no null; None fields are None by default
                     lines.append(f"{key} = {_toml_value(value)}")
         return "\n".join(lines) + "\n"
