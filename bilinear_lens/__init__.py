@@ -36,6 +36,8 @@ from bilinear_lens.activations.region_counts import RegionCounts
 from bilinear_lens.activations.polytope import RegionTracker, track_regions, region_summary, embedding_path_profile, residual_path_profile, purity, purity_report, compare_purity, kmeans
 from bilinear_lens.toy import ToyConfig, ToyModel, train_toy_model, random_rotation, rotation_invariance, alignment_score, model_alignment_score
 from bilinear_lens.views.report import build_report, write_report
+from bilinear_lens.sae.config import SAEConfig, SAEConfigError
+from bilinear_lens.sae.model import SAE, load_sae, save_sae, check_sae_fits_model
 
 __version__ = "0.1.0"
 
