@@ -345,7 +345,7 @@ class BilinearTransformer(HookedRootModule):
             if value is not None and not 0 <= value <= n_layers:
                 raise ValueError(f"{name}={value} is out of range [0, {n_layers}]")
         if start_at_layer is None:
-            tokens = self.to_tokens(input) if isinstance(input, (str, list)) else input
+            tokens = self.to_tokens(input) if isinstance(input, str) or (isinstance(input, list) and input) else input
             self._check_tokens(tokens)
             batch, pos = tokens.shape
         else:
@@ -384,6 +384,11 @@ class BilinearTransformer(HookedRootModule):
         raise ValueError(f"return_type={return_type!r}; allowed: 'logits', 'loss', 'both', None")
 
     def _check_tokens(self, tokens: Tensor) -> None:
+        if not isinstance(tokens, Tensor):
+            what = "an empty list" if isinstance(tokens, list) else type(tokens).__name__
+            raise ValueError(f"input must be text, a non-empty list of texts or a [batch, pos] token tensor, got {what}")
+        if tokens.numel() == 0:
+            raise ValueError(f"tokens must hold at least one token, got shape {tuple(tokens.shape)}")
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
         pos = tokens.shape[1]
