@@ -17,6 +17,7 @@ COMMANDS = {
     "ablate": "neuron ablation sweep of an MLP layer",
     "polytope": "polytope-region statistics of an MLP layer over a text file",
     "report": "self-contained HTML report of a checkpoint",
+    "sae": "train sparse autoencoders (SAELens format) on a checkpoint's activations",
 }
 
 

@@ -122,21 +122,31 @@ class SAE(HookedRootModule):
         self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(self.W_dec.dtype).tiny)
 
 
+def write_sae_files(directory: Path, sae: SAE) -> None:
+    """``cfg.json`` and ``sae_weights.safetensors`` into an existing ``directory`` (callers
+    wrap it in :func:`~bilinear_lens.models.checkpoint.atomic_directory`)."""
+    write_json(directory / SAE_CFG_FILE, sae.cfg.to_sae_lens_dict())
+    write_tensors(directory / SAE_WEIGHTS_FILE, {k: v.detach().cpu() for k, v in sae.state_dict().items()})
+
+
 def save_sae(sae: SAE, path: PathLike) -> Path:
     """Write ``sae`` to directory ``path`` in SAELens' format, atomically."""
     path = Path(path)
     with atomic_directory(path) as tmp:
-        write_json(tmp / SAE_CFG_FILE, sae.cfg.to_sae_lens_dict())
-        write_tensors(tmp / SAE_WEIGHTS_FILE, {k: v.detach().cpu() for k, v in sae.state_dict().items()})
+        write_sae_files(tmp, sae)
     return path
 
 
 def load_sae(path: PathLike, model: Any = None) -> SAE:
-    """Read an SAELens-format directory (never unpickles). With ``model``, also check that
-    the SAE fits it (:func:`check_sae_fits_model`)."""
+    """Read an SAELens-format directory (never unpickles); a training run directory
+    (:func:`~bilinear_lens.sae.train.train_sae`'s ``out``, no ``cfg.json`` of its own) means
+    its ``final/`` SAE. With ``model``, also check that the SAE fits it
+    (:func:`check_sae_fits_model`)."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"SAE directory not found: {path}")
+    if not (path / SAE_CFG_FILE).is_file() and (path / "final" / SAE_CFG_FILE).is_file():
+        path = path / "final"  # an SAE training run directory (bilinear_lens.sae.train): its final SAE
     cfg = read_sae_config(path)
     sae = SAE(cfg)
     tensors = read_tensors(path / SAE_WEIGHTS_FILE, what="SAE weights")
