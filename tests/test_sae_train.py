@@ -26,12 +26,13 @@ def checkpoint(tmp_path_factory):
     return root / "m"
 
 
-def recipe(tmp_path, **sae):
+def recipe(tmp_path, dead_after_steps=5, **train):
     data = {"source": "synthetic", "max_docs": 300, "val_fraction": 0.1, "cache_dir": str(tmp_path / "cache")}
-    settings = dict(expansion=2, k=4, steps=12, blocks_per_step=8, lr=3e-3, min_lr=3e-4, log_every=3,
-                    eval_every=6, eval_blocks=8, checkpoint_every=4, keep_last=2, dead_after_steps=5)
-    settings.update(sae)
-    return SAERecipe.from_dict({"sae": settings, "data": data}, where="test recipe")
+    sae = dict(expansion=2, k=4, dead_after_steps=dead_after_steps)
+    settings = dict(steps=12, batch_size=8, lr=3e-3, min_lr=3e-4, log_every=3, eval_every=6, eval_batches=1,
+                    checkpoint_every=4, keep_last=2)
+    settings.update(train)
+    return SAERecipe.from_dict({"sae": sae, "train": settings, "data": data}, where="test recipe")
 
 
 def test_trains_streams_and_writes_an_saelens_dir(checkpoint, tmp_path):
@@ -89,15 +90,19 @@ def test_refuses_to_mix_runs_and_bad_input(checkpoint, tmp_path, capsys):
                "--set", f"data.cache_dir={json.dumps(str(tmp_path / 'cache'))}"])
     err = capsys.readouterr().err
     assert rc == 2 and "unknown hook name 'blocks.3.hook_resid_mid'" in err and len(err.strip().splitlines()) == 1
-    with pytest.raises(ValueError, match=r"SAETrainConfig.k=0 is invalid: must be a positive integer"):
+    with pytest.raises(ValueError, match=r"SAESpec.k=0 is invalid: must be a positive integer"):
         load_sae_recipe(None, ["sae.k=0"])
     with pytest.raises(ValueError, match=r"override 'sae.kk=3' must be sae.key=value with key one of"):
         load_sae_recipe(None, ["sae.kk=3"])
+    with pytest.raises(ValueError, match=r"unsupported key\(s\) \['grad_accum'\] in section \[train\]"):
+        load_sae_recipe(None, ["train.grad_accum=2"])
+    defaults = load_sae_recipe(None)  # the paper's settings
+    assert (defaults.sae.k, defaults.sae.expansion, defaults.train.lr, defaults.train.weight_decay) == (30, 4, 1e-4, 0.0)
 
 
 def test_cli_trains_and_eigen_reads_the_feature(checkpoint, tmp_path, capsys):
     cfg = tmp_path / "r.toml"
-    cfg.write_text('[sae]\nexpansion = 2\nk = 4\nsteps = 6\nblocks_per_step = 8\nlr = 3e-3\neval_every = 3\n'
+    cfg.write_text('[sae]\nexpansion = 2\nk = 4\n[train]\nsteps = 6\nbatch_size = 8\nlr = 3e-3\neval_every = 3\n'
                    f'[data]\nmax_docs = 300\nval_fraction = 0.1\ncache_dir = {json.dumps(str(tmp_path / "c"))}\n')
     rc = main(["sae", "train", "--checkpoint", str(checkpoint), "--hook", "blocks.0.hook_resid_post",
                "--config", str(cfg), "--out", str(tmp_path / "out"), "--no-progress"])

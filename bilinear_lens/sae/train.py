@@ -38,7 +38,6 @@ write, but its features then describe one layer's output only.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -53,14 +52,17 @@ from tqdm.auto import tqdm
 from bilinear_lens.models.checkpoint import atomic_directory, write_json
 from bilinear_lens.sae.config import SAEConfig
 from bilinear_lens.sae.model import SAE, hook_width, load_sae, write_sae_files
-from bilinear_lens.sae.recipe import SAERecipe, SAETrainConfig
-from bilinear_lens.training.loop import (  # the model trainer's run-directory layout, reused
+from bilinear_lens.sae.recipe import SAERecipe, SAESpec
+from bilinear_lens.training.loop import (  # the model trainer's layout, schedule and device rule, reused
+    # (_resolve_device / _step_dir_name: to become public with the shared Trainer)
     CHECKPOINTS_DIR,
     FINAL_DIR,
     METRICS_FILE,
+    _resolve_device,
     _step_dir_name,
     iter_metrics,
     latest_checkpoint,
+    learning_rate,
     list_checkpoints,
 )
 from bilinear_lens.training.state import (
@@ -99,21 +101,16 @@ def hook_activations(model: Any, blocks: Int[Tensor, "batch n_ctx_plus_1"], hook
     return cache[hook].reshape(-1, cache[hook].shape[-1])
 
 
-def sae_lr(step: int, cfg: SAETrainConfig) -> float:
-    """Cosine from ``lr`` at step 0 to ``min_lr`` at the last step."""
-    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * step / max(cfg.steps, 1)))
-
-
 @torch.no_grad()
-def init_sae(cfg: SAEConfig, first_batch: Tensor, train_cfg: SAETrainConfig) -> SAE:
+def init_sae(cfg: SAEConfig, first_batch: Tensor, spec: SAESpec, seed: int) -> SAE:
     """Unit-norm random decoder rows, encoder = decoder^T, ``b_enc = 0`` (the paper's init),
     ``b_dec`` the mean of the first batch if ``init_b_dec_to_mean`` (else 0)."""
     sae = SAE(cfg)
-    gen = torch.Generator().manual_seed(train_cfg.seed)
+    gen = torch.Generator().manual_seed(seed)
     sae.W_dec.copy_(torch.randn(cfg.d_sae, cfg.d_in, generator=gen, dtype=sae.W_dec.dtype))
     sae.normalize_decoder()
     sae.W_enc.copy_(sae.W_dec.T)
-    if train_cfg.init_b_dec_to_mean:
+    if spec.init_b_dec_to_mean:
         sae.b_dec.copy_(first_batch.mean(0))
     return sae
 
@@ -127,10 +124,10 @@ def reconstruction_metrics(x: Tensor, x_hat: Tensor, f: Tensor) -> dict[str, flo
             "l0": float((f > 0).sum(-1).float().mean())}
 
 
-def sae_step(sae: SAE, optimizer: torch.optim.Optimizer, x: Tensor) -> tuple[Tensor, Tensor]:
+def sae_step(sae: SAE, optimizer: torch.optim.Optimizer, x: Tensor, grad_clip: float = 0.0) -> tuple[Tensor, Tensor]:
     """One update on activations ``x``: MSE loss, decoder gradient projected onto the tangent
-    space of the unit sphere (the paper's constrained Adam), AdamW, rows renormalised.
-    Returns ``(reconstruction, feature activations)`` (detached)."""
+    space of the unit sphere (the paper's constrained Adam), optional clipping, AdamW, rows
+    renormalised. Returns ``(reconstruction, feature activations)`` (detached)."""
     f = sae.encode(x)
     x_hat = sae.decode(f)
     loss = (x_hat - x).pow(2).sum(-1).mean()
@@ -139,16 +136,23 @@ def sae_step(sae: SAE, optimizer: torch.optim.Optimizer, x: Tensor) -> tuple[Ten
     with torch.no_grad():
         unit = sae.W_dec / sae.W_dec.norm(dim=-1, keepdim=True)
         sae.W_dec.grad -= (sae.W_dec.grad * unit).sum(-1, keepdim=True) * unit
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), grad_clip)
     optimizer.step()
     sae.normalize_decoder()
     return x_hat.detach(), f.detach()
 
 
 @torch.no_grad()
-def evaluate_sae(sae: SAE, model: Any, val_blocks: Any, n_blocks: int) -> dict[str, float]:
-    """:func:`reconstruction_metrics` on the first ``n_blocks`` held-out blocks, with keys ``val_*``."""
-    n = min(n_blocks, len(val_blocks))
-    x = hook_activations(model, torch.stack([val_blocks[i] for i in range(n)]), sae.cfg.hook_name)
+def evaluate_sae(sae: SAE, model: Any, val_blocks: Any, batch_size: int, n_batches: int) -> dict[str, float]:
+    """:func:`reconstruction_metrics` over the first ``n_batches`` held-out batches (0: all),
+    keys ``val_*``. Activations are concatenated: their memory is the evaluated blocks'."""
+    xs = []
+    for i, blocks in enumerate(val_blocks.eval_batches(batch_size)):
+        if n_batches and i == n_batches:
+            break
+        xs.append(hook_activations(model, blocks.to(sae.W_dec.device), sae.cfg.hook_name))
+    x = torch.cat(xs)
     f = sae.encode(x)
     return {f"val_{k}": v for k, v in reconstruction_metrics(x, sae.decode(f), f).items()}
 
@@ -165,7 +169,8 @@ def _setup(model_path: Path, recipe: SAERecipe, progress: bool) -> tuple[Any, An
     from bilinear_lens.data.corpus import prepare_data
     from bilinear_lens.models.model import BilinearTransformer
 
-    model = BilinearTransformer.from_pretrained(model_path).eval().requires_grad_(False)
+    device = _resolve_device(recipe.train.device, 0)
+    model = BilinearTransformer.from_pretrained(model_path, device=device).eval().requires_grad_(False)
     hook_width(model, recipe.sae.hook)  # an unknown hook fails here, before any data is read
     tokenizer_file = model_path / "tokenizer.json"
     if not tokenizer_file.is_file():
@@ -204,26 +209,31 @@ class _Run:
     elapsed_before: float
 
 
-def _start(model: Any, train_blocks: Any, cfg: SAETrainConfig, ckpt: Optional[Path]) -> _Run:
+def _start(model: Any, train_blocks: Any, recipe: SAERecipe, ckpt: Optional[Path]) -> _Run:
     """A fresh SAE and optimizer, or both restored from ``ckpt`` with the RNG and counters."""
-    d_in = hook_width(model, cfg.hook)
-    sae_cfg = SAEConfig(d_in=d_in, d_sae=cfg.expansion * d_in, hook_name=cfg.hook, k=cfg.k,
+    spec, tc = recipe.sae, recipe.train
+    d_in = hook_width(model, spec.hook)
+    sae_cfg = SAEConfig(d_in=d_in, d_sae=spec.expansion * d_in, hook_name=spec.hook, k=spec.k,
                         metadata={"context_size": model.cfg.n_ctx})
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(tc.seed)
     if ckpt is None:
-        sae = init_sae(sae_cfg, hook_activations(model, train_blocks.batch(0, cfg.blocks_per_step, seed=cfg.seed), cfg.hook), cfg)
+        first = hook_activations(model, train_blocks.batch(0, tc.batch_size, seed=tc.seed).to(model.W_E.device), spec.hook)
+        sae = init_sae(sae_cfg, first.cpu(), spec, tc.seed)
     else:
         sae = load_sae(ckpt)
         if sae.cfg != sae_cfg:
             raise ValueError(f"cannot resume from {ckpt}: its SAE config {sae.cfg} differs from the recipe's {sae_cfg}")
-    optimizer = torch.optim.AdamW(sae.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    sae = sae.to(model.W_E.device)
+    optimizer = torch.optim.AdamW(sae.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps,
+                                  weight_decay=tc.weight_decay)
     if ckpt is None:
-        return _Run(sae, optimizer, 0, torch.zeros(sae_cfg.d_sae, dtype=torch.long), 0, 0.0)
+        return _Run(sae, optimizer, 0, torch.zeros(sae_cfg.d_sae, dtype=torch.long, device=model.W_E.device), 0, 0.0)
     state = read_train_state(ckpt)
     optimizer.load_state_dict(state.optimizer)
     if state.rng is not None:
         restore_rng_state(state.rng)
-    return _Run(sae, optimizer, state.step, torch.tensor(state.data["since_fired"], dtype=torch.long),
+    since_fired = torch.tensor(state.data["since_fired"], dtype=torch.long, device=model.W_E.device)
+    return _Run(sae, optimizer, state.step, since_fired,
                 int(state.metrics["tokens"]), float(state.metrics["elapsed_s"]))
 
 
@@ -245,43 +255,46 @@ def train_sae(
     """Train a top-k SAE on ``recipe.sae.hook`` of the model at ``checkpoint`` into
     ``out_dir`` (module docstring). ``resume``: ``True`` for the newest checkpoint of
     ``out_dir``, or a checkpoint path. ``stop_at``: stop after that step with a checkpoint."""
-    cfg, out_dir, checkpoint = recipe.sae, Path(out_dir), Path(checkpoint)
+    out_dir, checkpoint = Path(out_dir), Path(checkpoint)
     ckpt = _resume_point(out_dir, resume)
+    if stop_at is not None and stop_at < 1:
+        raise ValueError(f"stop_at must be >= 1, got {stop_at}")
     threads_before = torch.get_num_threads()
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
+    if recipe.train.num_threads:
+        torch.set_num_threads(recipe.train.num_threads)
     try:
         model, train_blocks, val_blocks = _setup(checkpoint, recipe, progress)
-        run = _start(model, train_blocks, cfg, ckpt)
+        run = _start(model, train_blocks, recipe, ckpt)
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json(out_dir / RECIPE_FILE, {"checkpoint": str(checkpoint), **recipe.to_dict()})
         records = [r for r in iter_metrics(out_dir) if r["step"] <= run.step] if ckpt is not None else []
         _write_metrics(out_dir / METRICS_FILE, records)  # drops records past a resumed checkpoint
-        return _loop(model, train_blocks, val_blocks, cfg, run, out_dir, records, progress, stop_at)
+        return _loop(model, train_blocks, val_blocks, recipe, run, out_dir, records, progress, stop_at)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _loop(model: Any, train_blocks: Any, val_blocks: Any, cfg: SAETrainConfig, run: _Run, out_dir: Path,
+def _loop(model: Any, train_blocks: Any, val_blocks: Any, recipe: SAERecipe, run: _Run, out_dir: Path,
           records: list[dict[str, Any]], progress: bool, stop_at: Optional[int]) -> SAETrainResult:
+    cfg, hook = recipe.train, recipe.sae.hook
     start = time.perf_counter()
     elapsed = lambda: run.elapsed_before + time.perf_counter() - start  # noqa: E731
     end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
     val: dict[str, float] = {}
     bar = tqdm(total=cfg.steps, initial=run.step, desc="sae", unit="step", disable=None if progress else True)
     while run.step < end:
-        lr = sae_lr(run.step, cfg)
+        lr = learning_rate(run.step, cfg, cfg.steps)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
-        x = hook_activations(model, train_blocks.batch(run.step, cfg.blocks_per_step, seed=cfg.seed), cfg.hook)
-        x_hat, f = sae_step(run.sae, run.optimizer, x)
+        x = hook_activations(model, train_blocks.batch(run.step, cfg.batch_size, seed=cfg.seed).to(model.W_E.device), hook)
+        x_hat, f = sae_step(run.sae, run.optimizer, x, cfg.grad_clip)
         run.step, run.tokens = run.step + 1, run.tokens + x.shape[0]
         run.since_fired = torch.where((f > 0).any(0), 0, run.since_fired + 1)
         if (cfg.eval_every and run.step % cfg.eval_every == 0) or run.step == cfg.steps:
-            val = evaluate_sae(run.sae, model, val_blocks, cfg.eval_blocks)
+            val = evaluate_sae(run.sae, model, val_blocks, cfg.batch_size, cfg.eval_batches)
         if (cfg.log_every and run.step % cfg.log_every == 0) or run.step == end or val:
             record = {"step": run.step, **reconstruction_metrics(x, x_hat, f), "lr": lr,
-                      "dead_fraction": float((run.since_fired >= cfg.dead_after_steps).float().mean()),
+                      "dead_fraction": float((run.since_fired >= recipe.sae.dead_after_steps).float().mean()),
                       "tokens": run.tokens, "elapsed_s": round(elapsed(), 3), **val}
             records.append(record)
             with open(out_dir / METRICS_FILE, "a") as fh:
