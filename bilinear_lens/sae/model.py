@@ -107,13 +107,14 @@ class SAE(HookedRootModule):
         _, norm_state = self._normalize(x.to(self.W_enc.dtype)) if isinstance(x, Tensor) else (None, None)
         return self.hook_sae_output(self.decode(self.encode(x), norm_state))
 
+    @torch.no_grad()
     def feature_acts(self, model: Any, tokens: Tensor) -> Float[Tensor, "batch pos d_sae"]:
-        """Feature activations on ``tokens``, reading ``cfg.hook_name`` of ``model`` by hooks."""
+        """Feature activations on ``tokens``, reading ``cfg.hook_name`` of ``model`` by hooks
+        (no autograd: an analysis read-out)."""
         from bilinear_lens.models.hook_names import check_hook_names
 
         check_hook_names(model.hook_dict, [self.cfg.hook_name], where=type(model).__name__)
-        with torch.no_grad():
-            _, cache = model.run_with_cache(tokens, names_filter=[self.cfg.hook_name])
+        _, cache = model.run_with_cache(tokens, names_filter=[self.cfg.hook_name])
         return self.encode(cache[self.cfg.hook_name])
 
     @torch.no_grad()
