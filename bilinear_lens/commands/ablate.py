@@ -72,6 +72,9 @@ def _sweep(args: argparse.Namespace, model: Any, tokens: torch.Tensor) -> tuple[
     if isinstance(spec, FeatureDirection):
         from bilinear_lens.sae.ablation import feature_ablation_sweep
 
+        if args.feature_read != "decoder":
+            raise UsageError("--feature-read has no effect on ablate: it measures the feature's activation")
+
         table = feature_ablation_sweep(model, tokens, args.layer, spec, progress=sys.stderr.isatty(), **common)
         return table, "delta_feature"
     target = {} if spec is None else {"logit_diff": spec} if isinstance(spec, tuple) else {"logit": spec}

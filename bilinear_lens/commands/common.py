@@ -25,7 +25,7 @@ def load_model_with_tokenizer(path: str, command: str) -> Any:
     return model.eval()
 
 
-# ---- positive-count checks and output-direction arguments (eigen, ablate, report) -------------------
+# ---- counts and output-direction arguments (eigen, ablate, report; owned by the SAE work) ----
 # One place for --token/--token-id/--logit-diff/--sae/--feature and the input-token/-SAE
 # arguments, so every command reads them by the same rule: a --token is always text that
 # must be exactly one token (ids only through --token-id); nothing falls back silently.
