@@ -62,6 +62,10 @@ def test_normalization_is_undone_on_reconstruction(normalize):
             xn = (x - mu) / (std + 1e-5)
             recon = reference_encode(sae, xn) @ sae.W_dec + sae.b_dec
             torch.testing.assert_close(sae(x), recon * std + mu, rtol=1e-5, atol=1e-5)  # float32 rounding
+        with pytest.raises(ValueError, match=f"normalize_activations='{normalize}' needs the norm_state"):
+            sae.decode(sae.encode(x))
+        _, state = sae.normalize_input(x)
+        torch.testing.assert_close(sae.decode(sae.encode(x), state), sae(x), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("architecture", ["standard", "topk"])

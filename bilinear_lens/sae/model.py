@@ -56,7 +56,7 @@ class SAE(HookedRootModule):
         self.hook_sae_output = HookPoint()
         self.setup()
 
-    def _normalize(self, x: Tensor) -> tuple[Tensor, Any]:
+    def normalize_input(self, x: Tensor) -> tuple[Tensor, Any]:
         """``n(x)`` and what :meth:`_denormalize` needs to undo it."""
         kind = self.cfg.normalize_activations
         if kind == "constant_norm_rescale":
@@ -70,6 +70,9 @@ class SAE(HookedRootModule):
 
     def _denormalize(self, x: Tensor, state: Any) -> Tensor:
         kind = self.cfg.normalize_activations
+        if kind != "none" and state is None:
+            raise ValueError(f"decoding an SAE with normalize_activations={kind!r} needs the norm_state of its "
+                             "input (use forward(x), or decode(f, norm_state))")
         if kind == "constant_norm_rescale":
             return x / state
         if kind == "layer_norm":
@@ -85,7 +88,7 @@ class SAE(HookedRootModule):
     def encode_pre(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_sae"]:
         """Pre-activations ``x' W_enc + b_enc``."""
         self._check_input(x)
-        x, _ = self._normalize(self.hook_sae_input(x.to(self.W_enc.dtype)))
+        x, _ = self.normalize_input(self.hook_sae_input(x.to(self.W_enc.dtype)))
         x = x - self.b_dec * self.cfg.apply_b_dec_to_input
         return self.hook_sae_acts_pre(x @ self.W_enc + self.b_enc)
 
@@ -98,13 +101,15 @@ class SAE(HookedRootModule):
         return self.hook_sae_acts_post(self.activation(self.encode_pre(x)))
 
     def decode(self, feature_acts: Float[Tensor, "... d_sae"], norm_state: Any = None) -> Float[Tensor, "... d_in"]:
-        """``f W_dec + b_dec`` (un-normalised with ``norm_state`` from the matching encode)."""
+        """``f W_dec + b_dec``, un-normalised with ``norm_state`` (the second value of
+        ``normalize_input(x)`` for the input ``x`` that gave ``f``; unused when
+        ``normalize_activations="none"``)."""
         recons = self.hook_sae_recons(feature_acts @ self.W_dec + self.b_dec)
         return self._denormalize(recons, norm_state)
 
     def forward(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_in"]:
         """Reconstruction ``decode(encode(x))`` (with the same normalisation undone)."""
-        _, norm_state = self._normalize(x.to(self.W_enc.dtype)) if isinstance(x, Tensor) else (None, None)
+        _, norm_state = self.normalize_input(x.to(self.W_enc.dtype)) if isinstance(x, Tensor) else (None, None)
         return self.hook_sae_output(self.decode(self.encode(x), norm_state))
 
     @torch.no_grad()
