@@ -90,6 +90,10 @@ def test_refuses_to_mix_runs_and_bad_input(checkpoint, tmp_path, capsys):
                "--set", f"data.cache_dir={json.dumps(str(tmp_path / 'cache'))}"])
     err = capsys.readouterr().err
     assert rc == 2 and "unknown hook name 'blocks.3.hook_resid_mid'" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(ValueError, match=r"data.tokenizer='x.json' in test recipe: the SAE trainer always uses"):
+        bad = recipe(tmp_path, steps=2)
+        bad.data.tokenizer = "x.json"
+        train_sae(checkpoint, tmp_path / "y", bad, progress=False)
     with pytest.raises(ValueError, match=r"SAESpec.k=0 is invalid: must be a positive integer"):
         load_sae_recipe(None, ["sae.k=0"])
     with pytest.raises(ValueError, match=r"override 'sae.kk=3' must be sae.key=value with key one of"):

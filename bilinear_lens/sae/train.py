@@ -176,6 +176,9 @@ def _setup(model_path: Path, recipe: SAERecipe, progress: bool) -> tuple[Any, An
     if not tokenizer_file.is_file():
         raise FileNotFoundError(f"{model_path} has no tokenizer.json: the SAE trainer reads the model's corpus")
     dc = recipe.data
+    if dc.tokenizer:
+        raise ValueError(f"data.tokenizer={dc.tokenizer!r} in {recipe.source}: the SAE trainer always uses the "
+                         f"checkpoint's tokenizer ({tokenizer_file}); leave it out")
     _, train_blocks, val_blocks = prepare_data(
         dc.source, tokenizer=tokenizer_file, n_ctx=model.cfg.n_ctx, cache_dir=dc.cache_dir,
         val_fraction=dc.val_fraction, seed=dc.seed, max_docs=dc.max_docs or None, split=dc.split,
