@@ -8,7 +8,8 @@ Subpackages: ``models`` (config, MLPs, the transformer, checkpoints, the Transfo
 bridge), ``data`` (synthetic stories, tokenizer, token cache), ``training`` (recipes, the
 loop, training state), ``weights`` (weight-only analysis: the bilinear tensor, eigen,
 directions), ``activations`` (hook-based analysis: eigen readings, ablation, spline codes,
-polytopes), ``views`` (circuitsvis, figures, the HTML report), ``commands`` (the CLI).
+polytopes), ``views`` (circuitsvis, figures, the HTML report), ``sae`` (SAELens-format sparse
+autoencoders, their features as directions and bases, a top-k trainer), ``commands`` (the CLI).
 Everything public is importable from the top level. (Importing the package costs what
 importing TransformerLens costs, which the model needs anyway.)
 """
@@ -33,7 +34,7 @@ from bilinear_lens.data.synthetic import synthetic_stories, word_class
 from bilinear_lens.data.tokenizer import train_tokenizer, load_tokenizer, save_tokenizer, to_hf_tokenizer, load_model_tokenizer
 from bilinear_lens.weights.tensor import BilinearWeights, bilinear_tensor, bilinear_output, interaction_matrix, interaction_matrices, iter_interaction_matrices, interaction, quadratic_form, augment_input
 from bilinear_lens.weights.eigen import Eigendecomposition, eigendecompose, eigendecompose_directions, top_eigenvectors, interaction_operator, low_rank_approximation, low_rank_error, low_rank_output, low_rank_correlation, eigenvector_activations
-from bilinear_lens.weights.directions import token_direction, token_directions, logit_diff_direction, vector_direction, feature_direction, resolve_direction
+from bilinear_lens.weights.directions import token_direction, token_directions, logit_diff_direction, vector_direction, feature_direction, resolve_direction, FeatureDirection, sae_feature_direction
 from bilinear_lens.activations.eigen_readings import layer_eigendecomposition, eigenvector_activations_on_tokens, rank_k_correlation_on_tokens, top_tokens_for_eigenvectors, mlp_inputs, LayerEigen
 from bilinear_lens.activations.ablation import ablate_neurons, neuron_ablation_hook, ablate_direction, direction_ablation_hook, ablate_eigencomponents, eigen_ablation_hooks, ablation_sweep, patch_neurons, NeuronTable
 from bilinear_lens.activations.spline_codes import spline_codes, pack_bits, pack_signs, unpack_bits, hamming, region_ids, residual_codes
@@ -41,6 +42,12 @@ from bilinear_lens.activations.region_counts import RegionCounts
 from bilinear_lens.activations.polytope import RegionTracker, track_regions, region_summary, embedding_path_profile, residual_path_profile, purity, purity_report, compare_purity, kmeans
 from bilinear_lens.toy import ToyConfig, ToyModel, train_toy_model, random_rotation, rotation_invariance, alignment_score, model_alignment_score
 from bilinear_lens.views.report import build_report, write_report
+from bilinear_lens.sae.config import SAEConfig, SAEConfigError
+from bilinear_lens.sae.model import SAE, load_sae, save_sae, check_sae_fits_model
+from bilinear_lens.sae.features import input_feature_basis, feature_interaction_matrix, eigenvector_input_features, FeatureInteractions, EigenvectorFeatures
+from bilinear_lens.sae.ablation import feature_ablation_sweep
+from bilinear_lens.sae.recipe import SAERecipe, SAESpec, load_sae_recipe
+from bilinear_lens.sae.train import train_sae, SAETrainResult
 
 __version__ = "0.1.0"
 

@@ -18,6 +18,7 @@ COMMANDS = {
     "polytope": "polytope-region statistics of an MLP layer over a text file",
     "report": "self-contained HTML report of a checkpoint",
     "convert": "convert models: the paper's checkpoints, HF Llama format, hub ids",
+    "sae": "train sparse autoencoders (SAELens format) on a checkpoint's activations",
 }
 
 

@@ -71,3 +71,20 @@ def test_errors():
         vector_direction(model, torch.full((32,), float("nan")))
     with pytest.raises(ValueError, match="feature index 10 out of range"):
         feature_direction(torch.zeros(10, 32), 10)
+
+
+def test_zero_directions_are_refused():
+    """A logit difference of a token with itself (or a zero vector) reads nothing: before,
+    eigen returned lambda = 0 and arbitrary eigenvectors as if they meant something."""
+    model = build_model(tiny_config())
+    with pytest.raises(ValueError, match=r"logit difference of 3 and 3: the same token, a zero direction"):
+        resolve_direction(model, (3, 3))
+    with pytest.raises(ValueError, match="the direction of the given vector is zero"):
+        resolve_direction(model, torch.zeros(32))
+
+
+def test_token_strings_are_text_not_ids():
+    """'42' is the text "42" (ids are ints): a model without a tokenizer cannot look it up."""
+    model = build_model(tiny_config())
+    with pytest.raises(ValueError, match="cannot look up token '42'"):
+        token_direction(model, "42")

@@ -47,6 +47,8 @@ def _mlp_kind(model: Any) -> Optional[str]:
 def bilinear_layer(model: Any, layer: int) -> Any:
     """``model.blocks[layer].mlp``, checked to be a bilinear MLP."""
     n_layers = model.cfg.n_layers
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise ValueError(f"layer must be an int block index in [0, {n_layers}), got {layer!r}")
     if not 0 <= layer < n_layers:
         raise ValueError(f"layer {layer} is out of range: the model has {n_layers} layers (0..{n_layers - 1})")
     kind = _mlp_kind(model)

@@ -2,13 +2,17 @@
 
     bilinear-lens ablate --checkpoint runs/tiny/final --layer 0 --top 20 [--hook hook_post]
                          [--method zero|mean|resample] [--text-file F] [--n-texts 32] [--json]
+                         [--token T | --token-id I | --logit-diff A B | --sae DIR --feature N]
 
 Texts (``--text-file``: documents separated by blank lines, as in the training data's
 ``.txt`` files; default: the built-in synthetic stories) are tokenized with a BOS token
 before each document, concatenated and cut into rows of ``--seq-len`` tokens, so no row is
 padded. Every neuron is ablated on its own (:func:`bilinear_lens.activations.ablation.ablation_sweep`)
 and the ``--top`` neurons by ``|delta loss|`` are printed, or one JSON object with
-``--json``. Errors (missing checkpoint, bad layer...) exit with code 2.
+``--json``. With an output direction the ranking is by its change instead, averaged over
+every position: ``delta_logit`` (a token), ``delta_logit_diff`` (a logit difference) or
+``delta_feature`` (an SAE feature's mean activation at its hook,
+:func:`bilinear_lens.sae.ablation.feature_ablation_sweep`). Errors (missing checkpoint, bad layer...) exit with code 2.
 """
 
 from __future__ import annotations
@@ -22,7 +26,13 @@ from typing import Any, Optional
 import torch
 
 from bilinear_lens.activations.ablation import METHODS, NEURON_HOOKS, NeuronTable, ablation_sweep
-from bilinear_lens.commands.common import UsageError, load_model_with_tokenizer
+from bilinear_lens.commands.common import (
+    UsageError,
+    add_direction_arguments,
+    load_model_with_tokenizer,
+    require_positive,
+    resolve_direction_arguments,
+)
 from bilinear_lens.models.hook_names import UnknownHookError
 
 
@@ -45,13 +55,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="synthetic-story and resample seed (default 0)")
     parser.add_argument("--ablations-per-pass", type=int, default=None, help="ablations batched per forward pass")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    add_direction_arguments(parser)
     return parser
 
 
+def _has_direction(args: argparse.Namespace) -> bool:
+    return bool(args.token or args.token_id or args.logit_diff or args.logit_diff_id or args.sae or args.feature)
+
+
+def _sweep(args: argparse.Namespace, model: Any, tokens: torch.Tensor) -> tuple[NeuronTable, str]:
+    """The neuron table and the column it is ranked by (see module docstring)."""
+    from bilinear_lens.weights.directions import FeatureDirection
+
+    common = dict(hook=args.hook, method=args.method, seed=args.seed)
+    spec = resolve_direction_arguments(args, model)[0][1] if _has_direction(args) else None
+    if isinstance(spec, FeatureDirection):
+        from bilinear_lens.sae.ablation import feature_ablation_sweep
+
+        if args.feature_read != "decoder":
+            raise UsageError("--feature-read has no effect on ablate: it measures the feature's activation")
+
+        table = feature_ablation_sweep(model, tokens, args.layer, spec, progress=sys.stderr.isatty(), **common)
+        return table, "delta_feature"
+    target = {} if spec is None else {"logit_diff": spec} if isinstance(spec, tuple) else {"logit": spec}
+    table = ablation_sweep(model, tokens, args.layer, ablations_per_pass=args.ablations_per_pass,
+                           progress=sys.stderr.isatty(), position=None, **target, **common)
+    by = "delta_loss" if spec is None else "delta_logit_diff" if isinstance(spec, tuple) else "delta_logit"
+    return table, by
+
+
 def _check_args(args: argparse.Namespace) -> None:
-    for name in ("top", "n_texts"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    require_positive(args, "top", "n_texts")
     if args.seq_len < 2:
         raise UsageError(f"--seq-len must be >= 2 (the loss needs a next token), got {args.seq_len}")
 
@@ -86,8 +120,8 @@ def _pack_tokens(model: Any, texts: list[str], seq_len: int) -> torch.Tensor:
     return torch.tensor(stream[: n_rows * seq_len], dtype=torch.long).view(n_rows, seq_len)
 
 
-def _report(args: argparse.Namespace, tokens: torch.Tensor, table: NeuronTable) -> dict[str, Any]:
-    top = table.top(args.top, by="delta_loss")
+def _report(args: argparse.Namespace, tokens: torch.Tensor, table: NeuronTable, by: str) -> dict[str, Any]:
+    top = table.top(args.top, by=by)
     return {
         "checkpoint": str(args.checkpoint),
         "layer": args.layer,
@@ -96,6 +130,7 @@ def _report(args: argparse.Namespace, tokens: torch.Tensor, table: NeuronTable) 
         "n_neurons": len(table),
         "tokens": list(tokens.shape),
         "baseline_loss": table.baseline["loss"],
+        "ranked_by": by,
         "neurons": [{"rank": rank, **row} for rank, row in enumerate(top.rows(), start=1)],
     }
 
@@ -106,9 +141,11 @@ def _print_table(report: dict[str, Any]) -> None:
         f"{report['hook']}: {report['method']} ablation of each of {report['n_neurons']} neurons "
         f"on {rows} x {seq_len} tokens; baseline loss {report['baseline_loss']:.4f}"
     )
-    print(f"{'rank':>5}  {'neuron':>6}  {'delta_loss':>11}")
+    by = report["ranked_by"]
+    columns = [by] + (["delta_loss"] if by != "delta_loss" else [])
+    print(f"{'rank':>5}  {'neuron':>6}  " + "  ".join(f"{c:>16}" for c in columns))
     for row in report["neurons"]:
-        print(f"{row['rank']:>5}  {row['neuron']:>6}  {row['delta_loss']:>+11.6f}")
+        print(f"{row['rank']:>5}  {row['neuron']:>6}  " + "  ".join(f"{row[c]:>+16.6f}" for c in columns))
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -117,20 +154,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         _check_args(args)
         model = load_model_with_tokenizer(args.checkpoint, "ablate")
         tokens = _pack_tokens(model, _read_texts(args.text_file, args.n_texts, args.seed), args.seq_len)
-        table = ablation_sweep(
-            model,
-            tokens,
-            args.layer,
-            hook=args.hook,
-            method=args.method,
-            seed=args.seed,
-            ablations_per_pass=args.ablations_per_pass,
-            progress=sys.stderr.isatty(),
-        )
+        table, by = _sweep(args, model, tokens)
     except (UsageError, UnknownHookError, ValueError, TypeError) as err:
         print(f"bilinear-lens ablate: error: {err}", file=sys.stderr)
         return 2
-    report = _report(args, tokens, table)
+    report = _report(args, tokens, table, by)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from bilinear_lens.models.checkpoint import CheckpointError
 
@@ -23,3 +23,103 @@ def load_model_with_tokenizer(path: str, command: str) -> Any:
     if model.tokenizer is None:
         raise UsageError(f"checkpoint {path} has no tokenizer.json; the {command} command needs one to read text")
     return model.eval()
+
+
+# ---- counts and output-direction arguments (eigen, ablate, report; owned by the SAE work) ----
+# One place for --token/--token-id/--logit-diff/--sae/--feature and the input-token/-SAE
+# arguments, so every command reads them by the same rule: a --token is always text that
+# must be exactly one token (ids only through --token-id); nothing falls back silently.
+# Counts are checked by one rule too (require_positive).
+
+
+def require_positive(args: Any, *names: str) -> None:
+    """:class:`UsageError` ``--name must be >= 1, got V`` for the first integer option
+    (attribute name) below 1; ``None`` (option not given, no default) passes."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
+def add_direction_arguments(parser: Any, input_tokens: bool = False, input_sae: bool = False) -> None:
+    """Add the output-direction options (repeatable; commands that take one direction check
+    the count in :func:`resolve_direction_arguments`) and optionally the input-basis ones."""
+    group = parser.add_argument_group("output direction")
+    group.add_argument("--token", action="append", default=[], metavar="TEXT",
+                       help='output token as text, exactly one token (mind the space: " happy"; "42" is the text 42)')
+    group.add_argument("--token-id", action="append", default=[], type=int, metavar="ID", help="output token by id")
+    group.add_argument("--logit-diff", nargs=2, metavar=("A", "B"), help="direction logit[A] - logit[B] (token texts)")
+    group.add_argument("--logit-diff-id", nargs=2, type=int, metavar=("A", "B"), help="the same, by token ids")
+    group.add_argument("--sae", metavar="DIR", help="SAE directory (SAELens format) whose --feature is the direction")
+    group.add_argument("--feature", action="append", default=[], type=int, metavar="N", help="feature index of --sae")
+    group.add_argument("--feature-read", choices=("decoder", "encoder"), default="decoder",
+                       help="the feature's decoder row (what it writes, default) or encoder column (what reads it)")
+    if input_tokens:
+        group.add_argument("--input-token", action="append", default=[], metavar="TEXT", help="input token as text (repeatable)")
+        group.add_argument("--input-token-id", action="append", default=[], type=int, metavar="ID", help="input token by id")
+    if input_sae:
+        group.add_argument("--input-sae", metavar="DIR", help="SAE whose features name the eigenvectors' inputs")
+        group.add_argument("--n-input-features", type=int, default=8, help="input features per pole")
+
+
+def _token_ids(model: Any, flag: str, texts: list[str], ids: list[int]) -> list[int]:
+    from bilinear_lens.weights.directions import token_id
+
+    out = []
+    for value in [*texts, *ids]:
+        try:
+            out.append(token_id(model, value))
+        except (ValueError, TypeError) as err:
+            raise UsageError(f"--{flag}{'-id' if isinstance(value, int) else ''} {value!r}: {err}") from None
+    return out
+
+
+def load_sae_argument(path: str, model: Any, flag: str = "--sae") -> Any:
+    """An SAE directory checked against ``model``; any problem is a :class:`UsageError`."""
+    from bilinear_lens.sae.model import load_sae
+
+    try:
+        return load_sae(path, model=model)
+    except (FileNotFoundError, ValueError) as err:
+        raise UsageError(f"{flag} {path}: {err}") from None
+
+
+def resolve_direction_arguments(
+    args: Any, model: Any, several: bool = False, required: bool = True
+) -> list[tuple[str, Any]]:
+    """``(label, spec)`` for every output direction given (spec as
+    :func:`~bilinear_lens.weights.directions.resolve_direction` takes it: a token id, an id
+    pair, a ``FeatureDirection``), each checked to resolve to a nonzero direction.
+    ``several=False``: at most one; ``required``: at least one."""
+    from bilinear_lens.weights.directions import FeatureDirection, resolve_direction
+
+    found = [(repr(model.tokenizer.decode([t])) if model.tokenizer else str(t), t)
+             for t in _token_ids(model, "token", args.token, args.token_id)]
+    pair = args.logit_diff or args.logit_diff_id
+    if args.logit_diff and args.logit_diff_id:
+        raise UsageError("give --logit-diff or --logit-diff-id, not both")
+    if pair:
+        a, b = _token_ids(model, "logit-diff", *((list(pair), []) if args.logit_diff else ([], list(pair))))
+        found.append((f"logit[{pair[0]!r}] - logit[{pair[1]!r}]", (a, b)))
+    if bool(args.sae) != bool(args.feature):
+        raise UsageError("--sae and --feature go together: an SAE directory and the feature index(es) in it")
+    if args.sae:
+        sae = load_sae_argument(args.sae, model)
+        found += [(f"feature {i} of {args.sae}", FeatureDirection(sae, i, args.feature_read)) for i in args.feature]
+    if not found and required:
+        raise UsageError("give an output direction: --token, --token-id, --logit-diff(-id), or --sae with --feature")
+    if not several and len(found) > 1:
+        raise UsageError(f"give one output direction, got {len(found)}: {', '.join(label for label, _ in found)}")
+    for label, spec in found:
+        try:
+            resolve_direction(model, spec)
+        except ValueError as err:
+            raise UsageError(f"output direction {label}: {err}") from None
+    return found
+
+
+def resolve_input_token_arguments(args: Any, model: Any) -> Optional[list[int]]:
+    """Ids of ``--input-token``/``--input-token-id`` (``None`` when neither was given)."""
+    if not args.input_token and not args.input_token_id:
+        return None
+    return _token_ids(model, "input-token", args.input_token, args.input_token_id)

@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from bilinear_lens.commands.common import UsageError, load_model_with_tokenizer
+from bilinear_lens.commands.common import UsageError, load_model_with_tokenizer, require_positive
 from bilinear_lens.activations.polytope import (
     compare_purity,
     decode_context,
@@ -84,6 +84,7 @@ def analyse(args: argparse.Namespace) -> dict[str, Any]:
     """Run the analysis; everything the command prints, as a JSON-ready dict."""
     if args.max_tokens < 1 or args.batch_size < 1 or args.context < 1:
         raise UsageError("--max-tokens, --batch-size and --context must be positive")
+    require_positive(args, "k", "purity_tokens")
     model = load_model_with_tokenizer(args.checkpoint, "polytope")
     try:
         layout = code_layout(model, args.layer, args.factors)

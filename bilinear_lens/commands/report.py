@@ -1,4 +1,11 @@
-"""``bilinear-lens report``: one self-contained HTML page for a checkpoint's layer."""
+"""``bilinear-lens report``: one self-contained HTML page for a checkpoint's layer.
+
+Output directions (``--token``/``--token-id``, repeatable; ``--sae DIR --feature N``,
+repeatable) each get an eigendecomposition section; ``--logit-diff`` picks the direction of
+the interaction heat map between the ``--input-token``s. Tokens you name must each be one
+token (the same rule as ``eigen``); only the built-in defaults are skipped when a
+vocabulary splits them.
+"""
 
 from __future__ import annotations
 
@@ -7,21 +14,39 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from bilinear_lens.commands.common import (
+    UsageError,
+    add_direction_arguments,
+    require_positive,
+    resolve_direction_arguments,
+    resolve_input_token_arguments,
+)
 from bilinear_lens.models.checkpoint import CheckpointError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bilinear-lens report", description=__doc__)
+    p = argparse.ArgumentParser(prog="bilinear-lens report", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="model directory (save_pretrained format)")
     p.add_argument("--out", required=True, help="HTML file to write")
     p.add_argument("--layer", type=int, default=0)
-    p.add_argument("--token", action="append", dest="tokens", help='output token (repeatable), e.g. " happy"')
-    p.add_argument("--logit-diff", nargs=2, metavar=("A", "B"), help="direction for the interaction heat map")
-    p.add_argument("--input-token", action="append", dest="input_tokens", help="input token for the heat map (repeatable)")
+    add_direction_arguments(p, input_tokens=True)
     p.add_argument("--text-file", help="sample texts, separated by blank lines (default: synthetic stories)")
     p.add_argument("--n-texts", type=int, default=8)
     p.add_argument("--n-eigenvectors", type=int, default=4)
     return p
+
+
+def _read_texts(text_file: Optional[str], n_texts: int) -> Optional[list[str]]:
+    if not text_file:
+        return None
+    path = Path(text_file)
+    if not path.is_file():
+        raise UsageError(f"text file not found: {path}")
+    texts = [t.strip() for t in path.read_text().split("\n\n") if t.strip()][:n_texts]
+    if not texts:
+        raise UsageError(f"text file {path} holds no text")
+    return texts
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -30,27 +55,28 @@ def main(argv: Optional[list[str]] = None) -> int:
     from bilinear_lens.views.report import write_report
 
     try:
-        model = BilinearTransformer.from_pretrained(args.checkpoint)
-        texts = None
-        if args.text_file:
-            path = Path(args.text_file)
-            if not path.is_file():
-                raise FileNotFoundError(f"text file not found: {path}")
-            texts = [t.strip() for t in path.read_text().split("\n\n") if t.strip()][: args.n_texts]
-            if not texts:
-                raise ValueError(f"text file {path} holds no text")
+        require_positive(args, "n_texts", "n_eigenvectors")
+        if Path(args.out).is_dir():
+            raise UsageError(f"--out {args.out} is a directory; give the HTML file to write")
+        try:
+            model = BilinearTransformer.from_pretrained(args.checkpoint)
+        except (FileNotFoundError, CheckpointError, ValueError) as err:
+            raise UsageError(f"cannot load checkpoint {args.checkpoint}: {err}") from None
+        specs = [spec for _, spec in resolve_direction_arguments(args, model, several=True, required=False)]
+        tokens = [s for s in specs if isinstance(s, int)]
         out = write_report(
             model,
             args.out,
             layer=args.layer,
-            tokens=args.tokens,
-            texts=texts,
-            logit_diff=tuple(args.logit_diff) if args.logit_diff else None,
-            input_tokens=args.input_tokens,
+            tokens=tokens or None,
+            texts=_read_texts(args.text_file, args.n_texts),
+            logit_diff=next((s for s in specs if isinstance(s, tuple)), None),
+            input_tokens=resolve_input_token_arguments(args, model),
             n_eigenvectors=args.n_eigenvectors,
+            features=[s for s in specs if not isinstance(s, (int, tuple))],
             title=f"bilinear-lens report: {args.checkpoint}, layer {args.layer}",
         )
-    except (FileNotFoundError, CheckpointError, ValueError, TypeError) as err:
+    except (UsageError, FileNotFoundError, ValueError, TypeError) as err:
         print(f"bilinear-lens report: error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")

@@ -395,7 +395,7 @@ class BilinearTransformer(StackedWeightViews, HookedRootModule):
             if value is not None and not 0 <= value <= n_layers:
                 raise ValueError(f"{name}={value} is out of range [0, {n_layers}]")
         if start_at_layer is None:
-            if isinstance(input, (str, list)):
+            if isinstance(input, str) or (isinstance(input, list) and input):
                 tokens, text_mask = self._tokens_and_mask(input, prepend_bos, padding_side)
                 if text_mask is not None and attention_mask is None:
                     attention_mask = text_mask
@@ -429,6 +429,11 @@ class BilinearTransformer(StackedWeightViews, HookedRootModule):
         return _by_return_type(logits, return_type, tokens, loss_per_token, attention_mask)
 
     def _check_tokens(self, tokens: Tensor) -> None:
+        if not isinstance(tokens, Tensor):
+            what = "an empty list" if isinstance(tokens, list) else type(tokens).__name__
+            raise ValueError(f"input must be text, a non-empty list of texts or a [batch, pos] token tensor, got {what}")
+        if tokens.numel() == 0:
+            raise ValueError(f"tokens must hold at least one token, got shape {tuple(tokens.shape)}")
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
         pos = tokens.shape[1]

@@ -33,14 +33,27 @@ DEFAULT_OUTPUT_TOKENS = (" happy", " sad")
 DEFAULT_INPUT_TOKENS = (" not", " happy", " sad", " very", " was", " never", " good", " bad")
 
 
-def _single_tokens(model: Any, candidates: Sequence[Union[str, int]]) -> list[int]:
-    """Ids of the candidates that are exactly one token of the model's vocabulary."""
+def _default_tokens(model: Any, candidates: Sequence[str]) -> list[int]:
+    """Ids of the *default* candidates that are one token of this vocabulary (a default that
+    a tokenizer splits is skipped; tokens the caller names are never skipped: see
+    :func:`_given_tokens`)."""
     ids = []
     for c in candidates:
         try:
             ids.append(token_id(model, c))
         except (ValueError, TypeError):
             continue
+    return list(dict.fromkeys(ids))
+
+
+def _given_tokens(model: Any, tokens: Sequence[Union[str, int]], what: str) -> list[int]:
+    """Ids of caller-named tokens, each exactly one token (else a ValueError naming it)."""
+    ids = []
+    for t in tokens:
+        try:
+            ids.append(token_id(model, t))
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{what} {t!r}: {err}") from None
     return list(dict.fromkeys(ids))
 
 
@@ -83,9 +96,13 @@ def build_report(
     n_eigenvectors: int = 4,
     ablation_top: int = 20,
     title: Optional[str] = None,
+    features: Sequence[Any] = (),
 ) -> str:
     """The report's HTML (see module docstring). ``model`` is a
-    :class:`~bilinear_lens.models.model.BilinearTransformer` with a tokenizer."""
+    :class:`~bilinear_lens.models.model.BilinearTransformer` with a tokenizer. ``tokens`` and
+    ``input_tokens`` must each be one token (by default, common sentiment words that are);
+    ``features`` (:class:`~bilinear_lens.weights.directions.FeatureDirection`) add an
+    eigendecomposition section per SAE feature, as output tokens do."""
     from bilinear_lens.views import plots, viz
     from bilinear_lens.activations.ablation import ablation_sweep
     from bilinear_lens.weights.directions import logit_diff_direction
@@ -102,8 +119,11 @@ def build_report(
     cfg = model.cfg
     if getattr(model, "tokenizer", None) is None:
         raise ValueError("the report needs a model with a tokenizer (to show tokens)")
-    if not 0 <= layer < cfg.n_layers:
-        raise ValueError(f"layer {layer} is out of range: the model has {cfg.n_layers} layers")
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < cfg.n_layers:
+        raise ValueError(f"layer {layer!r} is out of range: the model has {cfg.n_layers} layers")
+    for name, value in (("n_eigenvectors", n_eigenvectors), ("ablation_top", ablation_top)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     if texts is None:
         from bilinear_lens.data.synthetic import synthetic_stories
 
@@ -111,8 +131,8 @@ def build_report(
     samples = _sample_tokens(model, texts, max_len=cfg.n_ctx)
     rows = _equal_rows(samples, min(cfg.n_ctx, 32))  # unpadded rows, for losses and correlations
     str_tokens = [[_name(model, int(t)) for t in s] for s in samples]
-    out_ids = _single_tokens(model, tokens if tokens is not None else DEFAULT_OUTPUT_TOKENS)
-    if not out_ids:  # fall back to the two most frequent tokens of the sample
+    out_ids = _default_tokens(model, DEFAULT_OUTPUT_TOKENS) if tokens is None else _given_tokens(model, tokens, "output token")
+    if not out_ids and tokens is None and not features:  # no default is one token here: the sample's two most frequent
         counts = torch.bincount(torch.cat(samples), minlength=cfg.d_vocab)
         out_ids = counts.topk(2).indices.tolist()
 
@@ -124,13 +144,13 @@ def build_report(
 
     is_bilinear = cfg.mlp_kind == "bilinear" and not cfg.mlp_bias
     if is_bilinear:
-        for tok in out_ids:
-            name = _name(model, tok)
-            le = layer_eigendecomposition(model, layer, tok)
+        directions = [(repr(_name(model, tok)), tok) for tok in out_ids] + [(f.label, f) for f in features]
+        for name, spec in directions:
+            le = layer_eigendecomposition(model, layer, spec)
             errs = ", ".join(f"k={k}: {float(low_rank_error(le.eig, k)):.3f}" for k in (1, 2, 4, 8) if k <= le.eig.k)
-            sections.append(f"<h2>Output token {html.escape(repr(name))}: eigendecomposition of Q(u), layer {layer}</h2>")
+            sections.append(f"<h2>Output {html.escape(name)}: eigendecomposition of Q(u), layer {layer}</h2>")
             sections.append(f"<p>Fraction of ||Q||<sub>F</sub> missed by the rank-k approximation: {errs}</p>")
-            sections.append(plots.plot_eigenvalue_spectrum(le.eigenvalues.numpy(), title=f"Q(u) spectrum for {name!r}", top=32))
+            sections.append(plots.plot_eigenvalue_spectrum(le.eigenvalues.numpy(), title=f"Q(u) spectrum for {name}", top=32))
             tops = top_tokens_for_eigenvectors(model, le, n_vectors=n_eigenvectors, n_tokens=8)
             sections.append(
                 "<h3>Input tokens at the poles of the top eigenvectors</h3>"
@@ -148,10 +168,11 @@ def build_report(
             sections.append(viz.token_activations_view(str_tokens, acts, labels=labels))
             ks = [k for k in (1, 2, 4, 8, 16) if k <= le.eig.k]
             corr = rank_k_correlation_on_tokens(model, rows, le, ks=ks)
-            sections.append(plots.plot_rank_k_curve(list(corr), list(corr.values()), title=f"rank-k vs true u·MLP(x), {name!r}"))
+            sections.append(plots.plot_rank_k_curve(list(corr), list(corr.values()), title=f"rank-k vs true u·MLP(x), {name}"))
 
         pair = logit_diff if logit_diff is not None else (tuple(out_ids[:2]) if len(out_ids) >= 2 else None)
-        in_ids = _single_tokens(model, input_tokens if input_tokens is not None else DEFAULT_INPUT_TOKENS)
+        in_ids = (_default_tokens(model, DEFAULT_INPUT_TOKENS) if input_tokens is None
+                  else _given_tokens(model, input_tokens, "input token"))
         if pair is not None and len(in_ids) >= 2:
             a, b = token_id(model, pair[0]), token_id(model, pair[1])
             u = logit_diff_direction(model, a, b)

@@ -15,6 +15,14 @@ pull the unembedding column back through the norm's affine part:
 The norm's per-token scale ``1 / rms(resid)`` is positive and shared by all logits of a
 position, so it rescales but never reorders what ``u`` reads; it is left out.
 
+**SAE features** (:class:`FeatureDirection`): an SAE trained on a residual-stream hook
+(``hook_resid_pre/mid/post``, ``hook_attn_out``, ``hook_mlp_out``) lives in the residual
+basis, so its decoder row is used *directly* as ``u``: ``u . y`` is how much the layer writes
+along the feature. An SAE on ``ln_final.hook_normalized`` reads the *normalised* stream
+that feeds the logits, so its row is pulled back through the final norm exactly as an
+unembedding column is (:func:`residual_direction_for_logit`). SAEs on other hooks (inside
+an MLP, attention heads) have no residual direction and are refused.
+
 **Deep layers.** A layer's output also flows through later layers; the directions here go
 *straight* to the unembedding (the direct path), as Pearce et al. (2024) do when they
 analyse an MLP's output for a token. Effects through later layers need hooks (ablation).
@@ -22,6 +30,7 @@ analyse an MLP's output for a token. Effects through later layers need hooks (ab
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence, Union
 
 import torch
@@ -29,6 +38,9 @@ from jaxtyping import Float
 from torch import Tensor
 
 TokenLike = Union[int, str]
+RESIDUAL_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
+FINAL_NORM_HOOK = "ln_final.hook_normalized"
+FEATURE_READS = ("decoder", "encoder")
 
 
 def token_id(model: Any, token: TokenLike) -> int:
@@ -81,7 +93,10 @@ def token_directions(model: Any, tokens: Sequence[TokenLike] | None = None) -> F
 
 
 def logit_diff_direction(model: Any, token_a: TokenLike, token_b: TokenLike) -> Float[Tensor, "d_model"]:
-    """Direction reading ``logit[a] - logit[b]`` (e.g. ``" happy"`` vs ``" sad"``)."""
+    """Direction reading ``logit[a] - logit[b]`` (e.g. ``" happy"`` vs ``" sad"``); the same
+    token twice gives the zero vector, which reads nothing: refused."""
+    if token_id(model, token_a) == token_id(model, token_b):
+        raise ValueError(f"logit difference of {token_a!r} and {token_b!r}: the same token, a zero direction")
     return token_direction(model, token_a) - token_direction(model, token_b)
 
 
@@ -109,13 +124,73 @@ def feature_direction(decoder: Float[Tensor, "n_features d_model"], index: int) 
     return decoder[index].detach()
 
 
-def resolve_direction(model: Any, spec: Union[TokenLike, tuple[TokenLike, TokenLike], Tensor]) -> Float[Tensor, "d_model"]:
+def is_residual_hook(hook_name: str) -> bool:
+    """Whether ``hook_name`` is ``blocks.{l}.<one of RESIDUAL_HOOKS>`` (the residual basis)."""
+    parts = hook_name.split(".")
+    return len(parts) == 3 and parts[0] == "blocks" and parts[1].isdigit() and parts[2] in RESIDUAL_HOOKS
+
+
+@dataclass(frozen=True)
+class FeatureDirection:
+    """Feature ``index`` of an SAE (:class:`~bilinear_lens.sae.model.SAE`, anything with
+    ``cfg.hook_name``, ``cfg.d_in``, ``W_dec [d_sae, d_in]`` and ``W_enc [d_in, d_sae]``)
+    as an output direction.
+
+    ``read="decoder"`` (default): ``u = W_dec[index]``, the direction the feature writes;
+    ``"encoder"``: ``u = W_enc[:, index]``, so ``u . y`` is the layer's contribution to the
+    feature's pre-activation. Either is used directly or through the final norm depending
+    on the SAE's hook (module docstring).
+    """
+
+    sae: Any
+    index: int
+    read: str = "decoder"
+
+    @property
+    def label(self) -> str:
+        return f"feature {self.index} of the SAE on {self.sae.cfg.hook_name}"
+
+
+def sae_feature_direction(model: Any, feature: FeatureDirection) -> Float[Tensor, "d_model"]:
+    """The residual direction ``u`` of an SAE feature (see :class:`FeatureDirection`)."""
+    cfg = feature.sae.cfg
+    if feature.read not in FEATURE_READS:
+        raise ValueError(f"FeatureDirection.read={feature.read!r}; allowed: {list(FEATURE_READS)}")
+    if isinstance(feature.index, bool) or not isinstance(feature.index, int):
+        raise ValueError(f"feature index must be an int, got {feature.index!r}")
+    if cfg.d_in != model.cfg.d_model:
+        raise ValueError(f"the SAE on {cfg.hook_name} has d_in={cfg.d_in}, but the model's d_model is {model.cfg.d_model}")
+    rows = feature.sae.W_dec if feature.read == "decoder" else feature.sae.W_enc.T
+    row = feature_direction(rows, feature.index)
+    if cfg.hook_name == FINAL_NORM_HOOK:
+        return residual_direction_for_logit(model, row)
+    if not is_residual_hook(cfg.hook_name):
+        raise ValueError(
+            f"the SAE on {cfg.hook_name!r} has no residual-stream direction; feature directions need an SAE on "
+            f"blocks.{{l}}.{{{','.join(RESIDUAL_HOOKS)}}} or {FINAL_NORM_HOOK}"
+        )
+    return row
+
+
+DirectionLike = Union[TokenLike, tuple[TokenLike, TokenLike], Tensor, FeatureDirection]
+
+
+def resolve_direction(model: Any, spec: DirectionLike) -> Float[Tensor, "d_model"]:
     """One entry point: a token (id or string) -> :func:`token_direction`; a pair
-    ``(a, b)`` -> :func:`logit_diff_direction`; a tensor -> :func:`vector_direction`."""
-    if isinstance(spec, Tensor):
-        return vector_direction(model, spec)
-    if isinstance(spec, tuple):
+    ``(a, b)`` -> :func:`logit_diff_direction`; a tensor -> :func:`vector_direction`; a
+    :class:`FeatureDirection` -> :func:`sae_feature_direction`. A zero direction (e.g. the
+    logit difference of a token with itself) reads nothing and is refused."""
+    if isinstance(spec, FeatureDirection):
+        u = sae_feature_direction(model, spec)
+    elif isinstance(spec, Tensor):
+        u = vector_direction(model, spec)
+    elif isinstance(spec, tuple):
         if len(spec) != 2:
             raise ValueError(f"a logit-difference direction needs two tokens, got {spec!r}")
-        return logit_diff_direction(model, *spec)
-    return token_direction(model, spec)
+        u = logit_diff_direction(model, *spec)
+    else:
+        u = token_direction(model, spec)
+    if not bool(u.any()):
+        what = spec.label if isinstance(spec, FeatureDirection) else "the given vector" if isinstance(spec, Tensor) else repr(spec)
+        raise ValueError(f"the direction of {what} is zero: it reads nothing")
+    return u

@@ -1,0 +1,62 @@
+"""``bilinear-lens sae``: sparse autoencoders on a checkpoint's activations.
+
+    bilinear-lens sae train --checkpoint runs/tiny/final --hook blocks.0.hook_resid_mid --out saes/l0in
+    bilinear-lens sae train --checkpoint runs/tiny/final --config training/configs/sae-tiny.toml \\
+        --set sae.k=16 --out saes/l0in
+    bilinear-lens sae train --checkpoint runs/tiny/final --out saes/l0in --resume
+
+Without ``--config`` the paper's settings are used (:mod:`bilinear_lens.sae.recipe`);
+``--hook`` overrides ``sae.hook``. The result, ``OUT/final``, is an SAELens-format SAE;
+``--sae OUT`` in ``eigen``/``ablate``/``report`` reads it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bilinear-lens sae", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="action", required=True)
+    train = sub.add_parser("train", help="train a top-k SAE on one hook of a checkpoint")
+    train.add_argument("--checkpoint", type=Path, required=True, help="model directory (with tokenizer.json)")
+    train.add_argument("--out", type=Path, required=True, help="run directory (final SAE in OUT/final)")
+    train.add_argument("--hook", help="hook name, e.g. blocks.0.hook_resid_mid (overrides sae.hook)")
+    train.add_argument("--config", type=Path, default=None, help="TOML recipe with [sae] and [data] tables")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override a recipe value (TOML literal), e.g. --set sae.k=16; repeatable")
+    train.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                       help="continue from the newest checkpoint in --out, or from CHECKPOINT")
+    train.add_argument("--stop-at", type=int, default=None, metavar="STEP", help="stop after STEP steps with a checkpoint")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from bilinear_lens.models.checkpoint import CheckpointError
+    from bilinear_lens.models.hook_names import UnknownHookError
+    from bilinear_lens.sae.recipe import load_sae_recipe
+    from bilinear_lens.sae.train import train_sae
+
+    overrides = list(args.overrides) + ([f"sae.hook={args.hook}"] if args.hook else [])
+    try:
+        if args.stop_at is not None and args.stop_at < 1:
+            raise ValueError(f"--stop-at must be >= 1, got {args.stop_at}")
+        recipe = load_sae_recipe(args.config, overrides)
+        result = train_sae(args.checkpoint, args.out, recipe, resume=args.resume,
+                           progress=not args.no_progress, stop_at=args.stop_at)
+    except (ValueError, FileNotFoundError, FileExistsError, CheckpointError, UnknownHookError) as err:
+        print(f"bilinear-lens sae: error: {err}", file=sys.stderr)
+        return 2
+    val = result.val_metrics
+    status = "final SAE" if result.final.name == "final" else f"stopped at step {result.steps}; checkpoint"
+    print(f"{status}: {result.final}")
+    if val:
+        print(f"held-out explained variance {val['val_explained_variance']:.3f}, L0 {val['val_l0']:.1f}, "
+              f"MSE {val['val_mse']:.3g} (step {result.steps})")
+    return 0

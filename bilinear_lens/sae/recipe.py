@@ -1,0 +1,133 @@
+"""SAE training recipes: a TOML file with three tables.
+
+    [sae]    SAESpec       hook, expansion, k, b_dec init, dead-feature window
+    [train]  TrainConfig   the model trainer's own optimizer / schedule / cadence section
+                           (:class:`~bilinear_lens.training.config.TrainConfig`); ``batch_size``
+                           counts token blocks (``n_ctx`` activations each) per step and
+                           ``eval_batches`` held-out batches of that size are evaluated
+    [data]   DataConfig    the corpus whose token cache feeds the model (its tokenizer is
+                           always the checkpoint's)
+
+Errors name the key, section and file. Unset ``[train]`` keys take the paper's SAE settings
+(:data:`SAE_TRAIN_DEFAULTS`; Pearce et al. 2024, code ``tdooms/bilinear-decomposition``,
+``sae/sae.py``): top-k with ``k = 30``, ``expansion = 4`` (``d_sae = 4 d_model``), lr
+``1e-4`` cosine-annealed to ``2e-5`` with no warmup, Adam without weight decay (AdamW with
+``weight_decay = 0``) and no gradient clipping, decoder rows kept at unit norm, encoder
+initialised as the decoder's transpose, 4096 activations per step (64 blocks of 64).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from bilinear_lens.models.config import config_error, is_int
+from bilinear_lens.training.config import DataConfig, TrainConfig, parse_override
+
+DEFAULT_HOOK = "blocks.0.hook_resid_mid"
+SAE_TRAIN_DEFAULTS: dict[str, Any] = {
+    "steps": 1000, "batch_size": 64, "lr": 1e-4, "min_lr": 2e-5, "warmup_steps": 0, "schedule": "cosine",
+    "beta1": 0.9, "beta2": 0.999, "weight_decay": 0.0, "grad_clip": 0.0, "log_every": 50, "eval_every": 250,
+    "eval_batches": 1, "checkpoint_every": 500, "keep_last": 2,
+}
+# TrainConfig keys with no meaning for the SAE trainer: a recipe must leave them at their defaults
+UNSUPPORTED_TRAIN_KEYS = ("epochs", "grad_accum", "eval_batch_size", "autocast")
+
+
+@dataclass
+class SAESpec:
+    """The SAE: ``hook`` to read, ``d_sae = expansion * d_in`` features, top-``k``;
+    ``b_dec`` starts at the mean of the first batch if ``init_b_dec_to_mean``; a feature
+    counts as dead once it has not fired for ``dead_after_steps`` steps."""
+
+    hook: str = DEFAULT_HOOK
+    expansion: int = 4
+    k: int = 30
+    init_b_dec_to_mean: bool = True
+    dead_after_steps: int = 100
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.hook, str) or not self.hook:
+            raise config_error("SAESpec", "hook", self.hook, "must be a hook name such as 'blocks.0.hook_resid_mid'")
+        for key in ("expansion", "k", "dead_after_steps"):
+            if not is_int(getattr(self, key)) or getattr(self, key) < 1:
+                raise config_error("SAESpec", key, getattr(self, key), "must be a positive integer")
+        if not isinstance(self.init_b_dec_to_mean, bool):
+            raise config_error("SAESpec", "init_b_dec_to_mean", self.init_b_dec_to_mean, "must be true or false")
+
+
+_SECTIONS: dict[str, type] = {"sae": SAESpec, "train": TrainConfig, "data": DataConfig}
+
+
+def _allowed(section: str) -> list[str]:
+    return sorted(f.name for f in dataclasses.fields(_SECTIONS[section]))
+
+
+@dataclass
+class SAERecipe:
+    sae: SAESpec = field(default_factory=SAESpec)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(**SAE_TRAIN_DEFAULTS))
+    data: DataConfig = field(default_factory=DataConfig)
+    source: str = "<defaults>"
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: dataclasses.asdict(getattr(self, name)) for name in _SECTIONS}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "SAE recipe") -> "SAERecipe":
+        """Validate ``{"sae": ..., "train": ..., "data": ...}`` (each optional)."""
+        unknown = sorted(set(data) - set(_SECTIONS))
+        if unknown:
+            raise ValueError(f"unknown section(s) {unknown} in {where}; allowed sections: {sorted(_SECTIONS)}")
+        built = {}
+        for section, cls_ in _SECTIONS.items():
+            table = data.get(section, {})
+            if not isinstance(table, Mapping):
+                raise ValueError(f"[{section}] in {where} must be a table, got {type(table).__name__}")
+            allowed = [k for k in _allowed(section) if section != "train" or k not in UNSUPPORTED_TRAIN_KEYS]
+            bad = sorted(set(table) - set(allowed))
+            if bad:
+                raise ValueError(f"unsupported key(s) {bad} in section [{section}] of {where}; allowed keys: {allowed}")
+            values = {**SAE_TRAIN_DEFAULTS, **table} if section == "train" else dict(table)
+            try:
+                built[section] = cls_(**values)
+            except ValueError as err:
+                raise ValueError(f"{where}: {err}") from None
+        return cls(**built, source=where)
+
+
+def _parse_override(text: str) -> tuple[str, str, Any]:
+    """``sae.key=value`` (a TOML literal, else a bare string), or a ``train.``/``data.``
+    override as :func:`~bilinear_lens.training.config.parse_override` reads it."""
+    name, eq, raw = text.partition("=")
+    section, dot, key = name.strip().partition(".")
+    if section != "sae":
+        return parse_override(text)
+    if not eq or not dot or key not in _allowed("sae"):
+        raise ValueError(f"override {text!r} must be sae.key=value with key one of {_allowed('sae')}")
+    try:
+        return section, key, tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        return section, key, raw.strip()  # bare word: a string
+
+
+def load_sae_recipe(path: Optional[str | Path], overrides: Optional[list[str]] = None) -> SAERecipe:
+    """Read a TOML recipe (``None``: the paper's defaults) with ``section.key=value``
+    overrides, as ``bilinear-lens train --set``."""
+    data: dict[str, Any] = {}
+    where = "<defaults>"
+    if path is not None:
+        path, where = Path(path), str(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"SAE recipe not found: {path}")
+        try:
+            data = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"cannot parse SAE recipe {path}: {err}") from None
+    for text in overrides or []:
+        section, key, value = _parse_override(text)
+        data.setdefault(section, {})[key] = value
+    return SAERecipe.from_dict(data, where=where + (f" with overrides {list(overrides)}" if overrides else ""))

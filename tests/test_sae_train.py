@@ -1,0 +1,117 @@
+"""The top-k SAE trainer: streams activations from the token cache, keeps decoder rows unit
+norm, accounts dead features, resumes bitwise, and refuses to mix two runs."""
+
+import json
+
+import pytest
+import torch
+
+from bilinear_lens.cli import main
+from bilinear_lens.data.synthetic import synthetic_stories
+from bilinear_lens.data.tokenizer import save_tokenizer, to_hf_tokenizer, train_tokenizer
+from bilinear_lens.models.model import build_model
+from bilinear_lens.sae.model import load_sae
+from bilinear_lens.sae.recipe import SAERecipe, load_sae_recipe
+from bilinear_lens.sae.train import hook_activations, train_sae
+from conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sae_train")
+    tok = train_tokenizer(synthetic_stories(300, seed=0), vocab_size=300)
+    torch.manual_seed(0)
+    model = build_model(tiny_config(d_vocab=tok.get_vocab_size(), n_layers=1), tokenizer=to_hf_tokenizer(tok))
+    model.save_pretrained(root / "m")
+    return root / "m"
+
+
+def recipe(tmp_path, dead_after_steps=5, **train):
+    data = {"source": "synthetic", "max_docs": 300, "val_fraction": 0.1, "cache_dir": str(tmp_path / "cache")}
+    sae = dict(expansion=2, k=4, dead_after_steps=dead_after_steps)
+    settings = dict(steps=12, batch_size=8, lr=3e-3, min_lr=3e-4, log_every=3, eval_every=6, eval_batches=1,
+                    checkpoint_every=4, keep_last=2)
+    settings.update(train)
+    return SAERecipe.from_dict({"sae": sae, "train": settings, "data": data}, where="test recipe")
+
+
+def test_trains_streams_and_writes_an_saelens_dir(checkpoint, tmp_path):
+    result = train_sae(checkpoint, tmp_path / "run", recipe(tmp_path), progress=False)
+    sae = load_sae(tmp_path / "run")  # a run directory means its final SAE
+    assert result.final == tmp_path / "run" / "final" and sae.cfg.d_sae == 64 and sae.cfg.k == 4
+    torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(64), rtol=0, atol=1e-6)  # float32 rounding
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [3, 6, 9, 12]
+    for key in ("mse", "explained_variance", "l0", "dead_fraction", "lr", "tokens", "elapsed_s"):
+        assert all(key in r for r in records), key
+    assert all(r["l0"] <= 4 for r in records) and records[-1]["tokens"] == 12 * 8 * 16
+    assert "val_explained_variance" in records[1] and "val_explained_variance" in records[3]
+    assert records[3]["val_explained_variance"] > records[1]["val_explained_variance"]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_000008", "step_000012"]
+
+
+def test_dead_fraction_counts_features_silent_for_the_window(checkpoint, tmp_path):
+    """With dead_after_steps=1 a feature is dead at step s iff it did not fire on step s's
+    batch, measured with the SAE as it was before that update (the step s-1 checkpoint)."""
+    result = train_sae(checkpoint, tmp_path / "run", recipe(tmp_path, dead_after_steps=1, checkpoint_every=1,
+                                                             keep_last=3, steps=6, log_every=1), progress=False)
+    from bilinear_lens.data.corpus import prepare_data
+    from bilinear_lens.models.model import BilinearTransformer
+
+    model = BilinearTransformer.from_pretrained(checkpoint)
+    _, train_blocks, _ = prepare_data("synthetic", tokenizer=checkpoint / "tokenizer.json", n_ctx=16,
+                                      cache_dir=tmp_path / "cache", val_fraction=0.1, max_docs=300)
+    before = load_sae(tmp_path / "run" / "checkpoints" / "step_000005")
+    x = hook_activations(model, train_blocks.batch(5, 8, seed=0), "blocks.0.hook_resid_mid")
+    with torch.no_grad():
+        silent = (before.encode(x) > 0).sum(0) == 0
+    assert result.metrics[-1]["dead_fraction"] == pytest.approx(float(silent.float().mean()), abs=0)
+
+
+def test_resume_is_bitwise(checkpoint, tmp_path):
+    straight = train_sae(checkpoint, tmp_path / "a", recipe(tmp_path), progress=False)
+    stopped = train_sae(checkpoint, tmp_path / "b", recipe(tmp_path), progress=False, stop_at=5)
+    assert stopped.steps == 5 and stopped.final.name == "step_000005"
+    resumed = train_sae(checkpoint, tmp_path / "b", recipe(tmp_path), progress=False, resume=True)
+    for name, tensor in load_sae(straight.final).state_dict().items():
+        assert torch.equal(load_sae(resumed.final).state_dict()[name], tensor), name
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rs]  # noqa: E731
+    # the stopped invocation also logged its last step (5); everything else is identical
+    assert [r["step"] for r in resumed.metrics] == [3, 5, 6, 9, 12]
+    assert strip([r for r in resumed.metrics if r["step"] != 5]) == strip(straight.metrics)
+
+
+def test_refuses_to_mix_runs_and_bad_input(checkpoint, tmp_path, capsys):
+    train_sae(checkpoint, tmp_path / "run", recipe(tmp_path, steps=2), progress=False)
+    with pytest.raises(FileExistsError, match="already holds an SAE run"):
+        train_sae(checkpoint, tmp_path / "run", recipe(tmp_path, steps=2), progress=False)
+    rc = main(["sae", "train", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "x"),
+               "--hook", "blocks.3.hook_resid_mid", "--set", "data.max_docs=300",
+               "--set", f"data.cache_dir={json.dumps(str(tmp_path / 'cache'))}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "unknown hook name 'blocks.3.hook_resid_mid'" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(ValueError, match=r"data.tokenizer='x.json' in test recipe: the SAE trainer always uses"):
+        bad = recipe(tmp_path, steps=2)
+        bad.data.tokenizer = "x.json"
+        train_sae(checkpoint, tmp_path / "y", bad, progress=False)
+    with pytest.raises(ValueError, match=r"SAESpec.k=0 is invalid: must be a positive integer"):
+        load_sae_recipe(None, ["sae.k=0"])
+    with pytest.raises(ValueError, match=r"override 'sae.kk=3' must be sae.key=value with key one of"):
+        load_sae_recipe(None, ["sae.kk=3"])
+    with pytest.raises(ValueError, match=r"unsupported key\(s\) \['grad_accum'\] in section \[train\]"):
+        load_sae_recipe(None, ["train.grad_accum=2"])
+    defaults = load_sae_recipe(None)  # the paper's settings
+    assert (defaults.sae.k, defaults.sae.expansion, defaults.train.lr, defaults.train.weight_decay) == (30, 4, 1e-4, 0.0)
+
+
+def test_cli_trains_and_eigen_reads_the_feature(checkpoint, tmp_path, capsys):
+    cfg = tmp_path / "r.toml"
+    cfg.write_text('[sae]\nexpansion = 2\nk = 4\n[train]\nsteps = 6\nbatch_size = 8\nlr = 3e-3\neval_every = 3\n'
+                   f'[data]\nmax_docs = 300\nval_fraction = 0.1\ncache_dir = {json.dumps(str(tmp_path / "c"))}\n')
+    rc = main(["sae", "train", "--checkpoint", str(checkpoint), "--hook", "blocks.0.hook_resid_post",
+               "--config", str(cfg), "--out", str(tmp_path / "out"), "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "final SAE" in out and "held-out explained variance" in out
+    assert main(["eigen", "--checkpoint", str(checkpoint), "--sae", str(tmp_path / "out"), "--feature", "3",
+                 "--top", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["direction"].startswith("feature 3 of")
