@@ -9,6 +9,7 @@ import sys
 from typing import Optional
 
 from bilinear_lens.models.checkpoint import CheckpointError
+from bilinear_lens.weights.eigen import METHODS, EigenConvergenceError, choose_method
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,7 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--logit-diff", nargs=2, metavar=("A", "B"), help="direction logit[A] - logit[B]")
     p.add_argument("--top", type=int, default=5, help="eigenvectors to show")
     p.add_argument("--n-tokens", type=int, default=8, help="input tokens per pole")
-    p.add_argument("--method", choices=("dense", "lanczos", "lobpcg"), default="dense")
+    p.add_argument("--method", choices=METHODS, default="auto",
+                   help="auto: dense eigh up to d_model 2048 (all components), else lanczos (top only)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     return p
 
@@ -40,10 +42,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         direction = (
             (_token(args.logit_diff[0]), _token(args.logit_diff[1])) if args.logit_diff else _token(args.token)
         )
-        full = layer_eigendecomposition(model, args.layer, direction, method="dense") if args.method == "dense" else None
-        le = full if full is not None else layer_eigendecomposition(model, args.layer, direction, k=args.top, method=args.method)
+        method = choose_method(model.cfg.d_model) if args.method == "auto" else args.method
+        full = layer_eigendecomposition(model, args.layer, direction, method="dense") if method == "dense" else None
+        le = full if full is not None else layer_eigendecomposition(model, args.layer, direction, k=args.top, method=method)
         tops = top_tokens_for_eigenvectors(model, le, n_vectors=args.top, n_tokens=args.n_tokens)
-    except (FileNotFoundError, CheckpointError, ValueError, TypeError) as err:
+    except (FileNotFoundError, CheckpointError, ValueError, TypeError, EigenConvergenceError) as err:
         print(f"bilinear-lens eigen: error: {err}", file=sys.stderr)
         return 2
 
