@@ -67,7 +67,8 @@ def _check_k(k: int, available: int) -> None:
         raise ValueError(f"k must be in [0, {available}], got {k}")
 
 
-def _sort_by_magnitude(values: Tensor, vectors: Tensor) -> Eigendecomposition:
+def sort_by_magnitude(values: Float[Tensor, "*batch m"], vectors: Float[Tensor, "*batch d m"]) -> Eigendecomposition:
+    """Eigenpairs reordered by ``|value|`` descending (stable: ties keep their order)."""
     order = values.abs().argsort(dim=-1, descending=True, stable=True)
     return Eigendecomposition(
         values.gather(-1, order),
@@ -80,11 +81,10 @@ def default_tol(dtype: torch.dtype) -> float:
     return 1e-10 if dtype == torch.float64 else 1e-5
 
 
-def relative_residuals(
-    apply_Q: Callable[[Float[Tensor, "*batch d m"]], Float[Tensor, "*batch d m"]], eig: Eigendecomposition
-) -> Float[Tensor, "*batch k"]:
-    """``||Q v_i - lambda_i v_i|| / max_j |lambda_j|`` for each returned pair (0 for ``Q = 0``)."""
-    residual = apply_Q(eig.eigenvectors) - eig.eigenvectors * eig.eigenvalues[..., None, :]
+def relative_residuals(QV: Float[Tensor, "*batch d k"], eig: Eigendecomposition) -> Float[Tensor, "*batch k"]:
+    """``||Q v_i - lambda_i v_i|| / max_j |lambda_j|`` for each pair, given ``QV = Q @ eig.eigenvectors``
+    (0 for ``Q = 0``)."""
+    residual = QV - eig.eigenvectors * eig.eigenvalues[..., None, :]
     scale = eig.eigenvalues.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(eig.eigenvalues.dtype).tiny)
     return residual.norm(dim=-2) / scale
 
@@ -100,7 +100,7 @@ def check_converged(
     The factor 10 leaves room for the rounding of recomputing ``Q v`` outside the solver.
     Raises :class:`EigenConvergenceError` naming the worst residual and the tolerance.
     """
-    worst = float(relative_residuals(apply_Q, eig).max()) if eig.k else 0.0
+    worst = float(relative_residuals(apply_Q(eig.eigenvectors), eig).max()) if eig.k else 0.0
     if not worst <= 10 * tol:  # also catches NaN
         raise EigenConvergenceError(
             f"{method} eigensolver did not converge: relative residual {worst:.2e} > {10 * tol:.1e} "
@@ -118,7 +118,7 @@ def eigendecompose(Q: Float[Tensor, "*batch d d"]) -> Eigendecomposition:
     if Q.ndim < 2 or Q.shape[-1] != Q.shape[-2]:
         raise ValueError(f"Q must be [..., d, d], got shape {tuple(Q.shape)}")
     values, vectors = torch.linalg.eigh(Q)
-    return _sort_by_magnitude(values, vectors)
+    return sort_by_magnitude(values, vectors)
 
 
 def eigendecompose_directions(
@@ -239,7 +239,7 @@ def top_eigenvectors(
             values, vectors = values[-k:], vectors[:, -k:]
         elif which == "SA":
             values, vectors = values[:k], vectors[:, :k]
-        return _sort_by_magnitude(values, vectors).top(k)
+        return sort_by_magnitude(values, vectors).top(k)
 
     tol = tol if tol > 0 else default_tol(w.dtype)
     apply_Q = _interaction_matmat(w, u, include_bias)
@@ -263,7 +263,7 @@ def _arpack(
             f"lanczos eigensolver did not converge: {len(err.eigenvalues)} of {k} pairs reached ARPACK's "
             "residual tolerance (raise maxiter or use method='dense')"
         ) from None
-    return _sort_by_magnitude(
+    return sort_by_magnitude(
         torch.as_tensor(values).to(dtype=w.dtype, device=w.device),
         torch.as_tensor(vectors).to(dtype=w.dtype, device=w.device),
     )
@@ -313,7 +313,7 @@ def block_krylov_eigenpairs(
         norms = residuals.norm(dim=0)
         scale = theta.abs().max().clamp_min(eps)
         if bool((norms[:k] <= tol * scale).all()) or V.shape[1] >= d:
-            return _sort_by_magnitude(theta[:k], X[:, :k])  # converged, or exact: V spans R^d
+            return sort_by_magnitude(theta[:k], X[:, :k])  # converged, or exact: V spans R^d
         if V.shape[1] + b > max_basis:
             keep = max_basis // 2
             V, AV, H = V @ Y[:, :keep], AV @ Y[:, :keep], torch.diag(theta[:keep])
@@ -330,7 +330,7 @@ def block_krylov_eigenpairs(
         cross = V.T @ AW
         H = torch.cat([torch.cat([H, cross], dim=1), torch.cat([cross.T, W.T @ AW], dim=1)], dim=0)
         V, AV = torch.cat([V, W], dim=1), torch.cat([AV, AW], dim=1)
-    return check_converged(apply_Q, _sort_by_magnitude(theta[:k], X[:, :k]), tol, "block")
+    return check_converged(apply_Q, sort_by_magnitude(theta[:k], X[:, :k]), tol, "block")
 
 
 def low_rank_approximation(eig: Eigendecomposition, k: int) -> Float[Tensor, "*batch d d"]:
@@ -428,6 +428,7 @@ __all__ = [
     "choose_method",
     "default_tol",
     "relative_residuals",
+    "sort_by_magnitude",
     "eigendecompose",
     "eigendecompose_directions",
     "eigenvector_activations",
