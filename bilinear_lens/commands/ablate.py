@@ -22,7 +22,7 @@ from typing import Any, Optional
 import torch
 
 from bilinear_lens.activations.ablation import METHODS, NEURON_HOOKS, NeuronTable, ablation_sweep
-from bilinear_lens.commands.common import UsageError, load_model_with_tokenizer
+from bilinear_lens.commands.common import UsageError, add_device_args, load_model_with_tokenizer, place_model
 from bilinear_lens.models.hook_names import UnknownHookError
 
 
@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="synthetic-story and resample seed (default 0)")
     parser.add_argument("--ablations-per-pass", type=int, default=None, help="ablations batched per forward pass")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    add_device_args(parser)
     return parser
 
 
@@ -115,8 +116,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         _check_args(args)
-        model = load_model_with_tokenizer(args.checkpoint, "ablate")
+        model = place_model(load_model_with_tokenizer(args.checkpoint, "ablate"), args)
         tokens = _pack_tokens(model, _read_texts(args.text_file, args.n_texts, args.seed), args.seq_len)
+        tokens = tokens.to(model.W_U.device)
         table = ablation_sweep(
             model,
             tokens,
@@ -125,7 +127,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             method=args.method,
             seed=args.seed,
             ablations_per_pass=args.ablations_per_pass,
-            progress=sys.stderr.isatty(),
+            progress=sys.stderr.isatty() and not args.quiet,
         )
     except (UsageError, UnknownHookError, ValueError, TypeError) as err:
         print(f"bilinear-lens ablate: error: {err}", file=sys.stderr)

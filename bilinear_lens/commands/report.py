@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from bilinear_lens.commands.common import UsageError, add_device_args, place_model
 from bilinear_lens.models.checkpoint import CheckpointError
 
 
@@ -21,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-file", help="sample texts, separated by blank lines (default: synthetic stories)")
     p.add_argument("--n-texts", type=int, default=8)
     p.add_argument("--n-eigenvectors", type=int, default=4)
+    add_device_args(p)
     return p
 
 
@@ -30,7 +32,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from bilinear_lens.views.report import write_report
 
     try:
-        model = BilinearTransformer.from_pretrained(args.checkpoint)
+        model = place_model(BilinearTransformer.from_pretrained(args.checkpoint), args)
         texts = None
         if args.text_file:
             path = Path(args.text_file)
@@ -50,7 +52,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             n_eigenvectors=args.n_eigenvectors,
             title=f"bilinear-lens report: {args.checkpoint}, layer {args.layer}",
         )
-    except (FileNotFoundError, CheckpointError, ValueError, TypeError) as err:
+    except (UsageError, FileNotFoundError, CheckpointError, ValueError, TypeError) as err:
         print(f"bilinear-lens report: error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
