@@ -124,7 +124,9 @@ def _accuracy(today: dict[str, torch.Tensor], atlas: dict[str, torch.Tensor]) ->
             f"99th pct {angles.quantile(0.99).item():.1e} rad")
 
 
-def _atlas_section(d_model: int, d_mlp: int, n_dirs: int, repeats: int) -> None:
+def _atlas_section(d_model: int, d_mlp: int, n_dirs: int, repeats: int, in_process: bool = False) -> None:
+    """Print section (0); ``in_process`` runs the variants here instead of in fresh
+    subprocesses (``--quick``: seconds, but peak memory then includes earlier variants)."""
     import tempfile
 
     from safetensors.torch import load_file
@@ -140,7 +142,8 @@ def _atlas_section(d_model: int, d_mlp: int, n_dirs: int, repeats: int) -> None:
             for _ in range(repeats):
                 for name in runs:  # interleaved, so both see the same machine load
                     file = f"{tmp}/{name}.safetensors"
-                    runs[name].append(_run(name, d_model, d_mlp, n_dirs, spectrum, file))
+                    run = _atlas_variant(name, d_model, d_mlp, n_dirs, spectrum, file) if in_process else _run(name, d_model, d_mlp, n_dirs, spectrum, file)
+                    runs[name].append(run)
                     results[name] = load_file(file)
         med = {name: sorted(r, key=lambda x: x["seconds"])[len(r) // 2] for name, r in runs.items()}
         label = "Gaussian" if spectrum == "random" else "trained-like (power-law)"
@@ -223,7 +226,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32")
     print("time: wall-clock of the variant; extra peak: peak RSS during it minus RSS before it\n")
     if args.only in (None, "atlas"):
-        _atlas_section(*sizes["atlas"], repeats=args.repeats)
+        _atlas_section(*sizes["atlas"], repeats=args.repeats, in_process=args.quick)
     if args.only == "atlas":
         return
 

@@ -358,7 +358,8 @@ def test_cli_prints_region_table(saved_model, capsys):
 
 def test_cli_json_is_consistent(saved_model, capsys):
     path, text = saved_model
-    argv = ["--checkpoint", str(path), "--text-file", str(text), "--max-tokens", "300", "--json", "--top", "3"]
+    argv = ["--checkpoint", str(path), "--text-file", str(text), "--max-tokens", "300", "--json", "--top", "3",
+            "--device", "cpu", "--dtype", "float64", "--quiet"]
     assert polytope_main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["hooks"] == ["blocks.0.mlp.hook_pre"] and result["n_units"] == 64
@@ -374,12 +375,14 @@ def test_cli_json_is_consistent(saved_model, capsys):
         ({"--checkpoint": "missing"}, "cannot load checkpoint"),
         ({"--text-file": "missing.txt"}, "text file not found"),
         ({"--layer": "5"}, "out of range"),
+        ({"--device": "tpu"}, "--device 'tpu' is not one of auto, cpu, cuda, cuda:N"),
+        ({"--dtype": "int8"}, "--dtype 'int8' is not one of float32, float64"),
     ],
 )
 def test_cli_errors_exit_2(saved_model, capsys, tmp_path, change, message):
     path, text = saved_model
     args = {"--checkpoint": str(path), "--text-file": str(text), "--layer": "0"}
-    args.update({k: str(tmp_path / v) if k != "--layer" else v for k, v in change.items()})
+    args.update({k: str(tmp_path / v) if k in ("--checkpoint", "--text-file") else v for k, v in change.items()})
     assert polytope_main([x for kv in args.items() for x in kv]) == 2
     assert message in capsys.readouterr().err
 

@@ -148,7 +148,7 @@ def build_atlas(
         raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
     if not layers:
         raise ValueError("layers is empty: give at least one {layer: mlp}")
-    weights = {layer: _to(BilinearWeights.from_module(mlp), device, dtype) for layer, mlp in sorted(layers.items())}
+    weights = {layer: BilinearWeights.from_module(mlp).to(device, dtype) for layer, mlp in sorted(layers.items())}
     first = next(iter(weights.values()))
     d = first.d_input(include_bias)
     if directions.ndim != 2 or directions.shape[1] != first.d_out:
@@ -220,16 +220,6 @@ def model_atlas(
 
 def _weight_tensors(w: BilinearWeights) -> list[Tensor]:
     return [t for t in (w.W_in, w.W_gate, w.W_out, w.b_in, w.b_gate, w.b_out) if t is not None]
-
-
-def _to(w: BilinearWeights, device: Union[str, torch.device, None], dtype: torch.dtype) -> BilinearWeights:
-    """``w`` on ``device`` (its own if ``None``) in ``dtype``."""
-    target = w.device if device is None else torch.device(device)
-
-    def move(t: Optional[Tensor]) -> Optional[Tensor]:
-        return None if t is None else t.to(target, dtype)
-
-    return BilinearWeights(*(move(t) for t in (w.W_in, w.W_gate, w.W_out, w.b_in, w.b_gate, w.b_out)))
 
 
 __all__ = ["ATLAS_MEMORY_BYTES", "ROUTES", "build_atlas", "choose_route", "model_atlas"]

@@ -127,14 +127,18 @@ def eigendecompose_directions(
     k: Optional[int] = None,
     chunk_size: Optional[int] = None,
     include_bias: bool = False,
+    device: Union[str, torch.device, None] = None,
+    dtype: Optional[torch.dtype] = None,
 ) -> Eigendecomposition:
     """Top-``k`` (all if ``None``) eigenpairs of ``Q(U[n])`` for every direction.
 
     Streams :func:`~bilinear_lens.weights.tensor.iter_interaction_matrices` and eigendecomposes
     each chunk, keeping only ``k`` pairs, so peak memory is one chunk plus the
-    ``n_dirs * d * k`` result (never all ``n_dirs`` matrices).
+    ``n_dirs * d * k`` result (never all ``n_dirs`` matrices). Computes on ``device`` in
+    ``dtype`` (default: the weights'). For many directions with small ``k``,
+    :func:`~bilinear_lens.weights.atlas.build_atlas` is several times faster.
     """
-    w = _weights(mlp)
+    w = _weights(mlp).to(device, dtype)
     U = _check_directions(w, U, "U", ndim=2)
     d = w.d_input(include_bias)
     k = d if k is None else k
