@@ -295,13 +295,10 @@ def track_regions(
     region) are skipped. ``token_labels`` maps token id to label (``-1``: unlabelled).
     With ``sample_hook`` and ``sample_size > 0`` the activations at that hook of the
     first ``sample_size`` kept tokens are returned too, with their region ids. Batches
-    go to the model's device; ``progress`` shows a tqdm bar.
-
-    Under ``torchrun`` (:mod:`bilinear_lens.distributed`) batch ``i`` is run by rank
-    ``i % world_size`` and every rank ends with the merged region counts, label counts and
-    token count (:meth:`~bilinear_lens.activations.region_counts.RegionCounts.merge`), equal
-    to one process'. Example contexts, the Hamming code sample and the activation sample
-    are reservoirs over the rank's own batches only.
+    go to the model's device; ``progress`` shows a tqdm bar. Under ``torchrun`` rank ``r``
+    runs batches ``i % world_size == r`` and all ranks end with the merged region, label
+    and token counts (``RegionCounts.merge``), equal to one process'; example contexts and
+    the code and activation samples are reservoirs over the rank's own batches.
     """
     layout = code_layout(model, layers, factors)
     tracker = RegionTracker(examples_per_region, hamming_sample, n_units=layout.n_units, seed=seed)

@@ -27,7 +27,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from bilinear_lens.models.checkpoint import CheckpointError, atomic_directory, read_json, read_tensors, write_json, write_tensors
+from bilinear_lens.models.checkpoint import CheckpointError, PathLike, atomic_directory, read_json, read_tensors, write_json, write_tensors
 from bilinear_lens.weights.eigen import Eigendecomposition
 
 FORMAT_NAME = "bilinear-lens-eigen-atlas"
@@ -36,10 +36,8 @@ INDEX_FILE = "index.json"
 SHARD_TENSORS = "eigen.safetensors"
 SHARD_RECORD = "shard.json"
 
-PathLike = Union[str, Path]
 
-
-class AtlasError(ValueError):
+class AtlasError(CheckpointError):
     """An atlas directory is incomplete, corrupt, or belongs to another model/setting."""
 
 
