@@ -1,7 +1,21 @@
-"""Benchmark: factored / matrix-free interaction matrices vs the dense-tensor baseline.
+"""Benchmark: the eigen atlas vs today's path; factored / matrix-free interaction matrices
+vs the dense-tensor baseline.
 
-    python -m benchmarks.eigen          # full sizes (a few minutes on 2 cores)
-    python -m benchmarks.eigen --quick  # small sizes, seconds
+    python -m benchmarks.eigen                 # full sizes (~10 minutes on 2 cores)
+    python -m benchmarks.eigen --only atlas    # (0) only
+    python -m benchmarks.eigen --quick         # small sizes, seconds
+
+(0) Top-8 eigenpairs (by |lambda|) of Q(u) for all 4096 directions at d_model 512, d_mlp
+    2048, float32, median of ``--repeats`` runs: today's ``eigendecompose_directions``
+    (factored Q chunks + full ``eigh``) vs ``build_atlas`` (dense-B GEMMs + batched block
+    Krylov, shards written to a temp dir), on random Gaussian weights and on weights with a
+    trained-like spectrum (power-law singular values ``s_i ~ 1/i``, as trained weight
+    matrices have; a proxy, not a trained model). Accuracy of the atlas against today's
+    exact result: max relative eigenvalue error and the largest principal angle between
+    the two top-8 eigenvector subspaces (max and 99th percentile over directions). The
+    machine's sgemm rate is measured in the same run; the atlas' FLOP fraction counts only
+    its two GEMM stages (building B, ``2 d^3 d_mlp``, and contracting it, ``2 n d^3``), so
+    it is a lower bound.
 
 Each variant runs in its own subprocess on the same seeded random Gaussian weights
 (float32). Time: wall-clock of the variant only (weight generation excluded). Memory:
@@ -31,8 +45,8 @@ from typing import Any
 import torch
 
 SIZES = {
-    "full": {"vocab": (512, 2048, 4096), "few": (512, 2048, 64), "eig": (4096, 16384)},
-    "quick": {"vocab": (128, 512, 512), "few": (128, 512, 16), "eig": (512, 2048)},
+    "full": {"atlas": (512, 2048, 4096), "vocab": (512, 2048, 4096), "few": (512, 2048, 64), "eig": (4096, 16384)},
+    "quick": {"atlas": (64, 256, 256), "vocab": (128, 512, 512), "few": (128, 512, 16), "eig": (512, 2048)},
 }
 TOP_K = 8
 
@@ -45,15 +59,100 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _weights(d_model: int, d_mlp: int, seed: int = 0) -> Any:
+def _weights(d_model: int, d_mlp: int, seed: int = 0, spectrum: str = "random") -> Any:
+    """Gaussian weights, or (``"trained"``) Gaussian singular vectors with power-law
+    singular values ``s_i ~ 1/i`` rescaled to the same Frobenius norm."""
     from bilinear_lens.weights.tensor import BilinearWeights
 
     gen = torch.Generator().manual_seed(seed)
-    return BilinearWeights(
-        torch.randn(d_model, d_mlp, generator=gen) / d_model**0.5,
-        torch.randn(d_model, d_mlp, generator=gen) / d_model**0.5,
-        torch.randn(d_mlp, d_model, generator=gen) / d_mlp**0.5,
-    )
+    mats = [torch.randn(a, b, generator=gen) / a**0.5 for a, b in ((d_model, d_mlp), (d_model, d_mlp), (d_mlp, d_model))]
+    if spectrum == "trained":
+        for i, m in enumerate(mats):
+            u, s, vh = torch.linalg.svd(m, full_matrices=False)
+            power = 1.0 / torch.arange(1, s.numel() + 1, dtype=s.dtype)
+            mats[i] = (u * (power * s.norm() / power.norm())) @ vh
+    return BilinearWeights(*mats)
+
+
+def _sgemm_gflops(n: int, repeats: int = 3) -> float:
+    """Median float32 matmul rate of an ``n x n`` GEMM (GFLOP/s)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / sorted(times)[len(times) // 2] / 1e9
+
+
+def _atlas_variant(name: str, d_model: int, d_mlp: int, n_dirs: int, spectrum: str, result_file: str) -> dict[str, Any]:
+    """One timed run of today's path or the atlas; the top-8 pairs go to ``result_file``."""
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from bilinear_lens.weights.atlas import build_atlas
+    from bilinear_lens.weights.eigen import eigendecompose_directions
+
+    w = _weights(d_model, d_mlp, spectrum=spectrum)
+    U = torch.randn(n_dirs, d_model, generator=torch.Generator().manual_seed(1))
+    torch.linalg.eigh(torch.eye(4))  # load LAPACK before the measurement
+    with tempfile.TemporaryDirectory() as tmp:
+        rss_before = _status_kb("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak-RSS counter
+        start = time.perf_counter()
+        if name == "today":
+            eig = eigendecompose_directions(w, U, k=TOP_K)
+            values, vectors = eig.eigenvalues, eig.eigenvectors
+        else:
+            atlas = build_atlas({0: w}, U, f"{tmp}/atlas", k=TOP_K, progress=False)
+            values, vectors = atlas.layer_tensors(0, "eigenvalues"), atlas.layer_tensors(0, "eigenvectors")
+        seconds = time.perf_counter() - start
+        peak = _status_kb("VmHWM")
+    save_file({"eigenvalues": values.contiguous(), "eigenvectors": vectors.contiguous()}, result_file)
+    return {"seconds": seconds, "extra_peak_mb": max(peak - rss_before, 0) / 1024, "total_peak_mb": peak / 1024}
+
+
+def _accuracy(today: dict[str, torch.Tensor], atlas: dict[str, torch.Tensor]) -> str:
+    """Max relative eigenvalue error; largest principal angle between top-k subspaces."""
+    rel = ((atlas["eigenvalues"] - today["eigenvalues"]).abs() / today["eigenvalues"].abs()).max().item()
+    cosines = torch.linalg.svdvals(today["eigenvectors"].double().mT @ atlas["eigenvectors"].double()).amin(-1)
+    angles = torch.arccos(cosines.clamp(max=1.0))
+    return (f"max rel eigenvalue error {rel:.1e}; subspace angle max {angles.max().item():.1e} rad, "
+            f"99th pct {angles.quantile(0.99).item():.1e} rad")
+
+
+def _atlas_section(d_model: int, d_mlp: int, n_dirs: int, repeats: int, in_process: bool = False) -> None:
+    """Print section (0); ``in_process`` runs the variants here instead of in fresh
+    subprocesses (``--quick``: seconds, but peak memory then includes earlier variants)."""
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    gflops = _sgemm_gflops(2048 if d_model >= 256 else 512)
+    print(f"(0) top-{TOP_K} of Q(u) for {n_dirs} directions, d_model {d_model}, d_mlp {d_mlp}, "
+          f"median of {repeats}; sgemm measured now: {gflops:.0f} GFLOP/s")
+    gemm_flops = 2 * d_model**3 * d_mlp + 2 * n_dirs * d_model**3
+    for spectrum in ("random", "trained"):
+        runs: dict[str, list[dict[str, Any]]] = {"today": [], "atlas": []}
+        results = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for _ in range(repeats):
+                for name in runs:  # interleaved, so both see the same machine load
+                    file = f"{tmp}/{name}.safetensors"
+                    run = _atlas_variant(name, d_model, d_mlp, n_dirs, spectrum, file) if in_process else _run(name, d_model, d_mlp, n_dirs, spectrum, file)
+                    runs[name].append(run)
+                    results[name] = load_file(file)
+        med = {name: sorted(r, key=lambda x: x["seconds"])[len(r) // 2] for name, r in runs.items()}
+        label = "Gaussian" if spectrum == "random" else "trained-like (power-law)"
+        print(f"  weights: {label}")
+        print(_row("today: eigendecompose_directions", med["today"]))
+        print(_row("atlas: dense B + block Krylov", med["atlas"]))
+        fraction = gemm_flops / med["atlas"]["seconds"] / (gflops * 1e9)
+        print(_ratios(med["today"], med["atlas"]) + f"   atlas at >= {100 * fraction:.0f}% of sgemm rate")
+        print("  accuracy vs today's exact eigh: " + _accuracy(results["today"], results["atlas"]) + "\n")
 
 
 def _variant(name: str, d_model: int, d_mlp: int, n_dirs: int) -> dict[str, Any]:
@@ -90,9 +189,9 @@ def _variant(name: str, d_model: int, d_mlp: int, n_dirs: int) -> dict[str, Any]
     }
 
 
-def _run(name: str, d_model: int, d_mlp: int, n_dirs: int = 1) -> dict[str, Any]:
+def _run(name: str, d_model: int, d_mlp: int, n_dirs: int = 1, *atlas_args: str) -> dict[str, Any]:
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.eigen", "--variant", name, str(d_model), str(d_mlp), str(n_dirs)],
+        [sys.executable, "-m", "benchmarks.eigen", "--variant", name, str(d_model), str(d_mlp), str(n_dirs), *atlas_args],
         capture_output=True,
         text=True,
         check=True,
@@ -113,20 +212,27 @@ def _ratios(base: dict[str, Any], ours: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes, runs in seconds")
-    parser.add_argument("--variant", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--only", choices=("atlas", "factored", "topk"), help="run one section: (0), (1) or (2)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per atlas variant; the median is shown (default 3)")
+    parser.add_argument("--variant", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
-        name, *dims = args.variant
-        print(json.dumps(_variant(name, *map(int, dims))))
+        name, *rest = args.variant
+        run = _atlas_variant if name in ("today", "atlas") else _variant
+        print(json.dumps(run(name, *map(int, rest[:3]), *rest[3:])))
         return
 
     sizes = SIZES["quick" if args.quick else "full"]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, random Gaussian weights")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32")
     print("time: wall-clock of the variant; extra peak: peak RSS during it minus RSS before it\n")
+    if args.only in (None, "atlas"):
+        _atlas_section(*sizes["atlas"], repeats=args.repeats, in_process=args.quick)
+    if args.only == "atlas":
+        return
 
-    for key, title in (("vocab", "all vocabulary directions"), ("few", "a few directions")):
+    for key, title in (("vocab", "all vocabulary directions"), ("few", "a few directions")) if args.only != "topk" else ():
         d_model, d_mlp, n_dirs = sizes[key]
-        print(f"(1) Q(u) for {title}: d_model {d_model}, d_mlp {d_mlp}, n_dirs {n_dirs} (consumer: ||Q||_F)")
+        print(f"(1) random Gaussian weights: Q(u) for {title}: d_model {d_model}, d_mlp {d_mlp}, n_dirs {n_dirs} (consumer: ||Q||_F)")
         naive = _run("naive_all", d_model, d_mlp, n_dirs)
         ours = _run("ours_all", d_model, d_mlp, n_dirs)
         gap = (torch.tensor(naive["result"]) - torch.tensor(ours["result"])).abs().max().item()
@@ -134,8 +240,10 @@ def main() -> None:
         print(_row("ours: factored, chunked stream", ours))
         print(_ratios(naive, ours) + f"   (max |norm difference| {gap:.1e})\n")
 
+    if args.only == "factored":
+        return
     d_model, d_mlp = sizes["eig"]
-    print(f"(2) top-{TOP_K} eigenpairs by |lambda| of one Q(u): d_model {d_model}, d_mlp {d_mlp}")
+    print(f"(2) random Gaussian weights: top-{TOP_K} eigenpairs by |lambda| of one Q(u): d_model {d_model}, d_mlp {d_mlp}")
     dense = _run("dense", d_model, d_mlp)
     print(_row("dense: form Q, eigh", dense))
     ref = torch.tensor(dense["result"])

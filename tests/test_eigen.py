@@ -6,7 +6,10 @@ import pytest
 import torch
 
 from bilinear_lens.weights.eigen import (
+    AUTO_DENSE_MAX_D,
+    EigenConvergenceError,
     Eigendecomposition,
+    choose_method,
     eigendecompose,
     eigendecompose_directions,
     eigenvector_activations,
@@ -18,7 +21,7 @@ from bilinear_lens.weights.eigen import (
     top_eigenvectors,
 )
 from bilinear_lens.models.mlp import BilinearMLP
-from bilinear_lens.weights.tensor import augment_input, interaction_matrices, interaction_matrix
+from bilinear_lens.weights.tensor import BilinearWeights, augment_input, interaction_matrices, interaction_matrix
 
 D_MODEL, D_MLP = 8, 16
 
@@ -79,11 +82,45 @@ def assert_same_eigenpairs(got: Eigendecomposition, ref: Eigendecomposition) -> 
     assert (overlaps > 1 - 1e-6).all(), overlaps
 
 
-@pytest.mark.parametrize("method", ["lanczos", "block", "lobpcg"])
+def trained_like_weights(spectrum: torch.Tensor, d_mlp: int, seed: int) -> tuple[BilinearWeights, torch.Tensor]:
+    """Weights whose ``Q(u)`` has exactly ``spectrum`` as eigenvalues, in a random basis.
+
+    ``W_in = W_gate = [E, 0]`` (``E`` orthogonal, the extra neurons read nothing) and
+    ``W_out u = [spectrum, *]``, so ``Q(u) = E diag(spectrum) E^T``; the other rows of
+    ``W_out`` are random, as in a trained layer whose other outputs use the same neurons.
+    """
+    d = spectrum.numel()
+    gen = torch.Generator().manual_seed(seed)
+    E = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64, generator=gen)).Q
+    W_in = torch.cat([E, torch.zeros(d, d_mlp - d, dtype=torch.float64)], dim=1)
+    u = torch.randn(d, dtype=torch.float64, generator=gen)
+    W_out = torch.randn(d_mlp, d, dtype=torch.float64, generator=gen)
+    W_out[:d] += (spectrum - W_out[:d] @ u)[:, None] * u[None, :] / (u @ u)  # now W_out[:d] @ u = spectrum
+    return BilinearWeights(W_in, W_in.clone(), W_out), u
+
+
+def trained_like_spectrum(d: int, seed: int) -> torch.Tensor:
+    """Clustered top eigenvalues of both signs (1, -0.999, 0.998, ...) over a decaying, mixed-sign bulk."""
+    gen = torch.Generator().manual_seed(seed)
+    top = torch.tensor([1.0, -0.999, 0.998, -0.997, 0.99, 0.985, -0.98, 0.5], dtype=torch.float64)
+    bulk = 0.3 * torch.rand(d - top.numel(), dtype=torch.float64, generator=gen) ** 2
+    signs = torch.where(torch.rand(bulk.shape, generator=gen) < 0.5, -1.0, 1.0).to(torch.float64)
+    return torch.cat([top, bulk * signs])
+
+
+def random_case() -> tuple[BilinearMLP, torch.Tensor]:
+    return make_mlp(d_model=64, d_mlp=128, seed=5), randn(64, seed=6)
+
+
+def trained_like_case() -> tuple[BilinearWeights, torch.Tensor]:
+    return trained_like_weights(trained_like_spectrum(64, seed=7), d_mlp=96, seed=8)
+
+
+@pytest.mark.parametrize("case", [random_case, trained_like_case])
+@pytest.mark.parametrize("method", ["auto", "lanczos", "block"])
 @pytest.mark.parametrize("which", ["LM", "LA", "SA"])
-def test_matrix_free_top_k_matches_dense(method: str, which: str) -> None:
-    mlp = make_mlp(d_model=64, d_mlp=128, seed=5)
-    u = randn(64, seed=6)
+def test_every_method_matches_dense_eigh(case, method: str, which: str) -> None:
+    mlp, u = case()
     k = 4
     ref = top_eigenvectors(mlp, u, k, method="dense", which=which)
     got = top_eigenvectors(mlp, u, k, method=method, which=which)
@@ -93,6 +130,27 @@ def test_matrix_free_top_k_matches_dense(method: str, which: str) -> None:
         assert (ref.eigenvalues > 0).all()
     if which == "SA":
         assert (ref.eigenvalues < 0).all()
+
+
+def test_trained_like_weights_have_the_prescribed_spectrum() -> None:
+    spectrum = trained_like_spectrum(64, seed=7)
+    w, u = trained_like_weights(spectrum, d_mlp=96, seed=8)
+    got = eigendecompose(interaction_matrix(w, u)).eigenvalues
+    want = spectrum[spectrum.abs().argsort(descending=True)]
+    torch.testing.assert_close(got, want)  # float64 eigh of an exactly orthogonal similarity
+
+
+@pytest.mark.parametrize("method", ["lanczos", "block"])
+def test_unconverged_solvers_raise_naming_the_residual(method: str) -> None:
+    w, u = trained_like_case()
+    # One iteration on a clustered spectrum cannot reach the float64 tolerance.
+    with pytest.raises(EigenConvergenceError, match=f"{method} eigensolver did not converge: .*(residual|tolerance)"):
+        top_eigenvectors(w, u, 4, method=method, maxiter=1, block_size=4)
+
+
+def test_auto_picks_dense_for_small_and_lanczos_for_large() -> None:
+    assert choose_method(64) == "dense" and choose_method(AUTO_DENSE_MAX_D) == "dense"
+    assert choose_method(AUTO_DENSE_MAX_D + 1) == "lanczos"
 
 
 def test_dense_top_k_is_head_of_full_decomposition() -> None:

@@ -358,7 +358,8 @@ def test_cli_prints_region_table(saved_model, capsys):
 
 def test_cli_json_is_consistent(saved_model, capsys):
     path, text = saved_model
-    argv = ["--checkpoint", str(path), "--text-file", str(text), "--max-tokens", "300", "--json", "--top", "3"]
+    argv = ["--checkpoint", str(path), "--text-file", str(text), "--max-tokens", "300", "--json", "--top", "3",
+            "--device", "cpu", "--dtype", "float64", "--quiet"]
     assert polytope_main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["hooks"] == ["blocks.0.mlp.hook_pre"] and result["n_units"] == 64
@@ -374,12 +375,14 @@ def test_cli_json_is_consistent(saved_model, capsys):
         ({"--checkpoint": "missing"}, "cannot load checkpoint"),
         ({"--text-file": "missing.txt"}, "text file not found"),
         ({"--layer": "5"}, "out of range"),
+        ({"--device": "tpu"}, "--device 'tpu' is not one of auto, cpu, cuda, cuda:N"),
+        ({"--dtype": "int8"}, "--dtype 'int8' is not one of float32, float64"),
     ],
 )
 def test_cli_errors_exit_2(saved_model, capsys, tmp_path, change, message):
     path, text = saved_model
     args = {"--checkpoint": str(path), "--text-file": str(text), "--layer": "0"}
-    args.update({k: str(tmp_path / v) if k != "--layer" else v for k, v in change.items()})
+    args.update({k: str(tmp_path / v) if k in ("--checkpoint", "--text-file") else v for k, v in change.items()})
     assert polytope_main([x for kv in args.items() for x in kv]) == 2
     assert message in capsys.readouterr().err
 
@@ -398,3 +401,53 @@ def test_purity_analysis_script_runs(saved_model, tmp_path, monkeypatch, capsys)
     assert "| 0 | regions (sample) |" in table and "| 0 | k-means (sample) |" in table
     assert (out / "boundary_density.png").stat().st_size > 0
     assert json.loads((out / "results.json").read_text())["layers"][0]["tokens"] == 300
+
+
+# ---- scale-out: torchrun ranks split the batches, region tables merge ----------------------
+
+_RANK_SCRIPT = '''
+import json, sys
+import numpy as np, torch
+from bilinear_lens.activations.polytope import track_regions
+from bilinear_lens.distributed import process_group
+from bilinear_lens.models.model import build_model
+from tests.conftest import tiny_config
+
+model = build_model(tiny_config(mlp_kind="relu")).eval()
+tokens = torch.randint(0, 97, (10, 12), generator=torch.Generator().manual_seed(1))
+with process_group(torch.device("cpu")) as ranks:
+    tracker, _ = track_regions(model, tokens.split(2), layers=[0, 1], token_labels=np.arange(97) % 5,
+                               examples_per_region=0, progress=False)
+    if ranks.is_main:
+        ids, counts = tracker._regions.ids_and_counts()
+        json.dump({"ids": [str(i) for i in ids.tolist()], "counts": counts.tolist(), "n_tokens": tracker.n_tokens,
+                   "labels": sorted([str(r), l, c] for (r, l), c in tracker.label_counts.items())}, open(sys.argv[1], "w"))
+'''
+
+
+def test_two_process_track_regions_matches_one_process(tmp_path):
+    """torchrun, 2 gloo ranks: batches split round-robin; merged counts equal one process'."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    script = tmp_path / "rank_script.py"
+    script.write_text(_RANK_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    out = tmp_path / "regions.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(out)],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads(out.read_text())
+
+    model = build_model(tiny_config(mlp_kind="relu")).eval()  # the script's model, tokens and settings
+    tokens = torch.randint(0, 97, (10, 12), generator=torch.Generator().manual_seed(1))
+    tracker, _ = track_regions(model, tokens.split(2), layers=[0, 1], token_labels=np.arange(97) % 5,
+                               examples_per_region=0, progress=False)
+    ids, counts = tracker._regions.ids_and_counts()
+    assert tracker.n_tokens == 120 and two["n_tokens"] == 120
+    assert two["ids"] == [str(i) for i in ids.tolist()] and two["counts"] == counts.tolist()
+    assert two["labels"] == sorted([str(r), l, c] for (r, l), c in tracker.label_counts.items())

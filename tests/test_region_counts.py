@@ -145,3 +145,33 @@ def test_threaded_packing_works_in_a_forked_child(monkeypatch):
     child.start()
     child.join(timeout=60)
     assert child.exitcode == 0 and queue.get(timeout=5) is True
+
+
+def _counted(batches: list[np.ndarray], min_buffer: int = 64) -> RegionCounts:
+    table = RegionCounts(min_buffer=min_buffer)
+    for batch in batches:
+        table.add(batch)
+    return table
+
+
+def test_merge_is_associative_commutative_and_equals_counting_the_whole_stream():
+    stream = _stream(3, n_batches=12)
+    a, b, c = _counted(stream[:4]), _counted(stream[4:9], min_buffer=1), _counted(stream[9:])
+    whole = Counter(np.concatenate(stream).tolist())
+    for merged in (a.merge(b).merge(c), a.merge(b.merge(c)), c.merge(a).merge(b)):
+        assert merged.to_counter() == whole
+        assert merged.total == sum(whole.values())
+    left, right = a.merge(b).merge(c).ids_and_counts(), a.merge(b.merge(c)).ids_and_counts()
+    assert np.array_equal(left[0], right[0]) and np.array_equal(left[1], right[1])
+    assert a.to_counter() == Counter(np.concatenate(stream[:4]).tolist())  # inputs unchanged
+    assert a.merge(RegionCounts()).to_counter() == a.to_counter()  # the empty table is the identity
+
+
+def test_from_ids_and_counts_round_trips_and_rejects_bad_counts():
+    table = _counted(_stream(4))
+    ids, counts = table.ids_and_counts()
+    shuffled = np.random.default_rng(0).permutation(ids.size)
+    copy = RegionCounts.from_ids_and_counts(ids[shuffled], counts[shuffled])
+    assert copy.to_counter() == table.to_counter() and copy.total == table.total
+    with pytest.raises(ValueError, match="need one positive count per id"):
+        RegionCounts.from_ids_and_counts(np.array([1, 2], dtype=np.uint64), np.array([1, 0]))

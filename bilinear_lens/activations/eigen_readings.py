@@ -83,7 +83,8 @@ def layer_eigendecomposition(
     """Eigendecompose ``Q(u)`` of layer ``layer`` for ``direction`` (see module docstring).
 
     ``method="dense"`` forms ``Q`` and runs ``eigh`` (all components, or the top ``k``);
-    ``"lanczos"``/``"lobpcg"`` find the top ``k`` matrix-free (for wide layers).
+    ``"auto"``/``"lanczos"``/``"block"`` find the top ``k`` (see
+    :func:`~bilinear_lens.weights.eigen.top_eigenvectors`; matrix-free for wide layers).
     """
     mlp = bilinear_layer(model, layer)
     u = resolve_direction(model, direction).to(mlp.W_in.dtype)

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from jaxtyping import Float, Int, UInt8
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from bilinear_lens.activations.region_counts import RegionCounts
 from bilinear_lens.activations.spline_codes import (
@@ -45,6 +46,7 @@ from bilinear_lens.activations.spline_codes import (
     run_capturing,
 )
 from bilinear_lens.data.synthetic import word_class
+from bilinear_lens.distributed import all_gather_int64, current_ranks
 
 ArrayLike = Union[np.ndarray, Tensor]
 
@@ -285,13 +287,18 @@ def track_regions(
     sample_hook: Optional[str] = None,
     sample_size: int = 0,
     seed: int = 0,
+    progress: bool = True,
 ) -> tuple[RegionTracker, Optional[ActivationSample]]:
     """Stream ``batches`` of tokens through ``model`` into a :class:`RegionTracker`.
 
     Tokens in ``ignore_tokens`` (e.g. BOS/padding, whose codes would pile into one
     region) are skipped. ``token_labels`` maps token id to label (``-1``: unlabelled).
     With ``sample_hook`` and ``sample_size > 0`` the activations at that hook of the
-    first ``sample_size`` kept tokens are returned too, with their region ids.
+    first ``sample_size`` kept tokens are returned too, with their region ids. Batches
+    go to the model's device; ``progress`` shows a tqdm bar. Under ``torchrun`` rank ``r``
+    runs batches ``i % world_size == r`` and all ranks end with the merged region, label
+    and token counts (``RegionCounts.merge``), equal to one process'; example contexts and
+    the code and activation samples are reservoirs over the rank's own batches.
     """
     layout = code_layout(model, layers, factors)
     tracker = RegionTracker(examples_per_region, hamming_sample, n_units=layout.n_units, seed=seed)
@@ -299,7 +306,13 @@ def track_regions(
     ignore = np.asarray(list(ignore_tokens), dtype=np.int64)
     sampled: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     n_sampled = 0
-    for tokens in batches:
+    ranks = current_ranks()
+    device = next(model.parameters()).device
+    bar = tqdm(batches, desc="polytope regions", unit="batch", disable=not progress or not ranks.is_main)
+    for i, tokens in enumerate(bar):
+        if not ranks.owns(i):
+            continue
+        tokens = tokens.to(device)
         _, cache = model.run_with_cache(tokens, names_filter=names)
         token_ids = _numpy(tokens).reshape(-1).astype(np.int64)
         keep = np.flatnonzero(~np.isin(token_ids, ignore))
@@ -312,12 +325,31 @@ def track_regions(
             acts = cache[sample_hook].detach().float().cpu().numpy().reshape(token_ids.size, -1)[take]
             sampled.append((region_ids(codes[: take.size]), acts, token_ids[take]))
             n_sampled += take.size
+    if ranks.world_size > 1:
+        _merge_counts_across_ranks(tracker)
     if not sample_hook or sample_size <= 0:
         return tracker, None
     if not sampled:
         return tracker, ActivationSample(np.zeros(0, np.uint64), np.zeros((0, 0), np.float32), np.zeros(0, np.int64), sample_hook)
     ids, acts, toks = (np.concatenate(parts) for parts in zip(*sampled))
     return tracker, ActivationSample(ids, acts, toks, sample_hook)
+
+
+def _merge_counts_across_ranks(tracker: RegionTracker) -> None:
+    """Replace each rank's region counts, label counts and token count by their sums over ranks."""
+    ids, counts = tracker._regions.ids_and_counts()
+    tables = zip(all_gather_int64(ids.view(np.int64)), all_gather_int64(counts))
+    merged = RegionCounts()
+    for rank_ids, rank_counts in tables:
+        merged = merged.merge(RegionCounts.from_ids_and_counts(rank_ids.view(np.uint64), rank_counts))
+    tracker._regions = merged
+    pairs = np.array(list(tracker.label_counts), dtype=np.uint64).reshape(-1, 2)
+    values = np.fromiter(tracker.label_counts.values(), dtype=np.int64, count=len(tracker.label_counts))
+    gathered = zip(*(all_gather_int64(a) for a in (pairs[:, 0].view(np.int64), pairs[:, 1].astype(np.int64), values)))
+    tracker.label_counts = Counter()
+    for region, label, count in gathered:
+        tracker.label_counts.update(dict(zip(zip(region.view(np.uint64).tolist(), label.tolist()), count.tolist())))
+    tracker.n_tokens = int(sum(int(n[0]) for n in all_gather_int64(np.array([tracker.n_tokens]))))
 
 
 def token_blocks(

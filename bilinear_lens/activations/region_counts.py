@@ -85,6 +85,32 @@ class RegionCounts:
         self._merge()
         return Counter(dict(zip(self._ids.tolist(), self._counts.tolist())))
 
+    def merge(self, other: "RegionCounts") -> "RegionCounts":
+        """A new table counting every id of ``self`` and ``other`` (neither changes).
+
+        Counts add, so merging is associative and commutative: tables counted on separate
+        shards of a stream (e.g. one per process) merge into the table of the whole stream.
+        """
+        self._merge()
+        other._merge()
+        merged = RegionCounts(self.min_buffer)
+        merged._ids, merged._counts = _merge_sorted(self._ids, self._counts, other._ids, other._counts)
+        merged.total = self.total + other.total
+        return merged
+
+    @classmethod
+    def from_ids_and_counts(cls, ids: UInt64[IdsLike, "n"], counts: Int[np.ndarray, "n"]) -> "RegionCounts":
+        """A table from distinct ``ids`` and positive ``counts`` (e.g. :meth:`ids_and_counts`
+        of another process), in any order."""
+        ids, counts = _as_ids(ids).ravel(), np.asarray(counts, dtype=np.int64).ravel()
+        if ids.shape != counts.shape or (counts.size and counts.min() < 1):
+            raise ValueError(f"need one positive count per id, got {ids.size} ids and counts {counts[:5]}...")
+        order = np.argsort(ids, kind="stable")
+        table = cls()
+        table._ids, table._counts = _run_lengths(ids[order], counts[order])
+        table.total = int(counts.sum())
+        return table
+
     def _merge(self) -> None:
         if not self._buffer:
             return
@@ -92,11 +118,18 @@ class RegionCounts:
         self._buffer, self._n_buffered = [], 0
         new.sort()
         unique, counts = _run_lengths(new, np.ones(new.size, dtype=np.int64))
-        ids = np.concatenate([self._ids, unique])
-        # Two sorted runs: the stable sort (timsort) merges them in linear time. An id in
-        # both ends up as two neighbours, table entry first.
-        order = np.argsort(ids, kind="stable")
-        self._ids, self._counts = _run_lengths(ids[order], np.concatenate([self._counts, counts])[order])
+        self._ids, self._counts = _merge_sorted(self._ids, self._counts, unique, counts)
+
+
+def _merge_sorted(
+    ids_a: UInt64[np.ndarray, "a"], counts_a: Int[np.ndarray, "a"], ids_b: UInt64[np.ndarray, "b"], counts_b: Int[np.ndarray, "b"]
+) -> tuple[UInt64[np.ndarray, "m"], Int[np.ndarray, "m"]]:
+    """Two sorted distinct-id tables as one, counts of shared ids summed."""
+    ids = np.concatenate([ids_a, ids_b])
+    # Two sorted runs: the stable sort (timsort) merges them in linear time. An id in
+    # both ends up as two neighbours, first table's entry first.
+    order = np.argsort(ids, kind="stable")
+    return _run_lengths(ids[order], np.concatenate([counts_a, counts_b])[order])
 
 
 def _run_lengths(

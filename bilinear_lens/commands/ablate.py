@@ -28,8 +28,10 @@ import torch
 from bilinear_lens.activations.ablation import METHODS, NEURON_HOOKS, NeuronTable, ablation_sweep
 from bilinear_lens.commands.common import (
     UsageError,
+    add_device_args,
     add_direction_arguments,
     load_model_with_tokenizer,
+    place_model,
     require_positive,
     resolve_direction_arguments,
 )
@@ -56,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ablations-per-pass", type=int, default=None, help="ablations batched per forward pass")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     add_direction_arguments(parser)
+    add_device_args(parser)
     return parser
 
 
@@ -75,11 +78,11 @@ def _sweep(args: argparse.Namespace, model: Any, tokens: torch.Tensor) -> tuple[
         if args.feature_read != "decoder":
             raise UsageError("--feature-read has no effect on ablate: it measures the feature's activation")
 
-        table = feature_ablation_sweep(model, tokens, args.layer, spec, progress=sys.stderr.isatty(), **common)
+        table = feature_ablation_sweep(model, tokens, args.layer, spec, progress=sys.stderr.isatty() and not args.quiet, **common)
         return table, "delta_feature"
     target = {} if spec is None else {"logit_diff": spec} if isinstance(spec, tuple) else {"logit": spec}
     table = ablation_sweep(model, tokens, args.layer, ablations_per_pass=args.ablations_per_pass,
-                           progress=sys.stderr.isatty(), position=None, **target, **common)
+                           progress=sys.stderr.isatty() and not args.quiet, position=None, **target, **common)
     by = "delta_loss" if spec is None else "delta_logit_diff" if isinstance(spec, tuple) else "delta_logit"
     return table, by
 
@@ -152,8 +155,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         _check_args(args)
-        model = load_model_with_tokenizer(args.checkpoint, "ablate")
+        model = place_model(load_model_with_tokenizer(args.checkpoint, "ablate"), args)
         tokens = _pack_tokens(model, _read_texts(args.text_file, args.n_texts, args.seed), args.seq_len)
+        tokens = tokens.to(model.W_U.device)
         table, by = _sweep(args, model, tokens)
     except (UsageError, UnknownHookError, ValueError, TypeError) as err:
         print(f"bilinear-lens ablate: error: {err}", file=sys.stderr)

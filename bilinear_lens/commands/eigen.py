@@ -1,6 +1,11 @@
 """``bilinear-lens eigen``: eigenvalues of a bilinear layer's ``Q(u)`` for an output direction
 (a token, a logit difference or an SAE feature) and, per eigenvector, its most aligned input
-tokens (both poles) and, with ``--input-sae``, its most aligned input SAE features."""
+tokens (both poles) and, with ``--input-sae``, its most aligned input SAE features.
+
+With ``--out DIR`` it writes an eigen atlas instead: the top-k of ``Q(u)`` for every
+vocabulary token (``--all-tokens``) or for each given ``--token``/``--token-id``/``--sae
+--feature`` direction, at every layer (or ``--layer``); resumable with ``--resume``, and
+shards split across ranks under ``torchrun``."""
 
 from __future__ import annotations
 
@@ -11,24 +16,80 @@ from typing import Any, Optional
 
 from bilinear_lens.commands.common import (
     UsageError,
+    add_device_args,
     add_direction_arguments,
     load_sae_argument,
+    place_model,
     require_positive,
+    resolve_device,
     resolve_direction_arguments,
 )
 from bilinear_lens.models.checkpoint import CheckpointError
+from bilinear_lens.weights.eigen import METHODS, EigenConvergenceError, choose_method
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bilinear-lens eigen", description=__doc__)
+    p = argparse.ArgumentParser(prog="bilinear-lens eigen", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="model directory (save_pretrained format)")
-    p.add_argument("--layer", type=int, default=0)
+    p.add_argument("--layer", type=int, default=None, help="block index (default 0; an atlas: every layer)")
     add_direction_arguments(p, input_sae=True)
-    p.add_argument("--top", type=int, default=5, help="eigenvectors to show")
+    p.add_argument("--all-tokens", action="store_true", help="atlas of every vocabulary token (needs --out)")
+    p.add_argument("--top", type=int, default=None, help="eigenvectors to show (default 5) or keep in the atlas (default 8)")
+    p.add_argument("--out", help="write an atlas of the given directions (or --all-tokens) to this directory")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted atlas in --out")
+    p.add_argument("--shard-size", type=int, default=512, help="directions per atlas shard (default 512)")
     p.add_argument("--n-tokens", type=int, default=8, help="input tokens per pole")
-    p.add_argument("--method", choices=("dense", "lanczos", "lobpcg"), default="dense")
+    p.add_argument("--method", choices=METHODS, default="auto",
+                   help="auto: dense eigh up to d_model 2048 (all components), else lanczos (top only)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_device_args(p)
     return p
+
+
+def _atlas_directions(args: argparse.Namespace, model: Any) -> dict[str, Any]:
+    """``model_atlas``/``build_atlas`` inputs for the atlas: all tokens, given token ids, or
+    SAE feature directions (one kind per atlas, so rows have one kind of label)."""
+    from bilinear_lens.weights.directions import FeatureDirection, resolve_direction
+
+    if args.all_tokens:
+        if args.token or args.token_id or args.sae or args.logit_diff or args.logit_diff_id:
+            raise UsageError("--all-tokens takes no other output direction")
+        return {"tokens": None}
+    specs = [spec for _, spec in resolve_direction_arguments(args, model, several=True)]
+    if all(isinstance(s, int) for s in specs):
+        return {"tokens": specs}
+    if all(isinstance(s, FeatureDirection) for s in specs):
+        import torch
+
+        return {"directions": torch.stack([resolve_direction(model, s) for s in specs]),
+                "labels": [s.index for s in specs], "label_name": "feature"}
+    raise UsageError("an atlas holds one kind of direction: tokens (--token/--token-id) or SAE features (--sae --feature)")
+
+
+def _run_atlas(args: argparse.Namespace) -> dict:
+    """Build (or resume) the atlas; returns a summary. Under torchrun, each rank does its shards."""
+    from bilinear_lens.activations.eigen_readings import bilinear_layer
+    from bilinear_lens.distributed import process_group
+    from bilinear_lens.models.model import BilinearTransformer
+    from bilinear_lens.weights.atlas import build_atlas, model_atlas
+
+    if not args.out:
+        raise UsageError("--all-tokens writes an atlas: give --out DIR")
+    device, dtype = resolve_device(args)
+    model = BilinearTransformer.from_pretrained(args.checkpoint)
+    what = _atlas_directions(args, model)
+    layers = list(range(model.cfg.n_layers)) if args.layer is None else [args.layer]
+    options = dict(k=args.top or 8, shard_size=args.shard_size, device=device, dtype=dtype,
+                   resume=args.resume, progress=not args.quiet)
+    with process_group(device) as ranks:
+        if "tokens" in what:
+            atlas = model_atlas(model, args.out, tokens=what["tokens"], layers=layers, **options)
+        else:
+            mlps = {layer: bilinear_layer(model, layer) for layer in layers}
+            atlas = build_atlas(mlps, what["directions"], args.out, labels=what["labels"],
+                                label_name=what["label_name"], **options)
+    return {"atlas": str(atlas.path), "layers": atlas.layers, "n_dirs": atlas.n_dirs, "k": atlas.k, "is_main": ranks.is_main}
 
 
 def _rows(model: Any, le: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -48,31 +109,7 @@ def _rows(model: Any, le: Any, args: argparse.Namespace) -> list[dict[str, Any]]
     return rows
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    from bilinear_lens.activations.eigen_readings import layer_eigendecomposition
-    from bilinear_lens.models.model import BilinearTransformer
-    from bilinear_lens.weights.eigen import low_rank_error
-
-    try:
-        require_positive(args, "top", "n_tokens", "n_input_features")
-        try:
-            model = BilinearTransformer.from_pretrained(args.checkpoint)
-        except (FileNotFoundError, CheckpointError, ValueError) as err:
-            raise UsageError(f"cannot load checkpoint {args.checkpoint}: {err}") from None
-        ((label, direction),) = resolve_direction_arguments(args, model)
-        full = layer_eigendecomposition(model, args.layer, direction, method="dense") if args.method == "dense" else None
-        le = full if full is not None else layer_eigendecomposition(model, args.layer, direction, k=args.top, method=args.method)
-        rows = _rows(model, le, args)
-    except (UsageError, ValueError, TypeError) as err:
-        print(f"bilinear-lens eigen: error: {err}", file=sys.stderr)
-        return 2
-
-    errors = {k: float(low_rank_error(full.eig, k)) for k in (1, 2, 4, 8) if k <= full.eig.k} if full is not None else {}
-    if args.json:
-        print(json.dumps({"layer": args.layer, "direction": label, "eigenvectors": rows,
-                          "low_rank_frobenius_error": errors}, indent=2))
-        return 0
+def _print_rows(args: argparse.Namespace, label: str, rows: list[dict[str, Any]], errors: dict[int, float]) -> None:
     print(f"layer {args.layer}, output direction {label}: top {len(rows)} eigenvectors of Q(u)")
     if errors:
         print("fraction of ||Q||_F missed by rank k: " + ", ".join(f"k={k}: {e:.3f}" for k, e in errors.items()))
@@ -83,4 +120,52 @@ def main(argv: Optional[list[str]] = None) -> int:
         if "positive_features" in r:
             print("   + input features: " + "  ".join(f"{i} ({c:+.2f})" for i, c in zip(r["positive_features"], r["positive_feature_cosines"])))
             print("   - input features: " + "  ".join(f"{i} ({c:+.2f})" for i, c in zip(r["negative_features"], r["negative_feature_cosines"])))
+
+
+def _main_atlas(args: argparse.Namespace) -> int:
+    from bilinear_lens.weights.atlas_store import AtlasError
+
+    try:
+        require_positive(args, "top", "shard_size")
+        summary = _run_atlas(args)
+    except (UsageError, FileNotFoundError, CheckpointError, AtlasError, ValueError, TypeError) as err:
+        print(f"bilinear-lens eigen: error: {err}", file=sys.stderr)
+        return 2
+    if summary.pop("is_main"):
+        print(json.dumps(summary) if args.json else
+              f"atlas: {summary['atlas']} ({summary['n_dirs']} directions x layers {summary['layers']}, top {summary['k']})")
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.all_tokens or args.out:
+        return _main_atlas(args)
+    args.layer = 0 if args.layer is None else args.layer
+    args.top = 5 if args.top is None else args.top
+    from bilinear_lens.activations.eigen_readings import layer_eigendecomposition
+    from bilinear_lens.models.model import BilinearTransformer
+    from bilinear_lens.weights.eigen import low_rank_error
+
+    try:
+        require_positive(args, "top", "n_tokens", "n_input_features")
+        try:
+            model = place_model(BilinearTransformer.from_pretrained(args.checkpoint), args)
+        except (FileNotFoundError, CheckpointError, ValueError) as err:
+            raise UsageError(f"cannot load checkpoint {args.checkpoint}: {err}") from None
+        ((label, direction),) = resolve_direction_arguments(args, model)
+        method = choose_method(model.cfg.d_model) if args.method == "auto" else args.method
+        full = layer_eigendecomposition(model, args.layer, direction, method="dense") if method == "dense" else None
+        le = full if full is not None else layer_eigendecomposition(model, args.layer, direction, k=args.top, method=method)
+        rows = _rows(model, le, args)
+    except (UsageError, ValueError, TypeError, EigenConvergenceError) as err:
+        print(f"bilinear-lens eigen: error: {err}", file=sys.stderr)
+        return 2
+
+    errors = {k: float(low_rank_error(full.eig, k)) for k in (1, 2, 4, 8) if k <= full.eig.k} if full is not None else {}
+    if args.json:
+        print(json.dumps({"layer": args.layer, "direction": label, "eigenvectors": rows,
+                          "low_rank_frobenius_error": errors}, indent=2))
+    else:
+        _print_rows(args, label, rows, errors)
     return 0

@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from bilinear_lens.commands.common import UsageError, load_model_with_tokenizer, require_positive
+from bilinear_lens.commands.common import UsageError, add_device_args, load_model_with_tokenizer, place_model, require_positive
 from bilinear_lens.activations.polytope import (
     compare_purity,
     decode_context,
@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    add_device_args(parser)
     return parser
 
 
@@ -85,7 +86,7 @@ def analyse(args: argparse.Namespace) -> dict[str, Any]:
     if args.max_tokens < 1 or args.batch_size < 1 or args.context < 1:
         raise UsageError("--max-tokens, --batch-size and --context must be positive")
     require_positive(args, "k", "purity_tokens")
-    model = load_model_with_tokenizer(args.checkpoint, "polytope")
+    model = place_model(load_model_with_tokenizer(args.checkpoint, "polytope"), args)
     try:
         layout = code_layout(model, args.layer, args.factors)
     except (ValueError, KeyError) as err:  # bad layer, MLP kind without units, factor the kind lacks
@@ -108,6 +109,7 @@ def analyse(args: argparse.Namespace) -> dict[str, Any]:
         sample_hook=sample_hook if labels is not None else None,
         sample_size=args.purity_tokens,
         seed=args.seed,
+        progress=not args.quiet,
     )
     result: dict[str, Any] = {
         "checkpoint": str(args.checkpoint),

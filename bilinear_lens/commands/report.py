@@ -16,7 +16,9 @@ from typing import Optional
 
 from bilinear_lens.commands.common import (
     UsageError,
+    add_device_args,
     add_direction_arguments,
+    place_model,
     require_positive,
     resolve_direction_arguments,
     resolve_input_token_arguments,
@@ -34,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-file", help="sample texts, separated by blank lines (default: synthetic stories)")
     p.add_argument("--n-texts", type=int, default=8)
     p.add_argument("--n-eigenvectors", type=int, default=4)
+    add_device_args(p)
     return p
 
 
@@ -59,7 +62,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if Path(args.out).is_dir():
             raise UsageError(f"--out {args.out} is a directory; give the HTML file to write")
         try:
-            model = BilinearTransformer.from_pretrained(args.checkpoint)
+            model = place_model(BilinearTransformer.from_pretrained(args.checkpoint), args)
         except (FileNotFoundError, CheckpointError, ValueError) as err:
             raise UsageError(f"cannot load checkpoint {args.checkpoint}: {err}") from None
         specs = [spec for _, spec in resolve_direction_arguments(args, model, several=True, required=False)]
@@ -76,7 +79,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             features=[s for s in specs if not isinstance(s, (int, tuple))],
             title=f"bilinear-lens report: {args.checkpoint}, layer {args.layer}",
         )
-    except (UsageError, FileNotFoundError, ValueError, TypeError) as err:
+    except (UsageError, FileNotFoundError, CheckpointError, ValueError, TypeError) as err:
         print(f"bilinear-lens report: error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")

@@ -107,6 +107,11 @@ class BilinearWeights:
     def device(self) -> torch.device:
         return self.W_in.device
 
+    def to(self, device: Union[str, torch.device, None] = None, dtype: Optional[torch.dtype] = None) -> "BilinearWeights":
+        """These weights on ``device`` in ``dtype`` (``None``: keep the current one)."""
+        fields = (self.W_in, self.W_gate, self.W_out, self.b_in, self.b_gate, self.b_out)
+        return BilinearWeights(*(None if t is None else t.to(device=device or t.device, dtype=dtype or t.dtype) for t in fields))
+
     def d_input(self, include_bias: bool) -> int:
         """Dimension ``Q`` lives in: ``d_model``, or ``d_model + 1`` with the bias row."""
         return self.d_model + int(include_bias)

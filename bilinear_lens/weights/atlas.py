@@ -1,0 +1,225 @@
+"""The eigen atlas: top-``k`` eigenpairs of ``Q(u)`` for every direction of a set, every layer.
+
+For each layer and each row ``u`` of a direction matrix ``U [n_dirs, d_model]`` (all
+vocabulary tokens, a token list, SAE features: any matrix), the atlas stores the ``k``
+largest-``|lambda|`` eigenpairs of ``Q(u)``, ``||Q(u)||_F`` and the captured energy
+``sum_{i<k} lambda_i^2 / ||Q(u)||_F^2``, streamed to disk shard by shard
+(:mod:`bilinear_lens.weights.atlas_store`; resumable: finished shards are skipped).
+
+**Algorithm (chosen by FLOP counts and measurement; see NOTES).** Forming ``Q(u)`` from
+the factors costs ``2 d^2 d_mlp`` per direction; contracting the precomputed symmetric
+tensor ``B [d_out, d, d]`` (built once, ``2 d_out d^2 d_mlp``) costs ``2 d_out d^2`` per
+direction, one GEMM ``U_chunk @ B.view(d_out, d*d)`` per chunk. ``route="auto"`` takes
+``"dense_b"`` when ``B`` fits in ``memory_bytes`` and its total FLOPs are lower
+(``d_out d_mlp + n d_out < n d_mlp``: more than ~680 directions at d 512 / d_mlp 2048),
+else ``"factored"``. Top-``k`` then comes from batched block Krylov on the formed chunk
+(:func:`~bilinear_lens.weights.batched_eigen.batched_top_eigenpairs`), not a full ``eigh``.
+
+Under ``torchrun`` (:mod:`bilinear_lens.distributed`) shards are split round-robin over the
+ranks; each shard's start block is seeded by its position, so the atlas is the same for
+any number of processes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from bilinear_lens.distributed import barrier, current_ranks
+from bilinear_lens.weights.atlas_store import (
+    AtlasError,
+    EigenAtlas,
+    ShardSpec,
+    fingerprint,
+    plan_shards,
+    read_index,
+    shard_is_done,
+    write_index,
+    write_shard,
+)
+from bilinear_lens.weights.batched_eigen import batched_top_eigenpairs
+from bilinear_lens.weights.directions import TokenLike, token_directions, token_id
+from bilinear_lens.weights.tensor import CHUNK_BYTES, BilinearWeights, MLPLike, auto_chunk_size, interaction_matrices, iter_interaction_matrices
+
+ROUTES = ("auto", "dense_b", "factored")
+# Extra memory the dense-B route may take for B (the issue's budget: < 1 GB extra peak).
+ATLAS_MEMORY_BYTES = 768 * 2**20
+
+
+def choose_route(w: BilinearWeights, n_dirs: int, include_bias: bool = False, memory_bytes: int = ATLAS_MEMORY_BYTES) -> str:
+    """``"dense_b"`` when ``B`` fits in ``memory_bytes`` and needs fewer FLOPs, else ``"factored"``."""
+    d = w.d_input(include_bias)
+    b_bytes = w.d_out * d * d * w.W_in.element_size()
+    fewer_flops = w.d_out * w.d_mlp + n_dirs * w.d_out < n_dirs * w.d_mlp
+    return "dense_b" if fewer_flops and b_bytes <= memory_bytes else "factored"
+
+
+def _chunks(
+    w: BilinearWeights, U: Tensor, B: Optional[Tensor], include_bias: bool, chunk_size: int
+) -> Iterator[tuple[int, Tensor]]:
+    """``(start, Q[start:stop])`` chunk by chunk, from ``B`` or from the factors."""
+    if B is None:
+        for chunk in iter_interaction_matrices(w, U, chunk_size, include_bias):
+            yield chunk.start, chunk.matrices
+        return
+    d = B.shape[-1]
+    flat = B.reshape(B.shape[0], d * d)
+    for start in range(0, U.shape[0], chunk_size):
+        yield start, (U[start : start + chunk_size] @ flat).reshape(-1, d, d)
+
+
+def _shard_tensors(
+    w: BilinearWeights, U: Tensor, B: Optional[Tensor], k: int, include_bias: bool, tol: float, seed: int
+) -> tuple[dict[str, Tensor], int]:
+    """The stored tensors of one shard (directions ``U``) and how many rows needed exact ``eigh``."""
+    d = w.d_input(include_bias)
+    out = {
+        "eigenvalues": U.new_empty(U.shape[0], k),
+        "eigenvectors": U.new_empty(U.shape[0], d, k),
+        "frobenius_norm": U.new_empty(U.shape[0]),
+        "captured_energy": U.new_empty(U.shape[0]),
+    }
+    gen = torch.Generator(device=U.device).manual_seed(seed)
+    exact_rows = 0
+    # Q chunks of ~CHUNK_BYTES: formed Q plus its Krylov work (dense B), or the factored working set.
+    chunk_size = max(1, CHUNK_BYTES // (2 * d * d * U.element_size())) if B is not None else auto_chunk_size(w, include_bias)
+    for start, Q in _chunks(w, U, B, include_bias, chunk_size):
+        rows = slice(start, start + Q.shape[0])
+        top = batched_top_eigenpairs(Q, k, tol=tol, generator=gen)
+        norm = torch.linalg.matrix_norm(Q)
+        out["eigenvalues"][rows], out["eigenvectors"][rows] = top.eig.eigenvalues, top.eig.eigenvectors
+        out["frobenius_norm"][rows] = norm
+        out["captured_energy"][rows] = torch.where(norm > 0, top.eig.eigenvalues.pow(2).sum(-1) / norm.pow(2).clamp_min(1e-30), 0.0)
+        exact_rows += top.exact_rows
+    return out, exact_rows
+
+
+def _prepare(path: Path, index: dict, resume: bool) -> None:
+    """Create the atlas directory and its index (rank 0), or check an existing one matches."""
+    if (path / "index.json").exists():
+        found = read_index(path)
+        if found.get("fingerprint") != index["fingerprint"]:
+            raise AtlasError(
+                f"atlas dir {path} was built from another model, directions or settings "
+                f"(fingerprint {found.get('fingerprint', '?')[:12]} != {index['fingerprint'][:12]}); use a new --out"
+            )
+        if not resume:
+            raise AtlasError(f"atlas dir {path} exists; pass resume=True (--resume) to finish it, or use a new --out")
+        return
+    if path.exists() and any(path.iterdir()):
+        raise AtlasError(f"{path} exists and is not an atlas directory (no index.json); use a new --out")
+    if current_ranks().is_main:
+        path.mkdir(parents=True, exist_ok=True)
+        write_index(path, index)
+
+
+def build_atlas(
+    layers: Mapping[int, MLPLike],
+    directions: Float[Tensor, "n_dirs d_model"],
+    out: Union[str, Path],
+    k: int = 8,
+    labels: Optional[Sequence[int]] = None,
+    label_name: str = "row",
+    shard_size: int = 512,
+    route: str = "auto",
+    include_bias: bool = False,
+    device: Union[str, torch.device, None] = None,
+    dtype: torch.dtype = torch.float32,
+    tol: float = 1e-4,
+    resume: bool = False,
+    progress: bool = True,
+) -> EigenAtlas:
+    """Compute (or finish) the atlas of ``directions`` for each ``layers[l]`` MLP into ``out``.
+
+    ``labels`` name the rows (e.g. token ids, ``label_name="token"``). ``tol`` is the
+    relative residual every stored pair reaches (``1e-4``: eigenvalues to ~1e-4 of
+    ``max|lambda|``). ``device``/``dtype`` are where and in what precision to compute
+    (default: the first layer's device, float32). ``resume=True`` keeps finished shards
+    of an existing atlas of the same fingerprint and computes the rest. Raises
+    :class:`~bilinear_lens.weights.atlas_store.AtlasError` for a foreign or damaged atlas
+    directory and ``ValueError`` for bad arguments (``k`` above ``d``, a non-bilinear layer).
+    """
+    if route not in ROUTES:
+        raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
+    if not layers:
+        raise ValueError("layers is empty: give at least one {layer: mlp}")
+    weights = {layer: BilinearWeights.from_module(mlp).to(device, dtype) for layer, mlp in sorted(layers.items())}
+    first = next(iter(weights.values()))
+    d = first.d_input(include_bias)
+    if directions.ndim != 2 or directions.shape[1] != first.d_out:
+        raise ValueError(f"directions must be [n_dirs, {first.d_out}], got shape {tuple(directions.shape)}")
+    if not 1 <= k <= d:
+        raise ValueError(f"k (--top) must be in [1, {d}] (d_model), got {k}")
+    if labels is not None and len(labels) != directions.shape[0]:
+        raise ValueError(f"got {len(labels)} labels for {directions.shape[0]} directions")
+    U = directions.to(first.device, dtype)
+    settings = f"k={k} include_bias={include_bias} dtype={dtype} tol={tol}"
+    tag = fingerprint([settings, U] + [t for w in weights.values() for t in _weight_tensors(w)])
+    shards = plan_shards(list(weights), U.shape[0], shard_size)
+    index = {"fingerprint": tag, "layers": list(weights), "k": k, "d": d, "n_dirs": U.shape[0], "shard_size": shard_size,
+             "dtype": str(dtype).removeprefix("torch."), "include_bias": include_bias, "tol": tol,
+             "labels": None if labels is None else [int(x) for x in labels], "label_name": label_name}
+    path = Path(out)
+    _prepare(path, index, resume)
+    barrier()  # rank 0 wrote the index
+    _compute_shards(path, weights, U, shards, k, include_bias, tol, route, tag, progress)
+    barrier()
+    return EigenAtlas(path)
+
+
+def _compute_shards(
+    path: Path, weights: dict[int, BilinearWeights], U: Tensor, shards: list[ShardSpec], k: int,
+    include_bias: bool, tol: float, route: str, tag: str, progress: bool,
+) -> None:
+    """Compute this rank's missing shards, layer by layer (``B`` built once per layer)."""
+    ranks = current_ranks()
+    n_dirs = U.shape[0]  # the route depends on the whole set, never on the rank count or resume state
+    mine = [(i, s) for i, s in enumerate(shards) if ranks.owns(i) and not shard_is_done(path, s, tag)]
+    n_mine = sum(ranks.owns(i) for i in range(len(shards)))
+    bar = tqdm(total=n_mine, initial=n_mine - len(mine), desc="eigen atlas", unit="shard",
+               disable=not progress or not ranks.is_main)
+    for layer, w in weights.items():
+        todo = [(i, s) for i, s in mine if s.layer == layer]
+        if not todo:
+            continue
+        chosen = choose_route(w, n_dirs, include_bias) if route == "auto" else route
+        B = interaction_matrices(w, torch.eye(w.d_out, dtype=w.dtype, device=w.device), include_bias=include_bias) if chosen == "dense_b" else None
+        for i, spec in todo:
+            tensors, exact_rows = _shard_tensors(w, U[spec.start : spec.stop], B, k, include_bias, tol, seed=i)
+            write_shard(path, spec, tensors, tag, exact_rows)
+            bar.set_postfix(layer=layer, route=chosen)
+            bar.update()
+        del B
+    bar.close()
+
+
+def model_atlas(
+    model: Any,
+    out: Union[str, Path],
+    tokens: Optional[Sequence[TokenLike]] = None,
+    layers: Optional[Sequence[int]] = None,
+    **kwargs: Any,
+) -> EigenAtlas:
+    """:func:`build_atlas` of a model's output-token directions (through the final norm,
+    :func:`~bilinear_lens.weights.directions.token_directions`) for ``tokens`` (ids or
+    one-token strings; all of the vocabulary if ``None``) at ``layers`` (all if ``None``).
+    Rows are labelled by token id. ``kwargs`` go to :func:`build_atlas`.
+    """
+    from bilinear_lens.activations.eigen_readings import bilinear_layer  # checks range and MLP kind
+
+    ids = list(range(model.cfg.d_vocab)) if tokens is None else [token_id(model, t) for t in tokens]
+    layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
+    mlps = {layer: bilinear_layer(model, layer) for layer in layers}
+    return build_atlas(mlps, token_directions(model, ids), out, labels=ids, label_name="token", **kwargs)
+
+
+def _weight_tensors(w: BilinearWeights) -> list[Tensor]:
+    return [t for t in (w.W_in, w.W_gate, w.W_out, w.b_in, w.b_gate, w.b_out) if t is not None]
+
+
+__all__ = ["ATLAS_MEMORY_BYTES", "ROUTES", "build_atlas", "choose_route", "model_atlas"]

@@ -1,0 +1,245 @@
+"""Eigen atlas: batched top-k vs dense eigh, both routes, shards, resume, loader, CLI, errors,
+and a 2-process torchrun run equal to one process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bilinear_lens import cli
+from bilinear_lens.models.model import build_model
+from bilinear_lens.weights import atlas as atlas_module
+from bilinear_lens.weights.atlas import build_atlas, choose_route, model_atlas
+from bilinear_lens.weights.atlas_store import SHARD_RECORD, SHARD_TENSORS, AtlasError, EigenAtlas
+from bilinear_lens.weights.batched_eigen import batched_top_eigenpairs
+from bilinear_lens.weights.eigen import eigendecompose
+from bilinear_lens.weights.tensor import BilinearWeights, interaction_matrices
+from tests.conftest import tiny_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def random_weights(d: int = 24, d_mlp: int = 40, seed: int = 0, dtype=torch.float64) -> BilinearWeights:
+    g = torch.Generator().manual_seed(seed)
+    return BilinearWeights(*(torch.randn(*shape, generator=g, dtype=dtype) / shape[0] ** 0.5
+                             for shape in ((d, d_mlp), (d, d_mlp), (d_mlp, d))))
+
+
+def spectrum_matrices(n: int, d: int, seed: int) -> torch.Tensor:
+    """Symmetric ``E diag(s) E^T`` with trained-like spectra: a clustered, mixed-sign top
+    (1, -0.999, 0.998, ...) over a decaying bulk, in random bases."""
+    g = torch.Generator().manual_seed(seed)
+    top = torch.tensor([1.0, -0.999, 0.998, -0.997, 0.99, 0.985, -0.98, 0.5, -0.45, 0.4], dtype=torch.float64)
+    out = []
+    for _ in range(n):
+        bulk = 0.3 * torch.rand(d - top.numel(), dtype=torch.float64, generator=g) ** 2
+        bulk = bulk * torch.where(torch.rand(bulk.shape, generator=g) < 0.5, -1.0, 1.0).double()
+        E = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64, generator=g)).Q
+        out.append(E @ torch.diag(torch.cat([top, bulk])) @ E.T)
+    return torch.stack(out)
+
+
+def assert_top_k_matches(got, ref_Q: torch.Tensor, k: int, rtol: float) -> None:
+    ref = eigendecompose(ref_Q).top(k)
+    torch.testing.assert_close(got.eigenvalues, ref.eigenvalues, rtol=rtol, atol=0)
+    overlaps = (got.eigenvectors * ref.eigenvectors).sum(-2).abs()  # eigenvectors up to sign
+    assert (overlaps > 1 - rtol).all(), overlaps.min()
+
+
+@pytest.mark.parametrize("make", ["trained_like", "random"])
+def test_batched_krylov_matches_dense_eigh(make: str) -> None:
+    d, k = 96, 6
+    Q = spectrum_matrices(5, d, seed=1) if make == "trained_like" else interaction_matrices(random_weights(d, 160), torch.randn(5, d, dtype=torch.float64, generator=torch.Generator().manual_seed(2)))
+    # block 8, 3 steps: a 32-column basis in R^96, so the Krylov path (not the exact one) runs.
+    got = batched_top_eigenpairs(Q, k, block_size=8, steps=3, tol=1e-10, generator=torch.Generator().manual_seed(0))
+    assert got.eig.eigenvalues.shape == (5, k) and got.eig.eigenvectors.shape == (5, d, k)
+    # residual 1e-10 of max|lambda| bounds eigenvalue errors far below 1e-6; vectors: gaps here are >= 1e-3
+    assert_top_k_matches(got.eig, Q, k, rtol=1e-6)
+
+
+def test_batched_krylov_falls_back_to_exact_and_says_so() -> None:
+    Q = spectrum_matrices(3, 96, seed=3)
+    got = batched_top_eigenpairs(Q, 4, block_size=4, steps=1, tol=1e-12, max_restarts=1, generator=torch.Generator().manual_seed(0))
+    assert got.exact_rows == 3  # one short restart cannot reach 1e-12 on a 1e-3-clustered top
+    assert_top_k_matches(got.eig, Q, 4, rtol=1e-10)
+
+
+def test_route_choice_by_flops_and_memory() -> None:
+    w = random_weights(16, 64, dtype=torch.float32)
+    # dense B wins above d_out d_mlp / (d_mlp - d_out) = 16 * 64 / 48 ~ 21 directions
+    assert choose_route(w, 20) == "factored" and choose_route(w, 22) == "dense_b"
+    assert choose_route(w, 10_000, memory_bytes=16**3 * 4 - 1) == "factored"  # B does not fit
+
+
+@pytest.mark.parametrize("route", ["dense_b", "factored"])
+def test_atlas_matches_dense_eigh_per_direction(tmp_path, route: str) -> None:
+    w0, w1 = random_weights(seed=0), random_weights(seed=1)
+    U = torch.randn(11, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    atlas = build_atlas({0: w0, 1: w1}, U, tmp_path / "a", k=5, shard_size=4, route=route,
+                        dtype=torch.float64, tol=1e-10, progress=False)
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["index.json"] + [
+        f"layer{l:02d}-{s:07d}" for l in (0, 1) for s in (0, 4, 8)]
+    for layer, w in ((0, w0), (1, w1)):
+        Q = interaction_matrices(w, U)
+        full = eigendecompose(Q)
+        for row in range(11):
+            entry = atlas.entry(layer, row=row)
+            ref = full.top(5)
+            torch.testing.assert_close(entry.eig.eigenvalues, ref.eigenvalues[row])
+            torch.testing.assert_close(entry.eig.eigenvectors.abs(), ref.eigenvectors[row].abs())
+            norm = torch.linalg.matrix_norm(Q[row])
+            assert entry.frobenius_norm == pytest.approx(float(norm), rel=1e-12)
+            assert entry.captured_energy == pytest.approx(float((ref.eigenvalues[row] ** 2).sum() / norm**2), rel=1e-10)
+    assert len(atlas._cache) <= atlas.cache_shards
+
+
+def test_loader_reads_only_the_shard_it_needs(tmp_path) -> None:
+    model = build_model(tiny_config())
+    model_atlas(model, tmp_path / "a", tokens=[5, 7, 60, 96], layers=[1], k=3, shard_size=2, progress=False)
+    atlas = EigenAtlas(tmp_path / "a")
+    assert atlas.labels == [5, 7, 60, 96] and atlas.layers == [1]
+    eig = atlas.top_eigenvectors(1, token=60)
+    assert len(atlas._cache) == 1 and eig.eigenvectors.shape == (32, 3)
+    with pytest.raises(KeyError, match="token 8 is not in atlas"):
+        atlas.entry(1, token=8)
+    with pytest.raises(KeyError, match=r"layer 0 is not in atlas .* \(layers \[1\]\)"):
+        atlas.entry(0, token=5)
+
+
+def test_resume_after_a_kill_keeps_finished_shards(tmp_path, monkeypatch) -> None:
+    w = random_weights()
+    U = torch.randn(10, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    kwargs = dict(k=3, shard_size=3, dtype=torch.float64, progress=False)
+    reference = build_atlas({0: w}, U, tmp_path / "ref", **kwargs)
+
+    written = []
+    real_write = atlas_module.write_shard
+
+    def killed_after_two(root, spec, *args):
+        if len(written) == 2:
+            raise KeyboardInterrupt("killed")
+        real_write(root, spec, *args)
+        written.append(spec.name)
+
+    monkeypatch.setattr(atlas_module, "write_shard", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        build_atlas({0: w}, U, tmp_path / "a", **kwargs)
+    monkeypatch.setattr(atlas_module, "write_shard", real_write)
+    finished = {name: (tmp_path / "a" / name / SHARD_TENSORS).stat().st_mtime_ns for name in written}
+    with pytest.raises(AtlasError, match="exists; pass resume=True"):
+        build_atlas({0: w}, U, tmp_path / "a", **kwargs)
+    atlas = build_atlas({0: w}, U, tmp_path / "a", resume=True, **kwargs)
+    assert {name: (tmp_path / "a" / name / SHARD_TENSORS).stat().st_mtime_ns for name in written} == finished
+    for name in ("eigenvalues", "eigenvectors", "frobenius_norm", "captured_energy"):
+        torch.testing.assert_close(atlas.layer_tensors(0, name), reference.layer_tensors(0, name), rtol=0, atol=0)
+
+
+def test_foreign_and_damaged_atlas_dirs_are_refused(tmp_path) -> None:
+    U = torch.randn(6, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    kwargs = dict(k=2, shard_size=3, dtype=torch.float64, progress=False)
+    build_atlas({0: random_weights(seed=0)}, U, tmp_path / "a", **kwargs)
+    with pytest.raises(AtlasError, match=r"atlas dir .* was built from another model, directions or settings \(fingerprint"):
+        build_atlas({0: random_weights(seed=1)}, U, tmp_path / "a", resume=True, **kwargs)
+
+    shard = tmp_path / "a" / "layer00-0000003" / SHARD_TENSORS
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated after the fact
+    with pytest.raises(AtlasError, match="layer00-0000003 is half-written or corrupt"):
+        build_atlas({0: random_weights(seed=0)}, U, tmp_path / "a", resume=True, **kwargs)
+    with pytest.raises(AtlasError, match="half-written or corrupt"):
+        EigenAtlas(tmp_path / "a").entry(0, row=4)
+    (tmp_path / "a" / "layer00-0000000" / SHARD_RECORD).unlink()
+    with pytest.raises(AtlasError, match="layer00-0000000 is half-written \\(missing"):
+        EigenAtlas(tmp_path / "a").entry(0, row=0)
+
+
+def test_bad_arguments(tmp_path) -> None:
+    U = torch.randn(4, 24, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"k \(--top\) must be in \[1, 24\] \(d_model\), got 25"):
+        build_atlas({0: random_weights()}, U, tmp_path / "a", k=25, progress=False)
+    with pytest.raises(ValueError, match=r"directions must be \[n_dirs, 24\], got shape \(4, 5\)"):
+        build_atlas({0: random_weights()}, U[:, :5], tmp_path / "a", progress=False)
+    relu = build_model(tiny_config(mlp_kind="relu"))
+    with pytest.raises(ValueError, match="layer 0 has a 'relu' MLP"):
+        model_atlas(relu, tmp_path / "b", progress=False)
+
+
+@pytest.fixture
+def checkpoint(tmp_path) -> Path:
+    model = build_model(tiny_config(d_vocab=40))
+    model.save_pretrained(tmp_path / "m")
+    return tmp_path / "m"
+
+
+def test_cli_atlas_all_tokens_and_token_list(checkpoint, tmp_path, capsys) -> None:
+    out = tmp_path / "atlas"
+    assert cli.main(["eigen", "--checkpoint", str(checkpoint), "--all-tokens", "--top", "4", "--out", str(out),
+                     "--shard-size", "16", "--quiet", "--device", "cpu"]) == 0
+    assert "atlas:" in capsys.readouterr().out
+    atlas = EigenAtlas(out)
+    assert atlas.layers == [0, 1] and atlas.n_dirs == 40 and atlas.k == 4
+    model = build_model(tiny_config(d_vocab=40))
+    ref = eigendecompose(interaction_matrices(model.blocks[1].mlp, model.W_U.detach().T[[17]]))
+    # float32 compute: top eigenvalues of a d-32 Q to float32 rounding (~1e-6 relative)
+    torch.testing.assert_close(atlas.top_eigenvectors(1, token=17).eigenvalues, ref.eigenvalues[0, :4], rtol=1e-5, atol=1e-7)
+
+    assert cli.main(["eigen", "--checkpoint", str(checkpoint), "--token-id", "3", "--token-id", "17", "--layer", "1", "--top", "2",
+                     "--out", str(tmp_path / "few"), "--quiet"]) == 0
+    assert EigenAtlas(tmp_path / "few").labels == [3, 17]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--top", "33"], r"k \(--top\) must be in \[1, 32\]"),
+        (["--dtype", "float8"], "--dtype 'float8' is not one of float32"),
+        (["--device", "tpu"], "--device 'tpu' is not one of auto, cpu, cuda, cuda:N"),
+    ],
+)
+def test_cli_atlas_errors_are_one_line(checkpoint, tmp_path, capsys, extra, message) -> None:
+    assert cli.main(["eigen", "--checkpoint", str(checkpoint), "--all-tokens", "--out", str(tmp_path / "x"), "--quiet", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("bilinear-lens eigen: error:")
+    assert __import__("re").search(message, err), err
+
+
+def test_cli_atlas_needs_out_and_refuses_another_models_dir(checkpoint, tmp_path, capsys) -> None:
+    assert cli.main(["eigen", "--checkpoint", str(checkpoint), "--all-tokens"]) == 2
+    assert "give --out DIR" in capsys.readouterr().err
+    other = build_model(tiny_config(d_vocab=40, seed=1))
+    model_atlas(other, tmp_path / "a", k=8, progress=False)
+    assert cli.main(["eigen", "--checkpoint", str(checkpoint), "--all-tokens", "--out", str(tmp_path / "a"), "--resume", "--quiet"]) == 2
+    assert "was built from another model" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (this machine has none)")
+def test_atlas_on_cuda_matches_cpu(tmp_path) -> None:
+    w = random_weights(dtype=torch.float32)
+    U = torch.randn(6, 24)
+    cpu = build_atlas({0: w}, U, tmp_path / "cpu", k=3, progress=False)
+    gpu = build_atlas({0: w}, U, tmp_path / "gpu", k=3, device="cuda", progress=False)
+    torch.testing.assert_close(gpu.layer_tensors(0, "eigenvalues"), cpu.layer_tensors(0, "eigenvalues"), rtol=1e-4, atol=1e-6)
+
+
+def test_two_process_atlas_matches_one_process(checkpoint, tmp_path) -> None:
+    """torchrun, 2 gloo ranks: shards split round-robin, the same atlas as one process."""
+    args = ["eigen", "--checkpoint", str(checkpoint), "--all-tokens", "--top", "3", "--shard-size", "8", "--quiet", "--device", "cpu"]
+    assert cli.main([*args, "--out", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "bilinear_lens.cli", *args, "--out", str(tmp_path / "two")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("atlas:") == 1  # only rank 0 reports
+    one, two = EigenAtlas(tmp_path / "one"), EigenAtlas(tmp_path / "two")
+    assert one.index == two.index
+    for layer in (0, 1):
+        for name in ("eigenvalues", "eigenvectors", "frobenius_norm", "captured_energy"):
+            # same seeds per shard; only thread counts differ (float32 rounding)
+            torch.testing.assert_close(two.layer_tensors(layer, name), one.layer_tensors(layer, name), rtol=1e-5, atol=1e-6)

@@ -1,0 +1,29 @@
+"""The eigen benchmark runs end to end at its --quick sizes and prints every figure it promises."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow  # ~20 s of CPU (subprocess start, two weight kinds); more on a busy machine
+def test_eigen_benchmark_quick_atlas_section():
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.eigen", "--quick", "--only", "atlas", "--repeats", "1"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "sgemm measured now:" in out
+    for label in ("Gaussian", "trained-like (power-law)"):
+        section = out.split(f"weights: {label}")[1]
+        assert "today: eigendecompose_directions" in section and "atlas: dense B + block Krylov" in section
+        assert "time ratio (baseline/ours)" in section and "% of sgemm rate" in section
+        # the atlas's accuracy figures, parsed: float32 eigenpairs agree to far better than the goals
+        accuracy = section.split("max rel eigenvalue error ")[1].split(";")[0]
+        assert float(accuracy) < 1e-3
