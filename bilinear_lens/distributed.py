@@ -55,6 +55,18 @@ def current_ranks() -> Ranks:
     return Ranks()
 
 
+def resolve_device(name: str, local_rank: int = 0, what: str = "device") -> torch.device:
+    """``"auto"``: CUDA if available, else CPU; ``"cuda"``: this rank's GPU; else as named.
+    ``what`` names the setting in the error (e.g. ``"train.device"``, ``"--device"``)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"{what}={name!r} but CUDA is not available on this machine; use 'auto' or 'cpu'")
+        return torch.device(name if ":" in name else f"cuda:{local_rank}")
+    return torch.device(name)
+
+
 @contextlib.contextmanager
 def process_group(device: torch.device) -> Iterator[Ranks]:
     """Join torchrun's process group while inside (nothing to do for one process).
@@ -101,4 +113,4 @@ def all_gather_int64(array: Int[np.ndarray, "n"]) -> list[Int[np.ndarray, "m"]]:
     return [g[: int(n.item())].cpu().numpy() for g, n in zip(gathered, lengths)]
 
 
-__all__ = ["Ranks", "all_gather_int64", "barrier", "current_ranks", "env_ranks", "process_group"]
+__all__ = ["Ranks", "all_gather_int64", "barrier", "current_ranks", "env_ranks", "process_group", "resolve_device"]

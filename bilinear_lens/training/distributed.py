@@ -1,18 +1,21 @@
 """The process environment of a training run, read once: rank, world size, device.
 
 ``torchrun`` sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; without it a run is one
-process. :func:`read_environment` is the only place that reads them.
+process. They are read by :func:`bilinear_lens.distributed.env_ranks`, shared with the
+analysis commands; this module adds what a training run needs on top (joining and leaving
+the group, the barrier, the device of this rank).
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistEnv", "read_environment", "resolve_device"]
+from bilinear_lens.distributed import env_ranks, resolve_device
+
+__all__ = ["DistEnv", "read_environment"]
 
 
 @dataclass
@@ -53,28 +56,9 @@ class DistEnv:
             self.created_group = False
 
 
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name, "")
-    try:
-        return int(value) if value else default
-    except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} must be an integer") from None
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``"auto"``: CUDA if available, else CPU; ``"cuda"``: this rank's GPU; else as named."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"train.device={name!r} but CUDA is not available; use 'auto' or 'cpu'")
-        return torch.device(name if ":" in name else f"cuda:{local_rank}")
-    return torch.device(name)
-
-
 def read_environment(device: str = "cpu") -> DistEnv:
     """Rank and world size from torchrun's variables, and the device ``device`` resolves to
     for this rank (see :func:`resolve_device`). Does not join the process group."""
-    local_rank = _env_int("LOCAL_RANK", 0)
-    return DistEnv(rank=_env_int("RANK", 0), local_rank=local_rank, world_size=_env_int("WORLD_SIZE", 1),
-                   device=resolve_device(device, local_rank))
+    ranks = env_ranks()
+    return DistEnv(rank=ranks.rank, local_rank=ranks.local_rank, world_size=ranks.world_size,
+                   device=resolve_device(device, ranks.local_rank, what="train.device"))
