@@ -50,7 +50,7 @@ from bilinear_lens.sae.model import SAE, load_sae, save_sae, check_sae_fits_mode
 from bilinear_lens.sae.features import input_feature_basis, feature_interaction_matrix, eigenvector_input_features, FeatureInteractions, EigenvectorFeatures
 from bilinear_lens.sae.ablation import feature_ablation_sweep
 from bilinear_lens.sae.recipe import SAERecipe, SAESpec, load_sae_recipe
-from bilinear_lens.sae.train import train_sae, SAETrainResult
+from bilinear_lens.sae.train import train_sae, SAETrainResult, SAETraining, tangent_decoder_gradients
 
 __version__ = "0.1.0"
 

@@ -2,6 +2,7 @@
 norm, accounts dead features, resumes bitwise, and refuses to mix two runs."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -12,7 +13,13 @@ from bilinear_lens.data.tokenizer import save_tokenizer, to_hf_tokenizer, train_
 from bilinear_lens.models.model import build_model
 from bilinear_lens.sae.model import load_sae
 from bilinear_lens.sae.recipe import SAERecipe, load_sae_recipe
-from bilinear_lens.sae.train import hook_activations, train_sae
+from bilinear_lens.locking import LockHeldError
+from bilinear_lens.sae.config import SAEConfig
+from bilinear_lens.sae.model import SAE
+from bilinear_lens.sae.recipe import SAESpec
+from bilinear_lens.sae.train import hook_activations, init_sae, tangent_decoder_gradients, train_sae
+from bilinear_lens.training.run_dir import LOCK_FILE, claim_run_dir
+from bilinear_lens.training.state import read_train_state
 from conftest import tiny_config
 
 
@@ -75,10 +82,13 @@ def test_resume_is_bitwise(checkpoint, tmp_path):
     resumed = train_sae(checkpoint, tmp_path / "b", recipe(tmp_path), progress=False, resume=True)
     for name, tensor in load_sae(straight.final).state_dict().items():
         assert torch.equal(load_sae(resumed.final).state_dict()[name], tensor), name
-    strip = lambda rs: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rs]  # noqa: E731
-    # the stopped invocation also logged its last step (5); everything else is identical
-    assert [r["step"] for r in resumed.metrics] == [3, 5, 6, 9, 12]
-    assert strip([r for r in resumed.metrics if r["step"] != 5]) == strip(straight.metrics)
+    timing = ("elapsed_s", "tokens_per_s")  # wall-clock measurements, the only fields that may differ
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in timing} for r in rs]  # noqa: E731
+    # The shared Trainer's log: the resumed run's records are the straight run's, every one
+    # (no extra record where the run stopped), dead_fraction included (the counters resume).
+    assert [r["step"] for r in resumed.metrics] == [3, 6, 9, 12]
+    assert strip(resumed.metrics) == strip(straight.metrics)
+    assert read_train_state(resumed.final).data == read_train_state(straight.final).data
 
 
 def test_refuses_to_mix_runs_and_bad_input(checkpoint, tmp_path, capsys):
@@ -115,3 +125,46 @@ def test_cli_trains_and_eigen_reads_the_feature(checkpoint, tmp_path, capsys):
     assert main(["eigen", "--checkpoint", str(checkpoint), "--sae", str(tmp_path / "out"), "--feature", "3",
                  "--top", "2", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["direction"].startswith("feature 3 of")
+
+
+def test_a_run_directory_in_use_is_refused_by_the_shared_lock(checkpoint, tmp_path, capsys):
+    out = tmp_path / "run"
+    with claim_run_dir(out, writer=True):  # another writer (flock: per open file, so this process counts)
+        with pytest.raises(LockHeldError, match=rf"run directory {out} is in use by pid {os.getpid()}"):
+            train_sae(checkpoint, out, recipe(tmp_path, steps=2), progress=False)
+        rc = main(["sae", "train", "--checkpoint", str(checkpoint), "--out", str(out), "--set", "data.max_docs=300",
+                   "--set", f"data.cache_dir={json.dumps(str(tmp_path / 'cache'))}", "--no-progress"])
+        err = capsys.readouterr().err
+        assert rc == 2 and f"is in use by pid {os.getpid()}" in err and len(err.strip().splitlines()) == 1
+    assert not (out / "checkpoints").exists()
+    train_sae(checkpoint, out, recipe(tmp_path, steps=2), progress=False)  # free again
+    assert not (out / LOCK_FILE).exists()
+
+
+def test_decoder_gradients_are_tangent_to_the_unit_sphere():
+    """Inside the context the gradient of W_dec[i] is g - (g.u)u (u the unit row), outside it is g."""
+    torch.manual_seed(0)
+    sae = init_sae(SAEConfig(d_in=8, d_sae=16, hook_name="blocks.0.hook_resid_mid", k=3, dtype="float64"),
+                   torch.randn(32, 8, dtype=torch.float64), SAESpec(k=3), seed=0)
+    x = torch.randn(32, 8, dtype=torch.float64)
+    (sae(x) - x).pow(2).sum().backward()
+    g = sae.W_dec.grad.clone()
+    sae.zero_grad()
+    with tangent_decoder_gradients(sae):
+        (sae(x) - x).pow(2).sum().backward()
+    u = sae.W_dec.detach() / sae.W_dec.detach().norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(sae.W_dec.grad, g - (g * u).sum(-1, keepdim=True) * u, rtol=0, atol=1e-12)  # float64
+    assert (sae.W_dec.grad * u).sum(-1).abs().max() < 1e-12
+    sae.zero_grad()
+    (sae(x) - x).pow(2).sum().backward()  # the hook is gone
+    assert torch.equal(sae.W_dec.grad, g)
+
+
+def test_init_starts_b_dec_at_the_first_batch_mean():
+    cfg = SAEConfig(d_in=8, d_sae=16, hook_name="blocks.0.hook_resid_mid", k=3, dtype="float64")
+    first = torch.randn(32, 8, dtype=torch.float64) + 5.0
+    sae = init_sae(cfg, first, SAESpec(k=3), seed=0)
+    assert torch.equal(sae.b_dec.detach(), first.mean(0)) and torch.equal(sae.W_enc.detach(), sae.W_dec.detach().T)
+    torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(16, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert torch.equal(init_sae(cfg, first, SAESpec(k=3, init_b_dec_to_mean=False), seed=0).b_dec.detach(),
+                       torch.zeros(8, dtype=torch.float64))

@@ -190,22 +190,42 @@ def test_resume_from_explicit_checkpoint_and_model_mismatch(cache_dir, tmp_path)
 # --- the Trainer with another model and loss ------------------------------------------------
 
 
-def train_least_squares(out_dir: Path, stop_at=None, resume=None) -> tuple[Trainer, Path]:
-    """A second trainer on the same machinery: a linear model, squared error, its own files."""
+def unit_weight_hooks(model: torch.nn.Linear, calls: list[int]) -> dict:
+    """TrainTask's optional hooks for a constrained model: after each step the weight goes
+    back to unit norm and the step is noted; the count of steps is task state that a
+    checkpoint carries; records show the weight's norm and the count."""
+
+    def after_step(step: int) -> None:
+        with torch.no_grad():
+            model.weight /= model.weight.norm()
+        calls.append(step)
+
+    return dict(after_step=after_step, data_state=lambda step: {"next_step": step, "after_steps": len(calls)},
+                load_data_state=lambda data: calls.extend(range(1, data["after_steps"] + 1)),
+                record_fields=lambda evaluated: {"weight_norm": float(model.weight.detach().norm()),
+                                                 "after_steps": len(calls), "last_after_step": calls[-1]},
+                baseline_eval=False)
+
+
+def train_least_squares(out_dir: Path, stop_at=None, resume=None, constrained=False) -> tuple[Trainer, Path]:
+    """A second trainer on the same machinery: a linear model, squared error, its own files
+    (``constrained``: with :func:`unit_weight_hooks`)."""
     gen = torch.Generator().manual_seed(0)
     rows = torch.randn(64, 6, generator=gen)  # [x (5) | y (1)]
     torch.manual_seed(0)
     model = torch.nn.Linear(5, 1)
     if resume is not None:
         model.load_state_dict(read_tensors(resume / "weights.safetensors"))
+    calls: list[int] = []
+    hooks = unit_weight_hooks(model, calls) if constrained else {"data_state": lambda step: {"next_step": step}}
     task = TrainTask(
         model=model,
         batch=lambda step: rows[(step % 8) * 8:(step % 8 + 1) * 8],
         loss=lambda module, batch: ((module(batch[:, :5]) - batch[:, 5:]) ** 2).mean(),
         evaluate=lambda: float(((model(rows[:, :5]) - rows[:, 5:]) ** 2).mean().detach()),
         write_model_files=lambda directory: write_tensors(directory / "weights.safetensors", model.state_dict()),
-        data_state=lambda step: {"next_step": step},
         tokens_per_step=8,
+        **hooks,
     )
     cfg = TrainConfig(steps=10, batch_size=8, grad_accum=2, lr=0.05, warmup_steps=0, log_every=2, eval_every=5,
                       checkpoint_every=3, device="cpu")
@@ -226,6 +246,27 @@ def test_trainer_trains_another_model_and_resumes_bitwise(tmp_path):
     assert state_dicts_equal(a, b)
     assert [r["train_loss"] for r in resumed.log.records] == [r["train_loss"] for r in straight.log.records]
     assert read_train_state(tmp_path / "resumed" / FINAL_DIR).data == {"next_step": 10}
+
+
+def test_trainer_task_hooks_constrain_every_step_and_their_state_resumes(tmp_path):
+    """after_step runs once per update (steps 1..N) before anything is logged or saved;
+    load_data_state gets the checkpoint's data_state; record_fields extend each record;
+    baseline_eval=False leaves out the step-0 record."""
+    straight, _ = train_least_squares(tmp_path / "straight", constrained=True)
+    records = straight.log.records
+    assert [r["step"] for r in records] == [2, 4, 5, 6, 8, 10]
+    assert [r["after_steps"] for r in records] == [r["last_after_step"] for r in records] == [r["step"] for r in records]
+    assert all(abs(r["weight_norm"] - 1) < 1e-6 for r in records)  # float32 rounding of a unit vector
+    saved = read_tensors(tmp_path / "straight" / FINAL_DIR / "weights.safetensors")["weight"]
+    assert abs(float(saved.norm()) - 1) < 1e-6
+    _, stopped = train_least_squares(tmp_path / "resumed", stop_at=4, constrained=True)
+    assert read_train_state(stopped).data == {"next_step": 4, "after_steps": 4}
+    resumed, _ = train_least_squares(tmp_path / "resumed", resume=stopped, constrained=True)
+    keys = ("step", "train_loss", "val_loss", "lr", "tokens", "weight_norm", "after_steps")
+    assert [[r[k] for k in keys] for r in resumed.log.records] == [[r[k] for k in keys] for r in records]
+    a = read_tensors(tmp_path / "straight" / FINAL_DIR / "weights.safetensors")
+    b = read_tensors(tmp_path / "resumed" / FINAL_DIR / "weights.safetensors")
+    assert state_dicts_equal(a, b)
 
 
 # --- divergence ----------------------------------------------------------------------------

@@ -38,10 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    from bilinear_lens.locking import LockHeldError
     from bilinear_lens.models.checkpoint import CheckpointError
     from bilinear_lens.models.hook_names import UnknownHookError
     from bilinear_lens.sae.recipe import load_sae_recipe
     from bilinear_lens.sae.train import train_sae
+    from bilinear_lens.training.guard import NonFiniteLossError
 
     overrides = list(args.overrides) + ([f"sae.hook={args.hook}"] if args.hook else [])
     try:
@@ -50,7 +52,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         recipe = load_sae_recipe(args.config, overrides)
         result = train_sae(args.checkpoint, args.out, recipe, resume=args.resume,
                            progress=not args.no_progress, stop_at=args.stop_at)
-    except (ValueError, FileNotFoundError, FileExistsError, CheckpointError, UnknownHookError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, CheckpointError, UnknownHookError, LockHeldError,
+            NonFiniteLossError) as err:
         print(f"bilinear-lens sae: error: {err}", file=sys.stderr)
         return 2
     val = result.val_metrics

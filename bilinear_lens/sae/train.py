@@ -1,30 +1,36 @@
-"""Train a top-k SAE on one hook of a trained checkpoint, streaming activations.
+"""Train a top-k SAE on one hook of a trained checkpoint, streaming activations, through
+the shared :class:`~bilinear_lens.training.loop.Trainer`.
 
-Kept minimal and apart from :mod:`bilinear_lens.training.loop` (which is becoming a
-reusable Trainer): the pieces a Trainer needs are separate functions here
-(:func:`sae_step`, :func:`evaluate_sae`, :func:`save_sae_checkpoint`), and the loop in
-:func:`train_sae` only wires them::
+The Trainer runs the loop (schedule, AdamW, NaN/explosion guard, metrics.jsonl, progress
+bar, atomic checkpoints with exact resume, the run-directory lock and the cleanup of dead
+writers' temporaries); :class:`SAETraining` is the SAE's :class:`TrainTask`::
 
-    setup   the frozen model, its token cache (:func:`~bilinear_lens.data.corpus.prepare_data`
-            with the checkpoint's tokenizer), a fresh SAE and AdamW, or all of it restored
-            from a checkpoint (``resume``)
-    loop    for each step: cosine lr -> the step's token blocks -> their activations at the
-            hook (computed now, dropped after the step: nothing is held beyond one step) ->
-            MSE -> backward -> decoder grads made tangent to the unit sphere -> AdamW ->
-            decoder rows renormalised -> dead-feature counters -> log / eval / checkpoint
-    finish  held-out evaluation, ``<out>/final`` (an SAELens-format SAE directory)
+    batch(step)        the step's token blocks of the cache (a pure function of the step)
+    loss(sae, blocks)  the frozen model's activations at the hook for those blocks (computed
+                       now, dropped after the step: memory is one step's activations) ->
+                       top-k SAE -> |x - x_hat|^2 summed over d_in, mean over tokens;
+                       features that fired are noted
+    (backward)         decoder gradients made tangent to the unit sphere (a gradient hook
+                       on W_dec: the paper's constrained Adam)
+    after_step(step)   decoder rows renormalised; dead-feature counters advanced
+    evaluate()         held-out MSE, explained variance, L0 (``val_*`` fields)
+    data_state(step)   the data position and the dead-feature counters (restored on resume)
+    write_model_files  the SAE in SAELens format (cfg.json, sae_weights.safetensors)
 
-Run directory::
+Before the first step of a fresh run, ``b_dec`` starts at the mean of the first batch's
+activations (:func:`init_sae`).
+
+Run directory (the model trainer's layout, :mod:`bilinear_lens.training.run_dir`)::
 
     sae_recipe.json             the recipe and the model checkpoint it was trained on
-    metrics.jsonl               per logged step: mse, explained_variance, l0, dead_fraction,
-                                lr, tokens, elapsed_s (+ val_* at evaluations)
+    metrics.jsonl               per logged step: train_loss (mean since the last record),
+                                mse, explained_variance, l0 (the step's batch),
+                                dead_fraction, lr, tokens, tokens_per_s, elapsed_s
+                                (+ val_loss, val_mse, val_explained_variance, val_l0 at
+                                evaluations)
     checkpoints/step_000500/    SAE files + train_state.* (optimizer, RNG, dead counters)
     final/                      the SAE: ``load_sae(out)`` or ``load_sae(out / "final")``
-
-Exact resume: a step's blocks are a pure function of the step
-(:meth:`~bilinear_lens.data.corpus.TokenBlocks.batch`), the lr too, and checkpoints hold
-the weights, AdamW moments, RNG states and dead-feature counters.
+    .lock                       while a run writes here
 
 Default hooks (see :mod:`bilinear_lens.sae.recipe` for the paper's other settings): the
 MLP's input side is ``blocks.{l}.hook_resid_mid`` (the residual stream the MLP reads,
@@ -37,47 +43,32 @@ write, but its features then describe one layer's output only.
 
 from __future__ import annotations
 
-import json
-import shutil
-import time
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from bilinear_lens.models.checkpoint import atomic_directory, write_json
+from bilinear_lens.models.checkpoint import CheckpointError, write_json
 from bilinear_lens.sae.config import SAEConfig
 from bilinear_lens.sae.model import SAE, hook_width, load_sae, write_sae_files
 from bilinear_lens.sae.recipe import SAERecipe, SAESpec
-from bilinear_lens.training.loop import (  # the model trainer's layout, schedule and device rule, reused
-    # (_resolve_device / _step_dir_name: to become public with the shared Trainer)
-    CHECKPOINTS_DIR,
-    FINAL_DIR,
-    METRICS_FILE,
-    _resolve_device,
-    _step_dir_name,
-    iter_metrics,
-    latest_checkpoint,
-    learning_rate,
-    list_checkpoints,
-)
-from bilinear_lens.training.state import (
-    TrainState,
-    capture_rng_state,
-    read_train_state,
-    restore_rng_state,
-    write_train_state,
-)
+from bilinear_lens.training.distributed import DistEnv, read_environment
+from bilinear_lens.training.loop import TrainTask, Trainer, apply_recipe_hyperparameters, make_optimizer
+from bilinear_lens.training.run_dir import claim_run_dir, resolve_resume
 
 RECIPE_FILE = "sae_recipe.json"
 
 
 @dataclass
 class SAETrainResult:
+    """What :func:`train_sae` returns: ``final`` (``out/final``, or the step checkpoint
+    where ``stop_at`` stopped), ``steps`` done, ``val_metrics`` (the ``val_*`` fields of
+    the last evaluation) and every record of ``metrics.jsonl``."""
+
     final: Path
     steps: int
     val_metrics: dict[str, float]
@@ -124,25 +115,6 @@ def reconstruction_metrics(x: Tensor, x_hat: Tensor, f: Tensor) -> dict[str, flo
             "l0": float((f > 0).sum(-1).float().mean())}
 
 
-def sae_step(sae: SAE, optimizer: torch.optim.Optimizer, x: Tensor, grad_clip: float = 0.0) -> tuple[Tensor, Tensor]:
-    """One update on activations ``x``: MSE loss, decoder gradient projected onto the tangent
-    space of the unit sphere (the paper's constrained Adam), optional clipping, AdamW, rows
-    renormalised. Returns ``(reconstruction, feature activations)`` (detached)."""
-    f = sae.encode(x)
-    x_hat = sae.decode(f)
-    loss = (x_hat - x).pow(2).sum(-1).mean()
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    with torch.no_grad():
-        unit = sae.W_dec / sae.W_dec.norm(dim=-1, keepdim=True)
-        sae.W_dec.grad -= (sae.W_dec.grad * unit).sum(-1, keepdim=True) * unit
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), grad_clip)
-    optimizer.step()
-    sae.normalize_decoder()
-    return x_hat.detach(), f.detach()
-
-
 @torch.no_grad()
 def evaluate_sae(sae: SAE, model: Any, val_blocks: Any, batch_size: int, n_batches: int) -> dict[str, float]:
     """:func:`reconstruction_metrics` over the first ``n_batches`` held-out batches (0: all),
@@ -157,19 +129,95 @@ def evaluate_sae(sae: SAE, model: Any, val_blocks: Any, batch_size: int, n_batch
     return {f"val_{k}": v for k, v in reconstruction_metrics(x, sae.decode(f), f).items()}
 
 
-def save_sae_checkpoint(path: Path, sae: SAE, state: TrainState) -> None:
-    """An SAELens-format SAE directory plus the training state, written atomically."""
-    with atomic_directory(path) as tmp:
-        write_sae_files(tmp, sae)
-        write_train_state(tmp, state)
+class SAETraining:
+    """The SAE's half of a training run (module docstring): state that a step changes
+    besides the weights and optimizer is ``since_fired`` (``[d_sae]`` steps since each
+    feature last fired), saved in the checkpoint's data state."""
+
+    def __init__(self, model: Any, sae: SAE, train_blocks: Any, val_blocks: Any, recipe: SAERecipe):
+        self.model, self.sae, self.recipe = model, sae, recipe
+        self.train_blocks, self.val_blocks = train_blocks, val_blocks
+        self.since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=sae.W_dec.device)
+        self.fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=sae.W_dec.device)
+        self.last_step: Optional[tuple[Tensor, Tensor, Tensor]] = None  # (x, x_hat, f) of the last step
+        self.val: dict[str, float] = {}
+
+    def batch(self, step: int) -> Int[Tensor, "batch n_ctx_plus_1"]:
+        tc = self.recipe.train
+        return self.train_blocks.batch(step, tc.batch_size, seed=tc.seed)
+
+    def loss(self, sae: torch.nn.Module, blocks: Int[Tensor, "batch n_ctx_plus_1"]) -> Tensor:
+        """``mean_t |x_t - x_hat_t|^2`` over the blocks' activations ``x`` at the hook."""
+        x = hook_activations(self.model, blocks, self.recipe.sae.hook)
+        f = sae.encode(x)
+        x_hat = sae.decode(f)
+        self.fired |= (f > 0).any(0)
+        self.last_step = (x, x_hat.detach(), f.detach())
+        return (x_hat - x).pow(2).sum(-1).mean()
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        """Back onto the constraint (unit decoder rows); advance the dead-feature counters."""
+        self.sae.normalize_decoder()
+        self.since_fired = torch.where(self.fired, 0, self.since_fired + 1)
+        self.fired.zero_()
+
+    def evaluate(self) -> float:
+        """Held-out metrics (kept for the record); returns the loss's value on them."""
+        tc = self.recipe.train
+        self.val = evaluate_sae(self.sae, self.model, self.val_blocks, tc.batch_size, tc.eval_batches)
+        return self.val["val_mse"] * self.sae.cfg.d_in  # mse averages over d_in too; the loss sums it
+
+    def record_fields(self, evaluated: bool) -> dict[str, Any]:
+        """The last step's reconstruction metrics, the dead fraction, and ``val_*``."""
+        dead = float((self.since_fired >= self.recipe.sae.dead_after_steps).float().mean())
+        step_metrics = reconstruction_metrics(*self.last_step) if self.last_step is not None else {}
+        return {**step_metrics, "dead_fraction": dead, **(self.val if evaluated else {})}
+
+    def data_state(self, step: int) -> dict[str, Any]:
+        tc = self.recipe.train
+        return {"next_step": step, "batch_size": tc.batch_size, "seed": tc.seed,
+                "since_fired": self.since_fired.tolist()}
+
+    def load_data_state(self, data: dict[str, Any]) -> None:
+        counts = data.get("since_fired")
+        if not isinstance(counts, list) or len(counts) != self.sae.cfg.d_sae:
+            raise CheckpointError(f"training state data.since_fired must be a list of {self.sae.cfg.d_sae} "
+                                  f"counters (one per feature), got {type(counts).__name__}")
+        self.since_fired = torch.tensor(counts, dtype=torch.long, device=self.sae.W_dec.device)
+
+    def task(self) -> TrainTask:
+        return TrainTask(
+            model=self.sae, batch=self.batch, loss=self.loss, evaluate=self.evaluate,
+            write_model_files=lambda directory: write_sae_files(directory, self.sae),
+            data_state=self.data_state, tokens_per_step=self.recipe.train.batch_size * self.model.cfg.n_ctx,
+            after_step=self.after_step, load_data_state=self.load_data_state, record_fields=self.record_fields,
+            baseline_eval=False,  # records start with training metrics, as the SAE's log always has
+        )
 
 
-def _setup(model_path: Path, recipe: SAERecipe, progress: bool) -> tuple[Any, Any, Any]:
+@contextlib.contextmanager
+def tangent_decoder_gradients(sae: SAE) -> Iterator[None]:
+    """While inside, each backward pass replaces ``grad W_dec[i]`` by its component tangent
+    to the unit sphere at ``W_dec[i]``: ``g - (g . u) u`` with ``u = W_dec[i] / |W_dec[i]|``
+    (linear, so per-micro-batch projections sum to the projection of the sum)."""
+
+    def project(grad: Tensor) -> Tensor:
+        unit = sae.W_dec.detach() / sae.W_dec.detach().norm(dim=-1, keepdim=True)
+        return grad - (grad * unit).sum(-1, keepdim=True) * unit
+
+    handle = sae.W_dec.register_hook(project)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _setup(model_path: Path, recipe: SAERecipe, device: torch.device, progress: bool) -> tuple[Any, Any, Any]:
     """The frozen model and the train / val token blocks of its corpus (its own tokenizer)."""
     from bilinear_lens.data.corpus import prepare_data
     from bilinear_lens.models.model import BilinearTransformer
 
-    device = _resolve_device(recipe.train.device, 0)
     model = BilinearTransformer.from_pretrained(model_path, device=device).eval().requires_grad_(False)
     hook_width(model, recipe.sae.hook)  # an unknown hook fails here, before any data is read
     tokenizer_file = model_path / "tokenizer.json"
@@ -189,66 +237,20 @@ def _setup(model_path: Path, recipe: SAERecipe, progress: bool) -> tuple[Any, An
     return model, train_blocks, val_blocks
 
 
-def _resume_point(out_dir: Path, resume: Union[bool, str, Path]) -> Optional[Path]:
-    if resume is False:
-        if latest_checkpoint(out_dir) is not None or (out_dir / FINAL_DIR).exists():
-            raise FileExistsError(f"{out_dir} already holds an SAE run; pass resume=True (CLI: --resume) or another --out")
-        return None
-    path = latest_checkpoint(out_dir) if resume is True else Path(resume)
-    if path is None or not (path / "train_state.json").is_file():
-        raise FileNotFoundError(f"nothing to resume in {out_dir if path is None else path}: no SAE training checkpoint")
-    return path
-
-
-@dataclass
-class _Run:
-    """Everything that changes during a run (what a checkpoint restores)."""
-
-    sae: SAE
-    optimizer: torch.optim.AdamW
-    step: int
-    since_fired: Tensor  # [d_sae] steps since each feature last fired
-    tokens: int
-    elapsed_before: float
-
-
-def _start(model: Any, train_blocks: Any, recipe: SAERecipe, ckpt: Optional[Path]) -> _Run:
-    """A fresh SAE and optimizer, or both restored from ``ckpt`` with the RNG and counters."""
+def _initial_sae(model: Any, train_blocks: Any, recipe: SAERecipe, ckpt: Optional[Path]) -> SAE:
+    """A fresh SAE (:func:`init_sae` on the first batch), or the checkpoint's (its config
+    must equal the recipe's)."""
     spec, tc = recipe.sae, recipe.train
     d_in = hook_width(model, spec.hook)
     sae_cfg = SAEConfig(d_in=d_in, d_sae=spec.expansion * d_in, hook_name=spec.hook, k=spec.k,
                         metadata={"context_size": model.cfg.n_ctx})
-    torch.manual_seed(tc.seed)
     if ckpt is None:
         first = hook_activations(model, train_blocks.batch(0, tc.batch_size, seed=tc.seed).to(model.W_E.device), spec.hook)
-        sae = init_sae(sae_cfg, first.cpu(), spec, tc.seed)
-    else:
-        sae = load_sae(ckpt)
-        if sae.cfg != sae_cfg:
-            raise ValueError(f"cannot resume from {ckpt}: its SAE config {sae.cfg} differs from the recipe's {sae_cfg}")
-    sae = sae.to(model.W_E.device)
-    optimizer = torch.optim.AdamW(sae.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps,
-                                  weight_decay=tc.weight_decay)
-    if ckpt is None:
-        return _Run(sae, optimizer, 0, torch.zeros(sae_cfg.d_sae, dtype=torch.long, device=model.W_E.device), 0, 0.0)
-    state = read_train_state(ckpt)
-    optimizer.load_state_dict(state.optimizer)
-    if state.rng is not None:
-        restore_rng_state(state.rng)
-    since_fired = torch.tensor(state.data["since_fired"], dtype=torch.long, device=model.W_E.device)
-    return _Run(sae, optimizer, state.step, since_fired,
-                int(state.metrics["tokens"]), float(state.metrics["elapsed_s"]))
-
-
-def _checkpoint(path: Path, run: _Run, elapsed: float) -> None:
-    state = TrainState(step=run.step, optimizer=run.optimizer.state_dict(), rng=capture_rng_state(),
-                       data={"next_step": run.step, "since_fired": run.since_fired.tolist()},
-                       metrics={"tokens": run.tokens, "elapsed_s": elapsed})
-    save_sae_checkpoint(path, run.sae, state)
-
-
-def _write_metrics(path: Path, records: list[dict[str, Any]]) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        return init_sae(sae_cfg, first.cpu(), spec, tc.seed).to(model.W_E.device)
+    sae = load_sae(ckpt)
+    if sae.cfg != sae_cfg:
+        raise ValueError(f"cannot resume from {ckpt}: its SAE config {sae.cfg} differs from the recipe's {sae_cfg}")
+    return sae.to(model.W_E.device)
 
 
 def train_sae(
@@ -257,62 +259,42 @@ def train_sae(
 ) -> SAETrainResult:
     """Train a top-k SAE on ``recipe.sae.hook`` of the model at ``checkpoint`` into
     ``out_dir`` (module docstring). ``resume``: ``True`` for the newest checkpoint of
-    ``out_dir``, or a checkpoint path. ``stop_at``: stop after that step with a checkpoint."""
+    ``out_dir``, or a checkpoint path (``False``: a fresh run, refused where ``out_dir``
+    already holds one). ``stop_at``: stop after that step with a checkpoint.
+
+    Raises ``ValueError`` (bad recipe, hook or data), ``FileExistsError`` /
+    ``FileNotFoundError`` (fresh run into a used directory / nothing to resume),
+    :class:`~bilinear_lens.locking.LockHeldError` (another run writes ``out_dir``),
+    :class:`~bilinear_lens.training.guard.NonFiniteLossError` (training diverged)."""
     out_dir, checkpoint = Path(out_dir), Path(checkpoint)
-    ckpt = _resume_point(out_dir, resume)
     if stop_at is not None and stop_at < 1:
         raise ValueError(f"stop_at must be >= 1, got {stop_at}")
+    env = read_environment(recipe.train.device)
+    if env.enabled:
+        raise ValueError(f"WORLD_SIZE={env.world_size}: the SAE trainer runs in one process (launch it without torchrun)")
     threads_before = torch.get_num_threads()
-    if recipe.train.num_threads:
-        torch.set_num_threads(recipe.train.num_threads)
     try:
-        model, train_blocks, val_blocks = _setup(checkpoint, recipe, progress)
-        run = _start(model, train_blocks, recipe, ckpt)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_json(out_dir / RECIPE_FILE, {"checkpoint": str(checkpoint), **recipe.to_dict()})
-        records = [r for r in iter_metrics(out_dir) if r["step"] <= run.step] if ckpt is not None else []
-        _write_metrics(out_dir / METRICS_FILE, records)  # drops records past a resumed checkpoint
-        return _loop(model, train_blocks, val_blocks, recipe, run, out_dir, records, progress, stop_at)
+        with claim_run_dir(out_dir, writer=True):
+            ckpt = resolve_resume(resume, out_dir, holds="an SAE run")
+            if recipe.train.num_threads:
+                torch.set_num_threads(recipe.train.num_threads)
+            return _train_sae(checkpoint, out_dir, recipe, ckpt, env, progress, stop_at)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _loop(model: Any, train_blocks: Any, val_blocks: Any, recipe: SAERecipe, run: _Run, out_dir: Path,
-          records: list[dict[str, Any]], progress: bool, stop_at: Optional[int]) -> SAETrainResult:
-    cfg, hook = recipe.train, recipe.sae.hook
-    start = time.perf_counter()
-    elapsed = lambda: run.elapsed_before + time.perf_counter() - start  # noqa: E731
-    end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
-    val: dict[str, float] = {}
-    bar = tqdm(total=cfg.steps, initial=run.step, desc="sae", unit="step", disable=None if progress else True)
-    while run.step < end:
-        lr = learning_rate(run.step, cfg, cfg.steps)
-        for group in run.optimizer.param_groups:
-            group["lr"] = lr
-        x = hook_activations(model, train_blocks.batch(run.step, cfg.batch_size, seed=cfg.seed).to(model.W_E.device), hook)
-        x_hat, f = sae_step(run.sae, run.optimizer, x, cfg.grad_clip)
-        run.step, run.tokens = run.step + 1, run.tokens + x.shape[0]
-        run.since_fired = torch.where((f > 0).any(0), 0, run.since_fired + 1)
-        if (cfg.eval_every and run.step % cfg.eval_every == 0) or run.step == cfg.steps:
-            val = evaluate_sae(run.sae, model, val_blocks, cfg.batch_size, cfg.eval_batches)
-        if (cfg.log_every and run.step % cfg.log_every == 0) or run.step == end or val:
-            record = {"step": run.step, **reconstruction_metrics(x, x_hat, f), "lr": lr,
-                      "dead_fraction": float((run.since_fired >= recipe.sae.dead_after_steps).float().mean()),
-                      "tokens": run.tokens, "elapsed_s": round(elapsed(), 3), **val}
-            records.append(record)
-            with open(out_dir / METRICS_FILE, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
-            bar.set_postfix(ev=f"{record['explained_variance']:.3f}", l0=f"{record['l0']:.1f}")
-            val = {}
-        if (cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0) or run.step == end:
-            _checkpoint(out_dir / CHECKPOINTS_DIR / _step_dir_name(run.step), run, elapsed())
-            for _, old in list_checkpoints(out_dir)[: -cfg.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-        bar.update(1)
-    bar.close()
-    final = out_dir / CHECKPOINTS_DIR / _step_dir_name(run.step)
-    if run.step >= cfg.steps:
-        final = out_dir / FINAL_DIR
-        _checkpoint(final, run, elapsed())
-    last_val = next((r for r in reversed(records) if "val_explained_variance" in r), {})
-    return SAETrainResult(final, run.step, {k: v for k, v in last_val.items() if k.startswith("val_")}, records)
+def _train_sae(checkpoint: Path, out_dir: Path, recipe: SAERecipe, ckpt: Optional[Path], env: DistEnv,
+               progress: bool, stop_at: Optional[int]) -> SAETrainResult:
+    tc = recipe.train
+    model, train_blocks, val_blocks = _setup(checkpoint, recipe, env.device, progress)
+    sae = _initial_sae(model, train_blocks, recipe, ckpt)
+    training = SAETraining(model, sae, train_blocks, val_blocks, recipe)
+    trainer = Trainer(training.task(), make_optimizer(sae, tc), tc, tc.steps, env, out_dir, ckpt, progress)
+    if ckpt is not None:
+        apply_recipe_hyperparameters(trainer.optimizer, tc)
+    write_json(out_dir / RECIPE_FILE, {"checkpoint": str(checkpoint), **recipe.to_dict()})
+    with tangent_decoder_gradients(sae):
+        final = trainer.fit(stop_at)
+    last_val = next((r for r in reversed(trainer.log.records) if "val_explained_variance" in r), {})
+    return SAETrainResult(final, trainer.step, {k: v for k, v in last_val.items() if k.startswith("val_")},
+                          trainer.log.records)

@@ -11,7 +11,7 @@ SAELens' ``SAETrainer.fit()``):
       while step < end_step:
           step()                      lr from the schedule -> batch -> micro-batches
                                       (forward, backward) -> all-reduced loss, NaN guard ->
-                                      grad clip -> optimizer step
+                                      grad clip -> optimizer step -> task.after_step
           _evaluate_if_needed()
           _log_if_needed()            metrics.jsonl, progress bar
           _checkpoint_if_needed()     divergence guard, then an atomic checkpoint
@@ -20,11 +20,14 @@ Extension point: another model and loss (e.g. a top-k SAE on cached activations)
 the whole machinery (schedule, gradient accumulation, DDP, NaN/explosion guard,
 checkpoints with exact resume, metrics, progress) by building a :class:`TrainTask`
 (its model, ``batch(step)``, ``loss(model, micro_batch)``, ``evaluate()``,
-``write_model_files(dir)``, ``data_state(step)``) and calling
-``Trainer(task, optimizer, ...).fit(end_step)`` inside :func:`claim_run_dir`;
+``write_model_files(dir)``, ``data_state(step)``; optionally ``after_step(step)`` for a
+constraint applied after every update, ``load_data_state(data)`` for task state that a
+checkpoint carries, ``record_fields(evaluated)`` for task metrics in each record) and
+calling ``Trainer(task, optimizer, ...).fit(end_step)`` inside :func:`claim_run_dir`;
 :func:`~bilinear_lens.training.state.load_trainer_state` restores its optimizer on resume
 once the caller has loaded the weights. Exact resume needs ``batch(step)`` to be a pure
 function of the step (as :meth:`~bilinear_lens.data.corpus.TokenBlocks.batch` is).
+:func:`bilinear_lens.sae.train.train_sae` is such a task.
 
 Run directory layout: :mod:`bilinear_lens.training.run_dir`. Exact resume: the batch and
 the learning rate of a step are pure functions of the step, the model has no dropout, and
@@ -85,6 +88,7 @@ __all__ = [
     "train",
     "learning_rate",
     "make_optimizer",
+    "apply_recipe_hyperparameters",
     "compute_loss",
     "evaluate",
     "unigram_entropy",
@@ -155,7 +159,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
 
-def _apply_recipe_hyperparameters(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> None:
+def apply_recipe_hyperparameters(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> None:
     """Set the recipe's betas, eps and weight decay on restored param groups (a resumed
     run's recipe may change them); the groups are :func:`make_optimizer`'s."""
     for group, decay in zip(optimizer.param_groups, (cfg.weight_decay, 0.0)):
@@ -218,8 +222,16 @@ class TrainTask:
     ``loss(module, micro_batch)``: mean loss of a micro-batch, a scalar tensor (``module``
     is ``model`` or its DDP wrapper). ``evaluate()``: validation loss, the same on every
     rank, or ``None``. ``write_model_files(directory)``: the model's files of a checkpoint.
-    ``data_state(step)``: the data position saved in a checkpoint (JSON-able).
-    ``tokens_per_step``: items a step consumes over all ranks (throughput, ``tokens``).
+    ``data_state(step)``: the data position (and any other task state, e.g. running
+    counters) saved in a checkpoint (JSON-able). ``tokens_per_step``: items a step
+    consumes over all ranks (throughput, ``tokens``).
+
+    Optional: ``after_step(step)``: called after each optimizer step with the steps now
+    completed (e.g. to project weights back onto a constraint set), before the step is
+    logged or checkpointed. ``load_data_state(data)``: on resume, receives the checkpoint's
+    ``data_state`` (restore the task state it carries). ``record_fields(evaluated)``: extra
+    fields for the metrics record of the current step (``evaluated``: ``evaluate()`` ran
+    at this step). ``baseline_eval``: evaluate and log the untrained model at step 0.
     """
 
     model: torch.nn.Module
@@ -229,6 +241,10 @@ class TrainTask:
     write_model_files: Callable[[Path], None]
     data_state: Callable[[int], dict[str, Any]]
     tokens_per_step: int
+    after_step: Callable[[int], None] = lambda step: None
+    load_data_state: Callable[[dict[str, Any]], None] = lambda data: None
+    record_fields: Callable[[bool], dict[str, Any]] = lambda evaluated: {}
+    baseline_eval: bool = True
 
 
 class Trainer:
@@ -273,6 +289,7 @@ class Trainer:
         self.elapsed_before = float(state.metrics.get("elapsed_s", 0.0))
         self.tokens_seen = int(state.metrics.get("tokens", state.step * self.task.tokens_per_step))
         self.meter = IntervalMeter.from_state(state.metrics.get("interval"))
+        self.task.load_data_state(state.data)
 
     @property
     def finished(self) -> bool:
@@ -285,9 +302,10 @@ class Trainer:
         """Train to ``end_step`` (default: the end of the schedule) with a checkpoint there;
         at the end of the schedule also write ``out_dir/final``. Returns the last checkpoint."""
         end_step = self.total_steps if end_step is None else min(end_step, self.total_steps)
-        if self.step == 0 and self.cfg.eval_every:  # the untrained loss: a baseline
+        if self.step == 0 and self.cfg.eval_every and self.task.baseline_eval:  # the untrained loss
             self.last_val = self.task.evaluate()
-            self.log.append(make_record(0, None, self.last_val, self.lr, None, 0, self.elapsed()))
+            self.log.append({**make_record(0, None, self.last_val, self.lr, None, 0, self.elapsed()),
+                             **self.task.record_fields(True)})
         elif self.step >= end_step and self.resume_from is not None:  # nothing left to train
             self.last_val = self.task.evaluate()
         self.bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
@@ -321,6 +339,7 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        self.task.after_step(self.step)
         self.tokens_seen += self.task.tokens_per_step
         self.meter.add(loss, time.perf_counter() - t0)
 
@@ -351,8 +370,9 @@ class Trainer:
         if not (evaluated or (self.cfg.log_every and self.step % self.cfg.log_every == 0)):
             return
         tokens_per_s = self.meter.items_per_s(self.task.tokens_per_step)
-        self.log.append(make_record(self.step, self.meter.mean_loss(), self.last_val if evaluated else None,
-                                    self.lr, tokens_per_s, self.tokens_seen, self.elapsed()))
+        self.log.append({**make_record(self.step, self.meter.mean_loss(), self.last_val if evaluated else None,
+                                       self.lr, tokens_per_s, self.tokens_seen, self.elapsed()),
+                         **self.task.record_fields(evaluated)})
         self.bar.set_postfix(loss=f"{self.meter.mean_loss():.3f}", tok_s=f"{tokens_per_s:,.0f}" if tokens_per_s else "-")
         self.meter.reset()
 
@@ -506,7 +526,7 @@ def _train(
     task = _language_model_task(run_config, model, train_blocks, val_blocks, env)
     trainer = Trainer(task, make_optimizer(model, tc), tc, total_steps, env, out_dir, ckpt_path, progress)
     if ckpt_path is not None:
-        _apply_recipe_hyperparameters(trainer.optimizer, tc)
+        apply_recipe_hyperparameters(trainer.optimizer, tc)
     if env.is_main:
         run_config.save_toml(out_dir / RUN_CONFIG_FILE)
         logger.info(

@@ -66,14 +66,15 @@ def prune_checkpoints(out_dir: Path, keep_last: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def resolve_resume(resume: Union[bool, str, Path, None], out_dir: Path) -> Optional[Path]:
+def resolve_resume(resume: Union[bool, str, Path, None], out_dir: Path, holds: str = "checkpoints") -> Optional[Path]:
     """The checkpoint to resume from: ``False``/``None``: none (refused if ``out_dir``
-    already has checkpoints), ``True``: the newest in ``out_dir``, a path: that one."""
+    already has checkpoints), ``True``: the newest in ``out_dir``, a path: that one.
+    ``holds``: what the refusal says ``out_dir`` holds (e.g. ``"an SAE run"``)."""
     if resume is False or resume is None:
         existing = latest_checkpoint(out_dir)
         if existing is not None:
             raise FileExistsError(
-                f"{out_dir} already holds checkpoints (latest {existing.name}); pass resume=True "
+                f"{out_dir} already holds {holds} (latest {existing.name}); pass resume=True "
                 "(CLI: --resume) to continue that run, or choose another output directory"
             )
         return None
