@@ -209,27 +209,14 @@ def iter_texts(
             return
 
 
-def load_texts(
-    source: str | os.PathLike[str],
-    split: str = "train",
-    *,
-    max_docs: Optional[int] = None,
-    max_chars: Optional[int] = None,
-    text_column: str = "text",
-    seed: int = 0,
-    streaming: bool = False,
-    hf_cache_dir: Optional[str] = None,
-) -> list[str]:
-    """All documents of ``source`` as a list (see :func:`iter_texts` for the arguments).
+def load_texts(source: str | os.PathLike[str], split: str = "train", **options: Any) -> list[str]:
+    """All documents of ``source`` as a list; ``options`` are :func:`iter_texts`' keyword
+    arguments (``max_docs``, ``max_chars``, ``text_column``, ``seed``, ``streaming``,
+    ``hf_cache_dir``).
 
     Raises ``ValueError`` naming the source if it holds no non-empty document.
     """
-    texts = list(
-        iter_texts(
-            source, split, max_docs=max_docs, max_chars=max_chars, text_column=text_column,
-            seed=seed, streaming=streaming, hf_cache_dir=hf_cache_dir,
-        )
-    )
+    texts = list(iter_texts(source, split, **options))
     if not texts:
         raise ValueError(f"empty corpus: {os.fspath(source)!r} (split {split!r}) has no non-empty documents")
     return texts
