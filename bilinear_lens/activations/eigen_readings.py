@@ -34,14 +34,10 @@ from bilinear_lens.weights.eigen import (
     top_eigenvectors,
 )
 from bilinear_lens.models.hook_names import check_hook_names
+from bilinear_lens.models.mlp_kinds import model_mlp_kind
 from bilinear_lens.weights.tensor import interaction_matrix
 
 DirectionSpec = Union[int, str, tuple, Tensor]
-
-
-def _mlp_kind(model: Any) -> Optional[str]:
-    cfg = model.cfg
-    return getattr(cfg, "mlp_kind", None) or getattr(cfg, "bilinear_lens_mlp_kind", None)
 
 
 def bilinear_layer(model: Any, layer: int) -> Any:
@@ -49,7 +45,7 @@ def bilinear_layer(model: Any, layer: int) -> Any:
     n_layers = model.cfg.n_layers
     if not 0 <= layer < n_layers:
         raise ValueError(f"layer {layer} is out of range: the model has {n_layers} layers (0..{n_layers - 1})")
-    kind = _mlp_kind(model)
+    kind = model_mlp_kind(model)
     if kind != "bilinear":
         raise ValueError(
             f"layer {layer} has a {kind!r} MLP; interaction matrices need a bilinear MLP (mlp_kind='bilinear')"

@@ -56,16 +56,11 @@ from jaxtyping import Bool, Float, Int, UInt8
 from torch import Tensor
 
 from bilinear_lens.models.hook_names import check_hook_names
+from bilinear_lens.models.mlp_kinds import MLP_KINDS, model_mlp_kind
 from bilinear_lens.activations.row_threads import for_row_blocks
 
 BIT_ORDER = "little"
 CODE_FACTORS = ("pre", "pre_linear", "post")
-DEFAULT_FACTORS: dict[str, tuple[str, ...]] = {
-    "relu": ("pre",),
-    "gelu": ("pre",),
-    "swiglu": ("pre",),
-    "bilinear": ("pre", "pre_linear"),
-}
 # Rows per chunk when packing: keeps the float block and its bool mask in L2 cache.
 _PACK_CHUNK_ROWS = 256
 # Work per thread below which pack_signs (rows x units) and region_ids (rows x 8-byte
@@ -282,25 +277,17 @@ class CodeLayout:
 
 
 def default_factors(mlp_kind: str) -> tuple[str, ...]:
-    """The hooks whose signs define a region for ``mlp_kind`` (see the module docstring)."""
-    if mlp_kind in DEFAULT_FACTORS:
-        return DEFAULT_FACTORS[mlp_kind]
-    if mlp_kind == "linear":
+    """The hooks whose signs define a region for ``mlp_kind`` (see the module docstring;
+    the factors live in :data:`~bilinear_lens.models.mlp_kinds.MLP_KINDS`)."""
+    if mlp_kind not in MLP_KINDS:
+        raise ValueError(f"mlp_kind={mlp_kind!r} has no MLP units to make spline codes from")
+    factors = MLP_KINDS[mlp_kind].code_factors
+    if not factors:  # linear: affine everywhere
         raise ValueError(
             "a linear MLP is affine everywhere, so it has a single region; "
             "pass factors=('pre',) to get its sign pattern anyway"
         )
-    raise ValueError(f"mlp_kind={mlp_kind!r} has no MLP units to make spline codes from")
-
-
-def mlp_kind(model: Any) -> str:
-    """The MLP kind of a model or of its ``TransformerBridge`` (whose config keeps it as
-    ``bilinear_lens_mlp_kind``)."""
-    cfg = model.cfg
-    kind = getattr(cfg, "mlp_kind", None) or getattr(cfg, "bilinear_lens_mlp_kind", None)
-    if kind is None:
-        raise ValueError(f"{type(model).__name__} has no bilinear-lens MLP kind in its config")
-    return str(kind)
+    return factors
 
 
 def _as_layer_list(model: Any, layers: Layers) -> list[int]:
@@ -316,7 +303,7 @@ def _as_layer_list(model: Any, layers: Layers) -> list[int]:
 
 def code_layout(model: Any, layers: Layers = 0, factors: Optional[Sequence[str]] = None) -> CodeLayout:
     """Layout of the spline code of ``layers`` (layer-major, then ``factors`` in order)."""
-    cfg, kind = model.cfg, mlp_kind(model)
+    cfg, kind = model.cfg, model_mlp_kind(model)
     chosen = tuple(factors) if factors is not None else default_factors(kind)
     unknown = [f for f in chosen if f not in CODE_FACTORS]
     if unknown or not chosen:

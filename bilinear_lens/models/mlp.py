@@ -38,6 +38,8 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
+from bilinear_lens.models.mlp_kinds import mlp_kind_spec
+
 Activation = Callable[[Tensor], Tensor]
 
 # name -> elementwise function; None is the identity (bilinear / linear MLPs).
@@ -58,21 +60,25 @@ def _activation(name: str) -> Optional[Activation]:
 class _WeightViews:
     """TransformerLens-orientation views of the ``nn.Linear`` weights (no copies)."""
 
+    def _linear(self, slot: str) -> nn.Linear:
+        # ``in`` is a Python keyword, so every slot is read by name.
+        return cast(nn.Linear, getattr(self, slot))
+
     @property
     def W_in(self) -> Float[Tensor, "d_model d_mlp"]:
-        return cast(nn.Linear, getattr(self, "in")).weight.T
+        return self._linear("in").weight.T
 
     @property
     def b_in(self) -> Optional[Float[Tensor, "d_mlp"]]:
-        return cast(nn.Linear, getattr(self, "in")).bias
+        return self._linear("in").bias
 
     @property
     def W_out(self) -> Float[Tensor, "d_mlp d_model"]:
-        return cast(nn.Linear, getattr(self, "out")).weight.T
+        return self._linear("out").weight.T
 
     @property
     def b_out(self) -> Optional[Float[Tensor, "d_model"]]:
-        return cast(nn.Linear, getattr(self, "out")).bias
+        return self._linear("out").bias
 
 
 class GatedMLP(_WeightViews, nn.Module):
@@ -163,18 +169,11 @@ class MLP(_WeightViews, nn.Module):
         return self.hook_out(self.out(post))
 
 
-# mlp kind (config value) -> constructor. "none" (attention-only) has no MLP.
-MLP_KINDS: dict[str, Callable[[int, int, bool], nn.Module]] = {
-    "bilinear": lambda d_model, d_mlp, bias: BilinearMLP(d_model, d_mlp, bias=bias),
-    "swiglu": lambda d_model, d_mlp, bias: GatedMLP(d_model, d_mlp, act="silu", bias=bias),
-    "relu": lambda d_model, d_mlp, bias: MLP(d_model, d_mlp, act="relu", bias=bias),
-    "gelu": lambda d_model, d_mlp, bias: MLP(d_model, d_mlp, act="gelu", bias=bias),
-    "linear": lambda d_model, d_mlp, bias: MLP(d_model, d_mlp, act="identity", bias=bias),
-}
-
-
 def make_mlp(kind: str, d_model: int, d_mlp: int, bias: bool = False) -> nn.Module:
-    """Build the MLP of ``kind`` (one of :data:`MLP_KINDS`)."""
-    if kind not in MLP_KINDS:
-        raise ValueError(f"mlp_kind={kind!r} is not an MLP kind; allowed: {sorted(MLP_KINDS)}")
-    return MLP_KINDS[kind](d_model, d_mlp, bias)
+    """Build the MLP of ``kind`` (a key of :data:`~bilinear_lens.models.mlp_kinds.MLP_KINDS`,
+    whose row says whether it is gated and which activation it applies)."""
+    spec = mlp_kind_spec(kind)
+    if spec.is_bilinear:
+        return BilinearMLP(d_model, d_mlp, bias=bias)
+    cls = GatedMLP if spec.gated else MLP
+    return cls(d_model, d_mlp, act=spec.activation, bias=bias)
