@@ -30,7 +30,7 @@ For the bilinear MLP ``act`` is the identity, so
 
 from __future__ import annotations
 
-from typing import Callable, Optional, cast
+from typing import Callable, Mapping, Optional, cast
 
 import torch
 import torch.nn.functional as F
@@ -81,13 +81,55 @@ class _WeightViews:
         return self._linear("out").bias
 
 
-class GatedMLP(_WeightViews, nn.Module):
+class _MLPTail:
+    """The part of an MLP's forward after its pre-activations, shared by ``forward`` and by
+    callers that resume a forward pass inside the MLP (ablation sweeps:
+    :meth:`~bilinear_lens.models.model.TransformerBlock.forward_from_mlp`).
+
+    ``pre_hooks`` names the hook points :meth:`post_from_pre` reads, in argument order.
+    """
+
+    pre_hooks: tuple[str, ...]
+    hook_post: HookPoint
+    hook_out: HookPoint
+    out: nn.Linear
+    post_from_pre: Callable[..., Tensor]
+
+    def forward_from_pre(self, *pre: Float[Tensor, "... d_mlp"]) -> Float[Tensor, "... d_model"]:
+        """From the values at ``pre_hooks`` on: ``hook_post``, ``out``, ``hook_out``."""
+        return self.forward_from_post(self.hook_post(self.post_from_pre(*pre)))
+
+    def forward_from_post(self, post: Float[Tensor, "... d_mlp"]) -> Float[Tensor, "... d_model"]:
+        """From the value at ``hook_post`` on: ``out``, ``hook_out``."""
+        return self.hook_out(self.out(post))
+
+    def resume_inputs(self, hook: str) -> tuple[str, ...]:
+        """The hook points whose values :meth:`forward_after` needs to resume after ``hook``:
+        ``hook_post`` itself, or every pre-activation (``post`` is recomputed from them)."""
+        if hook == "hook_post":
+            return ("hook_post",)
+        if hook in self.pre_hooks:
+            return self.pre_hooks
+        allowed = ("hook_post", *self.pre_hooks)
+        raise ValueError(f"{type(self).__name__} cannot resume after {hook!r}; allowed: {allowed}")
+
+    def forward_after(self, hook: str, acts: Mapping[str, Tensor]) -> Float[Tensor, "... d_model"]:
+        """The MLP output when the forward pass resumes right after hook point ``hook``,
+        given the values ``acts`` at :meth:`resume_inputs` (``hook`` has fired on them)."""
+        names = self.resume_inputs(hook)
+        if hook == "hook_post":
+            return self.forward_from_post(acts["hook_post"])
+        return self.forward_from_pre(*(acts[name] for name in names))
+
+
+class GatedMLP(_WeightViews, _MLPTail, nn.Module):
     """``out = W_out^T (act(W_gate^T x + b_gate) * (W_in^T x + b_in)) + b_out``.
 
     ``act="silu"`` is SwiGLU; ``act="identity"`` is the bilinear MLP (see :class:`BilinearMLP`).
     """
 
     gated = True
+    pre_hooks = ("hook_pre", "hook_pre_linear")
 
     def __init__(self, d_model: int, d_mlp: int, act: str = "silu", bias: bool = False):
         super().__init__()
@@ -116,16 +158,14 @@ class GatedMLP(_WeightViews, nn.Module):
         self, pre: Float[Tensor, "... d_mlp"], pre_linear: Float[Tensor, "... d_mlp"]
     ) -> Float[Tensor, "... d_mlp"]:
         """``act(pre) * pre_linear``: the elementwise step between ``hook_pre``/``hook_pre_linear``
-        and ``hook_post`` (no hooks run), shared by :meth:`forward` and ablation sweeps that
-        restart inside the MLP."""
+        and ``hook_post`` (no hooks run)."""
         return (pre if self.act is None else self.act(pre)) * pre_linear
 
     def forward(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
         x = self.hook_in(x)
         pre = self.hook_pre(self.gate(x))
         pre_linear = self.hook_pre_linear(getattr(self, "in")(x))
-        post = self.hook_post(self.post_from_pre(pre, pre_linear))
-        return self.hook_out(self.out(post))
+        return self.forward_from_pre(pre, pre_linear)
 
 
 class BilinearMLP(GatedMLP):
@@ -141,10 +181,11 @@ class BilinearMLP(GatedMLP):
         super().__init__(d_model, d_mlp, act="identity", bias=bias)
 
 
-class MLP(_WeightViews, nn.Module):
+class MLP(_WeightViews, _MLPTail, nn.Module):
     """``out = W_out^T act(W_in^T x + b_in) + b_out`` (``act`` relu, gelu, or identity)."""
 
     gated = False
+    pre_hooks = ("hook_pre",)
 
     def __init__(self, d_model: int, d_mlp: int, act: str = "relu", bias: bool = False):
         super().__init__()
@@ -159,14 +200,13 @@ class MLP(_WeightViews, nn.Module):
 
     def post_from_pre(self, pre: Float[Tensor, "... d_mlp"]) -> Float[Tensor, "... d_mlp"]:
         """``act(pre)``: the elementwise step between ``hook_pre`` and ``hook_post`` (no hooks
-        run), shared by :meth:`forward` and ablation sweeps that restart inside the MLP."""
+        run)."""
         return pre if self.act is None else self.act(pre)
 
     def forward(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
         x = self.hook_in(x)
         pre = self.hook_pre(getattr(self, "in")(x))
-        post = self.hook_post(self.post_from_pre(pre))
-        return self.hook_out(self.out(post))
+        return self.forward_from_pre(pre)
 
 
 def make_mlp(kind: str, d_model: int, d_mlp: int, bias: bool = False) -> nn.Module:
