@@ -33,7 +33,8 @@ from bilinear_lens.weights.eigen import (
     low_rank_correlation,
     top_eigenvectors,
 )
-from bilinear_lens.models.hook_names import check_hook_names
+from bilinear_lens.activations.capture import capture_activations
+from bilinear_lens.models.hook_names import check_layer, mlp_hook_name
 from bilinear_lens.models.mlp_kinds import model_mlp_kind
 from bilinear_lens.weights.tensor import interaction_matrix
 
@@ -42,9 +43,7 @@ DirectionSpec = Union[int, str, tuple, Tensor]
 
 def bilinear_layer(model: Any, layer: int) -> Any:
     """``model.blocks[layer].mlp``, checked to be a bilinear MLP."""
-    n_layers = model.cfg.n_layers
-    if not 0 <= layer < n_layers:
-        raise ValueError(f"layer {layer} is out of range: the model has {n_layers} layers (0..{n_layers - 1})")
+    check_layer(model, layer)
     kind = model_mlp_kind(model)
     if kind != "bilinear":
         raise ValueError(
@@ -91,11 +90,8 @@ def layer_eigendecomposition(
 
 def mlp_inputs(model: Any, tokens: Int[Tensor, "batch pos"], layer: int) -> Float[Tensor, "batch pos d_model"]:
     """The MLP input of ``layer`` (``blocks.{layer}.mlp.hook_in``) on ``tokens``."""
-    name = f"blocks.{layer}.mlp.hook_in"
-    check_hook_names(model.hook_dict, [name], where=type(model).__name__)
-    with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=[name])
-    return cache[name]
+    name = mlp_hook_name(layer, "hook_in")
+    return capture_activations(model, tokens, [name])[name]
 
 
 def eigenvector_activations_on_tokens(

@@ -33,6 +33,7 @@ import torch
 from jaxtyping import Float, Int, UInt8
 from torch import Tensor
 
+from bilinear_lens.activations.capture import capture_activations
 from bilinear_lens.activations.region_counts import RegionCounts
 from bilinear_lens.activations.spline_codes import (
     Layers,
@@ -42,7 +43,6 @@ from bilinear_lens.activations.spline_codes import (
     pairwise_hamming,
     region_ids,
     residual_codes,
-    run_capturing,
 )
 from bilinear_lens.data.synthetic import word_class
 
@@ -300,7 +300,7 @@ def track_regions(
     sampled: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     n_sampled = 0
     for tokens in batches:
-        _, cache = model.run_with_cache(tokens, names_filter=names)
+        cache = capture_activations(model, tokens, names)
         token_ids = _numpy(tokens).reshape(-1).astype(np.int64)
         keep = np.flatnonzero(~np.isin(token_ids, ignore))
         codes = codes_from_activations(cache, layout).numpy().reshape(token_ids.size, -1)[keep]
@@ -460,7 +460,7 @@ def embedding_path_profile(
     layout = code_layout(model, layers, factors)
     endpoints = tokens.repeat(2, 1)
     endpoints[0, position], endpoints[1, position] = token_a, token_b
-    embeds = run_capturing(model, endpoints, ["hook_embed"])["hook_embed"][:, position]
+    embeds = capture_activations(model, endpoints, ["hook_embed"])["hook_embed"][:, position]
     t, points = interpolate(embeds[0], embeds[1], n_steps)
     codes = []
     for start in range(0, points.shape[0], batch_size):
@@ -472,7 +472,7 @@ def embedding_path_profile(
             return value
 
         batch = tokens.repeat(chunk.shape[0], 1)
-        acts = run_capturing(model, batch, layout.hook_names, [("hook_embed", substitute)])
+        acts = capture_activations(model, batch, layout.hook_names, [("hook_embed", substitute)])
         codes.append(codes_from_activations({k: v[:, position] for k, v in acts.items()}, layout))
     return path_profile(t, points, torch.cat(codes), layout.n_units)
 

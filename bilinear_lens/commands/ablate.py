@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
 from bilinear_lens.activations.ablation import METHODS, NEURON_HOOKS, NeuronTable, ablation_sweep
-from bilinear_lens.commands.common import UsageError, load_model_with_tokenizer
+from bilinear_lens.commands.common import UsageError, load_model_with_tokenizer, read_documents
+from bilinear_lens.models.hook_names import mlp_hook_name
 from bilinear_lens.models.hook_names import UnknownHookError
 
 
@@ -61,14 +61,7 @@ def _read_texts(text_file: Optional[str], n_texts: int, seed: int) -> list[str]:
         from bilinear_lens.data.synthetic import synthetic_stories
 
         return synthetic_stories(n_texts, seed=seed)
-    path = Path(text_file)
-    if not path.is_file():
-        raise UsageError(f"text file not found: {text_file}")
-    documents = [doc.strip() for doc in path.read_text(encoding="utf-8").split("\n\n")]
-    documents = [doc for doc in documents if doc]
-    if not documents:
-        raise UsageError(f"text file {text_file} has no non-empty documents")
-    return documents[:n_texts]
+    return read_documents(text_file, n_texts)
 
 
 def _pack_tokens(model: Any, texts: list[str], seq_len: int) -> torch.Tensor:
@@ -91,7 +84,7 @@ def _report(args: argparse.Namespace, tokens: torch.Tensor, table: NeuronTable) 
     return {
         "checkpoint": str(args.checkpoint),
         "layer": args.layer,
-        "hook": f"blocks.{args.layer}.mlp.{args.hook}",
+        "hook": mlp_hook_name(args.layer, args.hook),
         "method": args.method,
         "n_neurons": len(table),
         "tokens": list(tokens.shape),

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Optional
 
+from bilinear_lens.commands.common import UsageError, read_documents
 from bilinear_lens.models.checkpoint import CheckpointError
 
 
@@ -33,12 +33,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         model = BilinearTransformer.from_pretrained(args.checkpoint)
         texts = None
         if args.text_file:
-            path = Path(args.text_file)
-            if not path.is_file():
-                raise FileNotFoundError(f"text file not found: {path}")
-            texts = [t.strip() for t in path.read_text().split("\n\n") if t.strip()][: args.n_texts]
-            if not texts:
-                raise ValueError(f"text file {path} holds no text")
+            texts = read_documents(args.text_file, args.n_texts)
         out = write_report(
             model,
             args.out,
@@ -50,7 +45,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             n_eigenvectors=args.n_eigenvectors,
             title=f"bilinear-lens report: {args.checkpoint}, layer {args.layer}",
         )
-    except (FileNotFoundError, CheckpointError, ValueError, TypeError) as err:
+    except (FileNotFoundError, CheckpointError, ValueError, TypeError, UsageError) as err:
         print(f"bilinear-lens report: error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")

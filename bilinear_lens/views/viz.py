@@ -34,7 +34,10 @@ from circuitsvis.tokens import colored_tokens
 from circuitsvis.topk_tokens import topk_tokens
 from circuitsvis.utils.render import RenderedHTML
 from torch import Tensor
+from transformer_lens.utilities import get_act_name
 
+from bilinear_lens.activations.capture import capture_activations
+from bilinear_lens.models.hook_names import check_layer
 from bilinear_lens.views.plots import _as_array  # one converter for views and figures
 
 ArrayLike = Union[Tensor, np.ndarray, Sequence[float], Sequence[Sequence[float]]]
@@ -276,14 +279,10 @@ def colored_tokens_view(
 
 def _pattern_from(source: Any, layer: int, tokens: Any) -> Tensor:
     """``[batch, head, q, k]`` or ``[head, q, k]`` pattern from a model, cache or tensor."""
-    name = f"blocks.{layer}.attn.hook_pattern"
+    name = get_act_name("pattern", layer)
     if hasattr(source, "run_with_cache"):  # a model (BilinearTransformer or TransformerBridge)
-        n_layers = getattr(getattr(source, "cfg", None), "n_layers", None)
-        if n_layers is not None and not 0 <= layer < n_layers:
-            raise ValueError(f"layer {layer} is out of range: the model has {n_layers} layers")
-        with torch.no_grad():
-            _, cache = source.run_with_cache(tokens, names_filter=name)
-        return cache[name]
+        check_layer(source, layer)
+        return capture_activations(source, tokens, [name])[name]
     if isinstance(source, (Tensor, np.ndarray)):
         return torch.as_tensor(source)
     if hasattr(source, "__getitem__"):  # ActivationCache or dict of hook name -> tensor
