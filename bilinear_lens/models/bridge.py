@@ -74,7 +74,8 @@ class BilinearMLPBridge(GatedMLPBridge):
         W_out, b_out = self._processed_projection("out")
         pre = self.gate.hook_out(torch.nn.functional.linear(x, W_gate, b_gate))
         pre_linear = getattr(self, "in").hook_out(torch.nn.functional.linear(x, W_in, b_in))
-        post = self.out.hook_in(pre * pre_linear)
+        # The elementwise step of our module (the identity activation times the linear half).
+        post = self.out.hook_in(self.original_component.post_from_pre(pre, pre_linear))
         return self.hook_out(self.out.hook_out(torch.nn.functional.linear(post, W_out, b_out)))
 
 

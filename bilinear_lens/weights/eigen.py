@@ -20,11 +20,10 @@ from torch import Tensor
 from bilinear_lens.weights.tensor import (
     BilinearWeights,
     MLPLike,
-    _check_directions,
-    _check_vectors,
-    _weights,
     augment_input,
     bilinear_output,
+    check_directions,
+    check_vectors,
     input_factors,
     interaction_matrix,
     iter_interaction_matrices,
@@ -91,8 +90,8 @@ def eigendecompose_directions(
     each chunk, keeping only ``k`` pairs, so peak memory is one chunk plus the
     ``n_dirs * d * k`` result (never all ``n_dirs`` matrices).
     """
-    w = _weights(mlp)
-    U = _check_directions(w, U, "U", ndim=2)
+    w = BilinearWeights.from_module(mlp)
+    U = check_directions(w, U, "U", ndim=2)
     d = w.d_input(include_bias)
     k = d if k is None else k
     _check_k(k, d)
@@ -109,7 +108,7 @@ def _interaction_matmat(
     w: BilinearWeights, u: Tensor, include_bias: bool
 ) -> Callable[[Float[Tensor, "d m"]], Float[Tensor, "d m"]]:
     """``V -> Q(u) V`` for ``V [d, m]`` from the factors (shared by the matrix-free solvers)."""
-    u = _check_directions(w, u, "u", ndim=1)
+    u = check_directions(w, u, "u", ndim=1)
     L, R = input_factors(w, include_bias)
     c = (w.W_out @ u)[:, None]
     corner = float(u @ w.b_out) if include_bias and w.b_out is not None else 0.0
@@ -130,7 +129,7 @@ def interaction_operator(mlp: MLPLike, u: Float[Tensor, "d_model"], include_bias
     ``R = W_gate`` (bias rows appended with ``include_bias``, plus ``(u . b_out) v_last``
     in the last entry). Memory: the weights plus ``O(d_model + d_mlp)`` per vector.
     """
-    w = _weights(mlp)
+    w = BilinearWeights.from_module(mlp)
     apply_Q = _interaction_matmat(w, u, include_bias)
     d = w.d_input(include_bias)
     np_dtype = torch.empty(0, dtype=w.dtype).numpy().dtype
@@ -178,7 +177,7 @@ def top_eigenvectors(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if which not in WHICH:
         raise ValueError(f"which must be one of {WHICH}, got {which!r}")
-    w = _weights(mlp)
+    w = BilinearWeights.from_module(mlp)
     d = w.d_input(include_bias)
     if not 1 <= k <= d:
         raise ValueError(f"k must be in [1, {d}], got {k}")
@@ -336,7 +335,7 @@ def eigenvector_activations(
     """
     eig = eig.top(eig.k if k is None else k)
     d = eig.eigenvectors.shape[-2]
-    _check_vectors(x, d, "x", include_bias=False)
+    check_vectors(x, d, "x", include_bias=False)
     batch = eig.eigenvalues.shape[:-1]
     V = eig.eigenvectors.reshape(-1, d, eig.k)
     projections = torch.einsum("...d,edk->...ek", x.to(V.dtype), V)
@@ -373,8 +372,8 @@ def low_rank_correlation(
     ``eig`` (the decomposition of ``Q(u)`` with at least ``max(k)`` pairs) is computed
     exactly if not given. Returns a scalar for an int ``k``, one value per ``k`` otherwise.
     """
-    w = _weights(mlp)
-    u = _check_directions(w, u, "u", ndim=1)
+    w = BilinearWeights.from_module(mlp)
+    u = check_directions(w, u, "u", ndim=1)
     if x.ndim != 2:
         raise ValueError(f"x must be [n, d_model], got shape {tuple(x.shape)}")
     true = bilinear_output(w, x) @ u
