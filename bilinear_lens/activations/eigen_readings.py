@@ -37,11 +37,12 @@ from bilinear_lens.activations.capture import capture_activations
 from bilinear_lens.models.hook_names import check_layer, mlp_hook_name
 from bilinear_lens.models.mlp_kinds import model_mlp_kind
 from bilinear_lens.weights.tensor import interaction_matrix
+from bilinear_lens.models.protocol import HookedModel
 
 DirectionSpec = Union[int, str, tuple, Tensor]
 
 
-def bilinear_layer(model: Any, layer: int) -> Any:
+def bilinear_layer(model: HookedModel, layer: int) -> Any:
     """``model.blocks[layer].mlp``, checked to be a bilinear MLP."""
     check_layer(model, layer)
     kind = model_mlp_kind(model)
@@ -71,7 +72,7 @@ class LayerEigen:
 
 @torch.no_grad()
 def layer_eigendecomposition(
-    model: Any, layer: int, direction: DirectionSpec, k: Optional[int] = None, method: str = "dense"
+    model: HookedModel, layer: int, direction: DirectionSpec, k: Optional[int] = None, method: str = "dense"
 ) -> LayerEigen:
     """Eigendecompose ``Q(u)`` of layer ``layer`` for ``direction`` (see module docstring).
 
@@ -88,14 +89,14 @@ def layer_eigendecomposition(
     return LayerEigen(layer, u, eig)
 
 
-def mlp_inputs(model: Any, tokens: Int[Tensor, "batch pos"], layer: int) -> Float[Tensor, "batch pos d_model"]:
+def mlp_inputs(model: HookedModel, tokens: Int[Tensor, "batch pos"], layer: int) -> Float[Tensor, "batch pos d_model"]:
     """The MLP input of ``layer`` (``blocks.{layer}.mlp.hook_in``) on ``tokens``."""
     name = mlp_hook_name(layer, "hook_in")
     return capture_activations(model, tokens, [name])[name]
 
 
 def eigenvector_activations_on_tokens(
-    model: Any, tokens: Int[Tensor, "batch pos"], layer_eig: LayerEigen, k: Optional[int] = None
+    model: HookedModel, tokens: Int[Tensor, "batch pos"], layer_eig: LayerEigen, k: Optional[int] = None
 ) -> Float[Tensor, "batch pos k"]:
     """``lambda_i (v_i . x)^2`` at every token (``x`` = the layer's MLP input, via hooks).
 
@@ -107,7 +108,7 @@ def eigenvector_activations_on_tokens(
 
 @torch.no_grad()
 def rank_k_correlation_on_tokens(
-    model: Any, tokens: Int[Tensor, "batch pos"], layer_eig: LayerEigen, ks: Sequence[int] = (1, 2, 4, 8)
+    model: HookedModel, tokens: Int[Tensor, "batch pos"], layer_eig: LayerEigen, ks: Sequence[int] = (1, 2, 4, 8)
 ) -> dict[int, float]:
     """Pearson correlation over all tokens of ``tokens`` between ``u . MLP(x)`` (the true
     output, computed from the MLP on the hooked input) and ``sum_{i<k} lambda_i (v_i . x)^2``
@@ -137,7 +138,7 @@ class EigenvectorTokens:
 
 
 @torch.no_grad()
-def normalized_embeddings(model: Any, layer: int = 0) -> Float[Tensor, "d_vocab d_model"]:
+def normalized_embeddings(model: HookedModel, layer: int = 0) -> Float[Tensor, "d_vocab d_model"]:
     """Token embeddings as the layer's MLP sees them when attention is ignored:
     ``ln2(W_E[t] (+ W_pos mean))`` -- the direct path from the embedding, exact for a
     token attending only to itself in layer 0 up to the attention output."""
@@ -147,7 +148,7 @@ def normalized_embeddings(model: Any, layer: int = 0) -> Float[Tensor, "d_vocab 
     return model.blocks[layer].ln2(emb)
 
 
-def readable_token_mask(model: Any) -> Tensor:
+def readable_token_mask(model: HookedModel) -> Tensor:
     """``[d_vocab]`` bool: tokens that decode to printable text. Byte-level BPE keeps pieces
     of multi-byte characters (decoding to U+FFFD) and control bytes that a plain-English
     corpus never uses; their embeddings stay near their random init and would otherwise
@@ -161,7 +162,7 @@ def readable_token_mask(model: Any) -> Tensor:
 
 @torch.no_grad()
 def top_tokens_for_eigenvectors(
-    model: Any,
+    model: HookedModel,
     layer_eig: LayerEigen,
     n_vectors: int = 5,
     n_tokens: int = 10,

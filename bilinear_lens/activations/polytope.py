@@ -45,6 +45,7 @@ from bilinear_lens.activations.spline_codes import (
     residual_codes,
 )
 from bilinear_lens.data.synthetic import word_class
+from bilinear_lens.models.protocol import HookedModel
 
 ArrayLike = Union[np.ndarray, Tensor]
 
@@ -273,7 +274,7 @@ class ActivationSample:
 
 @torch.no_grad()
 def track_regions(
-    model: Any,
+    model: HookedModel,
     batches: Iterable[Int[Tensor, "batch pos"]],
     layers: Layers = 0,
     factors: Optional[Sequence[str]] = None,
@@ -424,7 +425,7 @@ def code_path_profile(
 
 
 def residual_path_profile(
-    model: Any,
+    model: HookedModel,
     layer: int,
     start: Float[Tensor, "d_model"],
     end: Float[Tensor, "d_model"],
@@ -440,7 +441,7 @@ def residual_path_profile(
 
 @torch.no_grad()
 def embedding_path_profile(
-    model: Any,
+    model: HookedModel,
     tokens: Int[Tensor, "pos"],
     position: int,
     token_a: int,

@@ -61,6 +61,7 @@ from bilinear_lens.activations.capture import capture_activations
 from bilinear_lens.models.hook_names import check_hook_names, check_layer, mlp_hook_name
 from bilinear_lens.models.mlp_kinds import MLP_KINDS, model_mlp_kind
 from bilinear_lens.activations.row_threads import for_row_blocks
+from bilinear_lens.models.protocol import HookedModel
 
 BIT_ORDER = "little"
 CODE_FACTORS = ("pre", "pre_linear", "post")
@@ -293,14 +294,14 @@ def default_factors(mlp_kind: str) -> tuple[str, ...]:
     return factors
 
 
-def _as_layer_list(model: Any, layers: Layers) -> list[int]:
+def _as_layer_list(model: HookedModel, layers: Layers) -> list[int]:
     layer_list = [layers] if isinstance(layers, int) else list(layers)
     if not layer_list:
         raise ValueError("layers is empty")
     return [check_layer(model, layer) for layer in layer_list]
 
 
-def code_layout(model: Any, layers: Layers = 0, factors: Optional[Sequence[str]] = None) -> CodeLayout:
+def code_layout(model: HookedModel, layers: Layers = 0, factors: Optional[Sequence[str]] = None) -> CodeLayout:
     """Layout of the spline code of ``layers`` (layer-major, then ``factors`` in order)."""
     cfg, kind = model.cfg, model_mlp_kind(model)
     chosen = tuple(factors) if factors is not None else default_factors(kind)
@@ -324,7 +325,7 @@ def codes_from_activations(
 
 @torch.no_grad()
 def spline_codes(
-    model: Any,
+    model: HookedModel,
     tokens: Int[Tensor, "batch pos"],
     layers: Layers = 0,
     factors: Optional[Sequence[str]] = None,
@@ -336,7 +337,7 @@ def spline_codes(
 
 @torch.no_grad()
 def residual_codes(
-    model: Any,
+    model: HookedModel,
     layer: int,
     resid: Float[Tensor, "... d_model"],
     factors: Optional[Sequence[str]] = None,

@@ -24,6 +24,7 @@ from bilinear_lens.activations.ablation import METHODS, NEURON_HOOKS, NeuronTabl
 from bilinear_lens.commands.common import UsageError, load_model_with_tokenizer, read_documents
 from bilinear_lens.models.hook_names import mlp_hook_name
 from bilinear_lens.models.hook_names import UnknownHookError
+from bilinear_lens.models.protocol import HookedModel
 
 
 
@@ -64,7 +65,7 @@ def _read_texts(text_file: Optional[str], n_texts: int, seed: int) -> list[str]:
     return read_documents(text_file, n_texts)
 
 
-def _pack_tokens(model: Any, texts: list[str], seq_len: int) -> torch.Tensor:
+def _pack_tokens(model: HookedModel, texts: list[str], seq_len: int) -> torch.Tensor:
     """``[n_rows, seq_len]``: BOS + document tokens, concatenated and cut (the tail dropped)."""
     tokenizer = model.tokenizer
     seq_len = min(seq_len, model.cfg.n_ctx)

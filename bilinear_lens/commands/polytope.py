@@ -31,6 +31,7 @@ from bilinear_lens.activations.polytope import (
     word_class_labels,
 )
 from bilinear_lens.activations.spline_codes import CODE_FACTORS, code_layout
+from bilinear_lens.models.protocol import HookedModel
 
 LABEL_KINDS = ("word-class", "token", "none")
 
@@ -58,14 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _read_token_ids(model: Any, path: str, max_tokens: int) -> list[int]:
+def _read_token_ids(model: HookedModel, path: str, max_tokens: int) -> list[int]:
     ids = model.tokenizer.encode(read_text_file(path), add_special_tokens=False)[:max_tokens]
     if not ids:
         raise UsageError(f"text file {path} has no tokens")
     return ids
 
 
-def _token_labels(model: Any, kind: str) -> tuple[Optional[np.ndarray], list[str]]:
+def _token_labels(model: HookedModel, kind: str) -> tuple[Optional[np.ndarray], list[str]]:
     if kind == "word-class":
         return word_class_labels(model.tokenizer, model.cfg.d_vocab)
     if kind == "token":

@@ -8,6 +8,8 @@ from typing import Any, Iterable, Mapping
 
 from transformer_lens.utilities import get_act_name
 
+from bilinear_lens.models.protocol import HookedModel
+
 
 class UnknownHookError(KeyError):
     """A hook name that the model does not have. The message lists close matches."""
@@ -34,7 +36,7 @@ def mlp_hook_name(layer: int, hook: str) -> str:
     return get_act_name(hook.removeprefix("hook_"), layer, "mlp")
 
 
-def check_layer(model: Any, layer: Any) -> int:
+def check_layer(model: HookedModel, layer: Any) -> int:
     """``layer``, checked to be a block index of ``model`` (``TypeError`` for a non-int,
     ``ValueError`` naming the range otherwise)."""
     n_layers = model.cfg.n_layers
@@ -45,7 +47,7 @@ def check_layer(model: Any, layer: Any) -> int:
     return layer
 
 
-def check_mlp_layer(model: Any, layer: Any) -> int:
+def check_mlp_layer(model: HookedModel, layer: Any) -> int:
     """:func:`check_layer`, and the block must have an MLP (``blocks.{layer}.mlp.hook_in``)."""
     check_layer(model, layer)
     name = mlp_hook_name(layer, "hook_in")

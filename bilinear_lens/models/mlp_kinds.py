@@ -21,7 +21,8 @@ The constructor is :func:`bilinear_lens.models.mlp.make_mlp`, which reads this t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+
+from bilinear_lens.models.protocol import HookedModel
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ def mlp_kind_spec(kind: str) -> MLPKind:
     return MLP_KINDS[kind]
 
 
-def model_mlp_kind(model: Any) -> str:
+def model_mlp_kind(model: HookedModel) -> str:
     """The MLP kind of a model or of its ``TransformerBridge`` (whose config keeps it as
     ``bilinear_lens_mlp_kind``)."""
     cfg = model.cfg

@@ -28,7 +28,9 @@ class HookedModel(Protocol):
     - ``run_with_hooks(tokens, fwd_hooks=..., return_type=...)``,
       ``run_with_cache(tokens, names_filter=...)`` and ``model(tokens)`` (logits
       ``[batch, pos, d_vocab]``);
-    - ``tokenizer`` / ``to_single_token`` where strings name tokens.
+    - ``W_E`` ``[d_vocab, d_model]``, ``W_U`` ``[d_model, d_vocab]`` and ``ln_final``
+      (token directions through the final norm);
+    - ``tokenizer`` and ``to_tokens`` where strings name tokens.
     """
 
     @property
@@ -40,10 +42,24 @@ class HookedModel(Protocol):
     @property
     def blocks(self) -> Any: ...
 
+    @property
+    def ln_final(self) -> Any: ...
+
+    @property
+    def W_E(self) -> Any: ...
+
+    @property
+    def W_U(self) -> Any: ...
+
+    @property
+    def tokenizer(self) -> Any: ...
+
     def hooks(self, *args: Any, **kwargs: Any) -> ContextManager[Any]: ...
 
     def run_with_hooks(self, *args: Any, **kwargs: Any) -> Any: ...
 
     def run_with_cache(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    def to_tokens(self, *args: Any, **kwargs: Any) -> Any: ...
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any: ...

@@ -29,12 +29,13 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from bilinear_lens.weights.directions import token_id
+from bilinear_lens.models.protocol import HookedModel
 
 DEFAULT_OUTPUT_TOKENS = (" happy", " sad")
 DEFAULT_INPUT_TOKENS = (" not", " happy", " sad", " very", " was", " never", " good", " bad")
 
 
-def _single_tokens(model: Any, candidates: Sequence[Union[str, int]]) -> list[int]:
+def _single_tokens(model: HookedModel, candidates: Sequence[Union[str, int]]) -> list[int]:
     """Ids of the candidates that are exactly one token of the model's vocabulary."""
     ids = []
     for c in candidates:
@@ -45,7 +46,7 @@ def _single_tokens(model: Any, candidates: Sequence[Union[str, int]]) -> list[in
     return list(dict.fromkeys(ids))
 
 
-def _name(model: Any, tok: int) -> str:
+def _name(model: HookedModel, tok: int) -> str:
     return model.tokenizer.decode([tok]) if getattr(model, "tokenizer", None) is not None else str(tok)
 
 
@@ -55,7 +56,7 @@ def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
     return f'<table class="bl-table"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
-def _sample_tokens(model: Any, texts: Sequence[str], max_len: int) -> list[torch.Tensor]:
+def _sample_tokens(model: HookedModel, texts: Sequence[str], max_len: int) -> list[torch.Tensor]:
     out = []
     for text in texts:
         toks = model.to_tokens(text)[0][:max_len]
@@ -75,7 +76,7 @@ def _equal_rows(tokens: Sequence[torch.Tensor], length: int) -> torch.Tensor:
 
 @torch.no_grad()
 def build_report(
-    model: Any,
+    model: HookedModel,
     layer: int = 0,
     tokens: Optional[Sequence[Union[str, int]]] = None,
     texts: Optional[Sequence[str]] = None,
@@ -197,7 +198,7 @@ def build_report(
     return page.replace("</head>", style + "\n</head>", 1)
 
 
-def write_report(model: Any, path: Union[str, Path], **kwargs: Any) -> Path:
+def write_report(model: HookedModel, path: Union[str, Path], **kwargs: Any) -> Path:
     """Build the report and write it to ``path`` atomically (temp file + rename)."""
     path = Path(path)
     page = build_report(model, **kwargs)

@@ -22,16 +22,18 @@ analyse an MLP's output for a token. Effects through later layers need hooks (ab
 
 from __future__ import annotations
 
-from typing import Any, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from bilinear_lens.models.protocol import HookedModel
+
 TokenLike = Union[int, str]
 
 
-def token_id(model: Any, token: TokenLike) -> int:
+def token_id(model: HookedModel, token: TokenLike) -> int:
     """A token id from an id or a string that is exactly one token (e.g. ``" happy"``)."""
     d_vocab = model.cfg.d_vocab
     if isinstance(token, bool) or not isinstance(token, (int, str)):
@@ -50,14 +52,14 @@ def token_id(model: Any, token: TokenLike) -> int:
     return int(ids[0])
 
 
-def _final_norm_affine(model: Any) -> tuple[Float[Tensor, "d_model"] | None, bool]:
+def _final_norm_affine(model: HookedModel) -> tuple[Float[Tensor, "d_model"] | None, bool]:
     """(learned scale or None, whether the norm centres) of the final norm."""
     kind = model.cfg.normalization_type
     weight = getattr(model.ln_final, "weight", None) if kind in ("RMS", "LN") else None
     return weight, kind in ("LN", "LNPre")
 
 
-def residual_direction_for_logit(model: Any, logit_vector: Float[Tensor, "d_model"]) -> Float[Tensor, "d_model"]:
+def residual_direction_for_logit(model: HookedModel, logit_vector: Float[Tensor, "d_model"]) -> Float[Tensor, "d_model"]:
     """Pull a vector that reads logits from the normalised stream (e.g. an unembedding
     column) back to residual space through the final norm (see module docstring)."""
     weight, centres = _final_norm_affine(model)
@@ -65,13 +67,13 @@ def residual_direction_for_logit(model: Any, logit_vector: Float[Tensor, "d_mode
     return u - u.mean() if centres else u
 
 
-def token_direction(model: Any, token: TokenLike) -> Float[Tensor, "d_model"]:
+def token_direction(model: HookedModel, token: TokenLike) -> Float[Tensor, "d_model"]:
     """Residual direction whose dot product with a layer's output is its direct effect on
     the logit of ``token``: the unembedding column through the final norm."""
     return residual_direction_for_logit(model, model.W_U[:, token_id(model, token)].detach())
 
 
-def token_directions(model: Any, tokens: Sequence[TokenLike] | None = None) -> Float[Tensor, "n d_model"]:
+def token_directions(model: HookedModel, tokens: Sequence[TokenLike] | None = None) -> Float[Tensor, "n d_model"]:
     """:func:`token_direction` for many tokens (all of the vocabulary by default)."""
     W_U = model.W_U.detach()
     cols = W_U if tokens is None else W_U[:, [token_id(model, t) for t in tokens]]
@@ -80,12 +82,12 @@ def token_directions(model: Any, tokens: Sequence[TokenLike] | None = None) -> F
     return U - U.mean(-1, keepdim=True) if centres else U
 
 
-def logit_diff_direction(model: Any, token_a: TokenLike, token_b: TokenLike) -> Float[Tensor, "d_model"]:
+def logit_diff_direction(model: HookedModel, token_a: TokenLike, token_b: TokenLike) -> Float[Tensor, "d_model"]:
     """Direction reading ``logit[a] - logit[b]`` (e.g. ``" happy"`` vs ``" sad"``)."""
     return token_direction(model, token_a) - token_direction(model, token_b)
 
 
-def vector_direction(model: Any, vector: Tensor) -> Float[Tensor, "d_model"]:
+def vector_direction(model: HookedModel, vector: Tensor) -> Float[Tensor, "d_model"]:
     """An arbitrary residual-space vector, checked for shape and finiteness."""
     if not isinstance(vector, Tensor):
         vector = torch.as_tensor(vector)
@@ -109,7 +111,7 @@ def feature_direction(decoder: Float[Tensor, "n_features d_model"], index: int) 
     return decoder[index].detach()
 
 
-def resolve_direction(model: Any, spec: Union[TokenLike, tuple[TokenLike, TokenLike], Tensor]) -> Float[Tensor, "d_model"]:
+def resolve_direction(model: HookedModel, spec: Union[TokenLike, tuple[TokenLike, TokenLike], Tensor]) -> Float[Tensor, "d_model"]:
     """One entry point: a token (id or string) -> :func:`token_direction`; a pair
     ``(a, b)`` -> :func:`logit_diff_direction`; a tensor -> :func:`vector_direction`."""
     if isinstance(spec, Tensor):
