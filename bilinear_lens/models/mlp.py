@@ -57,43 +57,56 @@ def _activation(name: str) -> Optional[Activation]:
     return ACTIVATIONS[name]
 
 
+def _weight_view(slot: str) -> property:
+    """``W`` of the ``nn.Linear`` in ``slot`` in TransformerLens orientation
+    (``weight.T``: ``[in_features, out_features]``, a view, no copy)."""
+    # ``in`` is a Python keyword, so every slot is read by name.
+    return property(lambda self: cast(nn.Linear, getattr(self, slot)).weight.T, doc=f"``{slot}.weight.T``")
+
+
+def _bias_view(slot: str) -> property:
+    """The bias of the ``nn.Linear`` in ``slot`` (``None`` without one)."""
+    return property(lambda self: cast(nn.Linear, getattr(self, slot)).bias, doc=f"``{slot}.bias``")
+
+
 class _WeightViews:
     """TransformerLens-orientation views of the ``nn.Linear`` weights (no copies)."""
 
-    def _linear(self, slot: str) -> nn.Linear:
-        # ``in`` is a Python keyword, so every slot is read by name.
-        return cast(nn.Linear, getattr(self, slot))
-
-    @property
-    def W_in(self) -> Float[Tensor, "d_model d_mlp"]:
-        return self._linear("in").weight.T
-
-    @property
-    def b_in(self) -> Optional[Float[Tensor, "d_mlp"]]:
-        return self._linear("in").bias
-
-    @property
-    def W_out(self) -> Float[Tensor, "d_mlp d_model"]:
-        return self._linear("out").weight.T
-
-    @property
-    def b_out(self) -> Optional[Float[Tensor, "d_model"]]:
-        return self._linear("out").bias
+    W_in = _weight_view("in")  # [d_model, d_mlp]
+    b_in = _bias_view("in")  # [d_mlp] or None
+    W_out = _weight_view("out")  # [d_mlp, d_model]
+    b_out = _bias_view("out")  # [d_model] or None
 
 
-class _MLPTail:
-    """The part of an MLP's forward after its pre-activations, shared by ``forward`` and by
+class _MLPBase(_WeightViews, nn.Module):
+    """What every MLP kind shares: the layout (``[gate,] in, out`` and their hook points)
+    and the part of the forward pass after the pre-activations, used by ``forward`` and by
     callers that resume a forward pass inside the MLP (ablation sweeps:
     :meth:`~bilinear_lens.models.model.TransformerBlock.forward_from_mlp`).
 
     ``pre_hooks`` names the hook points :meth:`post_from_pre` reads, in argument order.
     """
 
+    gated: bool
     pre_hooks: tuple[str, ...]
-    hook_post: HookPoint
-    hook_out: HookPoint
-    out: nn.Linear
     post_from_pre: Callable[..., Tensor]
+
+    def __init__(self, d_model: int, d_mlp: int, act: str, bias: bool):
+        super().__init__()
+        self.d_model, self.d_mlp, self.act_name = d_model, d_mlp, act
+        self.act = _activation(act)
+        if self.gated:  # registered first: init_weights draws in module order
+            self.gate = nn.Linear(d_model, d_mlp, bias=bias)
+        # ``in`` is a Python keyword: register it by name (TransformerLens' native model
+        # and GatedMLPBridge address the slot the same way).
+        self.add_module("in", nn.Linear(d_model, d_mlp, bias=bias))
+        self.out = nn.Linear(d_mlp, d_model, bias=bias)
+        self.hook_in = HookPoint()  # [batch, pos, d_model]
+        self.hook_pre = HookPoint()  # [batch, pos, d_mlp]
+        if self.gated:
+            self.hook_pre_linear = HookPoint()  # [batch, pos, d_mlp]
+        self.hook_post = HookPoint()  # [batch, pos, d_mlp]
+        self.hook_out = HookPoint()  # [batch, pos, d_model]
 
     def forward_from_pre(self, *pre: Float[Tensor, "... d_mlp"]) -> Float[Tensor, "... d_model"]:
         """From the values at ``pre_hooks`` on: ``hook_post``, ``out``, ``hook_out``."""
@@ -122,7 +135,7 @@ class _MLPTail:
         return self.forward_from_pre(*(acts[name] for name in names))
 
 
-class GatedMLP(_WeightViews, _MLPTail, nn.Module):
+class GatedMLP(_MLPBase):
     """``out = W_out^T (act(W_gate^T x + b_gate) * (W_in^T x + b_in)) + b_out``.
 
     ``act="silu"`` is SwiGLU; ``act="identity"`` is the bilinear MLP (see :class:`BilinearMLP`).
@@ -132,27 +145,10 @@ class GatedMLP(_WeightViews, _MLPTail, nn.Module):
     pre_hooks = ("hook_pre", "hook_pre_linear")
 
     def __init__(self, d_model: int, d_mlp: int, act: str = "silu", bias: bool = False):
-        super().__init__()
-        self.d_model, self.d_mlp, self.act_name = d_model, d_mlp, act
-        self.act = _activation(act)
-        self.gate = nn.Linear(d_model, d_mlp, bias=bias)
-        # ``in`` is a Python keyword: register it by name (TransformerLens' native model
-        # and GatedMLPBridge address the slot the same way).
-        self.add_module("in", nn.Linear(d_model, d_mlp, bias=bias))
-        self.out = nn.Linear(d_mlp, d_model, bias=bias)
-        self.hook_in = HookPoint()  # [batch, pos, d_model]
-        self.hook_pre = HookPoint()  # [batch, pos, d_mlp]
-        self.hook_pre_linear = HookPoint()  # [batch, pos, d_mlp]
-        self.hook_post = HookPoint()  # [batch, pos, d_mlp]
-        self.hook_out = HookPoint()  # [batch, pos, d_model]
+        super().__init__(d_model, d_mlp, act, bias)
 
-    @property
-    def W_gate(self) -> Float[Tensor, "d_model d_mlp"]:
-        return self.gate.weight.T
-
-    @property
-    def b_gate(self) -> Optional[Float[Tensor, "d_mlp"]]:
-        return self.gate.bias
+    W_gate = _weight_view("gate")  # [d_model, d_mlp]
+    b_gate = _bias_view("gate")  # [d_mlp] or None
 
     def post_from_pre(
         self, pre: Float[Tensor, "... d_mlp"], pre_linear: Float[Tensor, "... d_mlp"]
@@ -181,22 +177,14 @@ class BilinearMLP(GatedMLP):
         super().__init__(d_model, d_mlp, act="identity", bias=bias)
 
 
-class MLP(_WeightViews, _MLPTail, nn.Module):
+class MLP(_MLPBase):
     """``out = W_out^T act(W_in^T x + b_in) + b_out`` (``act`` relu, gelu, or identity)."""
 
     gated = False
     pre_hooks = ("hook_pre",)
 
     def __init__(self, d_model: int, d_mlp: int, act: str = "relu", bias: bool = False):
-        super().__init__()
-        self.d_model, self.d_mlp, self.act_name = d_model, d_mlp, act
-        self.act = _activation(act)
-        self.add_module("in", nn.Linear(d_model, d_mlp, bias=bias))
-        self.out = nn.Linear(d_mlp, d_model, bias=bias)
-        self.hook_in = HookPoint()  # [batch, pos, d_model]
-        self.hook_pre = HookPoint()  # [batch, pos, d_mlp]
-        self.hook_post = HookPoint()  # [batch, pos, d_mlp]
-        self.hook_out = HookPoint()  # [batch, pos, d_model]
+        super().__init__(d_model, d_mlp, act, bias)
 
     def post_from_pre(self, pre: Float[Tensor, "... d_mlp"]) -> Float[Tensor, "... d_mlp"]:
         """``act(pre)``: the elementwise step between ``hook_pre`` and ``hook_post`` (no hooks

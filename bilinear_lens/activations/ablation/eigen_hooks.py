@@ -67,16 +67,6 @@ def _hook_names(model: HookedModel, layer: int, out_hook: str) -> tuple[str, str
     return in_name, out_name
 
 
-def _decomposition(weights: BilinearWeights, u: Tensor, eig: Optional[Eigendecomposition]) -> Eigendecomposition:
-    """``eig`` checked to decompose one ``[d_model, d_model]`` matrix, or that of ``Q(u)``."""
-    d = weights.d_model
-    if eig is None:
-        eig = eigendecompose(interaction_matrix(weights, u))
-    if eig.eigenvectors.shape != (d, eig.k):
-        raise ValueError(f"eig must decompose one [{d}, {d}] matrix, has eigenvectors {tuple(eig.eigenvectors.shape)}")
-    return eig
-
-
 def eigen_ablation_hooks(
     model: HookedModel,
     layer: int,
@@ -121,6 +111,16 @@ def eigen_ablation_hooks(
         return y - ((y @ uu) - approx)[..., None] * (uu / (uu @ uu))
 
     return [(in_name, capture_input), (out_name, replace_component)]
+
+
+def _decomposition(weights: BilinearWeights, u: Tensor, eig: Optional[Eigendecomposition]) -> Eigendecomposition:
+    """``eig`` checked to decompose one ``[d_model, d_model]`` matrix, or that of ``Q(u)``."""
+    d = weights.d_model
+    if eig is None:
+        eig = eigendecompose(interaction_matrix(weights, u))
+    if eig.eigenvectors.shape != (d, eig.k):
+        raise ValueError(f"eig must decompose one [{d}, {d}] matrix, has eigenvectors {tuple(eig.eigenvectors.shape)}")
+    return eig
 
 
 ablate_eigencomponents = context_manager_form(
