@@ -183,13 +183,7 @@ def top_eigenvectors(
         raise ValueError(f"k must be in [1, {d}], got {k}")
 
     if method == "dense":
-        values, vectors = torch.linalg.eigh(interaction_matrix(w, u, include_bias))
-        if which == "LA":
-            values, vectors = values[-k:], vectors[:, -k:]
-        elif which == "SA":
-            values, vectors = values[:k], vectors[:, :k]
-        return _sort_by_magnitude(values, vectors).top(k)
-
+        return _dense_top(w, u, k, which, include_bias)
     if method == "block":
         apply_Q = _interaction_matmat(w, u, include_bias)
         gen = torch.Generator(device=w.device).manual_seed(seed)
@@ -210,6 +204,16 @@ def top_eigenvectors(
         torch.as_tensor(vectors).to(dtype=w.dtype, device=w.device),
     )
     return out.top(k)
+
+
+def _dense_top(w: BilinearWeights, u: Tensor, k: int, which: str, include_bias: bool) -> Eigendecomposition:
+    """The reference for :func:`top_eigenvectors`: form ``Q(u)``, ``eigh``, keep ``which``."""
+    values, vectors = torch.linalg.eigh(interaction_matrix(w, u, include_bias))
+    if which == "LA":
+        values, vectors = values[-k:], vectors[:, -k:]
+    elif which == "SA":
+        values, vectors = values[:k], vectors[:, :k]
+    return _sort_by_magnitude(values, vectors).top(k)
 
 
 def _select(values: Tensor, which: str) -> Tensor:
