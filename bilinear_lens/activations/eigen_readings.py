@@ -35,7 +35,7 @@ from bilinear_lens.weights.eigen import (
 )
 from bilinear_lens.activations.capture import capture_activations
 from bilinear_lens.models.hook_names import check_layer, mlp_hook_name
-from bilinear_lens.models.mlp_kinds import model_mlp_kind
+from bilinear_lens.models.mlp_kinds import MLP_KINDS, model_mlp_kind
 from bilinear_lens.weights.tensor import interaction_matrix
 from bilinear_lens.models.protocol import HookedModel
 
@@ -46,7 +46,7 @@ def bilinear_layer(model: HookedModel, layer: int) -> Any:
     """``model.blocks[layer].mlp``, checked to be a bilinear MLP."""
     check_layer(model, layer)
     kind = model_mlp_kind(model)
-    if kind != "bilinear":
+    if kind not in MLP_KINDS or not MLP_KINDS[kind].is_bilinear:
         raise ValueError(
             f"layer {layer} has a {kind!r} MLP; interaction matrices need a bilinear MLP (mlp_kind='bilinear')"
         )

@@ -39,7 +39,7 @@ from transformer_lens.utilities import get_act_name
 
 from bilinear_lens.activations.capture import capture_activations
 from bilinear_lens.models.hook_names import check_layer
-from bilinear_lens.views.plots import _as_array  # one converter for views and figures
+from bilinear_lens.views.plots import as_array  # one converter for views and figures
 
 ArrayLike = Union[Tensor, np.ndarray, Sequence[float], Sequence[Sequence[float]]]
 
@@ -79,7 +79,7 @@ def _is_many_texts(str_tokens: Any) -> bool:
 
 def _per_token_matrix(acts: Any, n_tokens: int, name: str) -> np.ndarray:
     """``[pos]`` or ``[pos, n]`` activations -> ``[pos, n]``, rows checked against the tokens."""
-    arr = _as_array(acts, name)
+    arr = as_array(acts, name)
     if arr.ndim == 1:
         arr = arr[:, None]
     if arr.ndim != 2:
@@ -93,7 +93,7 @@ def _per_token_matrix(acts: Any, n_tokens: int, name: str) -> np.ndarray:
 
 def eigenvalue_labels(eigenvalues: ArrayLike, precision: int = 2) -> list[str]:
     """``["λ0=+1.23", "λ1=-0.98", ...]``: one label per eigenvalue, in the given order."""
-    vals = _as_array(eigenvalues, "eigenvalues").reshape(-1)
+    vals = as_array(eigenvalues, "eigenvalues").reshape(-1)
     return [f"λ{i}={v:+.{precision}f}" for i, v in enumerate(vals)]
 
 
@@ -234,7 +234,7 @@ def token_activations_view(
     arrays = []
     for i, (a, t) in enumerate(zip(acts, toks)):
         name = f"activations[{i}]" if many else "activations"
-        arr = _as_array(a, name)
+        arr = as_array(a, name)
         if arr.ndim in (1, 2):
             arr = _per_token_matrix(arr, len(t), name)[:, None, :]  # [pos, 1 layer, n]
         elif arr.ndim == 3:
@@ -274,7 +274,7 @@ def colored_tokens_view(
     By default the colour scale is symmetric, ``±max|values|``, so 0 is white.
     """
     toks = _check_str_tokens(str_tokens, "str_tokens")
-    vals = _as_array(values, "values")
+    vals = as_array(values, "values")
     if vals.ndim != 1:
         raise ValueError(f"values must be [pos] (one scalar per token), got shape {tuple(vals.shape)}")
     if vals.shape[0] != len(toks):
