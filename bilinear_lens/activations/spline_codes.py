@@ -40,8 +40,8 @@ on a ``TransformerBridge``). For the model's own ``hook_resid_mid`` this is the 
 code. :func:`basis_codes` gives the alternative "sign pattern in a chosen basis",
 ``r @ basis > 0``.
 
-Functions taking a ``model`` only use ``cfg``, ``hook_dict``, ``run_with_cache`` and
-``run_with_hooks``, so they accept a :class:`~bilinear_lens.models.model.BilinearTransformer`
+Functions taking a ``model`` only use ``cfg``, ``hook_dict`` and ``run_with_hooks``
+(:class:`~bilinear_lens.models.protocol.HookedModel`), so they accept a :class:`~bilinear_lens.models.model.BilinearTransformer`
 or its ``TransformerBridge`` (:func:`bilinear_lens.models.bridge.to_bridge`).
 """
 
