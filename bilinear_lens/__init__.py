@@ -24,6 +24,8 @@ from bilinear_lens.models.sampling import sample_next_token, filter_logits
 from bilinear_lens.models.config import ModelConfig
 from bilinear_lens.models.hook_names import UnknownHookError
 from bilinear_lens.models.mlp import MLP, BilinearMLP, GatedMLP, make_mlp
+from bilinear_lens.models.mlp_kinds import MLP_KINDS, MLPKind, mlp_kind_spec
+from bilinear_lens.models.protocol import HookedModel
 from bilinear_lens.models.model import BilinearTransformer, build_model, load_model, next_token_loss, save_model, model_from_state_dict
 from bilinear_lens.models.bridge import to_bridge, load_bridge, BilinearLensArchitectureAdapter, ARCHITECTURE_NAME
 from bilinear_lens.training.config import DataConfig, TrainConfig, RunConfig, load_run_config
@@ -39,6 +41,7 @@ from bilinear_lens.weights.atlas import build_atlas, model_atlas
 from bilinear_lens.weights.atlas_store import EigenAtlas, AtlasEntry, AtlasError
 from bilinear_lens.weights.directions import token_direction, token_directions, logit_diff_direction, vector_direction, feature_direction, resolve_direction, FeatureDirection, sae_feature_direction
 from bilinear_lens.activations.eigen_readings import layer_eigendecomposition, eigenvector_activations_on_tokens, rank_k_correlation_on_tokens, top_tokens_for_eigenvectors, mlp_inputs, LayerEigen
+from bilinear_lens.activations.capture import capture_activations, run_capturing
 from bilinear_lens.activations.ablation import ablate_neurons, neuron_ablation_hook, ablate_direction, direction_ablation_hook, ablate_eigencomponents, eigen_ablation_hooks, ablation_sweep, patch_neurons, NeuronTable
 from bilinear_lens.activations.spline_codes import spline_codes, pack_bits, pack_signs, unpack_bits, hamming, region_ids, residual_codes
 from bilinear_lens.activations.region_counts import RegionCounts
@@ -58,4 +61,4 @@ __all__ = sorted(
     name
     for name, value in globals().items()
     if not name.startswith("_") and getattr(value, "__module__", "").startswith("bilinear_lens")
-) + ["ARCHITECTURE_NAME"]
+) + ["ARCHITECTURE_NAME", "MLP_KINDS"]

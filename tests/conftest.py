@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from bilinear_lens.models.config import ModelConfig
+from bilinear_lens.models.mlp_kinds import MLP_KIND_NAMES
 
-MLP_KINDS = ["bilinear", "swiglu", "relu", "gelu", "linear", "none"]
+MLP_KINDS = list(MLP_KIND_NAMES)
 
 
 def tiny_config(**overrides) -> ModelConfig:

@@ -260,6 +260,33 @@ KIND_HOOKS = [
 ]
 
 
+@pytest.mark.parametrize("kind, hook", KIND_HOOKS)
+def test_block_forward_from_mlp_equals_its_forward(kind, hook, tokens):
+    """The sweep's fast path is the block's own code: resumed after an MLP hook point with a
+    full pass's values, the block gives that pass's output bit for bit, and exactly the
+    hook points after ``hook`` fire."""
+    model = f64_model(mlp_kind=kind, mlp_bias=True)
+    randomize_mlp_biases(model, 1)
+    block = model.blocks[1]
+    _, cache = model.run_with_cache(tokens)
+    acts = {name: cache[f"blocks.1.mlp.{name}"] for name in block.mlp.resume_inputs(hook)}
+    fired = []
+    after = ([] if hook == "hook_post" else ["mlp.hook_post"]) + ["mlp.hook_out", "hook_mlp_out", "hook_resid_post"]
+    record = [(f"blocks.1.{name}", lambda act, hook: fired.append(hook.name)) for name in [
+        "hook_resid_pre", "hook_resid_mid", "mlp.hook_in", "mlp.hook_pre", "mlp.hook_post", "mlp.hook_out",
+        "hook_mlp_out", "hook_resid_post",
+    ]]
+    with torch.no_grad(), model.hooks(fwd_hooks=record):
+        resumed = block.forward_from_mlp(cache["blocks.1.hook_resid_mid"], hook, acts)
+    assert torch.equal(resumed, cache["blocks.1.hook_resid_post"])
+    assert fired == [f"blocks.1.{name}" for name in after]
+
+
+def test_resuming_an_mlp_after_a_hook_it_lacks_names_the_allowed_ones():
+    with pytest.raises(ValueError, match=r"MLP cannot resume after 'hook_pre_linear'; allowed: \('hook_post', 'hook_pre'\)"):
+        f64_model(mlp_kind="relu").blocks[0].mlp.resume_inputs("hook_pre_linear")
+
+
 def one_at_a_time(model, tokens, layer, neurons, metric, **ablation):
     """The metric's change with each neuron ablated on its own: one ordinary forward per neuron."""
     with torch.no_grad():
@@ -273,9 +300,9 @@ def one_at_a_time(model, tokens, layer, neurons, metric, **ablation):
 
 def full_forward_only(monkeypatch):
     """Make sweeps run every copy from the tokens, as they do on a TransformerBridge."""
-    import bilinear_lens.activations.ablation as ablation
+    import bilinear_lens.activations.ablation.sweep as sweep
 
-    monkeypatch.setattr(ablation, "_starts_inside_mlp", lambda model: False)
+    monkeypatch.setattr(sweep, "starts_inside_mlp", lambda model, layer: False)
 
 
 @pytest.mark.parametrize("kind, hook", KIND_HOOKS)

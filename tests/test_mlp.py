@@ -3,7 +3,9 @@
 import pytest
 import torch
 
+from bilinear_lens.models.config import ModelConfig
 from bilinear_lens.models.mlp import MLP, BilinearMLP, GatedMLP, make_mlp
+from bilinear_lens.models.mlp_kinds import MLP_KINDS
 
 D_MODEL, D_MLP = 6, 10
 
@@ -123,3 +125,15 @@ def test_swiglu():
 def test_unknown_kind():
     with pytest.raises(ValueError, match="mlp_kind='tanh' is not an MLP kind; allowed"):
         make_mlp("tanh", 4, 4)
+
+
+@pytest.mark.parametrize("kind", sorted(MLP_KINDS))
+def test_mlp_kind_table_is_what_gets_built(kind):
+    """The table's facts are the built module's: gated-ness, activation, hook points, matrices."""
+    spec = MLP_KINDS[kind]
+    mlp = make_mlp(kind, D_MODEL, D_MLP)
+    assert mlp.gated == spec.gated and mlp.act_name == spec.activation
+    assert hasattr(mlp, "hook_pre_linear") == spec.gated
+    assert sum(p.numel() for p in mlp.parameters()) == spec.n_matrices * D_MODEL * D_MLP
+    assert isinstance(mlp, BilinearMLP) == spec.is_bilinear
+    assert ModelConfig(d_model=D_MODEL, n_heads=1, mlp_kind=kind).gated == spec.gated

@@ -33,26 +33,20 @@ from bilinear_lens.weights.eigen import (
     low_rank_correlation,
     top_eigenvectors,
 )
-from bilinear_lens.models.hook_names import check_hook_names
+from bilinear_lens.activations.capture import capture_activations
+from bilinear_lens.models.hook_names import check_layer, mlp_hook_name
+from bilinear_lens.models.mlp_kinds import MLP_KINDS, model_mlp_kind
 from bilinear_lens.weights.tensor import interaction_matrix
+from bilinear_lens.models.protocol import HookedModel
 
 DirectionSpec = Union[int, str, tuple, Tensor]
 
 
-def _mlp_kind(model: Any) -> Optional[str]:
-    cfg = model.cfg
-    return getattr(cfg, "mlp_kind", None) or getattr(cfg, "bilinear_lens_mlp_kind", None)
-
-
-def bilinear_layer(model: Any, layer: int) -> Any:
+def bilinear_layer(model: HookedModel, layer: int) -> Any:
     """``model.blocks[layer].mlp``, checked to be a bilinear MLP."""
-    n_layers = model.cfg.n_layers
-    if isinstance(layer, bool) or not isinstance(layer, int):
-        raise ValueError(f"layer must be an int block index in [0, {n_layers}), got {layer!r}")
-    if not 0 <= layer < n_layers:
-        raise ValueError(f"layer {layer} is out of range: the model has {n_layers} layers (0..{n_layers - 1})")
-    kind = _mlp_kind(model)
-    if kind != "bilinear":
+    check_layer(model, layer)
+    kind = model_mlp_kind(model)
+    if kind not in MLP_KINDS or not MLP_KINDS[kind].is_bilinear:
         raise ValueError(
             f"layer {layer} has a {kind!r} MLP; interaction matrices need a bilinear MLP (mlp_kind='bilinear')"
         )
@@ -78,7 +72,7 @@ class LayerEigen:
 
 @torch.no_grad()
 def layer_eigendecomposition(
-    model: Any, layer: int, direction: DirectionSpec, k: Optional[int] = None, method: str = "dense"
+    model: HookedModel, layer: int, direction: DirectionSpec, k: Optional[int] = None, method: str = "dense"
 ) -> LayerEigen:
     """Eigendecompose ``Q(u)`` of layer ``layer`` for ``direction`` (see module docstring).
 
@@ -96,17 +90,14 @@ def layer_eigendecomposition(
     return LayerEigen(layer, u, eig)
 
 
-def mlp_inputs(model: Any, tokens: Int[Tensor, "batch pos"], layer: int) -> Float[Tensor, "batch pos d_model"]:
+def mlp_inputs(model: HookedModel, tokens: Int[Tensor, "batch pos"], layer: int) -> Float[Tensor, "batch pos d_model"]:
     """The MLP input of ``layer`` (``blocks.{layer}.mlp.hook_in``) on ``tokens``."""
-    name = f"blocks.{layer}.mlp.hook_in"
-    check_hook_names(model.hook_dict, [name], where=type(model).__name__)
-    with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=[name])
-    return cache[name]
+    name = mlp_hook_name(layer, "hook_in")
+    return capture_activations(model, tokens, [name])[name]
 
 
 def eigenvector_activations_on_tokens(
-    model: Any, tokens: Int[Tensor, "batch pos"], layer_eig: LayerEigen, k: Optional[int] = None
+    model: HookedModel, tokens: Int[Tensor, "batch pos"], layer_eig: LayerEigen, k: Optional[int] = None
 ) -> Float[Tensor, "batch pos k"]:
     """``lambda_i (v_i . x)^2`` at every token (``x`` = the layer's MLP input, via hooks).
 
@@ -118,7 +109,7 @@ def eigenvector_activations_on_tokens(
 
 @torch.no_grad()
 def rank_k_correlation_on_tokens(
-    model: Any, tokens: Int[Tensor, "batch pos"], layer_eig: LayerEigen, ks: Sequence[int] = (1, 2, 4, 8)
+    model: HookedModel, tokens: Int[Tensor, "batch pos"], layer_eig: LayerEigen, ks: Sequence[int] = (1, 2, 4, 8)
 ) -> dict[int, float]:
     """Pearson correlation over all tokens of ``tokens`` between ``u . MLP(x)`` (the true
     output, computed from the MLP on the hooked input) and ``sum_{i<k} lambda_i (v_i . x)^2``
@@ -148,7 +139,7 @@ class EigenvectorTokens:
 
 
 @torch.no_grad()
-def normalized_embeddings(model: Any, layer: int = 0) -> Float[Tensor, "d_vocab d_model"]:
+def normalized_embeddings(model: HookedModel, layer: int = 0) -> Float[Tensor, "d_vocab d_model"]:
     """Token embeddings as the layer's MLP sees them when attention is ignored:
     ``ln2(W_E[t] (+ W_pos mean))`` -- the direct path from the embedding, exact for a
     token attending only to itself in layer 0 up to the attention output."""
@@ -158,7 +149,7 @@ def normalized_embeddings(model: Any, layer: int = 0) -> Float[Tensor, "d_vocab 
     return model.blocks[layer].ln2(emb)
 
 
-def readable_token_mask(model: Any) -> Tensor:
+def readable_token_mask(model: HookedModel) -> Tensor:
     """``[d_vocab]`` bool: tokens that decode to printable text. Byte-level BPE keeps pieces
     of multi-byte characters (decoding to U+FFFD) and control bytes that a plain-English
     corpus never uses; their embeddings stay near their random init and would otherwise
@@ -172,7 +163,7 @@ def readable_token_mask(model: Any) -> Tensor:
 
 @torch.no_grad()
 def top_tokens_for_eigenvectors(
-    model: Any,
+    model: HookedModel,
     layer_eig: LayerEigen,
     n_vectors: int = 5,
     n_tokens: int = 10,

@@ -34,6 +34,7 @@ from jaxtyping import Float, Int, UInt8
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from bilinear_lens.activations.capture import capture_activations
 from bilinear_lens.activations.region_counts import RegionCounts
 from bilinear_lens.activations.spline_codes import (
     Layers,
@@ -43,10 +44,10 @@ from bilinear_lens.activations.spline_codes import (
     pairwise_hamming,
     region_ids,
     residual_codes,
-    run_capturing,
 )
 from bilinear_lens.data.synthetic import word_class
 from bilinear_lens.distributed import all_gather_int64, current_ranks
+from bilinear_lens.models.protocol import HookedModel
 
 ArrayLike = Union[np.ndarray, Tensor]
 
@@ -275,7 +276,7 @@ class ActivationSample:
 
 @torch.no_grad()
 def track_regions(
-    model: Any,
+    model: HookedModel,
     batches: Iterable[Int[Tensor, "batch pos"]],
     layers: Layers = 0,
     factors: Optional[Sequence[str]] = None,
@@ -313,7 +314,7 @@ def track_regions(
         if not ranks.owns(i):
             continue
         tokens = tokens.to(device)
-        _, cache = model.run_with_cache(tokens, names_filter=names)
+        cache = capture_activations(model, tokens, names)
         token_ids = _numpy(tokens).reshape(-1).astype(np.int64)
         keep = np.flatnonzero(~np.isin(token_ids, ignore))
         codes = codes_from_activations(cache, layout).numpy().reshape(token_ids.size, -1)[keep]
@@ -456,7 +457,7 @@ def code_path_profile(
 
 
 def residual_path_profile(
-    model: Any,
+    model: HookedModel,
     layer: int,
     start: Float[Tensor, "d_model"],
     end: Float[Tensor, "d_model"],
@@ -472,7 +473,7 @@ def residual_path_profile(
 
 @torch.no_grad()
 def embedding_path_profile(
-    model: Any,
+    model: HookedModel,
     tokens: Int[Tensor, "pos"],
     position: int,
     token_a: int,
@@ -492,7 +493,7 @@ def embedding_path_profile(
     layout = code_layout(model, layers, factors)
     endpoints = tokens.repeat(2, 1)
     endpoints[0, position], endpoints[1, position] = token_a, token_b
-    embeds = run_capturing(model, endpoints, ["hook_embed"])["hook_embed"][:, position]
+    embeds = capture_activations(model, endpoints, ["hook_embed"])["hook_embed"][:, position]
     t, points = interpolate(embeds[0], embeds[1], n_steps)
     codes = []
     for start in range(0, points.shape[0], batch_size):
@@ -504,7 +505,7 @@ def embedding_path_profile(
             return value
 
         batch = tokens.repeat(chunk.shape[0], 1)
-        acts = run_capturing(model, batch, layout.hook_names, [("hook_embed", substitute)])
+        acts = capture_activations(model, batch, layout.hook_names, [("hook_embed", substitute)])
         codes.append(codes_from_activations({k: v[:, position] for k, v in acts.items()}, layout))
     return path_profile(t, points, torch.cat(codes), layout.n_units)
 

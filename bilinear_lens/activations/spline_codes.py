@@ -40,32 +40,31 @@ on a ``TransformerBridge``). For the model's own ``hook_resid_mid`` this is the 
 code. :func:`basis_codes` gives the alternative "sign pattern in a chosen basis",
 ``r @ basis > 0``.
 
-Functions taking a ``model`` only use ``cfg``, ``hook_dict``, ``run_with_cache`` and
-``run_with_hooks``, so they accept a :class:`~bilinear_lens.models.model.BilinearTransformer`
+Functions taking a ``model`` only use ``cfg``, ``hook_dict`` and ``run_with_hooks``
+(:class:`~bilinear_lens.models.protocol.HookedModel`), so they accept a :class:`~bilinear_lens.models.model.BilinearTransformer`
 or its ``TransformerBridge`` (:func:`bilinear_lens.models.bridge.to_bridge`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from jaxtyping import Bool, Float, Int, UInt8
 from torch import Tensor
 
-from bilinear_lens.models.hook_names import check_hook_names
+from transformer_lens.utilities import get_act_name
+
+from bilinear_lens.activations.capture import capture_activations
+from bilinear_lens.models.hook_names import check_hook_names, check_layer, mlp_hook_name
+from bilinear_lens.models.mlp_kinds import MLP_KINDS, model_mlp_kind
 from bilinear_lens.activations.row_threads import for_row_blocks
+from bilinear_lens.models.protocol import HookedModel
 
 BIT_ORDER = "little"
 CODE_FACTORS = ("pre", "pre_linear", "post")
-DEFAULT_FACTORS: dict[str, tuple[str, ...]] = {
-    "relu": ("pre",),
-    "gelu": ("pre",),
-    "swiglu": ("pre",),
-    "bilinear": ("pre", "pre_linear"),
-}
 # Rows per chunk when packing: keeps the float block and its bool mask in L2 cache.
 _PACK_CHUNK_ROWS = 256
 # Work per thread below which pack_signs (rows x units) and region_ids (rows x 8-byte
@@ -282,46 +281,34 @@ class CodeLayout:
 
 
 def default_factors(mlp_kind: str) -> tuple[str, ...]:
-    """The hooks whose signs define a region for ``mlp_kind`` (see the module docstring)."""
-    if mlp_kind in DEFAULT_FACTORS:
-        return DEFAULT_FACTORS[mlp_kind]
-    if mlp_kind == "linear":
+    """The hooks whose signs define a region for ``mlp_kind`` (see the module docstring;
+    the factors live in :data:`~bilinear_lens.models.mlp_kinds.MLP_KINDS`)."""
+    if mlp_kind not in MLP_KINDS:
+        raise ValueError(f"mlp_kind={mlp_kind!r} has no MLP units to make spline codes from")
+    factors = MLP_KINDS[mlp_kind].code_factors
+    if not factors:  # linear: affine everywhere
         raise ValueError(
             "a linear MLP is affine everywhere, so it has a single region; "
             "pass factors=('pre',) to get its sign pattern anyway"
         )
-    raise ValueError(f"mlp_kind={mlp_kind!r} has no MLP units to make spline codes from")
+    return factors
 
 
-def mlp_kind(model: Any) -> str:
-    """The MLP kind of a model or of its ``TransformerBridge`` (whose config keeps it as
-    ``bilinear_lens_mlp_kind``)."""
-    cfg = model.cfg
-    kind = getattr(cfg, "mlp_kind", None) or getattr(cfg, "bilinear_lens_mlp_kind", None)
-    if kind is None:
-        raise ValueError(f"{type(model).__name__} has no bilinear-lens MLP kind in its config")
-    return str(kind)
-
-
-def _as_layer_list(model: Any, layers: Layers) -> list[int]:
+def _as_layer_list(model: HookedModel, layers: Layers) -> list[int]:
     layer_list = [layers] if isinstance(layers, int) else list(layers)
     if not layer_list:
         raise ValueError("layers is empty")
-    n_layers = model.cfg.n_layers
-    for layer in layer_list:
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
-            raise ValueError(f"layer {layer!r} is out of range: the model has layers 0..{n_layers - 1}")
-    return layer_list
+    return [check_layer(model, layer) for layer in layer_list]
 
 
-def code_layout(model: Any, layers: Layers = 0, factors: Optional[Sequence[str]] = None) -> CodeLayout:
+def code_layout(model: HookedModel, layers: Layers = 0, factors: Optional[Sequence[str]] = None) -> CodeLayout:
     """Layout of the spline code of ``layers`` (layer-major, then ``factors`` in order)."""
-    cfg, kind = model.cfg, mlp_kind(model)
+    cfg, kind = model.cfg, model_mlp_kind(model)
     chosen = tuple(factors) if factors is not None else default_factors(kind)
     unknown = [f for f in chosen if f not in CODE_FACTORS]
     if unknown or not chosen:
         raise ValueError(f"factors must be a non-empty subset of {CODE_FACTORS}, got {chosen!r}")
-    names = [f"blocks.{layer}.mlp.hook_{factor}" for layer in _as_layer_list(model, layers) for factor in chosen]
+    names = [mlp_hook_name(layer, factor) for layer in _as_layer_list(model, layers) for factor in chosen]
     check_hook_names(model.hook_dict, names, where=f"{type(model).__name__} (mlp_kind={kind!r})")
     return CodeLayout.from_hooks([(name, cfg.d_mlp) for name in names])
 
@@ -338,44 +325,19 @@ def codes_from_activations(
 
 @torch.no_grad()
 def spline_codes(
-    model: Any,
+    model: HookedModel,
     tokens: Int[Tensor, "batch pos"],
     layers: Layers = 0,
     factors: Optional[Sequence[str]] = None,
 ) -> UInt8[Tensor, "batch pos n_bytes"]:
     """Spline codes of every token at ``layers`` (layout: :func:`code_layout`)."""
     layout = code_layout(model, layers, factors)
-    _, cache = model.run_with_cache(tokens, names_filter=layout.hook_names)
-    return codes_from_activations(cache, layout)
-
-
-def run_capturing(
-    model: Any,
-    tokens: Int[Tensor, "batch pos"],
-    names: Sequence[str],
-    fwd_hooks: Sequence[tuple[str, Callable[..., Any]]] = (),
-) -> dict[str, Tensor]:
-    """Run ``model`` with ``fwd_hooks`` and return the activations at ``names``.
-
-    Keyed by the requested names (a bridge reports aliases such as ``hook_pre`` under
-    the name of the hook they point to).
-    """
-    captured: dict[str, Tensor] = {}
-
-    def capture(name: str) -> Callable[..., None]:
-        def hook(value: Tensor, hook: Any) -> None:
-            captured[name] = value.detach()
-
-        return hook
-
-    with torch.no_grad():
-        model.run_with_hooks(tokens, fwd_hooks=[*fwd_hooks, *[(n, capture(n)) for n in names]])
-    return captured
+    return codes_from_activations(capture_activations(model, tokens, layout.hook_names), layout)
 
 
 @torch.no_grad()
 def residual_codes(
-    model: Any,
+    model: HookedModel,
     layer: int,
     resid: Float[Tensor, "... d_model"],
     factors: Optional[Sequence[str]] = None,
@@ -399,7 +361,8 @@ def residual_codes(
             return chunk[:, None, :].to(value.dtype)
 
         dummy = torch.zeros(chunk.shape[0], 1, dtype=torch.long, device=chunk.device)
-        acts = run_capturing(model, dummy, layout.hook_names, [(f"blocks.{layer}.hook_resid_mid", substitute)])
+        resid_mid = get_act_name("resid_mid", layer)
+        acts = capture_activations(model, dummy, layout.hook_names, [(resid_mid, substitute)])
         parts.append(codes_from_activations(acts, layout)[:, 0])
     packed = torch.cat(parts) if parts else torch.zeros(0, layout.n_bytes, dtype=torch.uint8)
     return packed.reshape(*resid.shape[:-1], layout.n_bytes)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -31,11 +30,14 @@ from bilinear_lens.commands.common import (
     add_device_args,
     add_direction_arguments,
     load_model_with_tokenizer,
+    read_documents,
     place_model,
     require_positive,
     resolve_direction_arguments,
 )
+from bilinear_lens.models.hook_names import mlp_hook_name
 from bilinear_lens.models.hook_names import UnknownHookError
+from bilinear_lens.models.protocol import HookedModel
 
 
 
@@ -98,17 +100,10 @@ def _read_texts(text_file: Optional[str], n_texts: int, seed: int) -> list[str]:
         from bilinear_lens.data.synthetic import synthetic_stories
 
         return synthetic_stories(n_texts, seed=seed)
-    path = Path(text_file)
-    if not path.is_file():
-        raise UsageError(f"text file not found: {text_file}")
-    documents = [doc.strip() for doc in path.read_text(encoding="utf-8").split("\n\n")]
-    documents = [doc for doc in documents if doc]
-    if not documents:
-        raise UsageError(f"text file {text_file} has no non-empty documents")
-    return documents[:n_texts]
+    return read_documents(text_file, n_texts)
 
 
-def _pack_tokens(model: Any, texts: list[str], seq_len: int) -> torch.Tensor:
+def _pack_tokens(model: HookedModel, texts: list[str], seq_len: int) -> torch.Tensor:
     """``[n_rows, seq_len]``: BOS + document tokens, concatenated and cut (the tail dropped)."""
     tokenizer = model.tokenizer
     seq_len = min(seq_len, model.cfg.n_ctx)
@@ -128,7 +123,7 @@ def _report(args: argparse.Namespace, tokens: torch.Tensor, table: NeuronTable, 
     return {
         "checkpoint": str(args.checkpoint),
         "layer": args.layer,
-        "hook": f"blocks.{args.layer}.mlp.{args.hook}",
+        "hook": mlp_hook_name(args.layer, args.hook),
         "method": args.method,
         "n_neurons": len(table),
         "tokens": list(tokens.shape),

@@ -16,12 +16,19 @@ import argparse
 import json
 import math
 import sys
-from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
-from bilinear_lens.commands.common import UsageError, add_device_args, load_model_with_tokenizer, place_model, require_positive
+from bilinear_lens.commands.common import (
+    UsageError,
+    add_device_args,
+    load_model_with_tokenizer,
+    place_model,
+    read_text_file,
+    require_positive,
+)
+from bilinear_lens.models.hook_names import mlp_hook_name
 from bilinear_lens.activations.polytope import (
     compare_purity,
     decode_context,
@@ -31,6 +38,7 @@ from bilinear_lens.activations.polytope import (
     word_class_labels,
 )
 from bilinear_lens.activations.spline_codes import CODE_FACTORS, code_layout
+from bilinear_lens.models.protocol import HookedModel
 
 LABEL_KINDS = ("word-class", "token", "none")
 
@@ -59,21 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _read_token_ids(model: Any, path: str, max_tokens: int) -> list[int]:
-    file = Path(path)
-    if not file.is_file():
-        raise UsageError(f"text file not found: {path}")
-    try:
-        text = file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise UsageError(f"text file {path} is not UTF-8: {err}") from err
-    ids = model.tokenizer.encode(text, add_special_tokens=False)[:max_tokens]
+def _read_token_ids(model: HookedModel, path: str, max_tokens: int) -> list[int]:
+    ids = model.tokenizer.encode(read_text_file(path), add_special_tokens=False)[:max_tokens]
     if not ids:
         raise UsageError(f"text file {path} has no tokens")
     return ids
 
 
-def _token_labels(model: Any, kind: str) -> tuple[Optional[np.ndarray], list[str]]:
+def _token_labels(model: HookedModel, kind: str) -> tuple[Optional[np.ndarray], list[str]]:
     if kind == "word-class":
         return word_class_labels(model.tokenizer, model.cfg.d_vocab)
     if kind == "token":
@@ -96,7 +97,7 @@ def analyse(args: argparse.Namespace) -> dict[str, Any]:
     special = {i for i in (tok.bos_token_id, tok.pad_token_id) if i is not None}
     blocks = token_blocks(ids, model.cfg.n_ctx, tok.bos_token_id, tok.pad_token_id or 0)
     labels, label_names = _token_labels(model, args.labels)
-    sample_hook = f"blocks.{args.layer[0]}.mlp.hook_in"
+    sample_hook = mlp_hook_name(args.layer[0], "hook_in")
     tracker, sample = track_regions(
         model,
         blocks.split(args.batch_size),

@@ -19,6 +19,7 @@ from bilinear_lens.commands.common import (
     add_device_args,
     add_direction_arguments,
     place_model,
+    read_documents,
     require_positive,
     resolve_direction_arguments,
     resolve_input_token_arguments,
@@ -38,18 +39,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-eigenvectors", type=int, default=4)
     add_device_args(p)
     return p
-
-
-def _read_texts(text_file: Optional[str], n_texts: int) -> Optional[list[str]]:
-    if not text_file:
-        return None
-    path = Path(text_file)
-    if not path.is_file():
-        raise UsageError(f"text file not found: {path}")
-    texts = [t.strip() for t in path.read_text().split("\n\n") if t.strip()][:n_texts]
-    if not texts:
-        raise UsageError(f"text file {path} holds no text")
-    return texts
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -72,7 +61,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             args.out,
             layer=args.layer,
             tokens=tokens or None,
-            texts=_read_texts(args.text_file, args.n_texts),
+            texts=read_documents(args.text_file, args.n_texts) if args.text_file else None,
             logit_diff=next((s for s in specs if isinstance(s, tuple)), None),
             input_tokens=resolve_input_token_arguments(args, model),
             n_eigenvectors=args.n_eigenvectors,

@@ -49,12 +49,11 @@ from transformer_lens.model_bridge.generalized_components import (
 from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
 
 from bilinear_lens.models.config import ModelConfig
+from bilinear_lens.models.mlp_kinds import mlp_kind_spec
 from bilinear_lens.models.model import BilinearTransformer
 
 ARCHITECTURE_NAME = "BilinearLensTransformer"
 
-# TransformerLens act_fn names for each MLP kind (read by the bridge's processed-weight path).
-_ACT_FN = {"bilinear": "identity", "swiglu": "silu", "relu": "relu", "gelu": "gelu", "linear": "identity"}
 
 
 class BilinearMLPBridge(GatedMLPBridge):
@@ -75,7 +74,8 @@ class BilinearMLPBridge(GatedMLPBridge):
         W_out, b_out = self._processed_projection("out")
         pre = self.gate.hook_out(torch.nn.functional.linear(x, W_gate, b_gate))
         pre_linear = getattr(self, "in").hook_out(torch.nn.functional.linear(x, W_in, b_in))
-        post = self.out.hook_in(pre * pre_linear)
+        # The elementwise step of our module (the identity activation times the linear half).
+        post = self.out.hook_in(self.original_component.post_from_pre(pre, pre_linear))
         return self.hook_out(self.out.hook_out(torch.nn.functional.linear(post, W_out, b_out)))
 
 
@@ -93,9 +93,9 @@ def _norm_bridge(name: str, cfg: Any) -> GeneralizedComponent:
 
 
 def _mlp_bridge(cfg: Any) -> GeneralizedComponent:
-    kind = cfg.bilinear_lens_mlp_kind
-    if kind in ("bilinear", "swiglu"):
-        cls = BilinearMLPBridge if kind == "bilinear" else GatedMLPBridge
+    spec = mlp_kind_spec(cfg.bilinear_lens_mlp_kind)
+    if spec.gated:
+        cls = BilinearMLPBridge if spec.is_bilinear else GatedMLPBridge
         return cls(
             name="mlp",
             config=cfg,
@@ -117,7 +117,7 @@ class BilinearLensArchitectureAdapter(ArchitectureAdapter):
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
-        self.cfg.gated_mlp = cfg.bilinear_lens_mlp_kind in ("bilinear", "swiglu")
+        self.cfg.gated_mlp = not cfg.attn_only and mlp_kind_spec(cfg.bilinear_lens_mlp_kind).gated
         self.cfg.uses_rms_norm = cfg.normalization_type in ("RMS", "RMSPre")
         # Q/K/V/O are nn.Linear [out, in]; TransformerLens' W_Q etc. index [head, d_model, d_head].
         self.weight_processing_conversions = {**self._qkvo_weight_conversions(include_biases=True)}
@@ -185,7 +185,8 @@ def bridge_config(cfg: ModelConfig, default_prepend_bos: bool = True) -> Transfo
         n_heads=cfg.n_heads,
         d_vocab=cfg.d_vocab,
         d_mlp=cfg.d_mlp,
-        act_fn=_ACT_FN.get(cfg.mlp_kind, "identity"),
+        # TransformerLens act_fn names are the table's (read by the processed-weight path).
+        act_fn="identity" if cfg.attn_only else mlp_kind_spec(cfg.mlp_kind).activation,
         normalization_type=cfg.normalization_type,
         positional_embedding_type=cfg.positional_embedding_type,
         rotary_base=int(cfg.rotary_base),

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-MLP_KIND_NAMES = ("bilinear", "swiglu", "relu", "gelu", "linear", "none")
+from bilinear_lens.models.mlp_kinds import ATTN_ONLY, MLP_KIND_NAMES, MLP_KINDS, mlp_kind_spec
+
 # TransformerLens' names for the norm families ("Pre" = no learned scale, as in the paper);
 # None = no norm at all (the paper's 1-layer TinyStories models). TOML has no null, so a
 # recipe says "none", which the config stores as None.
@@ -115,15 +116,15 @@ class ModelConfig:
 
     @property
     def attn_only(self) -> bool:
-        return self.mlp_kind == "none"
+        return self.mlp_kind == ATTN_ONLY
 
     @property
     def gated(self) -> bool:
-        return self.mlp_kind in ("bilinear", "swiglu")
+        return not self.attn_only and mlp_kind_spec(self.mlp_kind).gated
 
     def mlp_params_per_layer(self) -> int:
         """Weights in one MLP (biases excluded): 3 matrices if gated, 2 if plain, 0 if none."""
-        n_mats = 0 if self.attn_only else (3 if self.gated else 2)
+        n_mats = 0 if self.attn_only else mlp_kind_spec(self.mlp_kind).n_matrices
         assert self.d_mlp is not None
         return n_mats * self.d_model * self.d_mlp
 
@@ -131,8 +132,10 @@ class ModelConfig:
         """A copy with ``mlp_kind`` changed and ``d_mlp`` rescaled so the MLP has (about)
         the same parameter count as this config's MLP (gated <-> plain: x 3/2 or x 2/3)."""
         target = self.mlp_params_per_layer()
-        n_mats = 3 if mlp_kind in ("bilinear", "swiglu") else 2
-        d_mlp = self.d_mlp if mlp_kind == "none" else max(1, round(target / (n_mats * self.d_model)))
+        if mlp_kind not in MLP_KINDS:  # "none" keeps d_mlp; an unknown kind fails validation
+            return self.replace(mlp_kind=mlp_kind)
+        n_mats = mlp_kind_spec(mlp_kind).n_matrices
+        d_mlp = max(1, round(target / (n_mats * self.d_model)))
         return self.replace(mlp_kind=mlp_kind, d_mlp=d_mlp)
 
     def replace(self, **changes: Any) -> "ModelConfig":

@@ -30,13 +30,15 @@ For the bilinear MLP ``act`` is the identity, so
 
 from __future__ import annotations
 
-from typing import Callable, Optional, cast
+from typing import Callable, Mapping, Optional, cast
 
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
+
+from bilinear_lens.models.mlp_kinds import mlp_kind_spec
 
 Activation = Callable[[Tensor], Tensor]
 
@@ -55,71 +57,111 @@ def _activation(name: str) -> Optional[Activation]:
     return ACTIVATIONS[name]
 
 
+def _weight_view(slot: str) -> property:
+    """``W`` of the ``nn.Linear`` in ``slot`` in TransformerLens orientation
+    (``weight.T``: ``[in_features, out_features]``, a view, no copy)."""
+    # ``in`` is a Python keyword, so every slot is read by name.
+    return property(lambda self: cast(nn.Linear, getattr(self, slot)).weight.T, doc=f"``{slot}.weight.T``")
+
+
+def _bias_view(slot: str) -> property:
+    """The bias of the ``nn.Linear`` in ``slot`` (``None`` without one)."""
+    return property(lambda self: cast(nn.Linear, getattr(self, slot)).bias, doc=f"``{slot}.bias``")
+
+
 class _WeightViews:
     """TransformerLens-orientation views of the ``nn.Linear`` weights (no copies)."""
 
-    @property
-    def W_in(self) -> Float[Tensor, "d_model d_mlp"]:
-        return cast(nn.Linear, getattr(self, "in")).weight.T
-
-    @property
-    def b_in(self) -> Optional[Float[Tensor, "d_mlp"]]:
-        return cast(nn.Linear, getattr(self, "in")).bias
-
-    @property
-    def W_out(self) -> Float[Tensor, "d_mlp d_model"]:
-        return cast(nn.Linear, getattr(self, "out")).weight.T
-
-    @property
-    def b_out(self) -> Optional[Float[Tensor, "d_model"]]:
-        return cast(nn.Linear, getattr(self, "out")).bias
+    W_in = _weight_view("in")  # [d_model, d_mlp]
+    b_in = _bias_view("in")  # [d_mlp] or None
+    W_out = _weight_view("out")  # [d_mlp, d_model]
+    b_out = _bias_view("out")  # [d_model] or None
 
 
-class GatedMLP(_WeightViews, nn.Module):
-    """``out = W_out^T (act(W_gate^T x + b_gate) * (W_in^T x + b_in)) + b_out``.
+class _MLPBase(_WeightViews, nn.Module):
+    """What every MLP kind shares: the layout (``[gate,] in, out`` and their hook points)
+    and the part of the forward pass after the pre-activations, used by ``forward`` and by
+    callers that resume a forward pass inside the MLP (ablation sweeps:
+    :meth:`~bilinear_lens.models.model.TransformerBlock.forward_from_mlp`).
 
-    ``act="silu"`` is SwiGLU; ``act="identity"`` is the bilinear MLP (see :class:`BilinearMLP`).
+    ``pre_hooks`` names the hook points :meth:`post_from_pre` reads, in argument order.
     """
 
-    gated = True
+    gated: bool
+    pre_hooks: tuple[str, ...]
+    post_from_pre: Callable[..., Tensor]
 
-    def __init__(self, d_model: int, d_mlp: int, act: str = "silu", bias: bool = False):
+    def __init__(self, d_model: int, d_mlp: int, act: str, bias: bool):
         super().__init__()
         self.d_model, self.d_mlp, self.act_name = d_model, d_mlp, act
         self.act = _activation(act)
-        self.gate = nn.Linear(d_model, d_mlp, bias=bias)
+        if self.gated:  # registered first: init_weights draws in module order
+            self.gate = nn.Linear(d_model, d_mlp, bias=bias)
         # ``in`` is a Python keyword: register it by name (TransformerLens' native model
         # and GatedMLPBridge address the slot the same way).
         self.add_module("in", nn.Linear(d_model, d_mlp, bias=bias))
         self.out = nn.Linear(d_mlp, d_model, bias=bias)
         self.hook_in = HookPoint()  # [batch, pos, d_model]
         self.hook_pre = HookPoint()  # [batch, pos, d_mlp]
-        self.hook_pre_linear = HookPoint()  # [batch, pos, d_mlp]
+        if self.gated:
+            self.hook_pre_linear = HookPoint()  # [batch, pos, d_mlp]
         self.hook_post = HookPoint()  # [batch, pos, d_mlp]
         self.hook_out = HookPoint()  # [batch, pos, d_model]
 
-    @property
-    def W_gate(self) -> Float[Tensor, "d_model d_mlp"]:
-        return self.gate.weight.T
+    def forward_from_pre(self, *pre: Float[Tensor, "... d_mlp"]) -> Float[Tensor, "... d_model"]:
+        """From the values at ``pre_hooks`` on: ``hook_post``, ``out``, ``hook_out``."""
+        return self.forward_from_post(self.hook_post(self.post_from_pre(*pre)))
 
-    @property
-    def b_gate(self) -> Optional[Float[Tensor, "d_mlp"]]:
-        return self.gate.bias
+    def forward_from_post(self, post: Float[Tensor, "... d_mlp"]) -> Float[Tensor, "... d_model"]:
+        """From the value at ``hook_post`` on: ``out``, ``hook_out``."""
+        return self.hook_out(self.out(post))
+
+    def resume_inputs(self, hook: str) -> tuple[str, ...]:
+        """The hook points whose values :meth:`forward_after` needs to resume after ``hook``:
+        ``hook_post`` itself, or every pre-activation (``post`` is recomputed from them)."""
+        if hook == "hook_post":
+            return ("hook_post",)
+        if hook in self.pre_hooks:
+            return self.pre_hooks
+        allowed = ("hook_post", *self.pre_hooks)
+        raise ValueError(f"{type(self).__name__} cannot resume after {hook!r}; allowed: {allowed}")
+
+    def forward_after(self, hook: str, acts: Mapping[str, Tensor]) -> Float[Tensor, "... d_model"]:
+        """The MLP output when the forward pass resumes right after hook point ``hook``,
+        given the values ``acts`` at :meth:`resume_inputs` (``hook`` has fired on them)."""
+        names = self.resume_inputs(hook)
+        if hook == "hook_post":
+            return self.forward_from_post(acts["hook_post"])
+        return self.forward_from_pre(*(acts[name] for name in names))
+
+
+class GatedMLP(_MLPBase):
+    """``out = W_out^T (act(W_gate^T x + b_gate) * (W_in^T x + b_in)) + b_out``.
+
+    ``act="silu"`` is SwiGLU; ``act="identity"`` is the bilinear MLP (see :class:`BilinearMLP`).
+    """
+
+    gated = True
+    pre_hooks = ("hook_pre", "hook_pre_linear")
+
+    def __init__(self, d_model: int, d_mlp: int, act: str = "silu", bias: bool = False):
+        super().__init__(d_model, d_mlp, act, bias)
+
+    W_gate = _weight_view("gate")  # [d_model, d_mlp]
+    b_gate = _bias_view("gate")  # [d_mlp] or None
 
     def post_from_pre(
         self, pre: Float[Tensor, "... d_mlp"], pre_linear: Float[Tensor, "... d_mlp"]
     ) -> Float[Tensor, "... d_mlp"]:
         """``act(pre) * pre_linear``: the elementwise step between ``hook_pre``/``hook_pre_linear``
-        and ``hook_post`` (no hooks run), shared by :meth:`forward` and ablation sweeps that
-        restart inside the MLP."""
+        and ``hook_post`` (no hooks run)."""
         return (pre if self.act is None else self.act(pre)) * pre_linear
 
     def forward(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
         x = self.hook_in(x)
         pre = self.hook_pre(self.gate(x))
         pre_linear = self.hook_pre_linear(getattr(self, "in")(x))
-        post = self.hook_post(self.post_from_pre(pre, pre_linear))
-        return self.hook_out(self.out(post))
+        return self.forward_from_pre(pre, pre_linear)
 
 
 class BilinearMLP(GatedMLP):
@@ -135,46 +177,31 @@ class BilinearMLP(GatedMLP):
         super().__init__(d_model, d_mlp, act="identity", bias=bias)
 
 
-class MLP(_WeightViews, nn.Module):
+class MLP(_MLPBase):
     """``out = W_out^T act(W_in^T x + b_in) + b_out`` (``act`` relu, gelu, or identity)."""
 
     gated = False
+    pre_hooks = ("hook_pre",)
 
     def __init__(self, d_model: int, d_mlp: int, act: str = "relu", bias: bool = False):
-        super().__init__()
-        self.d_model, self.d_mlp, self.act_name = d_model, d_mlp, act
-        self.act = _activation(act)
-        self.add_module("in", nn.Linear(d_model, d_mlp, bias=bias))
-        self.out = nn.Linear(d_mlp, d_model, bias=bias)
-        self.hook_in = HookPoint()  # [batch, pos, d_model]
-        self.hook_pre = HookPoint()  # [batch, pos, d_mlp]
-        self.hook_post = HookPoint()  # [batch, pos, d_mlp]
-        self.hook_out = HookPoint()  # [batch, pos, d_model]
+        super().__init__(d_model, d_mlp, act, bias)
 
     def post_from_pre(self, pre: Float[Tensor, "... d_mlp"]) -> Float[Tensor, "... d_mlp"]:
         """``act(pre)``: the elementwise step between ``hook_pre`` and ``hook_post`` (no hooks
-        run), shared by :meth:`forward` and ablation sweeps that restart inside the MLP."""
+        run)."""
         return pre if self.act is None else self.act(pre)
 
     def forward(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
         x = self.hook_in(x)
         pre = self.hook_pre(getattr(self, "in")(x))
-        post = self.hook_post(self.post_from_pre(pre))
-        return self.hook_out(self.out(post))
-
-
-# mlp kind (config value) -> constructor. "none" (attention-only) has no MLP.
-MLP_KINDS: dict[str, Callable[[int, int, bool], nn.Module]] = {
-    "bilinear": lambda d_model, d_mlp, bias: BilinearMLP(d_model, d_mlp, bias=bias),
-    "swiglu": lambda d_model, d_mlp, bias: GatedMLP(d_model, d_mlp, act="silu", bias=bias),
-    "relu": lambda d_model, d_mlp, bias: MLP(d_model, d_mlp, act="relu", bias=bias),
-    "gelu": lambda d_model, d_mlp, bias: MLP(d_model, d_mlp, act="gelu", bias=bias),
-    "linear": lambda d_model, d_mlp, bias: MLP(d_model, d_mlp, act="identity", bias=bias),
-}
+        return self.forward_from_pre(pre)
 
 
 def make_mlp(kind: str, d_model: int, d_mlp: int, bias: bool = False) -> nn.Module:
-    """Build the MLP of ``kind`` (one of :data:`MLP_KINDS`)."""
-    if kind not in MLP_KINDS:
-        raise ValueError(f"mlp_kind={kind!r} is not an MLP kind; allowed: {sorted(MLP_KINDS)}")
-    return MLP_KINDS[kind](d_model, d_mlp, bias)
+    """Build the MLP of ``kind`` (a key of :data:`~bilinear_lens.models.mlp_kinds.MLP_KINDS`,
+    whose row says whether it is gated and which activation it applies)."""
+    spec = mlp_kind_spec(kind)
+    if spec.is_bilinear:
+        return BilinearMLP(d_model, d_mlp, bias=bias)
+    cls = GatedMLP if spec.gated else MLP
+    return cls(d_model, d_mlp, act=spec.activation, bias=bias)

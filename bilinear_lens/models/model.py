@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -269,9 +269,28 @@ class TransformerBlock(nn.Module):
         resid = resid + self.hook_attn_out(attn_out)
         if hasattr(self, "mlp"):
             resid = self.hook_resid_mid(resid)
-            resid = resid + self.hook_mlp_out(self.mlp(self.ln2(resid)))
+            resid = self._add_mlp_out(resid, self.mlp(self.ln2(resid)))
         # Tuple return: the HF/TransformerBridge block convention.
         return (self.hook_resid_post(resid),)
+
+    def _add_mlp_out(
+        self, resid_mid: Float[Tensor, "batch pos d_model"], mlp_out: Float[Tensor, "batch pos d_model"]
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """``resid_mid + hook_mlp_out(mlp_out)``: the block's step after its MLP."""
+        return resid_mid + self.hook_mlp_out(mlp_out)
+
+    def forward_from_mlp(
+        self, resid_mid: Float[Tensor, "batch pos d_model"], hook: str, mlp_acts: Mapping[str, Tensor]
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """The block's output (``hook_resid_post``), resumed inside its MLP right after the
+        MLP hook point ``hook`` fired.
+
+        ``resid_mid`` is the value of ``hook_resid_mid`` and ``mlp_acts`` holds the MLP
+        activations ``mlp.forward_after`` needs (``mlp.resume_inputs(hook)``); only the hook
+        points after ``hook`` run. With the values a full forward pass had there, the result
+        equals that pass's ``hook_resid_post`` exactly: ablation sweeps restart copies here.
+        """
+        return self.hook_resid_post(self._add_mlp_out(resid_mid, self.mlp.forward_after(hook, mlp_acts)))
 
 
 class BilinearTransformer(StackedWeightViews, HookedRootModule):
@@ -691,8 +710,9 @@ def next_token_loss(
 ) -> Tensor:
     """Cross-entropy of predicting ``tokens[:, 1:]`` from ``logits[:, :-1]`` (mean, or
     ``[batch, pos-1]``). With ``attention_mask`` (1 = real token) the mean runs over
-    predictions of real tokens from real tokens; per-token values at padding are 0."""
-    log_probs = logits[:, :-1].float().log_softmax(-1)
+    predictions of real tokens from real tokens; per-token values at padding are 0. Computed in
+    float32, or float64 for float64 logits."""
+    log_probs = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
     nll = -log_probs.gather(-1, tokens[:, 1:, None]).squeeze(-1)
     if attention_mask is None:
         return nll if per_token else nll.mean()

@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 
-def _as_array(x: Any, name: str) -> np.ndarray:
+def as_array(x: Any, name: str) -> np.ndarray:
     """float64 numpy copy of a tensor / array / list."""
     if isinstance(x, Tensor):
         return x.detach().to("cpu", torch.float64).numpy()
@@ -53,7 +53,7 @@ def _as_array(x: Any, name: str) -> np.ndarray:
 
 
 def _vector(x: Any, name: str) -> np.ndarray:
-    arr = _as_array(x, name)
+    arr = as_array(x, name)
     if arr.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(arr.shape)}")
     if arr.size == 0:
@@ -154,7 +154,7 @@ def plot_interaction_heatmap(
     ``col_labels`` defaults to ``row_labels`` (a square sub-matrix such as the
     sentiment / negation block). ``annotate`` writes each value in its cell.
     """
-    mat = _as_array(matrix, "matrix")
+    mat = as_array(matrix, "matrix")
     if mat.ndim != 2:
         raise ValueError(f"matrix must be 2-D [n_rows, n_cols], got shape {tuple(mat.shape)}")
     rows = [str(r) for r in row_labels]
@@ -199,7 +199,7 @@ def plot_rank_k_scatter(
 ) -> Figure:
     """Scatter of rank-``k`` approximated outputs against the true outputs (same shape,
     flattened to ``n`` points), with the ``y = x`` line and Pearson ``r`` in the title."""
-    t, a = _as_array(true, "true").reshape(-1), _as_array(approx, "approx").reshape(-1)
+    t, a = as_array(true, "true").reshape(-1), as_array(approx, "approx").reshape(-1)
     if t.shape != a.shape:
         raise ValueError(f"true has {t.size} values but approx has {a.size}; they must match")
     if t.size == 0:
@@ -265,7 +265,7 @@ def plot_ablation_effects(
     labels default to ``"L{layer}.{i}"``). Largest effect on top; red for increases of
     the loss (the component helped), blue for decreases.
     """
-    arr = _as_array(deltas, "deltas")
+    arr = as_array(deltas, "deltas")
     if arr.ndim == 2 and labels is None:
         labels = [f"L{l}.{i}" for l in range(arr.shape[0]) for i in range(arr.shape[1])]
     elif arr.ndim not in (1, 2):

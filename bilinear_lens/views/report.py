@@ -21,19 +21,38 @@ from disk with no network. ``write_report`` writes it atomically.
 from __future__ import annotations
 
 import html
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import torch
+from jaxtyping import Int
+from torch import Tensor
 
+from bilinear_lens.activations.ablation import ablation_sweep
+from bilinear_lens.activations.eigen_readings import (
+    eigenvector_activations_on_tokens,
+    layer_eigendecomposition,
+    normalized_embeddings,
+    rank_k_correlation_on_tokens,
+    top_tokens_for_eigenvectors,
+)
+from bilinear_lens.activations.polytope import embedding_path_profile
+from bilinear_lens.data.synthetic import synthetic_stories
 from bilinear_lens.models.checkpoint import atomic_write_text
-from bilinear_lens.weights.directions import token_id
+from bilinear_lens.models.hook_names import check_layer
+from bilinear_lens.models.mlp_kinds import ATTN_ONLY, mlp_kind_spec
+from bilinear_lens.models.protocol import HookedModel
+from bilinear_lens.views import plots, viz
+from bilinear_lens.weights.directions import logit_diff_direction, token_id
+from bilinear_lens.weights.eigen import low_rank_error
+from bilinear_lens.weights.tensor import interaction
 
 DEFAULT_OUTPUT_TOKENS = (" happy", " sad")
 DEFAULT_INPUT_TOKENS = (" not", " happy", " sad", " very", " was", " never", " good", " bad")
 
 
-def _default_tokens(model: Any, candidates: Sequence[str]) -> list[int]:
+def _default_tokens(model: HookedModel, candidates: Sequence[str]) -> list[int]:
     """Ids of the *default* candidates that are one token of this vocabulary (a default that
     a tokenizer splits is skipped; tokens the caller names are never skipped: see
     :func:`_given_tokens`)."""
@@ -46,7 +65,7 @@ def _default_tokens(model: Any, candidates: Sequence[str]) -> list[int]:
     return list(dict.fromkeys(ids))
 
 
-def _given_tokens(model: Any, tokens: Sequence[Union[str, int]], what: str) -> list[int]:
+def _given_tokens(model: HookedModel, tokens: Sequence[Union[str, int]], what: str) -> list[int]:
     """Ids of caller-named tokens, each exactly one token (else a ValueError naming it)."""
     ids = []
     for t in tokens:
@@ -57,7 +76,7 @@ def _given_tokens(model: Any, tokens: Sequence[Union[str, int]], what: str) -> l
     return list(dict.fromkeys(ids))
 
 
-def _name(model: Any, tok: int) -> str:
+def _name(model: HookedModel, tok: int) -> str:
     return model.tokenizer.decode([tok]) if getattr(model, "tokenizer", None) is not None else str(tok)
 
 
@@ -67,7 +86,7 @@ def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
     return f'<table class="bl-table"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
-def _sample_tokens(model: Any, texts: Sequence[str], max_len: int) -> list[torch.Tensor]:
+def _sample_tokens(model: HookedModel, texts: Sequence[str], max_len: int) -> list[torch.Tensor]:
     out = []
     for text in texts:
         toks = model.to_tokens(text)[0][:max_len]
@@ -85,9 +104,145 @@ def _equal_rows(tokens: Sequence[torch.Tensor], length: int) -> torch.Tensor:
     return flat[: n * length].reshape(n, length) if flat.numel() >= length else flat[None]
 
 
+@dataclass(frozen=True)
+class _Sample:
+    """The sample texts as the sections use them."""
+
+    tokens: list[Tensor]  # one [pos] tensor per text (cut to n_ctx)
+    rows: Int[Tensor, "n_rows pos"]  # unpadded equal-length rows, for losses and correlations
+    str_tokens: list[list[str]]
+
+
+def _sample(model: HookedModel, texts: Optional[Sequence[str]]) -> _Sample:
+    if texts is None:
+        texts = synthetic_stories(8, seed=1)
+    samples = _sample_tokens(model, texts, max_len=model.cfg.n_ctx)
+    rows = _equal_rows(samples, min(model.cfg.n_ctx, 32))
+    str_tokens = [[_name(model, int(t)) for t in s] for s in samples]
+    return _Sample(samples, rows, str_tokens)
+
+
+def _output_tokens(
+    model: HookedModel, tokens: Optional[Sequence[Union[str, int]]], sample: _Sample, has_features: bool
+) -> list[int]:
+    """The caller's output tokens (each must be one token), else the defaults that are one
+    token here, else (no default is, and no feature is asked for) the sample's two most
+    frequent tokens."""
+    if tokens is not None:
+        return _given_tokens(model, tokens, "output token")
+    out_ids = _default_tokens(model, DEFAULT_OUTPUT_TOKENS)
+    if not out_ids and not has_features:
+        counts = torch.bincount(torch.cat(sample.tokens), minlength=model.cfg.d_vocab)
+        out_ids = counts.topk(2).indices.tolist()
+    return out_ids
+
+
+def _model_sections(model: HookedModel, layer: int, sample: _Sample) -> list[Any]:
+    config_rows = [(k, v) for k, v in model.cfg.to_dict().items()]
+    return [
+        "<h2>Model</h2>" + _table(config_rows, ("field", "value")),
+        f"<h2>Attention patterns, layer {layer}</h2>",
+        viz.attention_view(model, sample.tokens[0][None], layer),
+    ]
+
+
+def _eigen_sections(model: HookedModel, layer: int, name: str, spec: Any, sample: _Sample, n_eigenvectors: int) -> list[Any]:
+    """Spectrum, poles, activations on the sample and rank-k check of ``Q(u)`` for the output
+    direction ``spec`` (a token id or a ``FeatureDirection``) called ``name``."""
+    le = layer_eigendecomposition(model, layer, spec)
+    errs = ", ".join(f"k={k}: {float(low_rank_error(le.eig, k)):.3f}" for k in (1, 2, 4, 8) if k <= le.eig.k)
+    tops = top_tokens_for_eigenvectors(model, le, n_vectors=n_eigenvectors, n_tokens=8)
+    poles = _table(
+        [(t.index, f"{t.eigenvalue:+.3g}", " ".join(map(repr, t.positive_tokens)), " ".join(map(repr, t.negative_tokens)))
+         for t in tops],
+        ("eigenvector", "lambda", "+ pole (v . e largest)", "- pole (v . e smallest)"),
+    )
+    acts = [eigenvector_activations_on_tokens(model, s[None], le, n_eigenvectors)[0].numpy() for s in sample.tokens]
+    labels = [f"λ{i}={v:+.3g}" for i, v in enumerate(le.eigenvalues[:n_eigenvectors].tolist())]
+    corr = rank_k_correlation_on_tokens(model, sample.rows, le, ks=[k for k in (1, 2, 4, 8, 16) if k <= le.eig.k])
+    return [
+        f"<h2>Output {html.escape(name)}: eigendecomposition of Q(u), layer {layer}</h2>",
+        f"<p>Fraction of ||Q||<sub>F</sub> missed by the rank-k approximation: {errs}</p>",
+        plots.plot_eigenvalue_spectrum(le.eigenvalues.numpy(), title=f"Q(u) spectrum for {name}", top=32),
+        "<h3>Input tokens at the poles of the top eigenvectors</h3>" + poles,
+        "<h3>Eigenvector activations λ(v·x)² on sample texts</h3>",
+        viz.eigenvector_top_tokens_view(acts, sample.str_tokens, labels=labels),
+        viz.token_activations_view(sample.str_tokens, acts, labels=labels),
+        plots.plot_rank_k_curve(list(corr), list(corr.values()), title=f"rank-k vs true u·MLP(x), {name}"),
+    ]
+
+
+def _interaction_sections(
+    model: HookedModel,
+    layer: int,
+    pair: Optional[tuple[Union[str, int], Union[str, int]]],
+    input_tokens: Optional[Sequence[Union[str, int]]],
+) -> list[Any]:
+    """The interaction sub-matrix between input tokens for the logit difference ``pair``."""
+    in_ids = (_default_tokens(model, DEFAULT_INPUT_TOKENS) if input_tokens is None
+              else _given_tokens(model, input_tokens, "input token"))
+    if pair is None or len(in_ids) < 2:
+        return []
+    a, b = token_id(model, pair[0]), token_id(model, pair[1])
+    F = normalized_embeddings(model, layer)[in_ids]
+    sub = interaction(model.blocks[layer].mlp, logit_diff_direction(model, a, b), F, F)
+    labels = [_name(model, i) for i in in_ids]
+    return [
+        f"<h2>Interactions for logit[{_name(model, a)!r}] − logit[{_name(model, b)!r}]</h2>",
+        "<p>Entry (i, j) is f<sub>i</sub><sup>T</sup> Q(u) f<sub>j</sub> for normalised input-token "
+        "embeddings: the diagonal is a token's own effect, off-diagonal entries how two tokens "
+        "present together push the logit difference (e.g. negation flipping sentiment).</p>",
+        plots.plot_interaction_heatmap(sub.numpy(), labels, labels, title="f_i^T Q(u) f_j"),
+    ]
+
+
+def _ablation_sections(model: HookedModel, layer: int, sample: _Sample, top: int) -> list[Any]:
+    table = ablation_sweep(model, sample.rows, layer, progress=False)
+    return [
+        f"<h2>Single-neuron zero ablation, layer {layer} (hook_post)</h2>",
+        f"<p>Clean loss {table.baseline['loss']:.4f} on {sample.rows.numel()} tokens.</p>",
+        plots.plot_ablation_effects(table.columns["delta_loss"].numpy(), top=top, title="Δ loss when zeroing one neuron"),
+    ]
+
+
+def _polytope_sections(model: HookedModel, layer: int, sample: _Sample, token_a: int, token_b: int) -> list[Any]:
+    prompt = sample.tokens[0]
+    profile = embedding_path_profile(model, prompt, len(prompt) - 1, token_a, token_b, layers=layer, n_steps=128)
+    return [
+        f"<h2>Polytope boundaries along an embedding path, layer {layer}</h2><p>The last token of the first sample "
+        f"walks from {_name(model, token_a)!r} to {_name(model, token_b)!r}: "
+        f"{profile.n_flips} unit flips over distance {profile.length:.3f} "
+        f"({profile.flips_per_unit_distance:.1f} per unit).</p>",
+        plots.plot_boundary_density(profile.t, profile.changes, title="code changes along the path"),
+    ]
+
+
+def _mlp_sections(model: HookedModel, layer: int, sample: _Sample, out_ids: list[int], options: dict[str, Any]) -> list[Any]:
+    """Every section about layer ``layer``'s MLP, as far as its kind allows."""
+    kind = model.cfg.mlp_kind
+    if kind == ATTN_ONLY:
+        return []
+    spec = mlp_kind_spec(kind)
+    sections: list[Any] = []
+    if spec.is_bilinear and not model.cfg.mlp_bias:
+        directions = [(repr(_name(model, tok)), tok) for tok in out_ids] + [(f.label, f) for f in options["features"]]
+        for name, direction in directions:
+            sections += _eigen_sections(model, layer, name, direction, sample, options["n_eigenvectors"])
+        pair = options["logit_diff"]
+        if pair is None and len(out_ids) >= 2:
+            pair = (out_ids[0], out_ids[1])
+        sections += _interaction_sections(model, layer, pair, options["input_tokens"])
+    else:
+        sections.append(f"<p>Layer {layer} has a {kind!r} MLP: no interaction matrices (bilinear MLPs only).</p>")
+    sections += _ablation_sections(model, layer, sample, options["ablation_top"])
+    if spec.code_factors and len(out_ids) >= 2:  # a kind with spline-code units
+        sections += _polytope_sections(model, layer, sample, out_ids[0], out_ids[1])
+    return sections
+
+
 @torch.no_grad()
 def build_report(
-    model: Any,
+    model: HookedModel,
     layer: int = 0,
     tokens: Optional[Sequence[Union[str, int]]] = None,
     texts: Optional[Sequence[str]] = None,
@@ -103,112 +258,17 @@ def build_report(
     ``input_tokens`` must each be one token (by default, common sentiment words that are);
     ``features`` (:class:`~bilinear_lens.weights.directions.FeatureDirection`) add an
     eigendecomposition section per SAE feature, as output tokens do."""
-    from bilinear_lens.views import plots, viz
-    from bilinear_lens.activations.ablation import ablation_sweep
-    from bilinear_lens.weights.directions import logit_diff_direction
-    from bilinear_lens.weights.eigen import low_rank_error
-    from bilinear_lens.activations.eigen_readings import (
-        eigenvector_activations_on_tokens,
-        layer_eigendecomposition,
-        normalized_embeddings,
-        rank_k_correlation_on_tokens,
-        top_tokens_for_eigenvectors,
-    )
-    from bilinear_lens.weights.tensor import interaction
-
-    cfg = model.cfg
     if getattr(model, "tokenizer", None) is None:
         raise ValueError("the report needs a model with a tokenizer (to show tokens)")
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < cfg.n_layers:
-        raise ValueError(f"layer {layer!r} is out of range: the model has {cfg.n_layers} layers")
+    check_layer(model, layer)
     for name, value in (("n_eigenvectors", n_eigenvectors), ("ablation_top", ablation_top)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    if texts is None:
-        from bilinear_lens.data.synthetic import synthetic_stories
-
-        texts = synthetic_stories(8, seed=1)
-    samples = _sample_tokens(model, texts, max_len=cfg.n_ctx)
-    rows = _equal_rows(samples, min(cfg.n_ctx, 32))  # unpadded rows, for losses and correlations
-    str_tokens = [[_name(model, int(t)) for t in s] for s in samples]
-    out_ids = _default_tokens(model, DEFAULT_OUTPUT_TOKENS) if tokens is None else _given_tokens(model, tokens, "output token")
-    if not out_ids and tokens is None and not features:  # no default is one token here: the sample's two most frequent
-        counts = torch.bincount(torch.cat(samples), minlength=cfg.d_vocab)
-        out_ids = counts.topk(2).indices.tolist()
-
-    sections: list[Any] = []
-    config_rows = [(k, v) for k, v in cfg.to_dict().items()]
-    sections.append("<h2>Model</h2>" + _table(config_rows, ("field", "value")))
-    sections.append(f"<h2>Attention patterns, layer {layer}</h2>")
-    sections.append(viz.attention_view(model, samples[0][None], layer))
-
-    is_bilinear = cfg.mlp_kind == "bilinear" and not cfg.mlp_bias
-    if is_bilinear:
-        directions = [(repr(_name(model, tok)), tok) for tok in out_ids] + [(f.label, f) for f in features]
-        for name, spec in directions:
-            le = layer_eigendecomposition(model, layer, spec)
-            errs = ", ".join(f"k={k}: {float(low_rank_error(le.eig, k)):.3f}" for k in (1, 2, 4, 8) if k <= le.eig.k)
-            sections.append(f"<h2>Output {html.escape(name)}: eigendecomposition of Q(u), layer {layer}</h2>")
-            sections.append(f"<p>Fraction of ||Q||<sub>F</sub> missed by the rank-k approximation: {errs}</p>")
-            sections.append(plots.plot_eigenvalue_spectrum(le.eigenvalues.numpy(), title=f"Q(u) spectrum for {name}", top=32))
-            tops = top_tokens_for_eigenvectors(model, le, n_vectors=n_eigenvectors, n_tokens=8)
-            sections.append(
-                "<h3>Input tokens at the poles of the top eigenvectors</h3>"
-                + _table(
-                    [(t.index, f"{t.eigenvalue:+.3g}", " ".join(map(repr, t.positive_tokens)), " ".join(map(repr, t.negative_tokens)))
-                     for t in tops],
-                    ("eigenvector", "lambda", "+ pole (v . e largest)", "- pole (v . e smallest)"),
-                )
-            )
-            acts = [eigenvector_activations_on_tokens(model, s[None], le, n_eigenvectors)[0].numpy() for s in samples]
-            lambdas = le.eigenvalues[:n_eigenvectors].numpy()
-            sections.append("<h3>Eigenvector activations λ(v·x)² on sample texts</h3>")
-            labels = [f"λ{i}={v:+.3g}" for i, v in enumerate(lambdas.tolist())]
-            sections.append(viz.eigenvector_top_tokens_view(acts, str_tokens, labels=labels))
-            sections.append(viz.token_activations_view(str_tokens, acts, labels=labels))
-            ks = [k for k in (1, 2, 4, 8, 16) if k <= le.eig.k]
-            corr = rank_k_correlation_on_tokens(model, rows, le, ks=ks)
-            sections.append(plots.plot_rank_k_curve(list(corr), list(corr.values()), title=f"rank-k vs true u·MLP(x), {name}"))
-
-        pair = logit_diff if logit_diff is not None else (tuple(out_ids[:2]) if len(out_ids) >= 2 else None)
-        in_ids = (_default_tokens(model, DEFAULT_INPUT_TOKENS) if input_tokens is None
-                  else _given_tokens(model, input_tokens, "input token"))
-        if pair is not None and len(in_ids) >= 2:
-            a, b = token_id(model, pair[0]), token_id(model, pair[1])
-            u = logit_diff_direction(model, a, b)
-            F = normalized_embeddings(model, layer)[in_ids]
-            sub = interaction(model.blocks[layer].mlp, u, F, F)
-            labels = [_name(model, i) for i in in_ids]
-            sections.append(f"<h2>Interactions for logit[{_name(model, a)!r}] − logit[{_name(model, b)!r}]</h2>")
-            sections.append(
-                "<p>Entry (i, j) is f<sub>i</sub><sup>T</sup> Q(u) f<sub>j</sub> for normalised input-token "
-                "embeddings: the diagonal is a token's own effect, off-diagonal entries how two tokens "
-                "present together push the logit difference (e.g. negation flipping sentiment).</p>"
-            )
-            sections.append(plots.plot_interaction_heatmap(sub.numpy(), labels, labels, title="f_i^T Q(u) f_j"))
-    elif cfg.mlp_kind != "none":
-        sections.append(f"<p>Layer {layer} has a {cfg.mlp_kind!r} MLP: no interaction matrices (bilinear MLPs only).</p>")
-
-    if cfg.mlp_kind != "none":
-        table = ablation_sweep(model, rows, layer, progress=False)
-        deltas = table.columns["delta_loss"]
-        sections.append(f"<h2>Single-neuron zero ablation, layer {layer} (hook_post)</h2>")
-        sections.append(f"<p>Clean loss {table.baseline['loss']:.4f} on {rows.numel()} tokens.</p>")
-        sections.append(plots.plot_ablation_effects(deltas.numpy(), top=ablation_top, title="Δ loss when zeroing one neuron"))
-
-    if cfg.mlp_kind not in ("none", "linear") and len(out_ids) >= 2:
-        from bilinear_lens.activations.polytope import embedding_path_profile
-
-        prompt = samples[0]
-        profile = embedding_path_profile(model, prompt, len(prompt) - 1, out_ids[0], out_ids[1], layers=layer, n_steps=128)
-        sections.append(
-            f"<h2>Polytope boundaries along an embedding path, layer {layer}</h2><p>The last token of the first sample "
-            f"walks from {_name(model, out_ids[0])!r} to {_name(model, out_ids[1])!r}: "
-            f"{profile.n_flips} unit flips over distance {profile.length:.3f} "
-            f"({profile.flips_per_unit_distance:.1f} per unit).</p>"
-        )
-        sections.append(plots.plot_boundary_density(profile.t, profile.changes, title="code changes along the path"))
-
+    sample = _sample(model, texts)
+    out_ids = _output_tokens(model, tokens, sample, has_features=bool(features))
+    options = dict(n_eigenvectors=n_eigenvectors, logit_diff=logit_diff, input_tokens=input_tokens,
+                   ablation_top=ablation_top, features=list(features))
+    sections = _model_sections(model, layer, sample) + _mlp_sections(model, layer, sample, out_ids, options)
     style = (
         "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}"
         ".bl-table{border-collapse:collapse}.bl-table td,.bl-table th{border:1px solid #ccc;padding:2px 6px}</style>"
@@ -217,7 +277,7 @@ def build_report(
     return page.replace("</head>", style + "\n</head>", 1)
 
 
-def write_report(model: Any, path: Union[str, Path], **kwargs: Any) -> Path:
+def write_report(model: HookedModel, path: Union[str, Path], **kwargs: Any) -> Path:
     """Build the report and write it to ``path`` atomically (temp file + rename)."""
     page = build_report(model, **kwargs)
     return atomic_write_text(path, page)  # mode follows the umask, like an ordinary file

@@ -33,9 +33,13 @@ from circuitsvis.attention import attention_heads, attention_patterns
 from circuitsvis.tokens import colored_tokens
 from circuitsvis.topk_tokens import topk_tokens
 from circuitsvis.utils.render import RenderedHTML
+from jaxtyping import Float
 from torch import Tensor
+from transformer_lens.utilities import get_act_name
 
-from bilinear_lens.views.plots import _as_array  # one converter for views and figures
+from bilinear_lens.activations.capture import capture_activations
+from bilinear_lens.models.hook_names import check_layer
+from bilinear_lens.views.plots import as_array  # one converter for views and figures
 
 ArrayLike = Union[Tensor, np.ndarray, Sequence[float], Sequence[Sequence[float]]]
 
@@ -75,7 +79,7 @@ def _is_many_texts(str_tokens: Any) -> bool:
 
 def _per_token_matrix(acts: Any, n_tokens: int, name: str) -> np.ndarray:
     """``[pos]`` or ``[pos, n]`` activations -> ``[pos, n]``, rows checked against the tokens."""
-    arr = _as_array(acts, name)
+    arr = as_array(acts, name)
     if arr.ndim == 1:
         arr = arr[:, None]
     if arr.ndim != 2:
@@ -89,7 +93,7 @@ def _per_token_matrix(acts: Any, n_tokens: int, name: str) -> np.ndarray:
 
 def eigenvalue_labels(eigenvalues: ArrayLike, precision: int = 2) -> list[str]:
     """``["λ0=+1.23", "λ1=-0.98", ...]``: one label per eigenvalue, in the given order."""
-    vals = _as_array(eigenvalues, "eigenvalues").reshape(-1)
+    vals = as_array(eigenvalues, "eigenvalues").reshape(-1)
     return [f"λ{i}={v:+.{precision}f}" for i, v in enumerate(vals)]
 
 
@@ -140,6 +144,29 @@ def eigenvector_top_tokens_view(
         pool_texts: with several texts, prepend an ``"all texts"`` sample whose top-k
             runs over every token of every text (circuitsvis' top-k is per sample).
     """
+    if max_k < 1:
+        raise ValueError(f"max_k must be >= 1, got {max_k}")
+    toks, mats = _texts_and_matrices(activations, str_tokens)
+    names = _component_labels(mats[0].shape[1], labels, eigenvalues, "v")
+    samples = list(sample_labels) if sample_labels is not None else [f"text {i}" for i in range(len(toks))]
+    if len(samples) != len(toks):
+        raise ValueError(f"got {len(samples)} sample_labels for {len(toks)} texts")
+    if pool_texts and len(toks) > 1:
+        toks = [[tok for t in toks for tok in t], *toks]
+        mats = [np.concatenate(mats, axis=0), *mats]
+        samples = ["all texts", *samples]
+    return topk_tokens(
+        tokens=[_escape_tokens(t) for t in toks],
+        max_k=max_k,
+        sample_labels=samples,
+        **_topk_layout(mats, names, layout),
+    )
+
+
+def _texts_and_matrices(
+    activations: Union[Sequence[ArrayLike], Tensor], str_tokens: Sequence[Sequence[str]]
+) -> tuple[list[list[str]], list[np.ndarray]]:
+    """Checked ``[n_texts][pos]`` tokens and one ``[pos, n]`` matrix per text (same ``n``)."""
     if isinstance(activations, (Tensor, np.ndarray)):
         if activations.ndim != 3:
             raise ValueError(f"activations as one tensor must be [n_texts, pos, n_eigvecs], got shape {tuple(activations.shape)}")
@@ -148,23 +175,16 @@ def eigenvector_top_tokens_view(
         raise TypeError("str_tokens must be a list of token lists ([n_texts][pos]); wrap a single text in a list")
     if len(activations) != len(str_tokens):
         raise ValueError(f"got activations for {len(activations)} texts but str_tokens for {len(str_tokens)} texts")
-    if max_k < 1:
-        raise ValueError(f"max_k must be >= 1, got {max_k}")
     toks = [_check_str_tokens(t, f"str_tokens[{i}]") for i, t in enumerate(str_tokens)]
     mats = [_per_token_matrix(a, len(t), f"activations[{i}]") for i, (a, t) in enumerate(zip(activations, toks))]
     widths = {m.shape[1] for m in mats}
     if len(widths) != 1:
         raise ValueError(f"every text needs the same number of eigenvectors (last dim), got {sorted(widths)}")
-    n = widths.pop()
-    names = _component_labels(n, labels, eigenvalues, "v")
-    samples = list(sample_labels) if sample_labels is not None else [f"text {i}" for i in range(len(toks))]
-    if len(samples) != len(toks):
-        raise ValueError(f"got {len(samples)} sample_labels for {len(toks)} texts")
-    if pool_texts and len(toks) > 1:
-        toks = [[tok for t in toks for tok in t], *toks]
-        mats = [np.concatenate(mats, axis=0), *mats]
-        samples = ["all texts", *samples]
+    return toks, mats
 
+
+def _topk_layout(mats: list[np.ndarray], names: list[str], layout: str) -> dict[str, Any]:
+    """``topk_tokens`` arguments placing the eigenvectors of ``mats [pos, n]`` per ``layout``."""
     if layout == "dropdown":  # [n_eigvecs, pos, 1]: eigenvectors are the labelled first dim
         per_sample = [m.T[:, :, None].astype(np.float32) for m in mats]
         first_name, first_labels, third_name = "Eigenvector", names, "Column"
@@ -173,13 +193,10 @@ def eigenvector_top_tokens_view(
         first_name, first_labels, third_name = "Eigenvectors", [", ".join(names)], "Eigenvector"
     else:
         raise ValueError(f"layout must be 'dropdown' or 'columns', got {layout!r}")
-    return topk_tokens(
-        tokens=[_escape_tokens(t) for t in toks],
+    return dict(
         activations=per_sample,
-        max_k=max_k,
         first_dimension_name=first_name,
         third_dimension_name=third_name,
-        sample_labels=samples,
         first_dimension_labels=first_labels,
     )
 
@@ -217,7 +234,7 @@ def token_activations_view(
     arrays = []
     for i, (a, t) in enumerate(zip(acts, toks)):
         name = f"activations[{i}]" if many else "activations"
-        arr = _as_array(a, name)
+        arr = as_array(a, name)
         if arr.ndim in (1, 2):
             arr = _per_token_matrix(arr, len(t), name)[:, None, :]  # [pos, 1 layer, n]
         elif arr.ndim == 3:
@@ -257,7 +274,7 @@ def colored_tokens_view(
     By default the colour scale is symmetric, ``±max|values|``, so 0 is white.
     """
     toks = _check_str_tokens(str_tokens, "str_tokens")
-    vals = _as_array(values, "values")
+    vals = as_array(values, "values")
     if vals.ndim != 1:
         raise ValueError(f"values must be [pos] (one scalar per token), got shape {tuple(vals.shape)}")
     if vals.shape[0] != len(toks):
@@ -276,14 +293,10 @@ def colored_tokens_view(
 
 def _pattern_from(source: Any, layer: int, tokens: Any) -> Tensor:
     """``[batch, head, q, k]`` or ``[head, q, k]`` pattern from a model, cache or tensor."""
-    name = f"blocks.{layer}.attn.hook_pattern"
+    name = get_act_name("pattern", layer)
     if hasattr(source, "run_with_cache"):  # a model (BilinearTransformer or TransformerBridge)
-        n_layers = getattr(getattr(source, "cfg", None), "n_layers", None)
-        if n_layers is not None and not 0 <= layer < n_layers:
-            raise ValueError(f"layer {layer} is out of range: the model has {n_layers} layers")
-        with torch.no_grad():
-            _, cache = source.run_with_cache(tokens, names_filter=name)
-        return cache[name]
+        check_layer(source, layer)
+        return capture_activations(source, tokens, [name])[name]
     if isinstance(source, (Tensor, np.ndarray)):
         return torch.as_tensor(source)
     if hasattr(source, "__getitem__"):  # ActivationCache or dict of hook name -> tensor
@@ -292,6 +305,44 @@ def _pattern_from(source: Any, layer: int, tokens: Any) -> Tensor:
         except KeyError as err:
             raise KeyError(f"{name!r} is not in the cache; cache it with names_filter=lambda n: n.endswith('hook_pattern')") from err
     raise TypeError(f"expected a model, an ActivationCache / dict or a pattern tensor, got {type(source).__name__}")
+
+
+def _attention_input(source: Any, tokens: Union[str, Sequence[str], Tensor]) -> tuple[Any, list[str]]:
+    """(what to run the model on, or ``None`` without a model; the str tokens)."""
+    if not hasattr(source, "run_with_cache"):
+        if isinstance(tokens, (str, Tensor)):
+            raise TypeError("without a model, tokens must be the str tokens [pos] (e.g. model.to_str_tokens(text))")
+        return None, _check_str_tokens(tokens, "tokens")
+    if isinstance(tokens, Tensor):
+        ids = tokens if tokens.dim() == 2 else tokens[None]
+        if ids.dim() != 2 or ids.shape[0] != 1:
+            raise ValueError(f"token ids must be [pos] or [1, pos], got shape {tuple(tokens.shape)}")
+        run_input: Any = ids
+    elif isinstance(tokens, str):
+        run_input = tokens
+    else:
+        raise TypeError("with a model, pass the text (str) or its token ids; str tokens need a cache or pattern tensor")
+    return run_input, list(source.to_str_tokens(run_input))
+
+
+def _head_patterns(
+    pattern: Tensor, batch_index: int, heads: Optional[Sequence[int]], n_tokens: int
+) -> tuple[Float[Tensor, "head q k"], list[int]]:
+    """The ``[head, q, k]`` patterns of ``heads`` (default all; of batch row ``batch_index``
+    of a 4-D pattern), checked against the ``n_tokens`` that label the axes, and the head ids."""
+    if pattern.dim() == 4:
+        if not 0 <= batch_index < pattern.shape[0]:
+            raise ValueError(f"batch_index {batch_index} is out of range for a batch of {pattern.shape[0]}")
+        pattern = pattern[batch_index]
+    if pattern.dim() != 3 or pattern.shape[1] != pattern.shape[2]:
+        raise ValueError(f"attention pattern must be [head, q, k] with q == k (or [batch, head, q, k]), got shape {tuple(pattern.shape)}")
+    if pattern.shape[1] != n_tokens:
+        raise ValueError(f"attention pattern covers {pattern.shape[1]} positions but there are {n_tokens} tokens")
+    head_ids = list(range(pattern.shape[0])) if heads is None else list(heads)
+    bad = [h for h in head_ids if not 0 <= h < pattern.shape[0]]
+    if bad:
+        raise ValueError(f"heads {bad} out of range: the layer has {pattern.shape[0]} heads")
+    return pattern[head_ids], head_ids
 
 
 def attention_view(
@@ -317,36 +368,9 @@ def attention_view(
         style: ``"patterns"`` (circuitsvis ``AttentionPatterns``) or ``"heads"``
             (``AttentionHeads``: thumbnails named ``L{layer}H{h}``, causal mask on).
     """
-    if hasattr(source, "run_with_cache"):
-        if isinstance(tokens, Tensor):
-            ids = tokens if tokens.dim() == 2 else tokens[None]
-            if ids.dim() != 2 or ids.shape[0] != 1:
-                raise ValueError(f"token ids must be [pos] or [1, pos], got shape {tuple(tokens.shape)}")
-            run_input: Any = ids
-        elif isinstance(tokens, str):
-            run_input = tokens
-        else:
-            raise TypeError("with a model, pass the text (str) or its token ids; str tokens need a cache or pattern tensor")
-        str_toks = list(source.to_str_tokens(run_input))
-    else:
-        if isinstance(tokens, (str, Tensor)):
-            raise TypeError("without a model, tokens must be the str tokens [pos] (e.g. model.to_str_tokens(text))")
-        str_toks = _check_str_tokens(tokens, "tokens")
-        run_input = None
+    run_input, str_toks = _attention_input(source, tokens)
     pattern = _pattern_from(source, layer, run_input).detach().to("cpu", torch.float32)
-    if pattern.dim() == 4:
-        if not 0 <= batch_index < pattern.shape[0]:
-            raise ValueError(f"batch_index {batch_index} is out of range for a batch of {pattern.shape[0]}")
-        pattern = pattern[batch_index]
-    if pattern.dim() != 3 or pattern.shape[1] != pattern.shape[2]:
-        raise ValueError(f"attention pattern must be [head, q, k] with q == k (or [batch, head, q, k]), got shape {tuple(pattern.shape)}")
-    if pattern.shape[1] != len(str_toks):
-        raise ValueError(f"attention pattern covers {pattern.shape[1]} positions but there are {len(str_toks)} tokens")
-    head_ids = list(range(pattern.shape[0])) if heads is None else list(heads)
-    bad = [h for h in head_ids if not 0 <= h < pattern.shape[0]]
-    if bad:
-        raise ValueError(f"heads {bad} out of range: the layer has {pattern.shape[0]} heads")
-    pattern = pattern[head_ids]
+    pattern, head_ids = _head_patterns(pattern, batch_index, heads, len(str_toks))
     str_toks = _escape_tokens(str_toks)
     if style == "patterns":
         return attention_patterns(tokens=str_toks, attention=pattern)

@@ -37,13 +37,15 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from bilinear_lens.models.protocol import HookedModel
+
 TokenLike = Union[int, str]
 RESIDUAL_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
 FINAL_NORM_HOOK = "ln_final.hook_normalized"
 FEATURE_READS = ("decoder", "encoder")
 
 
-def token_id(model: Any, token: TokenLike) -> int:
+def token_id(model: HookedModel, token: TokenLike) -> int:
     """A token id from an id or a string that is exactly one token (e.g. ``" happy"``)."""
     d_vocab = model.cfg.d_vocab
     if isinstance(token, bool) or not isinstance(token, (int, str)):
@@ -62,14 +64,14 @@ def token_id(model: Any, token: TokenLike) -> int:
     return int(ids[0])
 
 
-def _final_norm_affine(model: Any) -> tuple[Float[Tensor, "d_model"] | None, bool]:
+def _final_norm_affine(model: HookedModel) -> tuple[Float[Tensor, "d_model"] | None, bool]:
     """(learned scale or None, whether the norm centres) of the final norm."""
     kind = model.cfg.normalization_type
     weight = getattr(model.ln_final, "weight", None) if kind in ("RMS", "LN") else None
     return weight, kind in ("LN", "LNPre")
 
 
-def residual_direction_for_logit(model: Any, logit_vector: Float[Tensor, "d_model"]) -> Float[Tensor, "d_model"]:
+def residual_direction_for_logit(model: HookedModel, logit_vector: Float[Tensor, "d_model"]) -> Float[Tensor, "d_model"]:
     """Pull a vector that reads logits from the normalised stream (e.g. an unembedding
     column) back to residual space through the final norm (see module docstring)."""
     weight, centres = _final_norm_affine(model)
@@ -77,13 +79,13 @@ def residual_direction_for_logit(model: Any, logit_vector: Float[Tensor, "d_mode
     return u - u.mean() if centres else u
 
 
-def token_direction(model: Any, token: TokenLike) -> Float[Tensor, "d_model"]:
+def token_direction(model: HookedModel, token: TokenLike) -> Float[Tensor, "d_model"]:
     """Residual direction whose dot product with a layer's output is its direct effect on
     the logit of ``token``: the unembedding column through the final norm."""
     return residual_direction_for_logit(model, model.W_U[:, token_id(model, token)].detach())
 
 
-def token_directions(model: Any, tokens: Sequence[TokenLike] | None = None) -> Float[Tensor, "n d_model"]:
+def token_directions(model: HookedModel, tokens: Sequence[TokenLike] | None = None) -> Float[Tensor, "n d_model"]:
     """:func:`token_direction` for many tokens (all of the vocabulary by default)."""
     W_U = model.W_U.detach()
     cols = W_U if tokens is None else W_U[:, [token_id(model, t) for t in tokens]]
@@ -92,7 +94,7 @@ def token_directions(model: Any, tokens: Sequence[TokenLike] | None = None) -> F
     return U - U.mean(-1, keepdim=True) if centres else U
 
 
-def logit_diff_direction(model: Any, token_a: TokenLike, token_b: TokenLike) -> Float[Tensor, "d_model"]:
+def logit_diff_direction(model: HookedModel, token_a: TokenLike, token_b: TokenLike) -> Float[Tensor, "d_model"]:
     """Direction reading ``logit[a] - logit[b]`` (e.g. ``" happy"`` vs ``" sad"``); the same
     token twice gives the zero vector, which reads nothing: refused."""
     if token_id(model, token_a) == token_id(model, token_b):
@@ -100,7 +102,7 @@ def logit_diff_direction(model: Any, token_a: TokenLike, token_b: TokenLike) -> 
     return token_direction(model, token_a) - token_direction(model, token_b)
 
 
-def vector_direction(model: Any, vector: Tensor) -> Float[Tensor, "d_model"]:
+def vector_direction(model: HookedModel, vector: Tensor) -> Float[Tensor, "d_model"]:
     """An arbitrary residual-space vector, checked for shape and finiteness."""
     if not isinstance(vector, Tensor):
         vector = torch.as_tensor(vector)
@@ -151,7 +153,7 @@ class FeatureDirection:
         return f"feature {self.index} of the SAE on {self.sae.cfg.hook_name}"
 
 
-def sae_feature_direction(model: Any, feature: FeatureDirection) -> Float[Tensor, "d_model"]:
+def sae_feature_direction(model: HookedModel, feature: FeatureDirection) -> Float[Tensor, "d_model"]:
     """The residual direction ``u`` of an SAE feature (see :class:`FeatureDirection`)."""
     cfg = feature.sae.cfg
     if feature.read not in FEATURE_READS:
@@ -175,7 +177,7 @@ def sae_feature_direction(model: Any, feature: FeatureDirection) -> Float[Tensor
 DirectionLike = Union[TokenLike, tuple[TokenLike, TokenLike], Tensor, FeatureDirection]
 
 
-def resolve_direction(model: Any, spec: DirectionLike) -> Float[Tensor, "d_model"]:
+def resolve_direction(model: HookedModel, spec: DirectionLike) -> Float[Tensor, "d_model"]:
     """One entry point: a token (id or string) -> :func:`token_direction`; a pair
     ``(a, b)`` -> :func:`logit_diff_direction`; a tensor -> :func:`vector_direction`; a
     :class:`FeatureDirection` -> :func:`sae_feature_direction`. A zero direction (e.g. the

@@ -20,11 +20,10 @@ from torch import Tensor
 from bilinear_lens.weights.tensor import (
     BilinearWeights,
     MLPLike,
-    _check_directions,
-    _check_vectors,
-    _weights,
     augment_input,
     bilinear_output,
+    check_directions,
+    check_vectors,
     input_factors,
     interaction_matrix,
     iter_interaction_matrices,
@@ -138,8 +137,8 @@ def eigendecompose_directions(
     ``dtype`` (default: the weights'). For many directions with small ``k``,
     :func:`~bilinear_lens.weights.atlas.build_atlas` is several times faster.
     """
-    w = _weights(mlp).to(device, dtype)
-    U = _check_directions(w, U, "U", ndim=2)
+    w = BilinearWeights.from_module(mlp).to(device, dtype)
+    U = check_directions(w, U, "U", ndim=2)
     d = w.d_input(include_bias)
     k = d if k is None else k
     _check_k(k, d)
@@ -156,7 +155,7 @@ def _interaction_matmat(
     w: BilinearWeights, u: Tensor, include_bias: bool
 ) -> Callable[[Float[Tensor, "d m"]], Float[Tensor, "d m"]]:
     """``V -> Q(u) V`` for ``V [d, m]`` from the factors (shared by the matrix-free solvers)."""
-    u = _check_directions(w, u, "u", ndim=1)
+    u = check_directions(w, u, "u", ndim=1)
     L, R = input_factors(w, include_bias)
     c = (w.W_out @ u)[:, None]
     corner = float(u @ w.b_out) if include_bias and w.b_out is not None else 0.0
@@ -177,7 +176,7 @@ def interaction_operator(mlp: MLPLike, u: Float[Tensor, "d_model"], include_bias
     ``R = W_gate`` (bias rows appended with ``include_bias``, plus ``(u . b_out) v_last``
     in the last entry). Memory: the weights plus ``O(d_model + d_mlp)`` per vector.
     """
-    w = _weights(mlp)
+    w = BilinearWeights.from_module(mlp)
     apply_Q = _interaction_matmat(w, u, include_bias)
     d = w.d_input(include_bias)
     np_dtype = torch.empty(0, dtype=w.dtype).numpy().dtype
@@ -230,7 +229,7 @@ def top_eigenvectors(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if which not in WHICH:
         raise ValueError(f"which must be one of {WHICH}, got {which!r}")
-    w = _weights(mlp)
+    w = BilinearWeights.from_module(mlp)
     d = w.d_input(include_bias)
     if not 1 <= k <= d:
         raise ValueError(f"k must be in [1, {d}], got {k}")
@@ -238,12 +237,7 @@ def top_eigenvectors(
     if method == "lanczos" and k >= d - 1:  # ARPACK needs k < d - 1; dense is exact
         method = "dense"
     if method == "dense":
-        values, vectors = torch.linalg.eigh(interaction_matrix(w, u, include_bias))
-        if which == "LA":
-            values, vectors = values[-k:], vectors[:, -k:]
-        elif which == "SA":
-            values, vectors = values[:k], vectors[:, :k]
-        return sort_by_magnitude(values, vectors).top(k)
+        return _dense_top(w, u, k, which, include_bias)
 
     tol = tol if tol > 0 else default_tol(w.dtype)
     apply_Q = _interaction_matmat(w, u, include_bias)
@@ -271,6 +265,16 @@ def _arpack(
         torch.as_tensor(values).to(dtype=w.dtype, device=w.device),
         torch.as_tensor(vectors).to(dtype=w.dtype, device=w.device),
     )
+
+
+def _dense_top(w: BilinearWeights, u: Tensor, k: int, which: str, include_bias: bool) -> Eigendecomposition:
+    """The reference for :func:`top_eigenvectors`: form ``Q(u)``, ``eigh``, keep ``which``."""
+    values, vectors = torch.linalg.eigh(interaction_matrix(w, u, include_bias))
+    if which == "LA":
+        values, vectors = values[-k:], vectors[:, -k:]
+    elif which == "SA":
+        values, vectors = values[:k], vectors[:, :k]
+    return sort_by_magnitude(values, vectors).top(k)
 
 
 def _select(values: Tensor, which: str) -> Tensor:
@@ -372,7 +376,7 @@ def eigenvector_activations(
     """
     eig = eig.top(eig.k if k is None else k)
     d = eig.eigenvectors.shape[-2]
-    _check_vectors(x, d, "x", include_bias=False)
+    check_vectors(x, d, "x", include_bias=False)
     batch = eig.eigenvalues.shape[:-1]
     V = eig.eigenvectors.reshape(-1, d, eig.k)
     projections = torch.einsum("...d,edk->...ek", x.to(V.dtype), V)
@@ -409,8 +413,8 @@ def low_rank_correlation(
     ``eig`` (the decomposition of ``Q(u)`` with at least ``max(k)`` pairs) is computed
     exactly if not given. Returns a scalar for an int ``k``, one value per ``k`` otherwise.
     """
-    w = _weights(mlp)
-    u = _check_directions(w, u, "u", ndim=1)
+    w = BilinearWeights.from_module(mlp)
+    u = check_directions(w, u, "u", ndim=1)
     if x.ndim != 2:
         raise ValueError(f"x must be [n, d_model], got shape {tuple(x.shape)}")
     true = bilinear_output(w, x) @ u

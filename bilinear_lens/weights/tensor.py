@@ -30,6 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterator, NamedTuple, Optional, Union
 
+import einops
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -146,10 +147,6 @@ class BilinearWeights:
 MLPLike = Union[BilinearWeights, Any]
 
 
-def _weights(mlp: MLPLike) -> BilinearWeights:
-    return BilinearWeights.from_module(mlp)
-
-
 def augment_input(x: Float[Tensor, "... d_model"], value: float = 1.0) -> Float[Tensor, "... d_model_plus_1"]:
     """``[x, value]``: append a constant (1 for inputs, 0 for pure directions) to the last dim."""
     return torch.cat([x, x.new_full((*x.shape[:-1], 1), value)], dim=-1)
@@ -163,7 +160,7 @@ def input_factors(
     ``L = W_in``, ``R = W_gate``; with ``include_bias`` each gets its bias as an extra last
     row (zeros where the bias is ``None``), the augmented-input trick.
     """
-    w = _weights(mlp)
+    w = BilinearWeights.from_module(mlp)
     if not include_bias:
         return w.W_in, w.W_gate
 
@@ -174,14 +171,17 @@ def input_factors(
     return with_bias_row(w.W_in, w.b_in), with_bias_row(w.W_gate, w.b_gate)
 
 
-def _check_directions(w: BilinearWeights, U: Tensor, name: str, ndim: int) -> Tensor:
+def check_directions(w: BilinearWeights, U: Tensor, name: str, ndim: int) -> Tensor:
+    """``U`` (one direction ``[d_model]`` for ``ndim=1``, or ``[n_dirs, d_model]``) in the
+    weights' dtype and device; a wrong shape raises ``ValueError`` naming ``name``."""
     if U.ndim != ndim or U.shape[-1] != w.d_out:
         expected = "[d_model]" if ndim == 1 else "[n_dirs, d_model]"
         raise ValueError(f"{name} must be {expected} with d_model={w.d_out}, got shape {tuple(U.shape)}")
     return U.to(dtype=w.dtype, device=w.device)
 
 
-def _check_vectors(x: Tensor, d: int, name: str, include_bias: bool) -> None:
+def check_vectors(x: Tensor, d: int, name: str, include_bias: bool) -> None:
+    """Raise ``ValueError`` unless the last dim of ``x`` is ``d`` (the input dimension)."""
     if x.ndim == 0 or x.shape[-1] != d:
         hint = " (include_bias=True: append a 1 with augment_input)" if include_bias else ""
         raise ValueError(f"{name} last dim must be {d}{hint}, got shape {tuple(x.shape)}")
@@ -192,8 +192,8 @@ def bilinear_output(mlp: MLPLike, x: Float[Tensor, "... d_model"]) -> Float[Tens
 
     Always includes the biases that exist; the reference the quadratic forms reproduce.
     """
-    w = _weights(mlp)
-    _check_vectors(x, w.d_model, "x", include_bias=False)
+    w = BilinearWeights.from_module(mlp)
+    check_vectors(x, w.d_model, "x", include_bias=False)
     x = x.to(dtype=w.dtype, device=w.device)
     left = x @ w.W_in + (0 if w.b_in is None else w.b_in)
     right = x @ w.W_gate + (0 if w.b_gate is None else w.b_gate)
@@ -213,7 +213,7 @@ def bilinear_tensor(
     einsum('aij,i,j', B, x, x)`` either way. With ``include_bias``, ``i, j`` range over the
     augmented input ``[x, 1]`` and ``B[a, -1, -1]`` additionally holds ``b_out[a]``.
     """
-    w = _weights(mlp)
+    w = BilinearWeights.from_module(mlp)
     d = w.d_input(include_bias)
     n_elements = w.d_out * d * d
     if max_elements is not None and n_elements > max_elements:
@@ -237,8 +237,8 @@ def interaction_matrix(
     ``O(d_mlp d_model^2)`` time, ``O(d_mlp d_model)`` extra memory; ``B`` is never built.
     With ``include_bias`` it is ``[d_model + 1, d_model + 1]`` (see module docstring).
     """
-    w = _weights(mlp)
-    u = _check_directions(w, u, "u", ndim=1)
+    w = BilinearWeights.from_module(mlp)
+    u = check_directions(w, u, "u", ndim=1)
     return interaction_matrices(w, u[None], chunk_size=1, include_bias=include_bias)[0]
 
 
@@ -256,7 +256,7 @@ class InteractionChunk(NamedTuple):
 def auto_chunk_size(mlp: MLPLike, include_bias: bool = False, chunk_bytes: int = CHUNK_BYTES) -> int:
     """Directions per chunk so one chunk's working memory (``chunk * d_input * (d_mlp + 2 d_input)``
     elements) stays near ``chunk_bytes`` (at least one direction)."""
-    w = _weights(mlp)
+    w = BilinearWeights.from_module(mlp)
     d = w.d_input(include_bias)
     per_direction = d * (w.d_mlp + 2 * d) * w.W_in.element_size()
     return max(1, chunk_bytes // per_direction)
@@ -275,8 +275,8 @@ def _iter_matrices(
         U_chunk = U[start : start + chunk_size]
         C = U_chunk @ w.W_out.T  # [chunk, d_mlp]: the per-neuron output weights c = W_out u
         # One GEMM for the whole chunk: rows (n, i) of (L * c_n) times R^T.
-        scaled = (L[None, :, :] * C[:, None, :]).reshape(-1, L.shape[1])
-        Q = (scaled @ R.T).reshape(-1, d, d)
+        scaled = einops.rearrange(L[None, :, :] * C[:, None, :], "n i h -> (n i) h")
+        Q = einops.rearrange(scaled @ R.T, "(n i) j -> n i j", i=d)
         del scaled
         if symmetric:
             Q = (Q + Q.mT) / 2
@@ -297,8 +297,8 @@ def iter_interaction_matrices(
     :func:`auto_chunk_size`), so callers can consume (e.g. eigendecompose) every direction of
     a vocabulary without holding all ``n_dirs * d^2`` numbers.
     """
-    w = _weights(mlp)
-    U = _check_directions(w, U, "U", ndim=2)
+    w = BilinearWeights.from_module(mlp)
+    U = check_directions(w, U, "U", ndim=2)
     return _iter_matrices(w, U, chunk_size, include_bias, symmetric=True)
 
 
@@ -313,8 +313,8 @@ def interaction_matrices(
     The result holds all ``n_dirs * d^2`` numbers; to stream instead use
     :func:`iter_interaction_matrices`.
     """
-    w = _weights(mlp)
-    U = _check_directions(w, U, "U", ndim=2)
+    w = BilinearWeights.from_module(mlp)
+    U = check_directions(w, U, "U", ndim=2)
     d = w.d_input(include_bias)
     out = torch.empty(U.shape[0], d, d, dtype=w.dtype, device=w.device)
     for chunk in _iter_matrices(w, U, chunk_size, include_bias, symmetric=True):
@@ -328,7 +328,7 @@ def quadratic_form(
     """``x^T Q x``; the batch dims of ``Q`` and ``x`` broadcast against each other."""
     if Q.ndim < 2 or Q.shape[-1] != Q.shape[-2]:
         raise ValueError(f"Q must be [..., d, d], got shape {tuple(Q.shape)}")
-    _check_vectors(x, Q.shape[-1], "x", include_bias=False)
+    check_vectors(x, Q.shape[-1], "x", include_bias=False)
     return (x[..., None, :] @ Q @ x[..., :, None])[..., 0, 0]
 
 
@@ -348,13 +348,13 @@ def interaction(
     With ``include_bias`` the vectors are augmented (``[x, 1]`` for inputs, ``[f, 0]`` for
     pure directions; see :func:`augment_input`) and the ``b_out`` corner is included.
     """
-    w = _weights(mlp)
-    u = _check_directions(w, u, "u", ndim=1)
+    w = BilinearWeights.from_module(mlp)
+    u = check_directions(w, u, "u", ndim=1)
     d = w.d_input(include_bias)
     for name, f in (("f1", f1), ("f2", f2)):
         if f.ndim not in (1, 2):
             raise ValueError(f"{name} must be [d] or [n, d], got shape {tuple(f.shape)}")
-        _check_vectors(f, d, name, include_bias)
+        check_vectors(f, d, name, include_bias)
     single = f1.ndim == 1 and f2.ndim == 1
     F1 = f1.reshape(-1, d).to(dtype=w.dtype, device=w.device)
     F2 = f2.reshape(-1, d).to(dtype=w.dtype, device=w.device)
@@ -376,6 +376,8 @@ __all__ = [
     "auto_chunk_size",
     "bilinear_output",
     "bilinear_tensor",
+    "check_directions",
+    "check_vectors",
     "input_factors",
     "interaction",
     "interaction_matrices",

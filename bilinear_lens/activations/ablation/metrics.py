@@ -1,0 +1,79 @@
+"""Metrics of a forward pass's logits (TransformerLens-style ``logits -> scalar`` callables)."""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, Optional, Union
+
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from bilinear_lens.models.model import next_token_loss
+from bilinear_lens.models.protocol import HookedModel
+from bilinear_lens.weights.directions import TokenLike, token_id
+
+MetricFn = Callable[[Float[Tensor, "batch pos d_vocab"]], Tensor]
+
+
+def _at_position(logits: Float[Tensor, "batch pos d_vocab"], position: Optional[int]) -> Tensor:
+    return logits if position is None else logits[:, position]
+
+
+def loss_metric(tokens: Int[Tensor, "batch pos"]) -> MetricFn:
+    """Mean next-token cross-entropy of ``tokens``
+    (:func:`~bilinear_lens.models.model.next_token_loss`: float64 for float64 logits, so
+    exactness checks are not limited by float32)."""
+
+    def loss(logits: Float[Tensor, "batch pos d_vocab"]) -> Tensor:
+        return next_token_loss(logits, tokens.to(logits.device))
+
+    return loss
+
+
+def logit_metric(token: int, position: Optional[int] = -1) -> MetricFn:
+    """Mean logit of ``token`` at ``position`` (``-1``: the last; ``None``: every position)."""
+
+    def logit(logits: Float[Tensor, "batch pos d_vocab"]) -> Tensor:
+        return _at_position(logits, position)[..., token].mean()
+
+    return logit
+
+
+def logit_diff_metric(token_a: int, token_b: int, position: Optional[int] = -1) -> MetricFn:
+    """Mean ``logit[token_a] - logit[token_b]`` at ``position`` (as :func:`logit_metric`)."""
+
+    def logit_diff(logits: Float[Tensor, "batch pos d_vocab"]) -> Tensor:
+        at = _at_position(logits, position)
+        return (at[..., token_a] - at[..., token_b]).mean()
+
+    return logit_diff
+
+
+def named_metrics(
+    model: HookedModel,
+    tokens: Tensor,
+    metric: Union[None, MetricFn, Mapping[str, MetricFn]],
+    logit: Optional[TokenLike],
+    logit_diff: Optional[tuple[TokenLike, TokenLike]],
+    position: Optional[int],
+) -> dict[str, MetricFn]:
+    """``loss`` and the metrics asked for, by name (see
+    :func:`~bilinear_lens.activations.ablation.sweep.ablation_sweep`)."""
+    metrics: dict[str, MetricFn] = {"loss": loss_metric(tokens)}
+    if logit is not None:
+        metrics["logit"] = logit_metric(token_id(model, logit), position)
+    if logit_diff is not None:
+        if len(logit_diff) != 2:
+            raise ValueError(f"logit_diff must be a pair of tokens (a, b), got {logit_diff!r}")
+        token_a, token_b = (token_id(model, token) for token in logit_diff)
+        metrics["logit_diff"] = logit_diff_metric(token_a, token_b, position)
+    if metric is not None:
+        extra = dict(metric) if isinstance(metric, Mapping) else {"metric": metric}
+        clash = set(extra) & set(metrics)
+        if clash:
+            raise ValueError(f"metric names {sorted(clash)} clash with the built-in metrics")
+        metrics.update(extra)
+    return metrics
+
+
+def evaluate(metrics: Mapping[str, MetricFn], logits: Tensor) -> dict[str, float]:
+    return {name: float(fn(logits)) for name, fn in metrics.items()}
