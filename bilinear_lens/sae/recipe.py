@@ -19,13 +19,12 @@ initialised as the decoder's transpose, 4096 activations per step (64 blocks of 
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from bilinear_lens.models.config import config_error, is_int
-from bilinear_lens.training.config import DataConfig, TrainConfig, parse_override
+from bilinear_lens.training.config import DataConfig, TrainConfig, parse_override, read_toml, toml_value
 
 DEFAULT_HOOK = "blocks.0.hook_resid_mid"
 SAE_TRAIN_DEFAULTS: dict[str, Any] = {
@@ -108,10 +107,7 @@ def _parse_override(text: str) -> tuple[str, str, Any]:
         return parse_override(text)
     if not eq or not dot or key not in _allowed("sae"):
         raise ValueError(f"override {text!r} must be sae.key=value with key one of {_allowed('sae')}")
-    try:
-        return section, key, tomllib.loads(f"v = {raw.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
-        return section, key, raw.strip()  # bare word: a string
+    return section, key, toml_value(raw.strip())
 
 
 def load_sae_recipe(path: Optional[str | Path], overrides: Optional[list[str]] = None) -> SAERecipe:
@@ -120,13 +116,8 @@ def load_sae_recipe(path: Optional[str | Path], overrides: Optional[list[str]] =
     data: dict[str, Any] = {}
     where = "<defaults>"
     if path is not None:
-        path, where = Path(path), str(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"SAE recipe not found: {path}")
-        try:
-            data = tomllib.loads(path.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"cannot parse SAE recipe {path}: {err}") from None
+        where = str(path)
+        data = read_toml(path, "SAE recipe")
     for text in overrides or []:
         section, key, value = _parse_override(text)
         data.setdefault(section, {})[key] = value

@@ -295,11 +295,28 @@ def parse_override(text: str) -> tuple[str, str, Any]:
         raise ValueError(
             f"override {text!r}: unknown key {key!r} in section [{section}]; allowed keys: {_allowed_keys(section)}"
         )
+    return section, key, toml_value(raw)
+
+
+def toml_value(raw: str) -> Any:
+    """An override's value as TOML reads it (``3``, ``1e-4``, ``true``, ``"x"``); a bare word
+    that is not TOML is the string itself."""
     try:
-        value = tomllib.loads(f"v = {raw}")["v"]
+        return tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
-        value = raw  # bare word: a string
-    return section, key, value
+        return raw
+
+
+def read_toml(path: str | Path, what: str) -> dict[str, Any]:
+    """The tables of the TOML file ``path``; a missing file is ``FileNotFoundError`` and a
+    malformed one ``ValueError``, both naming ``what`` and the path."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    try:
+        return tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"cannot parse {what} {path}: {err}") from err
 
 
 def load_run_config(path: str | Path | None = None, overrides: Optional[list[str]] = None) -> RunConfig:
@@ -310,14 +327,8 @@ def load_run_config(path: str | Path | None = None, overrides: Optional[list[str
     where = "<defaults>"
     data: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
         where = str(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"run config file not found: {path}")
-        try:
-            data = tomllib.loads(path.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"cannot parse run config {path}: {err}") from err
+        data = read_toml(path, "run config")
     if overrides:
         data = {section: dict(table) if isinstance(table, Mapping) else table for section, table in data.items()}
         for text in overrides:
