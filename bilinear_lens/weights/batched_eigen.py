@@ -10,8 +10,8 @@ restarts from the best ``b`` Ritz vectors until every wanted pair satisfies
 so it costs ``s`` products; converged matrices leave the batch). Matrices still
 unconverged after ``max_restarts`` get an exact batched ``eigh`` (counted in
 ``exact_rows``), so every returned pair is converged: no unconverged result is ever
-returned. Below ``d = 8 b`` the whole batch
-gets the exact ``eigh`` (a Krylov basis that small converges too slowly to pay).
+returned. Below ``d = 8 b`` the whole batch gets the exact ``eigh`` (a Krylov basis that
+small converges too slowly to pay).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def _orthonormal_extension(V: Tensor, W: Tensor) -> Tensor:
     return W
 
 
-def _reorthonormalised(X: Float[Tensor, "n d b"], QX: Float[Tensor, "n d b"]) -> tuple[Tensor, Tensor]:
+def _reorthonormalised(X: Float[Tensor, "n d b"], QX: Float[Tensor, "n d b"]) -> tuple[Float[Tensor, "n d b"], Float[Tensor, "n d b"]]:
     """``X R^-1`` and ``Q X R^-1`` with ``R`` the Cholesky factor of ``X^T X``.
 
     The restart block is already orthonormal up to rounding (Ritz vectors ``V Y``), so its
@@ -52,7 +52,7 @@ def _reorthonormalised(X: Float[Tensor, "n d b"], QX: Float[Tensor, "n d b"]) ->
     building up over restarts and transforms the known ``Q X`` without a new product.
     """
     R = torch.linalg.cholesky(X.mT @ X, upper=True)
-    return (torch.linalg.solve_triangular(R, M, upper=True, left=False) for M in (X, QX))
+    return torch.linalg.solve_triangular(R, X, upper=True, left=False), torch.linalg.solve_triangular(R, QX, upper=True, left=False)
 
 
 def _krylov_ritz(
