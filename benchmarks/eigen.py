@@ -3,6 +3,7 @@ vs the dense-tensor baseline.
 
     python -m benchmarks.eigen                 # full sizes (~10 minutes on 2 cores)
     python -m benchmarks.eigen --only atlas    # (0) only
+    python -m benchmarks.eigen --only stage    # (0b) only: the top-k stage on formed Q
     python -m benchmarks.eigen --quick         # small sizes, seconds
 
 (0) Top-8 eigenpairs (by |lambda|) of Q(u) for all 4096 directions at d_model 512, d_mlp
@@ -16,6 +17,11 @@ vs the dense-tensor baseline.
     machine's sgemm rate is measured in the same run; the atlas' FLOP fraction counts only
     its two GEMM stages (building B, ``2 d^3 d_mlp``, and contracting it, ``2 n d^3``), so
     it is a lower bound.
+
+(0b) The top-k stage alone, on the same formed ``Q(u)`` (``n`` directions, d 512 / d_mlp 2048,
+    both spectra), all variants in this process, interleaved (order reversed every
+    repeat), medians: full batched ``eigh`` vs ``batched_top_eigenpairs`` with the
+    previous parameters (block 12, 10 steps) and with today's defaults, at the atlas' tol.
 
 Each variant runs in its own subprocess on the same seeded random Gaussian weights
 (float32). Time: wall-clock of the variant only (weight generation excluded). Memory:
@@ -45,8 +51,8 @@ from typing import Any
 import torch
 
 SIZES = {
-    "full": {"atlas": (512, 2048, 4096), "vocab": (512, 2048, 4096), "few": (512, 2048, 64), "eig": (4096, 16384)},
-    "quick": {"atlas": (64, 256, 256), "vocab": (128, 512, 512), "few": (128, 512, 16), "eig": (512, 2048)},
+    "full": {"atlas": (512, 2048, 4096), "stage": (512, 2048, 128), "vocab": (512, 2048, 4096), "few": (512, 2048, 64), "eig": (4096, 16384)},
+    "quick": {"atlas": (64, 256, 256), "stage": (128, 512, 32), "vocab": (128, 512, 512), "few": (128, 512, 16), "eig": (512, 2048)},
 }
 TOP_K = 8
 
@@ -155,6 +161,39 @@ def _atlas_section(d_model: int, d_mlp: int, n_dirs: int, repeats: int, in_proce
         print("  accuracy vs today's exact eigh: " + _accuracy(results["today"], results["atlas"]) + "\n")
 
 
+def _stage_section(d_model: int, d_mlp: int, n_dirs: int, repeats: int) -> None:
+    """Print section (0b): the top-k stage on formed ``Q`` (see the module docstring)."""
+    import os
+
+    from bilinear_lens.weights.batched_eigen import batched_top_eigenpairs
+    from bilinear_lens.weights.eigen import sort_by_magnitude
+    from bilinear_lens.weights.tensor import interaction_matrices
+
+    def krylov(**params: int) -> Any:
+        return lambda Q: batched_top_eigenpairs(Q, TOP_K, tol=1e-4, generator=torch.Generator().manual_seed(0), **params).eig
+
+    variants = {"full batched eigh": lambda Q: sort_by_magnitude(*torch.linalg.eigh(Q)).top(TOP_K),
+                "Krylov b12 s10 (previous)": krylov(block_size=12, steps=10), "Krylov defaults": krylov()}
+    print(f"(0b) top-{TOP_K} stage on {n_dirs} formed Q(u), d_model {d_model}, d_mlp {d_mlp}, median of {repeats}")
+    for spectrum in ("random", "trained"):
+        Q = interaction_matrices(_weights(d_model, d_mlp, spectrum=spectrum), torch.randn(n_dirs, d_model, generator=torch.Generator().manual_seed(1)))
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        results = {}
+        for repeat in range(repeats):
+            for name in list(variants)[:: 1 if repeat % 2 == 0 else -1]:  # alternate the order
+                start = time.perf_counter()
+                results[name] = variants[name](Q)
+                times[name].append(time.perf_counter() - start)
+        print(f"  weights: {'Gaussian' if spectrum == 'random' else 'trained-like (power-law)'}; load average {os.getloadavg()[0]:.1f} after")
+        ref = results["full batched eigh"]
+        for name, t in times.items():
+            med = sorted(t)[len(t) // 2]
+            got = results[name]
+            accuracy = _accuracy(ref._asdict(), got._asdict())
+            print(f"  {name:<26} {med:7.2f} s  {1000 * med / n_dirs:6.2f} ms/matrix  x{sorted(times['full batched eigh'])[repeats // 2] / med:5.2f} vs eigh   {accuracy}")
+    print()
+
+
 def _variant(name: str, d_model: int, d_mlp: int, n_dirs: int) -> dict[str, Any]:
     """Run one variant in this process; returns time, memory and a result to cross-check."""
     from bilinear_lens.weights.eigen import top_eigenvectors
@@ -212,7 +251,7 @@ def _ratios(base: dict[str, Any], ours: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes, runs in seconds")
-    parser.add_argument("--only", choices=("atlas", "factored", "topk"), help="run one section: (0), (1) or (2)")
+    parser.add_argument("--only", choices=("atlas", "stage", "factored", "topk"), help="run one section: (0), (0b), (1) or (2)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per atlas variant; the median is shown (default 3)")
     parser.add_argument("--variant", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -227,7 +266,9 @@ def main() -> None:
     print("time: wall-clock of the variant; extra peak: peak RSS during it minus RSS before it\n")
     if args.only in (None, "atlas"):
         _atlas_section(*sizes["atlas"], repeats=args.repeats, in_process=args.quick)
-    if args.only == "atlas":
+    if args.only in (None, "stage"):
+        _stage_section(*sizes["stage"], repeats=args.repeats)
+    if args.only in ("atlas", "stage"):
         return
 
     for key, title in (("vocab", "all vocabulary directions"), ("few", "a few directions")) if args.only != "topk" else ():

@@ -16,6 +16,7 @@ from bilinear_lens.models.model import build_model
 from bilinear_lens.weights import atlas as atlas_module
 from bilinear_lens.weights.atlas import build_atlas, choose_route, model_atlas
 from bilinear_lens.weights.atlas_store import SHARD_RECORD, SHARD_TENSORS, AtlasError, EigenAtlas
+from bilinear_lens.weights import batched_eigen
 from bilinear_lens.weights.batched_eigen import batched_top_eigenpairs
 from bilinear_lens.weights.eigen import eigendecompose
 from bilinear_lens.weights.tensor import BilinearWeights, interaction_matrices
@@ -58,6 +59,23 @@ def test_batched_krylov_matches_dense_eigh(make: str) -> None:
     # block 8, 3 steps: a 32-column basis in R^96, so the Krylov path (not the exact one) runs.
     got = batched_top_eigenpairs(Q, k, block_size=8, steps=3, tol=1e-10, generator=torch.Generator().manual_seed(0))
     assert got.eig.eigenvalues.shape == (5, k) and got.eig.eigenvectors.shape == (5, d, k)
+    # residual 1e-10 of max|lambda| bounds eigenvalue errors far below 1e-6; vectors: gaps here are >= 1e-3
+    assert_top_k_matches(got.eig, Q, k, rtol=1e-6)
+
+
+def test_batched_krylov_restarts_and_drops_converged_matrices(monkeypatch) -> None:
+    # A batch mixing fast (well-separated top) and slow (1e-3-clustered, mixed-sign top)
+    # matrices: the fast ones leave the batch early, the rest restart from their Ritz block.
+    d, k = 96, 6
+    g = torch.Generator().manual_seed(4)
+    E = torch.linalg.qr(torch.randn(3, d, d, dtype=torch.float64, generator=g)).Q
+    separated = (E * (0.5 ** torch.arange(d, dtype=torch.float64))[None, None, :]) @ E.mT
+    Q = torch.cat([separated, spectrum_matrices(3, d, seed=5)])[torch.tensor([0, 3, 1, 4, 2, 5])]
+    batches = []
+    ritz = batched_eigen._krylov_ritz
+    monkeypatch.setattr(batched_eigen, "_krylov_ritz", lambda Qa, *a: batches.append(Qa.shape[0]) or ritz(Qa, *a))
+    got = batched_top_eigenpairs(Q, k, block_size=8, steps=3, tol=1e-10, generator=torch.Generator().manual_seed(0))
+    assert got.exact_rows == 0 and batches[0] == 6 and len(batches) > 2 and min(batches) < 6
     # residual 1e-10 of max|lambda| bounds eigenvalue errors far below 1e-6; vectors: gaps here are >= 1e-3
     assert_top_k_matches(got.eig, Q, k, rtol=1e-6)
 

@@ -99,8 +99,11 @@ def _shard_tensors(
     return out, exact_rows
 
 
-def _prepare(path: Path, index: dict, resume: bool) -> None:
-    """Create the atlas directory and its index (rank 0), or check an existing one matches."""
+def _check_out_dir(path: Path, index: dict, resume: bool) -> bool:
+    """Whether ``path`` needs a new atlas (``False``: an existing one of the same
+    fingerprint, to resume); raises for anything else. Read-only, so every rank can run it
+    before rank 0 writes (a rank checking after rank 0 wrote the index would see an atlas
+    that "exists" and refuse it)."""
     if (path / "index.json").exists():
         found = read_index(path)
         if found.get("fingerprint") != index["fingerprint"]:
@@ -110,12 +113,10 @@ def _prepare(path: Path, index: dict, resume: bool) -> None:
             )
         if not resume:
             raise AtlasError(f"atlas dir {path} exists; pass resume=True (--resume) to finish it, or use a new --out")
-        return
+        return False
     if path.exists() and any(path.iterdir()):
         raise AtlasError(f"{path} exists and is not an atlas directory (no index.json); use a new --out")
-    if current_ranks().is_main:
-        path.mkdir(parents=True, exist_ok=True)
-        write_index(path, index)
+    return True
 
 
 def build_atlas(
@@ -165,7 +166,11 @@ def build_atlas(
              "dtype": str(dtype).removeprefix("torch."), "include_bias": include_bias, "tol": tol,
              "labels": None if labels is None else [int(x) for x in labels], "label_name": label_name}
     path = Path(out)
-    _prepare(path, index, resume)
+    fresh = _check_out_dir(path, index, resume)
+    barrier()  # every rank has checked the directory before rank 0 writes to it
+    if fresh and current_ranks().is_main:
+        path.mkdir(parents=True, exist_ok=True)
+        write_index(path, index)
     barrier()  # rank 0 wrote the index
     _compute_shards(path, weights, U, shards, k, include_bias, tol, route, tag, progress)
     barrier()
