@@ -29,9 +29,10 @@ from bilinear_lens.commands.common import (
     UsageError,
     add_device_args,
     add_direction_arguments,
+    analysis_parser,
     load_model_with_tokenizer,
-    read_documents,
     place_model,
+    read_documents,
     require_positive,
     resolve_direction_arguments,
 )
@@ -42,11 +43,7 @@ from bilinear_lens.models.protocol import HookedModel
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="bilinear-lens ablate",
-        description="Neuron ablation sweep: the neurons of an MLP layer whose single ablation changes the loss most.",
-    )
-    parser.add_argument("--checkpoint", required=True, help="model directory (save_pretrained format, with tokenizer)")
+    parser = analysis_parser("ablate", "Neuron ablation sweep: the neurons of an MLP layer whose single ablation changes the loss most.")
     parser.add_argument("--layer", type=int, default=0, help="block index (default 0)")
     parser.add_argument("--top", type=int, default=20, help="neurons to show (default 20)")
     parser.add_argument(

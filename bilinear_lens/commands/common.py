@@ -27,6 +27,18 @@ def load_model_with_tokenizer(path: str, command: str) -> Any:
     return model.eval()
 
 
+def analysis_parser(command: str, description: str) -> Any:
+    """The parser every analysis command starts from: ``prog``, the description (kept as
+    written) and ``--checkpoint``, the model directory (our format, HF Llama or a hub id)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=f"bilinear-lens {command}", description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True,
+                        help="model directory (save_pretrained or HF Llama format, with a tokenizer) or hub id")
+    return parser
+
+
 def read_text_file(path: str) -> str:
     """The UTF-8 text of ``path``; a missing or non-UTF-8 file is a :class:`UsageError`."""
     file = Path(path)

@@ -18,6 +18,7 @@ from bilinear_lens.commands.common import (
     UsageError,
     add_device_args,
     add_direction_arguments,
+    analysis_parser,
     load_sae_argument,
     place_model,
     require_positive,
@@ -29,9 +30,7 @@ from bilinear_lens.weights.eigen import METHODS, EigenConvergenceError, choose_m
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bilinear-lens eigen", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="model directory (save_pretrained format)")
+    p = analysis_parser("eigen", __doc__)
     p.add_argument("--layer", type=int, default=None, help="block index (default 0; an atlas: every layer)")
     add_direction_arguments(p, input_sae=True)
     p.add_argument("--all-tokens", action="store_true", help="atlas of every vocabulary token (needs --out)")

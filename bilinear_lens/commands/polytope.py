@@ -23,6 +23,7 @@ import numpy as np
 from bilinear_lens.commands.common import (
     UsageError,
     add_device_args,
+    analysis_parser,
     load_model_with_tokenizer,
     place_model,
     read_text_file,
@@ -44,11 +45,7 @@ LABEL_KINDS = ("word-class", "token", "none")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="bilinear-lens polytope",
-        description="Polytope-region statistics of an MLP layer over a text file.",
-    )
-    parser.add_argument("--checkpoint", required=True, help="model directory (save_pretrained format, with tokenizer)")
+    parser = analysis_parser("polytope", "Polytope-region statistics of an MLP layer over a text file.")
     parser.add_argument("--layer", type=int, nargs="+", default=[0], help="layer(s); several layers make one joint code")
     parser.add_argument("--text-file", required=True, help="UTF-8 text to run the model on")
     parser.add_argument("--max-tokens", type=int, default=20_000, help="read at most this many tokens (default 20000)")

@@ -18,6 +18,7 @@ from bilinear_lens.commands.common import (
     UsageError,
     add_device_args,
     add_direction_arguments,
+    analysis_parser,
     place_model,
     read_documents,
     require_positive,
@@ -28,9 +29,7 @@ from bilinear_lens.models.checkpoint import CheckpointError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bilinear-lens report", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="model directory (save_pretrained format)")
+    p = analysis_parser("report", __doc__)
     p.add_argument("--out", required=True, help="HTML file to write")
     p.add_argument("--layer", type=int, default=0)
     add_direction_arguments(p, input_tokens=True)

@@ -38,7 +38,7 @@ import json
 import os
 from itertools import chain, islice
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -296,17 +296,13 @@ def pack_blocks(tokens: np.ndarray, n_ctx: int, name: str = "token") -> np.ndarr
 # --- token cache ------------------------------------------------------------------------
 
 
-def source_spec(
-    source: str | os.PathLike[str],
-    split: str = "train",
-    *,
-    max_docs: Optional[int] = None,
-    max_chars: Optional[int] = None,
-    text_column: str = "text",
-    seed: int = 0,
-) -> dict[str, Any]:
-    """JSON-able description of a corpus, precise enough to key a cache on: a local file is
-    identified by its resolved path, size and modification time (an edit invalidates)."""
+def source_spec(source: str | os.PathLike[str], split: str, selection: Mapping[str, Any]) -> dict[str, Any]:
+    """JSON-able description of a corpus, precise enough to key a cache on: ``selection``
+    holds :func:`iter_texts`' ``max_docs``, ``max_chars``, ``text_column`` and ``seed``; a
+    local file is identified by its resolved path, size and modification time (an edit
+    invalidates)."""
+    max_docs, max_chars = selection.get("max_docs"), selection.get("max_chars")
+    text_column, seed = selection.get("text_column", "text"), selection.get("seed", 0)
     source = os.fspath(source)
     spec: dict[str, Any] = {
         "source": source, "split": split, "max_docs": max_docs, "max_chars": max_chars,
@@ -629,14 +625,12 @@ def prepare_data(
     """
     _check_prepare_args(n_ctx, val_fraction, seed, tokenizer_train_docs)
     cache_dir = Path(cache_dir)
-    spec = source_spec(source, split, max_docs=max_docs, max_chars=max_chars, text_column=text_column, seed=seed)
+    selection = dict(max_docs=max_docs, max_chars=max_chars, text_column=text_column, seed=seed)
+    spec = source_spec(source, split, selection)
     remove_stale_temporaries(cache_dir)
 
     def texts() -> Iterator[str]:
-        return iter_texts(
-            source, split, max_docs=max_docs, max_chars=max_chars, text_column=text_column,
-            seed=seed, streaming=streaming, hf_cache_dir=hf_cache_dir,
-        )
+        return iter_texts(source, split, streaming=streaming, hf_cache_dir=hf_cache_dir, **selection)
 
     if tokenizer is None:
         tok = _cached_tokenizer(texts, spec, cache_dir, vocab_size, tokenizer_train_docs, val_fraction, seed, progress)
