@@ -35,6 +35,18 @@ def test_report_cli_writes_self_contained_page(checkpoint, tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ["report.html"]
 
 
+
+def test_report_progress_bar_counts_sections_and_quiet_silences_it(checkpoint, tmp_path, capsys):
+    """The bar walks every section group: model, one eigen section per default output token
+    (" happy", " sad" when they are single tokens, else the sample's two most frequent),
+    interactions, ablation, polytopes; ``--quiet`` prints no bar."""
+    out = tmp_path / "report.html"
+    assert main(["report", "--checkpoint", str(checkpoint), "--out", str(out), "--n-texts", "2"]) == 0
+    bar = capsys.readouterr().err
+    assert re.search(r"report: 100%.*\b6/6 \[", bar), bar
+    assert main(["report", "--checkpoint", str(checkpoint), "--out", str(out), "--n-texts", "2", "--quiet"]) == 0
+    assert "report:" not in capsys.readouterr().err
+
 def test_report_errors(checkpoint, tmp_path, capsys):
     assert main(["report", "--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "r.html")]) == 2
     assert "checkpoint directory not found" in capsys.readouterr().err

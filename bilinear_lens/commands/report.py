@@ -66,6 +66,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             n_eigenvectors=args.n_eigenvectors,
             features=[s for s in specs if not isinstance(s, (int, tuple))],
             title=f"bilinear-lens report: {args.checkpoint}, layer {args.layer}",
+            progress=not args.quiet,
         )
     except (UsageError, FileNotFoundError, CheckpointError, ValueError, TypeError) as err:
         print(f"bilinear-lens report: error: {err}", file=sys.stderr)

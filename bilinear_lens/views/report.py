@@ -21,13 +21,15 @@ from disk with no network. ``write_report`` writes it atomically.
 from __future__ import annotations
 
 import html
+from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Int
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from bilinear_lens.activations.ablation import ablation_sweep
 from bilinear_lens.activations.eigen_readings import (
@@ -217,27 +219,33 @@ def _polytope_sections(model: HookedModel, layer: int, sample: _Sample, token_a:
     ]
 
 
-def _mlp_sections(model: HookedModel, layer: int, sample: _Sample, out_ids: list[int], options: dict[str, Any]) -> list[Any]:
-    """Every section about layer ``layer``'s MLP, as far as its kind allows."""
+Job = tuple[str, Callable[[], list[Any]]]
+
+
+def _mlp_jobs(model: HookedModel, layer: int, sample: _Sample, out_ids: list[int], options: dict[str, Any]) -> list[Job]:
+    """The section builders about layer ``layer``'s MLP, as far as its kind allows, each
+    with a label for the progress bar (run in order by :func:`build_report`)."""
     kind = model.cfg.mlp_kind
     if kind == ATTN_ONLY:
         return []
     spec = mlp_kind_spec(kind)
-    sections: list[Any] = []
+    jobs: list[Job] = []
     if spec.is_bilinear and not model.cfg.mlp_bias:
         directions = [(repr(_name(model, tok)), tok) for tok in out_ids] + [(f.label, f) for f in options["features"]]
         for name, direction in directions:
-            sections += _eigen_sections(model, layer, name, direction, sample, options["n_eigenvectors"])
+            jobs.append((f"eigen {name}", partial(_eigen_sections, model, layer, name, direction, sample,
+                                                  options["n_eigenvectors"])))
         pair = options["logit_diff"]
         if pair is None and len(out_ids) >= 2:
             pair = (out_ids[0], out_ids[1])
-        sections += _interaction_sections(model, layer, pair, options["input_tokens"])
+        jobs.append(("interactions", partial(_interaction_sections, model, layer, pair, options["input_tokens"])))
     else:
-        sections.append(f"<p>Layer {layer} has a {kind!r} MLP: no interaction matrices (bilinear MLPs only).</p>")
-    sections += _ablation_sections(model, layer, sample, options["ablation_top"])
+        note = f"<p>Layer {layer} has a {kind!r} MLP: no interaction matrices (bilinear MLPs only).</p>"
+        jobs.append(("interactions", lambda: [note]))
+    jobs.append(("ablation", partial(_ablation_sections, model, layer, sample, options["ablation_top"])))
     if spec.code_factors and len(out_ids) >= 2:  # a kind with spline-code units
-        sections += _polytope_sections(model, layer, sample, out_ids[0], out_ids[1])
-    return sections
+        jobs.append(("polytopes", partial(_polytope_sections, model, layer, sample, out_ids[0], out_ids[1])))
+    return jobs
 
 
 @torch.no_grad()
@@ -252,12 +260,14 @@ def build_report(
     ablation_top: int = 20,
     title: Optional[str] = None,
     features: Sequence[Any] = (),
+    progress: bool = True,
 ) -> str:
     """The report's HTML (see module docstring). ``model`` is a
     :class:`~bilinear_lens.models.model.BilinearTransformer` with a tokenizer. ``tokens`` and
     ``input_tokens`` must each be one token (by default, common sentiment words that are);
     ``features`` (:class:`~bilinear_lens.weights.directions.FeatureDirection`) add an
-    eigendecomposition section per SAE feature, as output tokens do."""
+    eigendecomposition section per SAE feature, as output tokens do. ``progress`` shows a
+    tqdm bar over the sections."""
     if getattr(model, "tokenizer", None) is None:
         raise ValueError("the report needs a model with a tokenizer (to show tokens)")
     check_layer(model, layer)
@@ -268,7 +278,12 @@ def build_report(
     out_ids = _output_tokens(model, tokens, sample, has_features=bool(features))
     options = dict(n_eigenvectors=n_eigenvectors, logit_diff=logit_diff, input_tokens=input_tokens,
                    ablation_top=ablation_top, features=list(features))
-    sections = _model_sections(model, layer, sample) + _mlp_sections(model, layer, sample, out_ids, options)
+    jobs = [("model", partial(_model_sections, model, layer, sample))] + _mlp_jobs(model, layer, sample, out_ids, options)
+    sections: list[Any] = []
+    bar = tqdm(jobs, desc="report", unit="section", disable=not progress)
+    for label, job in bar:
+        bar.set_postfix_str(label)
+        sections += job()
     style = (
         "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}"
         ".bl-table{border-collapse:collapse}.bl-table td,.bl-table th{border:1px solid #ccc;padding:2px 6px}</style>"
