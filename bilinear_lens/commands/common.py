@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from bilinear_lens.models.checkpoint import CheckpointError
+from bilinear_lens.models.config import DTYPES
+from bilinear_lens.models.model import TORCH_DTYPES
 
 
 class UsageError(Exception):
@@ -62,9 +64,6 @@ def read_documents(path: str, limit: int) -> list[str]:
 
 # ---- --device / --dtype / --quiet: shared by the analysis commands (eigen, ablate, polytope, report)
 
-DTYPES = ("float32", "float64", "bfloat16", "float16")
-
-
 def add_device_args(parser: Any) -> None:
     """Add ``--device`` (auto/cpu/cuda/cuda:N), ``--dtype`` and ``--quiet`` to ``parser``."""
     parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
@@ -84,9 +83,9 @@ def resolve_device(args: Any) -> tuple[Any, Any]:
         raise UsageError(f"--device {args.device!r} is not one of auto, cpu, cuda, cuda:N")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device!r}: CUDA is not available on this machine; use --device cpu or auto")
-    if args.dtype not in DTYPES:
+    if args.dtype not in TORCH_DTYPES:
         raise UsageError(f"--dtype {args.dtype!r} is not one of {', '.join(DTYPES)}")
-    return torch.device(name), getattr(torch, args.dtype)
+    return torch.device(name), TORCH_DTYPES[args.dtype]
 
 
 def place_model(model: Any, args: Any) -> Any:
@@ -95,7 +94,7 @@ def place_model(model: Any, args: Any) -> Any:
     return model.to(device=device, dtype=dtype)
 
 
-# ---- counts and output-direction arguments (eigen, ablate, report; owned by the SAE work) ----
+# ---- counts and output-direction arguments (eigen, ablate, report) ----
 # One place for --token/--token-id/--logit-diff/--sae/--feature and the input-token/-SAE
 # arguments, so every command reads them by the same rule: a --token is always text that
 # must be exactly one token (ids only through --token-id); nothing falls back silently.

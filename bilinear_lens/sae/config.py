@@ -33,12 +33,13 @@ from typing import Any, Mapping, Optional
 
 import torch
 
+from bilinear_lens.models.model import TORCH_DTYPES
+
 SAE_CFG_FILE = "cfg.json"
 SAE_WEIGHTS_FILE = "sae_weights.safetensors"
 SAE_LENS_FORMAT_VERSION = "6.0.0"
 ARCHITECTURES = ("standard", "topk")
 NORMALIZATIONS = ("none", "constant_norm_rescale", "layer_norm")
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class SAEConfigError(ValueError):
@@ -86,12 +87,12 @@ class SAEConfig:
                 f"normalize_activations={self.normalize_activations!r} is not supported; allowed: {list(NORMALIZATIONS)}"
                 + (" (fold the scale into the weights first)" if self.normalize_activations == "expected_average_only_in" else "")
             )
-        if self.dtype not in DTYPES:
-            raise SAEConfigError(f"dtype={self.dtype!r} is not supported; allowed: {list(DTYPES)}")
+        if self.dtype not in TORCH_DTYPES:
+            raise SAEConfigError(f"dtype={self.dtype!r} is not supported; allowed: {list(TORCH_DTYPES)}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        return TORCH_DTYPES[self.dtype]
 
     def to_sae_lens_dict(self) -> dict[str, Any]:
         """``cfg.json`` contents in SAELens >= 6's layout (see module docstring)."""
