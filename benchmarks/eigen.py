@@ -6,22 +6,26 @@ vs the dense-tensor baseline.
     python -m benchmarks.eigen --only stage    # (0b) only: the top-k stage on formed Q
     python -m benchmarks.eigen --quick         # small sizes, seconds
 
-(0) Top-8 eigenpairs (by |lambda|) of Q(u) for all 4096 directions at d_model 512, d_mlp
+(0) Top-8 eigenpairs (by |lambda|) of Q(u) for 4096 directions at d_model 512, d_mlp
     2048, float32, median of ``--repeats`` runs: today's ``eigendecompose_directions``
-    (factored Q chunks + full ``eigh``) vs ``build_atlas`` (dense-B GEMMs + batched block
-    Krylov, shards written to a temp dir), on random Gaussian weights and on weights with a
-    trained-like spectrum (power-law singular values ``s_i ~ 1/i``, as trained weight
-    matrices have; a proxy, not a trained model). Accuracy of the atlas against today's
+    (factored Q chunks + full ``eigh``) vs ``build_atlas`` (packed symmetric B + GEMMs +
+    batched block Krylov, shards written to a temp dir), on random Gaussian weights (random
+    directions) and on a *trained* model: layer 0 of ``training/configs/tinystories-1l-cpu.toml``
+    (1 layer, d 512, d_mlp 2048, vocabulary 4096, ~5 epochs of the TinyStories sample in
+    ``../shared/data``), all 4096 token directions. The model is trained on first use
+    (~5 minutes on 2 cores) into ``benchmarks/out/ts1l-cpu`` and reused; ``--trained-checkpoint
+    DIR`` takes any bilinear checkpoint instead (e.g. a converted paper model). ``--quick``
+    trains the tiny recipe for 40 steps instead. Accuracy of the atlas against today's
     exact result: max relative eigenvalue error and the largest principal angle between
     the two top-8 eigenvector subspaces (max and 99th percentile over directions). The
     machine's sgemm rate is measured in the same run; the atlas' FLOP fraction counts only
-    its two GEMM stages (building B, ``2 d^3 d_mlp``, and contracting it, ``2 n d^3``), so
-    it is a lower bound.
+    its two GEMM stages (building the packed B, ``2 d_mlp d P``, and contracting it, ``2 n d
+    P``, ``P ~ d^2 / 2``), so it is a lower bound.
 
-(0b) The top-k stage alone, on the same formed ``Q(u)`` (``n`` directions, d 512 / d_mlp 2048,
-    both spectra), all variants in this process, interleaved (order reversed every
-    repeat), medians: full batched ``eigh`` vs ``batched_top_eigenpairs`` with the
-    previous parameters (block 12, 10 steps) and with today's defaults, at the atlas' tol.
+(0b) The top-k stage alone, on formed ``Q(u)`` (``n`` directions of the two weight sets of
+    (0)), all variants in this process, interleaved (order reversed every repeat),
+    medians: full batched ``eigh`` vs ``batched_top_eigenpairs`` with the previous
+    parameters (block 12, 10 steps) and with today's defaults, at the atlas' tol.
 
 Each variant runs in its own subprocess on the same seeded random Gaussian weights
 (float32). Time: wall-clock of the variant only (weight generation excluded). Memory:
@@ -46,6 +50,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -65,19 +70,56 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _weights(d_model: int, d_mlp: int, seed: int = 0, spectrum: str = "random") -> Any:
-    """Gaussian weights, or (``"trained"``) Gaussian singular vectors with power-law
-    singular values ``s_i ~ 1/i`` rescaled to the same Frobenius norm."""
+def _weights(d_model: int, d_mlp: int, seed: int = 0) -> Any:
+    """Gaussian weights (``W / sqrt(fan_in)``)."""
     from bilinear_lens.weights.tensor import BilinearWeights
 
     gen = torch.Generator().manual_seed(seed)
     mats = [torch.randn(a, b, generator=gen) / a**0.5 for a, b in ((d_model, d_mlp), (d_model, d_mlp), (d_mlp, d_model))]
-    if spectrum == "trained":
-        for i, m in enumerate(mats):
-            u, s, vh = torch.linalg.svd(m, full_matrices=False)
-            power = 1.0 / torch.arange(1, s.numel() + 1, dtype=s.dtype)
-            mats[i] = (u * (power * s.norm() / power.norm())) @ vh
     return BilinearWeights(*mats)
+
+
+REPO = Path(__file__).resolve().parents[1]
+TRAINED_RECIPES = {  # benchmarks/out/<name>: recipe and overrides
+    "ts1l-cpu": ("training/configs/tinystories-1l-cpu.toml", []),
+    "tiny-quick": ("training/configs/tiny.toml", ["train.steps=40", "train.eval_every=40", "train.checkpoint_every=40"]),
+}
+
+
+def trained_checkpoint(quick: bool) -> Path:
+    """The trained model of section (0): trained by its recipe on first use, then reused."""
+    from bilinear_lens.training.config import load_run_config
+    from bilinear_lens.training.loop import train
+
+    name = "tiny-quick" if quick else "ts1l-cpu"
+    out = REPO / "benchmarks" / "out" / name
+    if (out / "final" / "model.safetensors").exists():
+        return out / "final"
+    recipe, overrides = TRAINED_RECIPES[name]
+    cfg = load_run_config(REPO / recipe, overrides + [f"data.cache_dir={REPO / 'benchmarks' / 'out' / 'data_cache'}"])
+    source = cfg.data.source
+    if source != "synthetic" and not Path(source).exists():
+        raise SystemExit(f"benchmarks.eigen: the trained-model rows need {source} (the TinyStories sample "
+                         "beside the repo) to train on, or --trained-checkpoint DIR (any bilinear checkpoint)")
+    print(f"training the benchmark model ({recipe}) into {out} (first use only)", flush=True)
+    return train(cfg, out, progress=False).final_checkpoint
+
+
+def _weights_and_directions(source: str, d_model: int, d_mlp: int, n_dirs: int) -> tuple[Any, torch.Tensor]:
+    """``("random", ...)``: Gaussian weights and directions; a checkpoint path: its layer-0
+    MLP and all of its token directions (``n_dirs`` and the dims are then the model's)."""
+    if source == "random":
+        return _weights(d_model, d_mlp), torch.randn(n_dirs, d_model, generator=torch.Generator().manual_seed(1))
+    from bilinear_lens.models.model import load_model
+    from bilinear_lens.weights.directions import token_directions
+    from bilinear_lens.weights.tensor import BilinearWeights
+
+    model = load_model(source)
+    return BilinearWeights.from_module(model.blocks[0].mlp).to(dtype=torch.float32), token_directions(model).float()
+
+
+def _label(source: str) -> str:
+    return "Gaussian" if source == "random" else f"trained ({Path(source).parent.name}, layer 0, token directions)"
 
 
 def _sgemm_gflops(n: int, repeats: int = 3) -> float:
@@ -92,7 +134,7 @@ def _sgemm_gflops(n: int, repeats: int = 3) -> float:
     return 2 * n**3 / sorted(times)[len(times) // 2] / 1e9
 
 
-def _atlas_variant(name: str, d_model: int, d_mlp: int, n_dirs: int, spectrum: str, result_file: str) -> dict[str, Any]:
+def _atlas_variant(name: str, d_model: int, d_mlp: int, n_dirs: int, source: str, result_file: str) -> dict[str, Any]:
     """One timed run of today's path or the atlas; the top-8 pairs go to ``result_file``."""
     import tempfile
 
@@ -101,8 +143,7 @@ def _atlas_variant(name: str, d_model: int, d_mlp: int, n_dirs: int, spectrum: s
     from bilinear_lens.weights.atlas import build_atlas
     from bilinear_lens.weights.eigen import eigendecompose_directions
 
-    w = _weights(d_model, d_mlp, spectrum=spectrum)
-    U = torch.randn(n_dirs, d_model, generator=torch.Generator().manual_seed(1))
+    w, U = _weights_and_directions(source, d_model, d_mlp, n_dirs)
     torch.linalg.eigh(torch.eye(4))  # load LAPACK before the measurement
     with tempfile.TemporaryDirectory() as tmp:
         rss_before = _status_kb("VmRSS")
@@ -122,46 +163,55 @@ def _atlas_variant(name: str, d_model: int, d_mlp: int, n_dirs: int, spectrum: s
 
 
 def _accuracy(today: dict[str, torch.Tensor], atlas: dict[str, torch.Tensor]) -> str:
-    """Max relative eigenvalue error; largest principal angle between top-k subspaces."""
-    rel = ((atlas["eigenvalues"] - today["eigenvalues"]).abs() / today["eigenvalues"].abs()).max().item()
+    """Max relative eigenvalue error; largest principal angle between top-k subspaces.
+
+    Eigenvalues are compared as sets (each row sorted by value): two eigenvalues of opposite
+    sign and nearly equal ``|lambda|`` may come in either order by ``|lambda|``, and a
+    positional comparison would count that tie as an error of 2 (seen on the trained model).
+    """
+    ref, got = today["eigenvalues"].sort(-1).values, atlas["eigenvalues"].sort(-1).values
+    rel = ((got - ref).abs() / ref.abs()).max().item()
     cosines = torch.linalg.svdvals(today["eigenvectors"].double().mT @ atlas["eigenvectors"].double()).amin(-1)
     angles = torch.arccos(cosines.clamp(max=1.0))
     return (f"max rel eigenvalue error {rel:.1e}; subspace angle max {angles.max().item():.1e} rad, "
             f"99th pct {angles.quantile(0.99).item():.1e} rad")
 
 
-def _atlas_section(d_model: int, d_mlp: int, n_dirs: int, repeats: int, in_process: bool = False) -> None:
-    """Print section (0); ``in_process`` runs the variants here instead of in fresh
-    subprocesses (``--quick``: seconds, but peak memory then includes earlier variants)."""
+def _atlas_section(d_model: int, d_mlp: int, n_dirs: int, repeats: int, trained: str, in_process: bool = False) -> None:
+    """Print section (0) for Gaussian weights and the ``trained`` checkpoint; ``in_process``
+    runs the variants here instead of in fresh subprocesses (``--quick``: seconds, but peak
+    memory then includes earlier variants)."""
     import tempfile
 
     from safetensors.torch import load_file
 
+    from bilinear_lens.weights.atlas import _packed_size
+
     gflops = _sgemm_gflops(2048 if d_model >= 256 else 512)
-    print(f"(0) top-{TOP_K} of Q(u) for {n_dirs} directions, d_model {d_model}, d_mlp {d_mlp}, "
-          f"median of {repeats}; sgemm measured now: {gflops:.0f} GFLOP/s")
-    gemm_flops = 2 * d_model**3 * d_mlp + 2 * n_dirs * d_model**3
-    for spectrum in ("random", "trained"):
+    print(f"(0) top-{TOP_K} of Q(u), median of {repeats}; sgemm measured now: {gflops:.0f} GFLOP/s")
+    for source in ("random", trained):
+        w, U = _weights_and_directions(source, d_model, d_mlp, n_dirs)
+        n, d, h = U.shape[0], w.d_model, w.d_mlp
+        gemm_flops = 2 * h * d * _packed_size(d) + 2 * n * d * _packed_size(d)
         runs: dict[str, list[dict[str, Any]]] = {"today": [], "atlas": []}
         results = {}
         with tempfile.TemporaryDirectory() as tmp:
             for _ in range(repeats):
                 for name in runs:  # interleaved, so both see the same machine load
                     file = f"{tmp}/{name}.safetensors"
-                    run = _atlas_variant(name, d_model, d_mlp, n_dirs, spectrum, file) if in_process else _run(name, d_model, d_mlp, n_dirs, spectrum, file)
+                    run = _atlas_variant(name, d_model, d_mlp, n_dirs, source, file) if in_process else _run(name, d_model, d_mlp, n_dirs, source, file)
                     runs[name].append(run)
                     results[name] = load_file(file)
         med = {name: sorted(r, key=lambda x: x["seconds"])[len(r) // 2] for name, r in runs.items()}
-        label = "Gaussian" if spectrum == "random" else "trained-like (power-law)"
-        print(f"  weights: {label}")
+        print(f"  weights: {_label(source)}: {n} directions, d_model {d}, d_mlp {h}")
         print(_row("today: eigendecompose_directions", med["today"]))
-        print(_row("atlas: dense B + block Krylov", med["atlas"]))
+        print(_row("atlas: packed B + block Krylov", med["atlas"]))
         fraction = gemm_flops / med["atlas"]["seconds"] / (gflops * 1e9)
         print(_ratios(med["today"], med["atlas"]) + f"   atlas at >= {100 * fraction:.0f}% of sgemm rate")
         print("  accuracy vs today's exact eigh: " + _accuracy(results["today"], results["atlas"]) + "\n")
 
 
-def _stage_section(d_model: int, d_mlp: int, n_dirs: int, repeats: int) -> None:
+def _stage_section(d_model: int, d_mlp: int, n_dirs: int, repeats: int, trained: str) -> None:
     """Print section (0b): the top-k stage on formed ``Q`` (see the module docstring)."""
     import os
 
@@ -174,9 +224,11 @@ def _stage_section(d_model: int, d_mlp: int, n_dirs: int, repeats: int) -> None:
 
     variants = {"full batched eigh": lambda Q: sort_by_magnitude(*torch.linalg.eigh(Q)).top(TOP_K),
                 "Krylov b12 s10 (previous)": krylov(block_size=12, steps=10), "Krylov defaults": krylov()}
-    print(f"(0b) top-{TOP_K} stage on {n_dirs} formed Q(u), d_model {d_model}, d_mlp {d_mlp}, median of {repeats}")
-    for spectrum in ("random", "trained"):
-        Q = interaction_matrices(_weights(d_model, d_mlp, spectrum=spectrum), torch.randn(n_dirs, d_model, generator=torch.Generator().manual_seed(1)))
+    print(f"(0b) top-{TOP_K} stage on {n_dirs} formed Q(u), median of {repeats}")
+    for source in ("random", trained):
+        w, U = _weights_and_directions(source, d_model, d_mlp, n_dirs)
+        rows = torch.randperm(U.shape[0], generator=torch.Generator().manual_seed(2))[:n_dirs]
+        Q = interaction_matrices(w, U[rows])
         times: dict[str, list[float]] = {name: [] for name in variants}
         results = {}
         for repeat in range(repeats):
@@ -184,13 +236,13 @@ def _stage_section(d_model: int, d_mlp: int, n_dirs: int, repeats: int) -> None:
                 start = time.perf_counter()
                 results[name] = variants[name](Q)
                 times[name].append(time.perf_counter() - start)
-        print(f"  weights: {'Gaussian' if spectrum == 'random' else 'trained-like (power-law)'}; load average {os.getloadavg()[0]:.1f} after")
+        print(f"  weights: {_label(source)}, d_model {w.d_model}, d_mlp {w.d_mlp}; load average {os.getloadavg()[0]:.1f} after")
         ref = results["full batched eigh"]
         for name, t in times.items():
             med = sorted(t)[len(t) // 2]
             got = results[name]
             accuracy = _accuracy(ref._asdict(), got._asdict())
-            print(f"  {name:<26} {med:7.2f} s  {1000 * med / n_dirs:6.2f} ms/matrix  x{sorted(times['full batched eigh'])[repeats // 2] / med:5.2f} vs eigh   {accuracy}")
+            print(f"  {name:<26} {med:7.2f} s  {1000 * med / Q.shape[0]:6.2f} ms/matrix  x{sorted(times['full batched eigh'])[repeats // 2] / med:5.2f} vs eigh   {accuracy}")
     print()
 
 
@@ -253,6 +305,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes, runs in seconds")
     parser.add_argument("--only", choices=("atlas", "stage", "factored", "topk"), help="run one section: (0), (0b), (1) or (2)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per atlas variant; the median is shown (default 3)")
+    parser.add_argument("--trained-checkpoint", metavar="DIR", help="bilinear checkpoint for the trained-weights rows "
+                        "(default: train training/configs/tinystories-1l-cpu.toml once into benchmarks/out)")
     parser.add_argument("--variant", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
@@ -264,10 +318,12 @@ def main() -> None:
     sizes = SIZES["quick" if args.quick else "full"]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32")
     print("time: wall-clock of the variant; extra peak: peak RSS during it minus RSS before it\n")
+    if args.only in (None, "atlas", "stage"):
+        trained = str(args.trained_checkpoint or trained_checkpoint(args.quick))
     if args.only in (None, "atlas"):
-        _atlas_section(*sizes["atlas"], repeats=args.repeats, in_process=args.quick)
+        _atlas_section(*sizes["atlas"], repeats=args.repeats, trained=trained, in_process=args.quick)
     if args.only in (None, "stage"):
-        _stage_section(*sizes["stage"], repeats=args.repeats)
+        _stage_section(*sizes["stage"], repeats=args.repeats, trained=trained)
     if args.only in ("atlas", "stage"):
         return
 

@@ -74,10 +74,32 @@ def test_batched_krylov_restarts_and_drops_converged_matrices(monkeypatch) -> No
     batches = []
     ritz = batched_eigen._krylov_ritz
     monkeypatch.setattr(batched_eigen, "_krylov_ritz", lambda Qa, *a: batches.append(Qa.shape[0]) or ritz(Qa, *a))
-    got = batched_top_eigenpairs(Q, k, block_size=8, steps=3, tol=1e-10, generator=torch.Generator().manual_seed(0))
+    got = batched_top_eigenpairs(Q, k, block_size=8, steps=3, tol=1e-10, generator=torch.Generator().manual_seed(0), adaptive_exact=False)
     assert got.exact_rows == 0 and batches[0] == 6 and len(batches) > 2 and min(batches) < 6
     # residual 1e-10 of max|lambda| bounds eigenvalue errors far below 1e-6; vectors: gaps here are >= 1e-3
     assert_top_k_matches(got.eig, Q, k, rtol=1e-6)
+
+
+def test_slow_matrices_leave_krylov_for_eigh_once_it_is_predicted_cheaper(monkeypatch) -> None:
+    # Same mix as above: the clustered tops converge slowly, so after two restarts their
+    # predicted remaining restarts cost more than one eigh and they go to the exact eigh
+    # long before max_restarts; the separated ones still converge by Krylov.
+    d, k = 96, 6
+    g = torch.Generator().manual_seed(4)
+    E = torch.linalg.qr(torch.randn(3, d, d, dtype=torch.float64, generator=g)).Q
+    separated = (E * (0.5 ** torch.arange(d, dtype=torch.float64))[None, None, :]) @ E.mT
+    Q = torch.cat([separated, spectrum_matrices(3, d, seed=5)])
+    batches = []
+    ritz = batched_eigen._krylov_ritz
+    monkeypatch.setattr(batched_eigen, "_krylov_ritz", lambda Qa, *a: batches.append(Qa.shape[0]) or ritz(Qa, *a))
+    got = batched_top_eigenpairs(Q, k, block_size=8, steps=3, tol=1e-10, generator=torch.Generator().manual_seed(0))
+    assert got.exact_rows == 3 and len(batches) <= 4, (got.exact_rows, batches)
+    assert_top_k_matches(got.eig, Q, k, rtol=1e-6)
+    # the prediction: a residual shrinking 10x per restart from 1e-3 needs 7 restarts to 1e-10
+    residual, previous = torch.tensor([1e-3, 1e-3]), torch.tensor([1e-2, 1e-2])
+    assert batched_eigen._exact_is_cheaper(residual, previous, 1e-10, restart_cost=1 / 8).tolist() == [False, False]
+    assert batched_eigen._exact_is_cheaper(residual, previous, 1e-10, restart_cost=1 / 6).tolist() == [True, True]
+    assert not batched_eigen._exact_is_cheaper(residual, None, 1e-10, restart_cost=1.0).any()  # no rate yet
 
 
 def test_batched_krylov_falls_back_to_exact_and_says_so() -> None:

@@ -7,13 +7,16 @@ largest-``|lambda|`` eigenpairs of ``Q(u)``, ``||Q(u)||_F`` and the captured ene
 (:mod:`bilinear_lens.weights.atlas_store`; resumable: finished shards are skipped).
 
 **Algorithm (chosen by FLOP counts and measurement; see NOTES).** Forming ``Q(u)`` from
-the factors costs ``2 d^2 d_mlp`` per direction; contracting the precomputed symmetric
-tensor ``B [d_out, d, d]`` (built once, ``2 d_out d^2 d_mlp``) costs ``2 d_out d^2`` per
-direction, one GEMM ``U_chunk @ B.view(d_out, d*d)`` per chunk. ``route="auto"`` takes
-``"dense_b"`` when ``B`` fits in ``memory_bytes`` and its total FLOPs are lower
-(``d_out d_mlp + n d_out < n d_mlp``: more than ~680 directions at d 512 / d_mlp 2048),
-else ``"factored"``. Top-``k`` then comes from batched block Krylov on the formed chunk
-(:func:`~bilinear_lens.weights.batched_eigen.batched_top_eigenpairs`), not a full ``eigh``.
+the factors costs ``2 d^2 d_mlp`` per direction. The ``"dense_b"`` route instead builds the
+symmetrised tensor once, packed to its upper tile triangle
+(:class:`~bilinear_lens.weights.packed_tensor.PackedSymmetricTensor`, ``P ~ d^2 / 2``
+numbers per output dim, ``2 d_out d_mlp P`` FLOPs), and forms a chunk of ``Q`` as one GEMM
+``U_chunk @ packed`` (``2 d_out P`` per direction) plus tile copies. ``route="auto"`` takes
+it when the packed ``B`` fits in ``memory_bytes`` and the total FLOPs are lower (more than
+~310 directions at d 512 / d_mlp 2048), else ``"factored"``. Top-``k`` then comes from
+batched block Krylov on the formed ``Q``, ``KRYLOV_BATCH`` matrices at a time
+(:func:`~bilinear_lens.weights.batched_eigen.batched_top_eigenpairs`, which hands a matrix
+to the exact ``eigh`` as soon as that is predicted cheaper), not a full ``eigh``.
 
 Under ``torchrun`` (:mod:`bilinear_lens.distributed`) shards are split round-robin over the
 ranks; each shard's start block is seeded by its position, so the atlas is the same for
@@ -44,37 +47,51 @@ from bilinear_lens.weights.atlas_store import (
 )
 from bilinear_lens.weights.batched_eigen import batched_top_eigenpairs
 from bilinear_lens.weights.directions import TokenLike, token_directions, token_id
-from bilinear_lens.weights.tensor import CHUNK_BYTES, BilinearWeights, MLPLike, auto_chunk_size, interaction_matrices, iter_interaction_matrices
+from bilinear_lens.weights.packed_tensor import DEFAULT_TILE, PackedSymmetricTensor, tile_pairs
+from bilinear_lens.weights.tensor import BilinearWeights, MLPLike, auto_chunk_size, iter_interaction_matrices
 
 ROUTES = ("auto", "dense_b", "factored")
 # Extra memory the dense-B route may take for B (the issue's budget: < 1 GB extra peak).
-ATLAS_MEMORY_BYTES = 768 * 2**20
+ATLAS_MEMORY_BYTES = 512 * 2**20
+# Working memory of one chunk of directions: the GEMM output, the formed Q and the Krylov
+# basis. Larger chunks read the packed B fewer times (at 32 directions per chunk the
+# contraction was bound by reading B, not by FLOPs; NOTES).
+ATLAS_CHUNK_BYTES = 256 * 2**20
+# Matrices per Krylov batch: 16 formed d-512 Q (16 MiB) stay in cache across the restarts'
+# products; measured 6.1 ms per matrix vs 7.5 with all 128 of a chunk at once (NOTES).
+KRYLOV_BATCH = 16
+
+
+def _packed_size(d: int) -> int:
+    last = tile_pairs(d, DEFAULT_TILE)[-1]
+    return last.offset + last.size
 
 
 def choose_route(w: BilinearWeights, n_dirs: int, include_bias: bool = False, memory_bytes: int = ATLAS_MEMORY_BYTES) -> str:
-    """``"dense_b"`` when ``B`` fits in ``memory_bytes`` and needs fewer FLOPs, else ``"factored"``."""
+    """``"dense_b"`` when the packed ``B`` fits in ``memory_bytes`` and needs fewer FLOPs
+    (building it, ``2 d_out d_mlp P``, plus ``2 n d_out P`` to contract, against ``2 n d^2
+    d_mlp`` from the factors; ``P ~ d^2 / 2``), else ``"factored"``."""
     d = w.d_input(include_bias)
-    b_bytes = w.d_out * d * d * w.W_in.element_size()
-    fewer_flops = w.d_out * w.d_mlp + n_dirs * w.d_out < n_dirs * w.d_mlp
+    P = _packed_size(d)
+    b_bytes = w.d_out * P * w.W_in.element_size()
+    fewer_flops = w.d_out * w.d_mlp * P + n_dirs * w.d_out * P < n_dirs * d * d * w.d_mlp
     return "dense_b" if fewer_flops and b_bytes <= memory_bytes else "factored"
 
 
 def _chunks(
-    w: BilinearWeights, U: Tensor, B: Optional[Tensor], include_bias: bool, chunk_size: int
+    w: BilinearWeights, U: Tensor, B: Optional[PackedSymmetricTensor], include_bias: bool, chunk_size: int
 ) -> Iterator[tuple[int, Tensor]]:
-    """``(start, Q[start:stop])`` chunk by chunk, from ``B`` or from the factors."""
+    """``(start, Q[start:stop])`` chunk by chunk, from the packed ``B`` or from the factors."""
     if B is None:
         for chunk in iter_interaction_matrices(w, U, chunk_size, include_bias):
             yield chunk.start, chunk.matrices
         return
-    d = B.shape[-1]
-    flat = B.reshape(B.shape[0], d * d)
     for start in range(0, U.shape[0], chunk_size):
-        yield start, (U[start : start + chunk_size] @ flat).reshape(-1, d, d)
+        yield start, B.contract(U[start : start + chunk_size])
 
 
 def _shard_tensors(
-    w: BilinearWeights, U: Tensor, B: Optional[Tensor], k: int, include_bias: bool, tol: float, seed: int
+    w: BilinearWeights, U: Tensor, B: Optional[PackedSymmetricTensor], k: int, include_bias: bool, tol: float, seed: int
 ) -> tuple[dict[str, Tensor], int]:
     """The stored tensors of one shard (directions ``U``) and how many rows needed exact ``eigh``."""
     d = w.d_input(include_bias)
@@ -86,16 +103,20 @@ def _shard_tensors(
     }
     gen = torch.Generator(device=U.device).manual_seed(seed)
     exact_rows = 0
-    # Q chunks of ~CHUNK_BYTES: formed Q plus its Krylov work (dense B), or the factored working set.
-    chunk_size = max(1, CHUNK_BYTES // (2 * d * d * U.element_size())) if B is not None else auto_chunk_size(w, include_bias)
-    for start, Q in _chunks(w, U, B, include_bias, chunk_size):
-        rows = slice(start, start + Q.shape[0])
-        top = batched_top_eigenpairs(Q, k, tol=tol, generator=gen)
-        norm = torch.linalg.matrix_norm(Q)
-        out["eigenvalues"][rows], out["eigenvectors"][rows] = top.eig.eigenvalues, top.eig.eigenvectors
-        out["frobenius_norm"][rows] = norm
-        out["captured_energy"][rows] = torch.where(norm > 0, top.eig.eigenvalues.pow(2).sum(-1) / norm.pow(2).clamp_min(1e-30), 0.0)
-        exact_rows += top.exact_rows
+    # Q chunks of ~ATLAS_CHUNK_BYTES: GEMM output, formed Q and Krylov work (dense B), or the
+    # factored working set.
+    per_direction = (B.packed.shape[1] + 2 * d * d) * U.element_size() if B is not None else 0
+    chunk_size = max(1, ATLAS_CHUNK_BYTES // per_direction) if B is not None else auto_chunk_size(w, include_bias)
+    for start, Q_chunk in _chunks(w, U, B, include_bias, chunk_size):
+        for sub in range(0, Q_chunk.shape[0], KRYLOV_BATCH):
+            Q = Q_chunk[sub : sub + KRYLOV_BATCH]
+            rows = slice(start + sub, start + sub + Q.shape[0])
+            top = batched_top_eigenpairs(Q, k, tol=tol, generator=gen)
+            norm = torch.linalg.matrix_norm(Q)
+            out["eigenvalues"][rows], out["eigenvectors"][rows] = top.eig.eigenvalues, top.eig.eigenvectors
+            out["frobenius_norm"][rows] = norm
+            out["captured_energy"][rows] = torch.where(norm > 0, top.eig.eigenvalues.pow(2).sum(-1) / norm.pow(2).clamp_min(1e-30), 0.0)
+            exact_rows += top.exact_rows
     return out, exact_rows
 
 
@@ -193,7 +214,7 @@ def _compute_shards(
         if not todo:
             continue
         chosen = choose_route(w, n_dirs, include_bias) if route == "auto" else route
-        B = interaction_matrices(w, torch.eye(w.d_out, dtype=w.dtype, device=w.device), include_bias=include_bias) if chosen == "dense_b" else None
+        B = PackedSymmetricTensor.build(w, include_bias) if chosen == "dense_b" else None
         for i, spec in todo:
             tensors, exact_rows = _shard_tensors(w, U[spec.start : spec.stop], B, k, include_bias, tol, seed=i)
             write_shard(path, spec, tensors, tag, exact_rows)
@@ -227,4 +248,4 @@ def _weight_tensors(w: BilinearWeights) -> list[Tensor]:
     return [t for t in (w.W_in, w.W_gate, w.W_out, w.b_in, w.b_gate, w.b_out) if t is not None]
 
 
-__all__ = ["ATLAS_MEMORY_BYTES", "ROUTES", "build_atlas", "choose_route", "model_atlas"]
+__all__ = ["ATLAS_CHUNK_BYTES", "ATLAS_MEMORY_BYTES", "KRYLOV_BATCH", "ROUTES", "build_atlas", "choose_route", "model_atlas"]
