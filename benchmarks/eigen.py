@@ -171,8 +171,12 @@ def _accuracy(today: dict[str, torch.Tensor], atlas: dict[str, torch.Tensor]) ->
     """
     ref, got = today["eigenvalues"].sort(-1).values, atlas["eigenvalues"].sort(-1).values
     rel = ((got - ref).abs() / ref.abs()).max().item()
-    cosines = torch.linalg.svdvals(today["eigenvectors"].double().mT @ atlas["eigenvectors"].double()).amin(-1)
-    angles = torch.arccos(cosines.clamp(max=1.0))
+    # sin of the largest principal angle = ||(I - V V^T) W||_2 (V, W orthonormal). Not
+    # arccos of the smallest cosine: near 1 it turns float32 rounding of the vectors
+    # (~1e-7) into ~1e-3 rad, which is what eigh against itself gave.
+    V, W = today["eigenvectors"].double(), atlas["eigenvectors"].double()
+    sines = torch.linalg.matrix_norm(W - V @ (V.mT @ W), ord=2)
+    angles = torch.arcsin(sines.clamp(max=1.0))
     return (f"max rel eigenvalue error {rel:.1e}; subspace angle max {angles.max().item():.1e} rad, "
             f"99th pct {angles.quantile(0.99).item():.1e} rad")
 
