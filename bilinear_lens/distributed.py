@@ -56,13 +56,19 @@ def current_ranks() -> Ranks:
 
 
 def resolve_device(name: str, local_rank: int = 0, what: str = "device") -> torch.device:
-    """``"auto"``: CUDA if available, else CPU; ``"cuda"``: this rank's GPU; else as named.
-    ``what`` names the setting in the error (e.g. ``"train.device"``, ``"--device"``)."""
+    """The one rule for device names (training's ``train.device`` and the analysis
+    commands' ``--device``): ``"auto"``: CUDA if available, else CPU; ``"cuda"``: this
+    rank's GPU (``cuda:<local_rank>``, so torchrun ranks do not share one); ``"cuda:N"``,
+    ``"cpu"``: as named. Anything else, or CUDA on a machine without it, is a
+    ``ValueError`` whose message starts with ``what`` (e.g. ``"train.device"``,
+    ``"--device"``) and the value."""
+    if not isinstance(name, str) or not (name in ("auto", "cpu", "cuda") or (name.startswith("cuda:") and name[5:].isdigit())):
+        raise ValueError(f"{what} {name!r} is not one of auto, cpu, cuda, cuda:N")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ValueError(f"{what}={name!r} but CUDA is not available on this machine; use 'auto' or 'cpu'")
+            raise ValueError(f"{what} {name!r}: CUDA is not available on this machine; use auto or cpu")
         return torch.device(name if ":" in name else f"cuda:{local_rank}")
     return torch.device(name)
 

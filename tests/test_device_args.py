@@ -84,3 +84,24 @@ def test_eigen_cli_and_entry_points_on_cuda(checkpoint, capsys) -> None:
     mlp = build_model(tiny_config()).blocks[0].mlp
     got = eigendecompose_directions(mlp, torch.randn(3, 32), k=2, device="cuda")
     assert got.eigenvalues.device.type == "cuda"
+
+
+def test_training_and_commands_share_one_device_rule(monkeypatch) -> None:
+    from bilinear_lens import distributed
+
+    with pytest.raises(ValueError, match="train.device 'gpu' is not one of auto, cpu, cuda, cuda:N"):
+        distributed.resolve_device("gpu", what="train.device")
+    assert distributed.resolve_device("cpu", what="train.device") == torch.device("cpu")
+    # the commands read the rank's LOCAL_RANK like training (cuda -> cuda:<local rank>);
+    # a malformed torchrun environment is named, not ignored
+    monkeypatch.setenv("LOCAL_RANK", "x")
+    with pytest.raises(UsageError, match="LOCAL_RANK='x' must be a non-negative integer"):
+        resolve_device(parse("--device", "cpu"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_training_names_its_setting_when_cuda_is_missing() -> None:
+    from bilinear_lens import distributed
+
+    with pytest.raises(ValueError, match="train.device 'cuda:1': CUDA is not available on this machine; use auto or cpu"):
+        distributed.resolve_device("cuda:1", what="train.device")

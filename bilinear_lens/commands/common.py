@@ -72,20 +72,20 @@ def add_device_args(parser: Any) -> None:
 
 
 def resolve_device(args: Any) -> tuple[Any, Any]:
-    """``(torch.device, torch.dtype)`` from ``args.device`` / ``args.dtype``; bad values are a
-    one-line :class:`UsageError` naming the flag, the value and what is allowed."""
-    import torch
+    """``(torch.device, torch.dtype)`` from ``args.device`` / ``args.dtype`` by the rule of
+    :func:`bilinear_lens.distributed.resolve_device` (under torchrun ``cuda`` is each rank's
+    own GPU); bad values are a one-line :class:`UsageError` naming the flag, the value and
+    what is allowed."""
+    from bilinear_lens.distributed import env_ranks
+    from bilinear_lens.distributed import resolve_device as resolve_device_name
 
-    name = args.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name != "cpu" and not (name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit())):
-        raise UsageError(f"--device {args.device!r} is not one of auto, cpu, cuda, cuda:N")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device!r}: CUDA is not available on this machine; use --device cpu or auto")
+    try:
+        device = resolve_device_name(args.device, env_ranks().local_rank, what="--device")
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     if args.dtype not in TORCH_DTYPES:
         raise UsageError(f"--dtype {args.dtype!r} is not one of {', '.join(DTYPES)}")
-    return torch.device(name), TORCH_DTYPES[args.dtype]
+    return device, TORCH_DTYPES[args.dtype]
 
 
 def place_model(model: Any, args: Any) -> Any:

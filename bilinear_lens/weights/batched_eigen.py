@@ -155,8 +155,9 @@ def batched_top_eigenpairs(
 
 # One restart (``steps`` block products, orthogonalisation, the Ritz ``eigh``) in units of
 # one full ``eigh`` of the same matrix, per ``(steps b d^2 + m^3) / d^3``: fitted at d 512,
-# b 16, steps 5 (measured ~1.6 ms per restart against ~16 ms per ``eigh``, float32, 2 cores).
-RESTART_COST_SCALE = 0.6
+# b 16, steps 5, 16 matrices per batch (float32, 2 cores: ~1.8 ms per restart against
+# ~13.5 ms per ``eigh``, i.e. 0.13 of an ``eigh`` where the formula gives 0.163).
+RESTART_COST_SCALE = 0.8
 
 
 def restart_cost_in_eighs(d: int, b: int, steps: int) -> float:
