@@ -138,6 +138,24 @@ def test_atlas_matches_dense_eigh_per_direction(tmp_path, route: str) -> None:
     assert len(atlas._cache) <= atlas.cache_shards
 
 
+@pytest.mark.parametrize("route", ["dense_b", "factored"])
+def test_atlas_with_biases_over_several_tiles(tmp_path, route: str) -> None:
+    # d 100 + the bias row = 101 inputs: four packed tiles (32, 32, 32, 5) and a basis large
+    # enough for the Krylov path (block 12, 8 * 12 < 101), against dense eigh of the
+    # augmented Q(u) from the factors.
+    d, d_mlp, k = 100, 150, 4
+    g = torch.Generator().manual_seed(7)
+    mats = [torch.randn(*s, generator=g, dtype=torch.float64) / s[0] ** 0.5 for s in ((d, d_mlp), (d, d_mlp), (d_mlp, d))]
+    w = BilinearWeights(*mats, *(torch.randn(n, generator=g, dtype=torch.float64) for n in (d_mlp, d_mlp, d)))
+    U = torch.randn(6, d, dtype=torch.float64, generator=g)
+    atlas = build_atlas({0: w}, U, tmp_path / "a", k=k, route=route, include_bias=True, dtype=torch.float64, tol=1e-10, progress=False)
+    Q = interaction_matrices(w, U, include_bias=True)
+    got = atlas.layer_tensors(0, "eigenvalues"), atlas.layer_tensors(0, "eigenvectors")
+    assert got[1].shape == (6, d + 1, k)
+    # residual 1e-10 of max|lambda|: eigenvalues to ~1e-10, vectors to ~1e-10 / gap (gaps >> 1e-4 here)
+    assert_top_k_matches(type(eigendecompose(Q[:1]))(*got), Q, k, rtol=1e-6)
+
+
 def test_loader_reads_only_the_shard_it_needs(tmp_path) -> None:
     model = build_model(tiny_config())
     model_atlas(model, tmp_path / "a", tokens=[5, 7, 60, 96], layers=[1], k=3, shard_size=2, progress=False)
