@@ -134,7 +134,7 @@ def batched_top_eigenpairs(
         done = residual <= tol
         eig = eig.top(k)
         values[active[done]], vectors[active[done]] = eig.eigenvalues[done], eig.eigenvectors[done]
-        leave = done | _exact_is_cheaper(residual, previous, tol, restart_cost) if adaptive_exact else done
+        leave = (done | _exact_is_cheaper(residual, previous, tol, restart_cost)) if adaptive_exact else done
         to_exact.append(active[leave & ~done])
         if leave.all():
             break
