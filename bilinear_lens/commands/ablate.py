@@ -77,7 +77,8 @@ def _sweep(args: argparse.Namespace, model: Any, tokens: torch.Tensor) -> tuple[
         if args.feature_read != "decoder":
             raise UsageError("--feature-read has no effect on ablate: it measures the feature's activation")
 
-        table = feature_ablation_sweep(model, tokens, args.layer, spec, progress=sys.stderr.isatty() and not args.quiet, **common)
+        table = feature_ablation_sweep(model, tokens, args.layer, spec, ablations_per_pass=args.ablations_per_pass,
+                                       progress=sys.stderr.isatty() and not args.quiet, **common)
         return table, "delta_feature"
     target = {} if spec is None else {"logit_diff": spec} if isinstance(spec, tuple) else {"logit": spec}
     table = ablation_sweep(model, tokens, args.layer, ablations_per_pass=args.ablations_per_pass,

@@ -61,7 +61,7 @@ def one_neuron_per_copy(neurons: Int[Tensor, "k"], values: Replacement) -> Calla
     return replace
 
 
-def _one_neuron_per_copy_hook(neurons: Int[Tensor, "k"], batch: int, values: Replacement) -> HookFn:
+def one_neuron_per_copy_hook(neurons: Int[Tensor, "k"], batch: int, values: Replacement) -> HookFn:
     """Hook for a batch of ``k`` stacked copies ``[k * batch, pos, d_mlp]``: copy ``j`` gets
     neuron ``neurons[j]`` replaced (out of place; see :func:`one_neuron_per_copy`)."""
     replace = one_neuron_per_copy(neurons, values)
@@ -73,7 +73,7 @@ def _one_neuron_per_copy_hook(neurons: Int[Tensor, "k"], batch: int, values: Rep
     return ablate
 
 
-def _ablations_per_pass(requested: Optional[int], tokens: Tensor) -> int:
+def resolve_ablations_per_pass(requested: Optional[int], tokens: Tensor) -> int:
     if requested is None:
         return max(1, DEFAULT_TOKENS_PER_PASS // max(1, tokens.numel()))
     if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
@@ -93,7 +93,7 @@ def _full_forward(model: HookedModel, tokens: Int[Tensor, "batch pos"], layer: i
     hook_name = mlp_hook_name(layer, hook)
 
     def forward(neurons: Int[Tensor, "k"], values: Replacement) -> Tensor:
-        copies_hook = _one_neuron_per_copy_hook(neurons, tokens.shape[0], values)
+        copies_hook = one_neuron_per_copy_hook(neurons, tokens.shape[0], values)
         return model.run_with_hooks(tokens.repeat(neurons.shape[0], 1), fwd_hooks=[(hook_name, copies_hook)])
 
     return forward
@@ -126,6 +126,14 @@ def _forward_from_mlp(model: HookedModel, tokens: Int[Tensor, "batch pos"], laye
     return forward
 
 
+def copies_forward(model: HookedModel, tokens: Int[Tensor, "batch pos"], layer: int, hook: str) -> CopiesForward:
+    """``forward(neurons, values) -> logits [k * batch, pos, d_vocab]`` of ``k`` copies of
+    ``tokens``, copy ``j`` with neuron ``neurons[j]`` of ``blocks.{layer}.mlp.{hook}``
+    replaced: restarting inside the MLP on our model, whole forwards otherwise. Hook points
+    after the ablated activation fire once per pass with the copies stacked along batch."""
+    return (_forward_from_mlp if starts_inside_mlp(model, layer) else _full_forward)(model, tokens, layer, hook)
+
+
 def _sweep(
     model: HookedModel,
     tokens: Int[Tensor, "batch pos"],
@@ -145,10 +153,9 @@ def _sweep(
     (:func:`_forward_from_mlp`, our model) or run from the tokens (:func:`_full_forward`).
     """
     batch = tokens.shape[0]
-    make_forward = _forward_from_mlp if starts_inside_mlp(model, layer) else _full_forward
     out = {name: torch.empty(neurons.shape[0], dtype=torch.float64) for name in metrics}
     with torch.no_grad(), tqdm(total=neurons.shape[0], desc=desc, unit="neuron", disable=not progress) as bar:
-        forward = make_forward(model, tokens, layer, hook)
+        forward = copies_forward(model, tokens, layer, hook)
         for start in range(0, neurons.shape[0], ablations_per_pass):
             chunk = neurons[start : start + ablations_per_pass]
             k = chunk.shape[0]
@@ -202,7 +209,7 @@ def ablation_sweep(
     reference = tokens if reference is None and method != "zero" else reference
     values = replacement(model, hook_name, method, reference, seed)
     metrics = named_metrics(model, tokens, metric, logit, logit_diff, position)
-    per_pass = _ablations_per_pass(ablations_per_pass, tokens)
+    per_pass = resolve_ablations_per_pass(ablations_per_pass, tokens)
     with torch.no_grad():
         baseline = evaluate(metrics, model(tokens))
     desc = f"{method}-ablating {hook_name}"
@@ -255,7 +262,7 @@ def patch_neurons(
         clean = evaluate(metrics, clean_logits)["metric"]
         corrupted = evaluate(metrics, model(corrupted_tokens))["metric"]
     values = Replacement("patch", clean_act[hook_name])
-    per_pass = _ablations_per_pass(ablations_per_pass, corrupted_tokens)
+    per_pass = resolve_ablations_per_pass(ablations_per_pass, corrupted_tokens)
     desc = f"patching {hook_name}"
     patched = _sweep(model, corrupted_tokens, layer, hook, indices, values, metrics, per_pass, progress, desc)["metric"]
     effect = patched - corrupted
