@@ -1,8 +1,8 @@
 """Benchmark: the eigen atlas vs today's path; factored / matrix-free interaction matrices
 vs the dense-tensor baseline.
 
-    python -m benchmarks.eigen                 # full sizes (~10 minutes on 2 cores)
-    python -m benchmarks.eigen --only atlas    # (0) only
+    python -m benchmarks.eigen                 # full sizes (~30 minutes on 2 cores, +5 to train (0)'s model once)
+    python -m benchmarks.eigen --only atlas    # (0) only (~15 minutes with the default 3 repeats)
     python -m benchmarks.eigen --only stage    # (0b) only: the top-k stage on formed Q
     python -m benchmarks.eigen --quick         # small sizes, seconds
 
