@@ -27,3 +27,14 @@ def test_eigen_benchmark_quick_atlas_section():
         # the atlas's accuracy figures, parsed: float32 eigenpairs agree to far better than the goals
         accuracy = section.split("max rel eigenvalue error ")[1].split(";")[0]
         assert float(accuracy) < 1e-3
+
+
+@pytest.mark.parametrize("extra", [[], ["--sae-feature"]])
+def test_ablation_benchmark_agrees_with_the_loop_at_toy_sizes(extra, capsys):
+    from benchmarks import ablation
+
+    argv = ["--d-model", "16", "--d-mlp", "24", "--d-vocab", "40", "--batch", "2", "--pos", "8", "--repeats", "1", "--all-layers"]
+    assert ablation.main(argv + extra) == 0  # exit 1 when the sweep and the loop disagree beyond 1e-5
+    out = capsys.readouterr().out
+    assert "loop/sweep" in out and ("SAE feature" in out) == bool(extra)
+    assert len([line for line in out.splitlines() if line.strip().startswith(("0 ", "1 "))]) == 2  # a row per layer
