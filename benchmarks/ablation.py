@@ -53,28 +53,34 @@ def _best_time(fn: Callable[[], torch.Tensor], repeats: int) -> tuple[float, tor
 
 
 def _compare(
-    model: BilinearTransformer, tokens: torch.Tensor, layer: int, per_pass: int | None, repeats: int
+    model: BilinearTransformer, tokens: torch.Tensor, layer: int, repeats: int,
+    read: Callable[[], float], sweep: Callable[[], torch.Tensor],
 ) -> tuple[float, float, float]:
-    """(loop seconds, sweep seconds, max |delta_loss| difference) for layer ``layer``."""
+    """(loop seconds, sweep seconds, max difference): the loop ablates each neuron of layer
+    ``layer`` in turn and records ``read()`` minus its clean value; ``sweep()`` gives the
+    same column batched."""
     d_mlp = model.cfg.d_mlp
     assert d_mlp is not None
-    loss = loss_metric(tokens)
 
     def loop() -> torch.Tensor:
         out = torch.empty(d_mlp, dtype=torch.float64)
         with torch.no_grad():
-            clean = float(loss(model(tokens)))
+            clean = read()
             for neuron in range(d_mlp):
                 with ablate_neurons(model, layer, [neuron]):
-                    out[neuron] = float(loss(model(tokens))) - clean
+                    out[neuron] = read() - clean
         return out
-
-    def sweep() -> torch.Tensor:
-        return ablation_sweep(model, tokens, layer, ablations_per_pass=per_pass, progress=False)["delta_loss"]
 
     t_loop, loop_result = _best_time(loop, repeats)
     t_sweep, sweep_result = _best_time(sweep, repeats)
     return t_loop, t_sweep, float((loop_result - sweep_result).abs().max())
+
+
+def _compare_loss(model: BilinearTransformer, tokens: torch.Tensor, layer: int, per_pass: int | None, repeats: int) -> tuple[float, float, float]:
+    """:func:`_compare` on ``delta_loss``: :func:`ablation_sweep` vs the loop."""
+    loss = loss_metric(tokens)
+    return _compare(model, tokens, layer, repeats, lambda: float(loss(model(tokens))),
+                    lambda: ablation_sweep(model, tokens, layer, ablations_per_pass=per_pass, progress=False)["delta_loss"])
 
 
 def _feature(model: BilinearTransformer, tokens: torch.Tensor) -> "FeatureDirection":
@@ -94,36 +100,19 @@ def _feature(model: BilinearTransformer, tokens: torch.Tensor) -> "FeatureDirect
     return FeatureDirection(sae, busiest)
 
 
-def _compare_feature(
-    model: BilinearTransformer, tokens: torch.Tensor, layer: int, per_pass: int | None, repeats: int
-) -> tuple[float, float, float]:
-    """As :func:`_compare`, reading ``delta_feature`` of :func:`_feature`."""
+def _compare_feature(model: BilinearTransformer, tokens: torch.Tensor, layer: int, per_pass: int | None, repeats: int) -> tuple[float, float, float]:
+    """:func:`_compare` on ``delta_feature`` of :func:`_feature`: :func:`feature_ablation_sweep` vs the loop."""
     from bilinear_lens.sae.ablation import feature_ablation_sweep
 
     feature = _feature(model, tokens)
     hook = feature.sae.cfg.hook_name
-    d_mlp = model.cfg.d_mlp
-    assert d_mlp is not None
 
     def read() -> float:
         _, cache = model.run_with_cache(tokens, names_filter=[hook])
         return float(feature.sae.encode(cache[hook])[..., feature.index].mean())
 
-    def loop() -> torch.Tensor:
-        out = torch.empty(d_mlp, dtype=torch.float64)
-        with torch.no_grad():
-            clean = read()
-            for neuron in range(d_mlp):
-                with ablate_neurons(model, layer, [neuron]):
-                    out[neuron] = read() - clean
-        return out
-
-    def sweep() -> torch.Tensor:
-        return feature_ablation_sweep(model, tokens, layer, feature, ablations_per_pass=per_pass).columns["delta_feature"]
-
-    t_loop, loop_result = _best_time(loop, repeats)
-    t_sweep, sweep_result = _best_time(sweep, repeats)
-    return t_loop, t_sweep, float((loop_result - sweep_result).abs().max())
+    return _compare(model, tokens, layer, repeats, read,
+                    lambda: feature_ablation_sweep(model, tokens, layer, feature, ablations_per_pass=per_pass).columns["delta_feature"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         f"tokens {args.batch} x {args.pos}; torch threads {torch.get_num_threads()}; "
         f"loop: 1 forward / neuron; sweep: batched; measure: {'SAE feature' if args.sae_feature else 'loss'}"
     )
-    compare = _compare_feature if args.sae_feature else _compare
+    compare = _compare_feature if args.sae_feature else _compare_loss
     print(f"{'layer':>5}  {'loop s':>8}  {'sweep s':>8}  {'loop n/s':>9}  {'sweep n/s':>9}  {'loop/sweep':>10}  max|diff|")
     worst = 0.0
     for layer in range(cfg.n_layers) if args.all_layers else [args.layer]:

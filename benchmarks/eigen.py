@@ -189,14 +189,14 @@ def _atlas_section(d_model: int, d_mlp: int, n_dirs: int, repeats: int, trained:
 
     from safetensors.torch import load_file
 
-    from bilinear_lens.weights.atlas import _packed_size
+    from bilinear_lens.weights.packed_tensor import packed_size
 
     gflops = _sgemm_gflops(2048 if d_model >= 256 else 512)
     print(f"(0) top-{TOP_K} of Q(u), median of {repeats}; sgemm measured now: {gflops:.0f} GFLOP/s")
     for source in ("random", trained):
         w, U = _weights_and_directions(source, d_model, d_mlp, n_dirs)
         n, d, h = U.shape[0], w.d_model, w.d_mlp
-        gemm_flops = 2 * h * d * _packed_size(d) + 2 * n * d * _packed_size(d)
+        gemm_flops = 2 * (h + n) * d * packed_size(d)
         runs: dict[str, list[dict[str, Any]]] = {"today": [], "atlas": []}
         results = {}
         with tempfile.TemporaryDirectory() as tmp:

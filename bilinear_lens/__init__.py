@@ -35,7 +35,7 @@ from bilinear_lens.data.corpus import prepare_data, TokenBlocks, load_texts
 from bilinear_lens.data.synthetic import synthetic_stories, word_class
 from bilinear_lens.data.tokenizer import train_tokenizer, load_tokenizer, save_tokenizer, to_hf_tokenizer, load_model_tokenizer
 from bilinear_lens.weights.tensor import BilinearWeights, bilinear_tensor, bilinear_output, interaction_matrix, interaction_matrices, iter_interaction_matrices, interaction, quadratic_form, augment_input
-from bilinear_lens.weights.packed_tensor import PackedSymmetricTensor, packed_symmetric_tensor
+from bilinear_lens.weights.packed_tensor import PackedSymmetricTensor, packed_size
 from bilinear_lens.weights.eigen import EigenConvergenceError, choose_method, Eigendecomposition, eigendecompose, eigendecompose_directions, top_eigenvectors, interaction_operator, low_rank_approximation, low_rank_error, low_rank_output, low_rank_correlation, eigenvector_activations
 from bilinear_lens.weights.batched_eigen import batched_top_eigenpairs, BatchedTopK
 from bilinear_lens.weights.atlas import build_atlas, model_atlas

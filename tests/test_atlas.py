@@ -63,17 +63,29 @@ def test_batched_krylov_matches_dense_eigh(make: str) -> None:
     assert_top_k_matches(got.eig, Q, k, rtol=1e-6)
 
 
-def test_batched_krylov_restarts_and_drops_converged_matrices(monkeypatch) -> None:
-    # A batch mixing fast (well-separated top) and slow (1e-3-clustered, mixed-sign top)
-    # matrices: the fast ones leave the batch early, the rest restart from their Ritz block.
-    d, k = 96, 6
+def fast_and_slow_matrices(d: int = 96) -> torch.Tensor:
+    """3 matrices with a well-separated top (eigenvalues 0.5^i), then 3 with a 1e-3-clustered,
+    mixed-sign top (:func:`spectrum_matrices`)."""
     g = torch.Generator().manual_seed(4)
     E = torch.linalg.qr(torch.randn(3, d, d, dtype=torch.float64, generator=g)).Q
     separated = (E * (0.5 ** torch.arange(d, dtype=torch.float64))[None, None, :]) @ E.mT
-    Q = torch.cat([separated, spectrum_matrices(3, d, seed=5)])[torch.tensor([0, 3, 1, 4, 2, 5])]
-    batches = []
+    return torch.cat([separated, spectrum_matrices(3, d, seed=5)])
+
+
+def count_krylov_batches(monkeypatch) -> list[int]:
+    """The batch size of every Krylov round from now on (the list fills as the solver runs)."""
+    batches: list[int] = []
     ritz = batched_eigen._krylov_ritz
     monkeypatch.setattr(batched_eigen, "_krylov_ritz", lambda Qa, *a: batches.append(Qa.shape[0]) or ritz(Qa, *a))
+    return batches
+
+
+def test_batched_krylov_restarts_and_drops_converged_matrices(monkeypatch) -> None:
+    # A batch mixing fast (well-separated top) and slow (1e-3-clustered, mixed-sign top)
+    # matrices: the fast ones leave the batch early, the rest restart from their Ritz block.
+    k = 6
+    Q = fast_and_slow_matrices()[torch.tensor([0, 3, 1, 4, 2, 5])]
+    batches = count_krylov_batches(monkeypatch)
     got = batched_top_eigenpairs(Q, k, block_size=8, steps=3, tol=1e-10, generator=torch.Generator().manual_seed(0), adaptive_exact=False)
     assert got.exact_rows == 0 and batches[0] == 6 and len(batches) > 2 and min(batches) < 6
     # residual 1e-10 of max|lambda| bounds eigenvalue errors far below 1e-6; vectors: gaps here are >= 1e-3
@@ -84,14 +96,9 @@ def test_slow_matrices_leave_krylov_for_eigh_once_it_is_predicted_cheaper(monkey
     # Same mix as above: the clustered tops converge slowly, so after two restarts their
     # predicted remaining restarts cost more than one eigh and they go to the exact eigh
     # long before max_restarts; the separated ones still converge by Krylov.
-    d, k = 96, 6
-    g = torch.Generator().manual_seed(4)
-    E = torch.linalg.qr(torch.randn(3, d, d, dtype=torch.float64, generator=g)).Q
-    separated = (E * (0.5 ** torch.arange(d, dtype=torch.float64))[None, None, :]) @ E.mT
-    Q = torch.cat([separated, spectrum_matrices(3, d, seed=5)])
-    batches = []
-    ritz = batched_eigen._krylov_ritz
-    monkeypatch.setattr(batched_eigen, "_krylov_ritz", lambda Qa, *a: batches.append(Qa.shape[0]) or ritz(Qa, *a))
+    k = 6
+    Q = fast_and_slow_matrices()
+    batches = count_krylov_batches(monkeypatch)
     got = batched_top_eigenpairs(Q, k, block_size=8, steps=3, tol=1e-10, generator=torch.Generator().manual_seed(0))
     assert got.exact_rows == 3 and len(batches) <= 4, (got.exact_rows, batches)
     assert_top_k_matches(got.eig, Q, k, rtol=1e-6)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bilinear_lens.weights.packed_tensor import PackedSymmetricTensor, packed_symmetric_tensor, tile_pairs
+from bilinear_lens.weights.packed_tensor import PackedSymmetricTensor, packed_size, tile_pairs
 from bilinear_lens.weights.tensor import BilinearWeights, bilinear_output, augment_input, interaction_matrices
 
 
@@ -30,8 +30,7 @@ def test_tile_pairs_cover_the_upper_triangle_once(d: int, tile: int) -> None:
 
 
 def test_stored_fraction_is_about_half() -> None:
-    last = tile_pairs(512, 32)[-1]
-    assert last.offset + last.size == 136 * 32 * 32  # 16 tiles: 16 * 17 / 2 pairs of 32 x 32, 53% of 512^2
+    assert packed_size(512, 32) == 136 * 32 * 32  # 16 tiles: 16 * 17 / 2 pairs of 32 x 32, 53% of 512^2
 
 
 @pytest.mark.parametrize("d,tile", [(23, 8), (16, 64), (12, 5)])
@@ -47,7 +46,7 @@ def test_contract_equals_factored_interaction_matrices(d: int, tile: int) -> Non
 def test_bias_corner_reproduces_the_mlp_on_augmented_inputs() -> None:
     w = weights(10, 30, seed=2, bias=True)
     U = torch.randn(4, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    Q = packed_symmetric_tensor(w, include_bias=True, tile=4).contract(U)
+    Q = PackedSymmetricTensor.build(w, include_bias=True, tile=4).contract(U)
     torch.testing.assert_close(Q, interaction_matrices(w, U, include_bias=True), rtol=0, atol=1e-12)
     x = augment_input(torch.randn(6, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(4)))
     quadratic = torch.einsum("bi,nij,bj->bn", x, Q, x)

@@ -47,7 +47,7 @@ from bilinear_lens.weights.atlas_store import (
 )
 from bilinear_lens.weights.batched_eigen import batched_top_eigenpairs
 from bilinear_lens.weights.directions import TokenLike, token_directions, token_id
-from bilinear_lens.weights.packed_tensor import DEFAULT_TILE, PackedSymmetricTensor, tile_pairs
+from bilinear_lens.weights.packed_tensor import PackedSymmetricTensor, packed_size
 from bilinear_lens.weights.tensor import BilinearWeights, MLPLike, auto_chunk_size, iter_interaction_matrices
 
 ROUTES = ("auto", "dense_b", "factored")
@@ -62,17 +62,12 @@ ATLAS_CHUNK_BYTES = 256 * 2**20
 KRYLOV_BATCH = 16
 
 
-def _packed_size(d: int) -> int:
-    last = tile_pairs(d, DEFAULT_TILE)[-1]
-    return last.offset + last.size
-
-
 def choose_route(w: BilinearWeights, n_dirs: int, include_bias: bool = False, memory_bytes: int = ATLAS_MEMORY_BYTES) -> str:
     """``"dense_b"`` when the packed ``B`` fits in ``memory_bytes`` and needs fewer FLOPs
     (building it, ``2 d_out d_mlp P``, plus ``2 n d_out P`` to contract, against ``2 n d^2
     d_mlp`` from the factors; ``P ~ d^2 / 2``), else ``"factored"``."""
     d = w.d_input(include_bias)
-    P = _packed_size(d)
+    P = packed_size(d)
     b_bytes = w.d_out * P * w.W_in.element_size()
     fewer_flops = w.d_out * w.d_mlp * P + n_dirs * w.d_out * P < n_dirs * d * d * w.d_mlp
     return "dense_b" if fewer_flops and b_bytes <= memory_bytes else "factored"
@@ -105,8 +100,10 @@ def _shard_tensors(
     exact_rows = 0
     # Q chunks of ~ATLAS_CHUNK_BYTES: GEMM output, formed Q and Krylov work (dense B), or the
     # factored working set.
-    per_direction = (B.packed.shape[1] + 2 * d * d) * U.element_size() if B is not None else 0
-    chunk_size = max(1, ATLAS_CHUNK_BYTES // per_direction) if B is not None else auto_chunk_size(w, include_bias)
+    if B is not None:
+        chunk_size = max(1, ATLAS_CHUNK_BYTES // ((B.packed.shape[1] + 2 * d * d) * U.element_size()))
+    else:
+        chunk_size = auto_chunk_size(w, include_bias)
     for start, Q_chunk in _chunks(w, U, B, include_bias, chunk_size):
         for sub in range(0, Q_chunk.shape[0], KRYLOV_BATCH):
             Q = Q_chunk[sub : sub + KRYLOV_BATCH]

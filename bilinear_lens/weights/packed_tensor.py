@@ -63,6 +63,12 @@ def tile_pairs(d: int, tile: int) -> list[TilePair]:
     return pairs
 
 
+def packed_size(d: int, tile: int = DEFAULT_TILE) -> int:
+    """``P``: numbers stored per output dim for ``d`` inputs (the columns of ``packed``)."""
+    last = tile_pairs(d, tile)[-1]
+    return last.offset + last.size
+
+
 class PackedSymmetricTensor:
     """``Bs`` of one bilinear MLP, upper tile triangle only (see module docstring).
 
@@ -72,7 +78,7 @@ class PackedSymmetricTensor:
 
     def __init__(self, packed: Float[Tensor, "d_out P"], d: int, tile: int) -> None:
         self.pairs = tile_pairs(d, tile)
-        expected = self.pairs[-1].offset + self.pairs[-1].size
+        expected = packed_size(d, tile)
         if packed.ndim != 2 or packed.shape[1] != expected:
             raise ValueError(f"packed must be [d_out, {expected}] for d={d}, tile={tile}; got shape {tuple(packed.shape)}")
         self.packed, self.d, self.tile = packed, d, tile
@@ -84,7 +90,7 @@ class PackedSymmetricTensor:
         L, R = (m.T.contiguous() for m in input_factors(w, include_bias))  # [d_mlp, d]
         d = L.shape[1]
         pairs = tile_pairs(d, tile)
-        packed = L.new_empty(w.d_out, pairs[-1].offset + pairs[-1].size)
+        packed = L.new_empty(w.d_out, packed_size(d, tile))
         out_t = w.W_out.T  # [d_out, d_mlp]
         for p in pairs:
             # Z[h, i, j] = (L[i, h] R[j, h] + R[i, h] L[j, h]) / 2 for i in rows, j in cols
@@ -122,9 +128,4 @@ class PackedSymmetricTensor:
         return Q
 
 
-def packed_symmetric_tensor(mlp: MLPLike, include_bias: bool = False, tile: int = DEFAULT_TILE) -> PackedSymmetricTensor:
-    """:meth:`PackedSymmetricTensor.build` (a function, like the other tensor builders)."""
-    return PackedSymmetricTensor.build(mlp, include_bias, tile)
-
-
-__all__ = ["DEFAULT_TILE", "PackedSymmetricTensor", "TilePair", "packed_symmetric_tensor", "tile_pairs"]
+__all__ = ["DEFAULT_TILE", "PackedSymmetricTensor", "TilePair", "packed_size", "tile_pairs"]
