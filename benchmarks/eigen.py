@@ -5,6 +5,7 @@ vs the dense-tensor baseline.
     python -m benchmarks.eigen --only atlas    # (0) only (~15 minutes with the default 3 repeats)
     python -m benchmarks.eigen --only stage    # (0b) only: the top-k stage on formed Q
     python -m benchmarks.eigen --quick         # small sizes, seconds
+    python -m benchmarks.eigen --only atlas --device cuda   # (0) and (0b) on a GPU
 
 (0) Top-8 eigenpairs (by |lambda|) of Q(u) for 4096 directions at d_model 512, d_mlp
     2048, float32, median of ``--repeats`` runs: today's ``eigendecompose_directions``
@@ -26,6 +27,12 @@ vs the dense-tensor baseline.
     (0)), all variants in this process, interleaved (order reversed every repeat),
     medians: full batched ``eigh`` vs ``batched_top_eigenpairs`` with the previous
     parameters (block 12, 10 steps) and with today's defaults, at the atlas' tol.
+
+``--device`` (``cpu``, ``cuda``, ``cuda:N``, ``auto``) runs sections (0) and (0b) there: the
+weights and directions are moved first (not timed), the clock stops after
+``torch.cuda.synchronize``, the sgemm rate is the device's, and on CUDA "extra peak" is
+the device memory the variant allocated beyond what it held before
+(``torch.cuda.max_memory_allocated``), not host RSS.
 
 Each variant runs in its own subprocess on the same seeded random Gaussian weights
 (float32). Time: wall-clock of the variant only (weight generation excluded). Memory:
@@ -51,7 +58,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -105,37 +112,75 @@ def trained_checkpoint(quick: bool) -> Path:
     return train(cfg, out, progress=False).final_checkpoint
 
 
-def _weights_and_directions(source: str, d_model: int, d_mlp: int, n_dirs: int) -> tuple[Any, torch.Tensor]:
+def _weights_and_directions(source: str, d_model: int, d_mlp: int, n_dirs: int, device: str = "cpu") -> tuple[Any, torch.Tensor]:
     """``("random", ...)``: Gaussian weights and directions; a checkpoint path: its layer-0
-    MLP and all of its token directions (``n_dirs`` and the dims are then the model's)."""
+    MLP and all of its token directions (``n_dirs`` and the dims are then the model's).
+    Both are drawn or loaded on the CPU (the same numbers on every device), then moved."""
     if source == "random":
-        return _weights(d_model, d_mlp), torch.randn(n_dirs, d_model, generator=torch.Generator().manual_seed(1))
-    from bilinear_lens.models.model import load_model
-    from bilinear_lens.weights.directions import token_directions
-    from bilinear_lens.weights.tensor import BilinearWeights
+        w, U = _weights(d_model, d_mlp), torch.randn(n_dirs, d_model, generator=torch.Generator().manual_seed(1))
+    else:
+        from bilinear_lens.models.model import load_model
+        from bilinear_lens.weights.directions import token_directions
+        from bilinear_lens.weights.tensor import BilinearWeights
 
-    model = load_model(source)
-    return BilinearWeights.from_module(model.blocks[0].mlp).to(dtype=torch.float32), token_directions(model).float()
+        model = load_model(source)
+        w, U = BilinearWeights.from_module(model.blocks[0].mlp), token_directions(model)
+    return w.to(device, torch.float32), U.to(device, torch.float32)
 
 
 def _label(source: str) -> str:
     return "Gaussian" if source == "random" else f"trained ({Path(source).parent.name}, layer 0, token directions)"
 
 
-def _sgemm_gflops(n: int, repeats: int = 3) -> float:
-    """Median float32 matmul rate of an ``n x n`` GEMM (GFLOP/s)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def _synchronize(device: torch.device) -> None:
+    """Wait for queued device work, so the clock measures it (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _sgemm_gflops(n: int, device: torch.device, repeats: int = 3) -> float:
+    """Median float32 matmul rate of an ``n x n`` GEMM on ``device`` (GFLOP/s)."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     a @ b
     times = []
     for _ in range(repeats):
+        _synchronize(device)
         start = time.perf_counter()
         a @ b
+        _synchronize(device)
         times.append(time.perf_counter() - start)
     return 2 * n**3 / sorted(times)[len(times) // 2] / 1e9
 
 
-def _atlas_variant(name: str, d_model: int, d_mlp: int, n_dirs: int, source: str, result_file: str) -> dict[str, Any]:
-    """One timed run of today's path or the atlas; the top-8 pairs go to ``result_file``."""
+class _PeakMemory:
+    """Extra peak memory of the code inside (MB) and the total peak: host RSS on the CPU
+    (``VmHWM`` reset through ``/proc/self/clear_refs``: every allocation counts, LAPACK
+    workspaces too), allocated device memory on CUDA (the host side is then small)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def __enter__(self) -> "_PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.before = torch.cuda.memory_allocated(self.device) / 2**20
+        else:
+            self.before = _status_kb("VmRSS") / 1024
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset the peak-RSS counter
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            self.peak = _status_kb("VmHWM") / 1024
+        self.extra = max(self.peak - self.before, 0.0)
+
+
+def _atlas_variant(name: str, d_model: int, d_mlp: int, n_dirs: int, source: str, result_file: str, device: str = "cpu") -> dict[str, Any]:
+    """One timed run of today's path or the atlas on ``device``; the top-8 pairs go to
+    ``result_file``. The atlas' time includes writing its shards (it streams them)."""
     import tempfile
 
     from safetensors.torch import save_file
@@ -143,23 +188,23 @@ def _atlas_variant(name: str, d_model: int, d_mlp: int, n_dirs: int, source: str
     from bilinear_lens.weights.atlas import build_atlas
     from bilinear_lens.weights.eigen import eigendecompose_directions
 
-    w, U = _weights_and_directions(source, d_model, d_mlp, n_dirs)
-    torch.linalg.eigh(torch.eye(4))  # load LAPACK before the measurement
+    dev = torch.device(device)
+    w, U = _weights_and_directions(source, d_model, d_mlp, n_dirs, device)
+    torch.linalg.eigh(torch.eye(4, device=dev))  # load LAPACK / cuSOLVER before the measurement
     with tempfile.TemporaryDirectory() as tmp:
-        rss_before = _status_kb("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak-RSS counter
-        start = time.perf_counter()
-        if name == "today":
-            eig = eigendecompose_directions(w, U, k=TOP_K)
-            values, vectors = eig.eigenvalues, eig.eigenvectors
-        else:
-            atlas = build_atlas({0: w}, U, f"{tmp}/atlas", k=TOP_K, progress=False)
-            values, vectors = atlas.layer_tensors(0, "eigenvalues"), atlas.layer_tensors(0, "eigenvectors")
-        seconds = time.perf_counter() - start
-        peak = _status_kb("VmHWM")
-    save_file({"eigenvalues": values.contiguous(), "eigenvectors": vectors.contiguous()}, result_file)
-    return {"seconds": seconds, "extra_peak_mb": max(peak - rss_before, 0) / 1024, "total_peak_mb": peak / 1024}
+        _synchronize(dev)
+        with _PeakMemory(dev) as memory:
+            start = time.perf_counter()
+            if name == "today":
+                eig = eigendecompose_directions(w, U, k=TOP_K)
+                values, vectors = eig.eigenvalues, eig.eigenvectors
+            else:
+                atlas = build_atlas({0: w}, U, f"{tmp}/atlas", k=TOP_K, progress=False)
+                values, vectors = atlas.layer_tensors(0, "eigenvalues"), atlas.layer_tensors(0, "eigenvectors")
+            _synchronize(dev)
+            seconds = time.perf_counter() - start
+    save_file({"eigenvalues": values.cpu().contiguous(), "eigenvectors": vectors.cpu().contiguous()}, result_file)
+    return {"seconds": seconds, "extra_peak_mb": memory.extra, "total_peak_mb": memory.peak}
 
 
 def _accuracy(today: dict[str, torch.Tensor], atlas: dict[str, torch.Tensor]) -> str:
@@ -181,18 +226,18 @@ def _accuracy(today: dict[str, torch.Tensor], atlas: dict[str, torch.Tensor]) ->
             f"99th pct {angles.quantile(0.99).item():.1e} rad")
 
 
-def _atlas_section(d_model: int, d_mlp: int, n_dirs: int, repeats: int, trained: str, in_process: bool = False) -> None:
-    """Print section (0) for Gaussian weights and the ``trained`` checkpoint; ``in_process``
-    runs the variants here instead of in fresh subprocesses (``--quick``: seconds, but peak
-    memory then includes earlier variants)."""
+def _atlas_section(d_model: int, d_mlp: int, n_dirs: int, repeats: int, trained: str, in_process: bool = False, device: str = "cpu") -> None:
+    """Print section (0) for Gaussian weights and the ``trained`` checkpoint on ``device``;
+    ``in_process`` runs the variants here instead of in fresh subprocesses (``--quick``:
+    seconds, but peak memory then includes earlier variants)."""
     import tempfile
 
     from safetensors.torch import load_file
 
     from bilinear_lens.weights.packed_tensor import packed_size
 
-    gflops = _sgemm_gflops(2048 if d_model >= 256 else 512)
-    print(f"(0) top-{TOP_K} of Q(u), median of {repeats}; sgemm measured now: {gflops:.0f} GFLOP/s")
+    gflops = _sgemm_gflops(2048 if d_model >= 256 else 512, torch.device(device))
+    print(f"(0) top-{TOP_K} of Q(u) on {_device_name(device)}, median of {repeats}; sgemm measured now: {gflops:.0f} GFLOP/s")
     for source in ("random", trained):
         w, U = _weights_and_directions(source, d_model, d_mlp, n_dirs)
         n, d, h = U.shape[0], w.d_model, w.d_mlp
@@ -203,7 +248,8 @@ def _atlas_section(d_model: int, d_mlp: int, n_dirs: int, repeats: int, trained:
             for _ in range(repeats):
                 for name in runs:  # interleaved, so both see the same machine load
                     file = f"{tmp}/{name}.safetensors"
-                    run = _atlas_variant(name, d_model, d_mlp, n_dirs, source, file) if in_process else _run(name, d_model, d_mlp, n_dirs, source, file)
+                    args = (name, d_model, d_mlp, n_dirs, source, file, device)
+                    run = _atlas_variant(*args) if in_process else _run(*args)
                     runs[name].append(run)
                     results[name] = load_file(file)
         med = {name: sorted(r, key=lambda x: x["seconds"])[len(r) // 2] for name, r in runs.items()}
@@ -215,8 +261,8 @@ def _atlas_section(d_model: int, d_mlp: int, n_dirs: int, repeats: int, trained:
         print("  accuracy vs today's exact eigh: " + _accuracy(results["today"], results["atlas"]) + "\n")
 
 
-def _stage_section(d_model: int, d_mlp: int, n_dirs: int, repeats: int, trained: str) -> None:
-    """Print section (0b): the top-k stage on formed ``Q`` (see the module docstring)."""
+def _stage_section(d_model: int, d_mlp: int, n_dirs: int, repeats: int, trained: str, device: str = "cpu") -> None:
+    """Print section (0b): the top-k stage on formed ``Q`` on ``device`` (see the module docstring)."""
     import os
 
     from bilinear_lens.weights.batched_eigen import batched_top_eigenpairs
@@ -224,30 +270,40 @@ def _stage_section(d_model: int, d_mlp: int, n_dirs: int, repeats: int, trained:
     from bilinear_lens.weights.tensor import interaction_matrices
 
     def krylov(**params: int) -> Any:
-        return lambda Q: batched_top_eigenpairs(Q, TOP_K, tol=1e-4, generator=torch.Generator().manual_seed(0), **params).eig
+        return lambda Q: batched_top_eigenpairs(Q, TOP_K, tol=1e-4, generator=torch.Generator(device=Q.device).manual_seed(0), **params).eig
 
     variants = {"full batched eigh": lambda Q: sort_by_magnitude(*torch.linalg.eigh(Q)).top(TOP_K),
                 "Krylov b12 s10 (previous)": krylov(block_size=12, steps=10), "Krylov defaults": krylov()}
-    print(f"(0b) top-{TOP_K} stage on {n_dirs} formed Q(u), median of {repeats}")
+    dev = torch.device(device)
+    print(f"(0b) top-{TOP_K} stage on {n_dirs} formed Q(u) on {_device_name(device)}, median of {repeats}")
     for source in ("random", trained):
-        w, U = _weights_and_directions(source, d_model, d_mlp, n_dirs)
+        w, U = _weights_and_directions(source, d_model, d_mlp, n_dirs, device)
         rows = torch.randperm(U.shape[0], generator=torch.Generator().manual_seed(2))[:n_dirs]
-        Q = interaction_matrices(w, U[rows])
+        Q = interaction_matrices(w, U[rows.to(dev)])
         times: dict[str, list[float]] = {name: [] for name in variants}
         results = {}
         for repeat in range(repeats):
             for name in list(variants)[:: 1 if repeat % 2 == 0 else -1]:  # alternate the order
+                _synchronize(dev)
                 start = time.perf_counter()
                 results[name] = variants[name](Q)
+                _synchronize(dev)
                 times[name].append(time.perf_counter() - start)
         print(f"  weights: {_label(source)}, d_model {w.d_model}, d_mlp {w.d_mlp}; load average {os.getloadavg()[0]:.1f} after")
         ref = results["full batched eigh"]
         for name, t in times.items():
             med = sorted(t)[len(t) // 2]
             got = results[name]
-            accuracy = _accuracy(ref._asdict(), got._asdict())
+            accuracy = _accuracy({k: v.cpu() for k, v in ref._asdict().items()}, {k: v.cpu() for k, v in got._asdict().items()})
             print(f"  {name:<26} {med:7.2f} s  {1000 * med / Q.shape[0]:6.2f} ms/matrix  x{sorted(times['full batched eigh'])[repeats // 2] / med:5.2f} vs eigh   {accuracy}")
     print()
+
+
+def _device_name(device: str) -> str:
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return f"{dev} ({torch.cuda.get_device_name(dev)})"
+    return f"cpu ({torch.get_num_threads()} threads)"
 
 
 def _variant(name: str, d_model: int, d_mlp: int, n_dirs: int) -> dict[str, Any]:
@@ -304,30 +360,38 @@ def _ratios(base: dict[str, Any], ours: dict[str, Any]) -> str:
     return f"  => time ratio (baseline/ours) {time_ratio:6.2f}x   extra-peak-memory ratio {mem_ratio:8.1f}x"
 
 
-def main() -> None:
+def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes, runs in seconds")
     parser.add_argument("--only", choices=("atlas", "stage", "factored", "topk"), help="run one section: (0), (0b), (1) or (2)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per atlas variant; the median is shown (default 3)")
     parser.add_argument("--trained-checkpoint", metavar="DIR", help="bilinear checkpoint for the trained-weights rows "
                         "(default: train training/configs/tinystories-1l-cpu.toml once into benchmarks/out)")
+    parser.add_argument("--device", default="cpu", help="where sections (0) and (0b) compute: cpu (default), cuda, cuda:N or auto")
     parser.add_argument("--variant", nargs="+", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.variant:
         name, *rest = args.variant
         run = _atlas_variant if name in ("today", "atlas") else _variant
         print(json.dumps(run(name, *map(int, rest[:3]), *rest[3:])))
         return
 
+    from bilinear_lens.distributed import resolve_device
+
+    try:
+        device = str(resolve_device(args.device, what="--device"))
+    except ValueError as err:
+        parser.error(str(err))
     sizes = SIZES["quick" if args.quick else "full"]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32")
-    print("time: wall-clock of the variant; extra peak: peak RSS during it minus RSS before it\n")
+    peak = "allocated device memory" if device.startswith("cuda") else "RSS"
+    print(f"time: wall-clock of the variant; extra peak: peak {peak} during it minus {peak} before it\n")
     if args.only in (None, "atlas", "stage"):
         trained = str(args.trained_checkpoint or trained_checkpoint(args.quick))
     if args.only in (None, "atlas"):
-        _atlas_section(*sizes["atlas"], repeats=args.repeats, trained=trained, in_process=args.quick)
+        _atlas_section(*sizes["atlas"], repeats=args.repeats, trained=trained, in_process=args.quick, device=device)
     if args.only in (None, "stage"):
-        _stage_section(*sizes["stage"], repeats=args.repeats, trained=trained)
+        _stage_section(*sizes["stage"], repeats=args.repeats, trained=trained, device=device)
     if args.only in ("atlas", "stage"):
         return
 

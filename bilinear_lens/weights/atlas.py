@@ -14,8 +14,8 @@ numbers per output dim, ``2 d_out d_mlp P`` FLOPs), and forms a chunk of ``Q`` a
 ``U_chunk @ packed`` (``2 d_out P`` per direction) plus tile copies. ``route="auto"`` takes
 it when the packed ``B`` fits in ``memory_bytes`` and the total FLOPs are lower (more than
 ~310 directions at d 512 / d_mlp 2048), else ``"factored"``. Top-``k`` then comes from
-batched block Krylov on the formed ``Q``, ``KRYLOV_BATCH`` matrices at a time
-(:func:`~bilinear_lens.weights.batched_eigen.batched_top_eigenpairs`, which hands a matrix
+batched block Krylov on the formed ``Q``, ``KRYLOV_BATCH`` matrices at a time on the CPU
+(the whole chunk elsewhere; :func:`~bilinear_lens.weights.batched_eigen.batched_top_eigenpairs`, which hands a matrix
 to the exact ``eigh`` as soon as that is predicted cheaper), not a full ``eigh``.
 
 Under ``torchrun`` (:mod:`bilinear_lens.distributed`) shards are split round-robin over the
@@ -57,9 +57,16 @@ ATLAS_MEMORY_BYTES = 512 * 2**20
 # basis. Larger chunks read the packed B fewer times (at 32 directions per chunk the
 # contraction was bound by reading B, not by FLOPs; NOTES).
 ATLAS_CHUNK_BYTES = 256 * 2**20
-# Matrices per Krylov batch: 16 formed d-512 Q (16 MiB) stay in cache across the restarts'
-# products; measured 6.1 ms per matrix vs 7.5 with all 128 of a chunk at once (NOTES).
+# Matrices per Krylov batch on the CPU: 16 formed d-512 Q (16 MiB) stay in cache across the
+# restarts' products; measured 6.1 ms per matrix vs 7.5 with all 128 of a chunk at once
+# (NOTES). Other devices take the whole chunk per batch: that cache argument is the CPU's,
+# and a GPU needs many matrices per call to be busy (not measured here: no GPU was lent).
 KRYLOV_BATCH = 16
+
+
+def krylov_batch(device: torch.device, chunk: int) -> int:
+    """Matrices per :func:`batched_top_eigenpairs` call for a chunk of ``chunk`` on ``device``."""
+    return KRYLOV_BATCH if device.type == "cpu" else chunk
 
 
 def choose_route(w: BilinearWeights, n_dirs: int, include_bias: bool = False, memory_bytes: int = ATLAS_MEMORY_BYTES) -> str:
@@ -105,8 +112,9 @@ def _shard_tensors(
     else:
         chunk_size = auto_chunk_size(w, include_bias)
     for start, Q_chunk in _chunks(w, U, B, include_bias, chunk_size):
-        for sub in range(0, Q_chunk.shape[0], KRYLOV_BATCH):
-            Q = Q_chunk[sub : sub + KRYLOV_BATCH]
+        batch = krylov_batch(Q_chunk.device, Q_chunk.shape[0])
+        for sub in range(0, Q_chunk.shape[0], batch):
+            Q = Q_chunk[sub : sub + batch]
             rows = slice(start + sub, start + sub + Q.shape[0])
             top = batched_top_eigenpairs(Q, k, tol=tol, generator=gen)
             norm = torch.linalg.matrix_norm(Q)
@@ -245,4 +253,4 @@ def _weight_tensors(w: BilinearWeights) -> list[Tensor]:
     return [t for t in (w.W_in, w.W_gate, w.W_out, w.b_in, w.b_gate, w.b_out) if t is not None]
 
 
-__all__ = ["ATLAS_CHUNK_BYTES", "ATLAS_MEMORY_BYTES", "KRYLOV_BATCH", "ROUTES", "build_atlas", "choose_route", "model_atlas"]
+__all__ = ["ATLAS_CHUNK_BYTES", "ATLAS_MEMORY_BYTES", "KRYLOV_BATCH", "ROUTES", "build_atlas", "choose_route", "krylov_batch", "model_atlas"]
