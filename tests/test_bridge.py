@@ -10,7 +10,7 @@ from transformer_lens.model_bridge.bridge import TransformerBridge
 
 from bilinear_lens.models.bridge import ARCHITECTURE_NAME, BilinearLensArchitectureAdapter, bridge_config, load_bridge, to_bridge
 from bilinear_lens.models.model import build_model
-from conftest import MLP_KINDS, tiny_config
+from conftest import MLP_KINDS, tiny_config, FLOAT32_REORDERED
 
 
 def test_entry_point_registers_adapter():
@@ -28,7 +28,7 @@ def test_bridge_matches_model_and_exposes_hooks(kind, tokens):
         bridge = to_bridge(model)
     assert isinstance(bridge, TransformerBridge)
     logits, cache = bridge.run_with_cache(tokens)
-    torch.testing.assert_close(logits, model(tokens), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, model(tokens), **FLOAT32_REORDERED)
     _, own = model.run_with_cache(tokens)
     shared = [
         "hook_embed",
@@ -46,7 +46,7 @@ def test_bridge_matches_model_and_exposes_hooks(kind, tokens):
         shared.append("blocks.1.mlp.hook_pre_linear")
     for name in shared:
         assert cache[name].shape == own[name].shape, name
-        torch.testing.assert_close(cache[name], own[name], rtol=1e-5, atol=1e-5, msg=name)
+        torch.testing.assert_close(cache[name], own[name], **FLOAT32_REORDERED, msg=name)
     # q/k/v before rotary: the same values, TransformerLens shape [batch, pos, head, d_head]
     torch.testing.assert_close(cache["blocks.0.attn.hook_q"], own["blocks.0.attn.hook_q"])
 
@@ -67,7 +67,7 @@ def test_hook_edit_through_bridge_changes_output(tokens):
     edited = bridge.run_with_hooks(tokens, fwd_hooks=[("blocks.0.mlp.hook_post", zero)])
     assert (edited - clean).abs().max() > 1e-4
     reference = model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_mlp_out", zero)])
-    torch.testing.assert_close(edited, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(edited, reference, **FLOAT32_REORDERED)
     # pattern hooks act inside the attention computation (pattern_fn seam)
     uniform = bridge.run_with_hooks(tokens, fwd_hooks=[("blocks.0.attn.hook_pattern", lambda t, hook: t * 0)])
     assert (uniform - clean).abs().max() > 1e-4
@@ -88,6 +88,8 @@ def test_compatibility_mode_keeps_log_probs(tokens):
     bridge = to_bridge(model)
     bridge.enable_compatibility_mode()
     logits, cache = bridge.run_with_cache(tokens)
+    # folding the norms into the weights reorders whole float32 matmuls (not just sums), and
+    # centering the unembedding shifts logits by a constant: log-probs, to 10x FLOAT32_REORDERED
     torch.testing.assert_close(logits.log_softmax(-1), model(tokens).log_softmax(-1), rtol=1e-4, atol=1e-4)
     assert "blocks.0.mlp.hook_pre_linear" in cache
 
@@ -96,7 +98,7 @@ def test_load_bridge_from_checkpoint(tmp_path, tokens):
     model = build_model(tiny_config(mlp_kind="relu", positional_embedding_type="standard"))
     model.save_pretrained(tmp_path / "ckpt")
     bridge = load_bridge(tmp_path / "ckpt")
-    torch.testing.assert_close(bridge(tokens), model(tokens), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bridge(tokens), model(tokens), **FLOAT32_REORDERED)
     assert "hook_pos_embed" in bridge.run_with_cache(tokens)[1]
 
 
@@ -116,4 +118,4 @@ def test_bridge_with_tokenizer_tokenizes_like_the_model(tmp_path):
     text = "Lily lost her red kite. She was not happy."
     assert torch.equal(bridge.to_tokens(text), model.to_tokens(text))
     assert bridge.to_str_tokens(text) == model.to_str_tokens(text)
-    torch.testing.assert_close(bridge(text), model(text), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bridge(text), model(text), **FLOAT32_REORDERED)

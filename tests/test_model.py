@@ -6,7 +6,7 @@ import torch
 from bilinear_lens.models.hook_names import UnknownHookError
 from bilinear_lens.models.mlp import BilinearMLP, GatedMLP, MLP
 from bilinear_lens.models.model import build_model, next_token_loss
-from conftest import MLP_KINDS, tiny_config
+from conftest import MLP_KINDS, tiny_config, FLOAT32_REORDERED
 
 MLP_HOOKS = {
     "bilinear": ["hook_in", "hook_pre", "hook_pre_linear", "hook_post", "hook_out"],
@@ -45,7 +45,7 @@ def test_each_kind_runs_with_cache(kind, tokens):
     if kind == "none":
         assert not any(".mlp." in k for k in cache.keys())
     # cached run equals plain run (fused attention kernel vs explicit pattern)
-    torch.testing.assert_close(logits, model(tokens), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, model(tokens), **FLOAT32_REORDERED)
 
 
 def test_kind_builds_the_right_module():
@@ -157,7 +157,7 @@ def test_start_and_stop_at_layer(tokens):
     logits, cache = model.run_with_cache(tokens)
     for layer in range(3):
         resid = cache[f"blocks.{layer}.hook_resid_pre"]
-        torch.testing.assert_close(model(resid, start_at_layer=layer), logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(resid, start_at_layer=layer), logits, **FLOAT32_REORDERED)
         torch.testing.assert_close(model(tokens, stop_at_layer=layer), resid)
     torch.testing.assert_close(model(tokens, stop_at_layer=3), cache["blocks.2.hook_resid_post"])
     resid = cache["blocks.1.hook_resid_pre"]

@@ -13,7 +13,7 @@ from bilinear_lens.data.tokenizer import SPECIAL_TOKEN, to_hf_tokenizer, train_t
 from bilinear_lens.models.bridge import to_bridge
 from bilinear_lens.models.model import build_model
 from bilinear_lens.models.sampling import filter_logits
-from conftest import MLP_KINDS, tiny_config
+from conftest import MLP_KINDS, tiny_config, FLOAT32_REORDERED
 
 TEXTS = ["Lily was not happy.", "The dog ran to the park and found a big red ball."]
 
@@ -117,8 +117,8 @@ def test_padded_batch_equals_each_row_alone(model, side):
     short = model.to_tokens(TEXTS[0]).shape[1]
     alone = model(TEXTS[0])
     rows = slice(tokens.shape[1] - short, None) if side == "left" else slice(0, short)
-    torch.testing.assert_close(logits[0, rows], alone[0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(logits[1], model(TEXTS[1])[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits[0, rows], alone[0], **FLOAT32_REORDERED)
+    torch.testing.assert_close(logits[1], model(TEXTS[1])[0], **FLOAT32_REORDERED)
     losses = torch.stack([model(t, return_type="loss", loss_per_token=True).sum() for t in TEXTS])
     n_predicted = sum(model.to_tokens(t).shape[1] - 1 for t in TEXTS)
     torch.testing.assert_close(model(TEXTS, padding_side=side, return_type="loss"), losses.sum() / n_predicted)
@@ -185,7 +185,7 @@ def test_every_shared_hook_matches_the_bridge(kind, tokens):
     shared = sorted((set(ours.keys()) & set(theirs.keys())) - {f"blocks.{l}.attn.hook_attn_scores" for l in range(2)})
     assert len(shared) >= (16 if kind == "none" else 30)
     for name in shared:
-        torch.testing.assert_close(theirs[name], ours[name], rtol=1e-5, atol=1e-5, msg=name)
+        torch.testing.assert_close(theirs[name], ours[name], **FLOAT32_REORDERED, msg=name)
 
 
 def test_bridge_of_a_no_bos_model_tokenizes_like_the_model(backend):
@@ -194,4 +194,4 @@ def test_bridge_of_a_no_bos_model_tokenizes_like_the_model(backend):
     bridge = to_bridge(m)
     text = "Lily lost her red kite."
     assert torch.equal(bridge.to_tokens(text), m.to_tokens(text))
-    torch.testing.assert_close(bridge(text), m(text), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bridge(text), m(text), **FLOAT32_REORDERED)

@@ -177,6 +177,8 @@ def test_relu_mlp_is_affine_inside_a_region():
         far = next(x + s * step for s in (1.0, 2.0, 4.0, 8.0) if not torch.equal(code(x + s * step), code(x)))
         J_x, J_y, J_far = _jacobian(mlp, x), _jacobian(mlp, y), _jacobian(mlp, far)
     assert not torch.equal(y, x)
+    # one affine map: central differences in float64 are then exact up to rounding, ~1e-16 / h
+    # = 1e-10; across a boundary the Jacobians differ by O(1e-1) (last line)
     torch.testing.assert_close(J_y, J_x, rtol=0, atol=1e-7)
     assert (J_far - J_x).abs().max() > 1e-3  # another region: another affine map
 
