@@ -97,6 +97,31 @@ def test_transformers_loads_export_with_same_logits_and_greedy_tokens(trained, e
     assert out["greedy"] == ours_greedy.tolist()
 
 
+def test_exported_tokenizer_encodes_like_our_model(trained, exported):
+    """``AutoTokenizer(text)`` and TransformerLens' ``to_tokens`` on the export give our
+    ``model.to_tokens(text)``: BOS first (our default), exactly once; and the bridge's
+    logits of the text equal ours."""
+    code = (
+        "import json, sys, torch\n"
+        "from transformers import AutoTokenizer\n"
+        "from transformer_lens.model_bridge import TransformerBridge\n"
+        "texts = json.loads(sys.argv[2])\n"
+        "tok = AutoTokenizer.from_pretrained(sys.argv[1])\n"
+        "b = TransformerBridge.boot_transformers(sys.argv[1], device='cpu', dtype=torch.float32)\n"
+        "with torch.no_grad():\n"
+        "    logits = b(texts[0])\n"
+        "print(json.dumps({'hf': [tok(t)['input_ids'] for t in texts], 'tl': [b.to_tokens(t)[0].tolist() for t in texts],\n"
+        "    'logits': logits.tolist()}))\n"
+    )
+    out = _run_without_our_package(code, str(exported), json.dumps(TEXTS))
+    ours = [trained.to_tokens(t)[0].tolist() for t in TEXTS]
+    assert ours[0][0] == trained.tokenizer.bos_token_id and ours[0][1] != ours[0][0]
+    assert out["hf"] == ours and out["tl"] == ours
+    with torch.no_grad():
+        expected = trained(TEXTS[0])
+    assert (torch.tensor(out["logits"]) - expected).abs().max().item() <= 1e-4  # float32 rounding as above
+
+
 def test_transformer_lens_llama_adapter_loads_export(trained, exported):
     text = TEXTS[1]
     code = (

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from tokenizers import Tokenizer, models
+from tokenizers import Tokenizer, models, normalizers
 
 from bilinear_lens.data.synthetic import synthetic_stories
 from bilinear_lens.data.tokenizer import (
@@ -55,6 +55,27 @@ def test_save_load_gives_identical_ids(tokenizer: Tokenizer, tmp_path: Path) -> 
         assert tokenizer_hash(loaded) == tokenizer_hash(tokenizer)
         texts = synthetic_stories(50, seed=5)
         assert [e.ids for e in loaded.encode_batch(texts)] == [e.ids for e in tokenizer.encode_batch(texts)]
+
+
+def test_hash_ignores_what_does_not_change_cached_ids(tokenizer: Tokenizer, corpus: list[str], tmp_path: Path) -> None:
+    """A ``transformers`` round trip adds a post-processor; the cached ids (no special
+    tokens) are the same, so the hash must be too, or the token cache is rebuilt for nothing."""
+    from tokenizers import processors
+
+    to_hf_tokenizer(tokenizer).save_pretrained(str(tmp_path / "hf"))
+    round_trip = load_tokenizer(tmp_path / "hf")
+    templated = Tokenizer.from_str(tokenizer.to_str())
+    templated.post_processor = processors.TemplateProcessing(single=f"{SPECIAL_TOKEN} $A", special_tokens=[(SPECIAL_TOKEN, 0)])
+    texts = synthetic_stories(20, seed=6)
+    for other in (round_trip, templated):
+        assert [e.ids for e in other.encode_batch(texts, add_special_tokens=False)] == [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+        assert tokenizer_hash(other) == tokenizer_hash(tokenizer)
+    assert templated.to_str() != tokenizer.to_str()  # the JSON did change
+    # what does change the ids changes the hash: another vocabulary, another normalizer
+    assert tokenizer_hash(train_tokenizer(corpus, vocab_size=512)) != tokenizer_hash(tokenizer)
+    lowercased = Tokenizer.from_str(tokenizer.to_str())
+    lowercased.normalizer = normalizers.Lowercase()
+    assert tokenizer_hash(lowercased) != tokenizer_hash(tokenizer)
 
 
 def test_load_errors(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ token and the separator between packed documents. Byte-level BPE has no unknown 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Iterable, Optional
@@ -166,9 +167,20 @@ def _first_line(err: BaseException) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
+# The parts of a tokenizer.json that decide ``encode(text, add_special_tokens=False)``, the
+# ids a token cache holds. The post-processor (BOS/EOS templates), decoder, padding and
+# truncation do not: ``transformers`` adds a post-processor when it saves a tokenizer, and
+# hashing it made the SAE trainer re-tokenize a corpus the model's run had already cached.
+_ENCODING_PARTS = ("model", "normalizer", "pre_tokenizer", "added_tokens")
+
+
 def tokenizer_hash(tokenizer: Tokenizer) -> str:
-    """SHA-256 hex digest of the tokenizer's JSON serialization (stable across save/load)."""
-    return hashlib.sha256(tokenizer.to_str().encode("utf-8")).hexdigest()
+    """SHA-256 hex digest of what decides the token ids of :func:`~bilinear_lens.data.corpus.encode_documents`
+    (vocabulary, merges, normalizer, pre-tokenizer, added tokens); stable across save/load and
+    across a ``transformers`` round trip, which only adds a post-processor."""
+    spec = json.loads(tokenizer.to_str())
+    parts = {key: spec.get(key) for key in _ENCODING_PARTS}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode("utf-8")).hexdigest()
 
 
 def to_hf_tokenizer(tokenizer: Tokenizer, model_max_length: Optional[int] = None) -> PreTrainedTokenizerFast:
