@@ -5,9 +5,10 @@
         --set sae.k=16 --out saes/l0in
     bilinear-lens sae train --checkpoint runs/tiny/final --out saes/l0in --resume
 
-Without ``--config`` the paper's settings are used (:mod:`bilinear_lens.sae.recipe`);
-``--hook`` overrides ``sae.hook``. The result, ``OUT/final``, is an SAELens-format SAE;
-``--sae OUT`` in ``eigen``/``ablate``/``report`` reads it.
+The help texts below are plain text (argparse prints them verbatim): :data:`DESCRIPTION`
+for ``sae``, :data:`TRAIN_DESCRIPTION` for ``sae train``. Exit status: 0 (trained, stopped
+at ``--stop-at``, or resumed a run that was already finished), 2 (a usage, recipe, data or
+run-directory error, printed as one line).
 """
 
 from __future__ import annotations
@@ -17,16 +18,42 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+DESCRIPTION = """\
+Sparse autoencoders (SAELens format) on a checkpoint's activations.
+
+  bilinear-lens sae train --checkpoint runs/tiny/final --hook blocks.0.hook_resid_mid \\
+      --config training/configs/sae-tiny.toml --out saes/l0in
+
+The result, OUT/final, is an SAELens-format SAE; --sae OUT in eigen, ablate and report
+reads it. Run "bilinear-lens sae train --help" for the training options."""
+
+TRAIN_DESCRIPTION = """\
+Train a top-k SAE on one hook of a checkpoint, into the run directory --out.
+
+  bilinear-lens sae train --checkpoint runs/tiny/final --hook blocks.0.hook_resid_mid \\
+      --config training/configs/sae-tiny.toml --out saes/l0in
+  bilinear-lens sae train --checkpoint runs/tiny/final --out saes/l0in --resume
+  bilinear-lens sae train --checkpoint runs/tiny/final --out saes/l0in --resume --set train.steps=800
+
+A new run without --config uses the paper's settings (top-k k=30, 4x expansion, lr 1e-4
+cosine to 2e-5); --hook overrides sae.hook. --resume without --config continues with the
+recipe saved in OUT/sae_recipe.json (plus any --set); a recipe given on resume may differ
+from the saved one only in [train] values (e.g. more steps) and data.cache_dir. Resuming a
+finished run trains and writes nothing."""
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bilinear-lens sae", description=__doc__,
+    parser = argparse.ArgumentParser(prog="bilinear-lens sae", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="action", required=True)
-    train = sub.add_parser("train", help="train a top-k SAE on one hook of a checkpoint")
+    train = sub.add_parser("train", help="train a top-k SAE on one hook of a checkpoint",
+                           description=TRAIN_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("--checkpoint", type=Path, required=True, help="model directory (with tokenizer.json)")
     train.add_argument("--out", type=Path, required=True, help="run directory (final SAE in OUT/final)")
     train.add_argument("--hook", help="hook name, e.g. blocks.0.hook_resid_mid (overrides sae.hook)")
-    train.add_argument("--config", type=Path, default=None, help="TOML recipe with [sae] and [data] tables")
+    train.add_argument("--config", type=Path, default=None,
+                       help="TOML recipe with [sae], [train] and [data] tables (default: the paper's settings; "
+                       "with --resume: OUT/sae_recipe.json)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a recipe value (TOML literal), e.g. --set sae.k=16; repeatable")
     train.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
@@ -41,7 +68,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from bilinear_lens.locking import LockHeldError
     from bilinear_lens.models.checkpoint import CheckpointError
     from bilinear_lens.models.hook_names import UnknownHookError
-    from bilinear_lens.sae.recipe import load_sae_recipe
+    from bilinear_lens.sae.recipe import load_sae_recipe, load_saved_recipe
     from bilinear_lens.sae.train import train_sae
     from bilinear_lens.training.guard import NonFiniteLossError
 
@@ -49,7 +76,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         if args.stop_at is not None and args.stop_at < 1:
             raise ValueError(f"--stop-at must be >= 1, got {args.stop_at}")
-        recipe = load_sae_recipe(args.config, overrides)
+        if args.config is None and args.resume is not False:
+            recipe = load_saved_recipe(args.out, overrides)  # train_sae checks it against the file again, locked
+        else:
+            recipe = load_sae_recipe(args.config, overrides)
         result = train_sae(args.checkpoint, args.out, recipe, resume=args.resume,
                            progress=not args.no_progress, stop_at=args.stop_at)
     except (ValueError, FileNotFoundError, FileExistsError, CheckpointError, UnknownHookError, LockHeldError,
@@ -57,7 +87,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"bilinear-lens sae: error: {err}", file=sys.stderr)
         return 2
     val = result.val_metrics
-    status = "final SAE" if result.final.name == "final" else f"stopped at step {result.steps}; checkpoint"
+    if result.already_finished:
+        status = f"already finished at step {result.steps} (nothing trained or written); final SAE"
+    else:
+        status = "final SAE" if result.final.name == "final" else f"stopped at step {result.steps}; checkpoint"
     print(f"{status}: {result.final}")
     if val:
         print(f"held-out explained variance {val['val_explained_variance']:.3f}, L0 {val['val_l0']:.1f}, "

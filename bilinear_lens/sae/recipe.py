@@ -14,6 +14,13 @@ Errors name the key, section and file. Unset ``[train]`` keys take the paper's S
 ``1e-4`` cosine-annealed to ``2e-5`` with no warmup, Adam without weight decay (AdamW with
 ``weight_decay = 0``) and no gradient clipping, decoder rows kept at unit norm, encoder
 initialised as the decoder's transpose, 4096 activations per step (64 blocks of 64).
+
+A run directory keeps the recipe it trains with in ``sae_recipe.json`` (:data:`RECIPE_FILE`;
+the three tables plus ``"checkpoint"``, the model it reads). A resumed run reuses that
+recipe (:func:`load_saved_recipe`); a recipe given on resume may differ from it only where
+:func:`resume_may_change` allows, the model trainer's rule: the architecture (``[sae]``)
+and the activations it is fit to (``[data]``, except where the token cache lives) stay,
+``[train]`` values (more steps, another lr, ...) may change.
 """
 
 from __future__ import annotations
@@ -21,11 +28,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Union
 
+from bilinear_lens.models.checkpoint import CheckpointError, read_json
 from bilinear_lens.models.config import config_error, is_int
 from bilinear_lens.training.config import DataConfig, TrainConfig, parse_override, read_toml, toml_value
 
+RECIPE_FILE = "sae_recipe.json"
 DEFAULT_HOOK = "blocks.0.hook_resid_mid"
 SAE_TRAIN_DEFAULTS: dict[str, Any] = {
     "steps": 1000, "batch_size": 64, "lr": 1e-4, "min_lr": 2e-5, "warmup_steps": 0, "schedule": "cosine",
@@ -34,6 +43,8 @@ SAE_TRAIN_DEFAULTS: dict[str, Any] = {
 }
 # TrainConfig keys with no meaning for the SAE trainer: a recipe must leave them at their defaults
 UNSUPPORTED_TRAIN_KEYS = ("epochs", "grad_accum", "eval_batch_size", "autocast")
+# [data] keys a resumed run may change: where the token cache lives does not change its tokens
+RESUME_SAFE_DATA_KEYS = ("cache_dir",)
 
 
 @dataclass
@@ -110,6 +121,14 @@ def _parse_override(text: str) -> tuple[str, str, Any]:
     return section, key, toml_value(raw.strip())
 
 
+def _build(data: dict[str, Any], overrides: Optional[list[str]], where: str) -> SAERecipe:
+    """``data`` (``{section: {key: value}}``) with ``section.key=value`` overrides, validated."""
+    for text in overrides or []:
+        section, key, value = _parse_override(text)
+        data.setdefault(section, {})[key] = value
+    return SAERecipe.from_dict(data, where=where + (f" with overrides {list(overrides)}" if overrides else ""))
+
+
 def load_sae_recipe(path: Optional[str | Path], overrides: Optional[list[str]] = None) -> SAERecipe:
     """Read a TOML recipe (``None``: the paper's defaults) with ``section.key=value``
     overrides, as ``bilinear-lens train --set``."""
@@ -118,7 +137,62 @@ def load_sae_recipe(path: Optional[str | Path], overrides: Optional[list[str]] =
     if path is not None:
         where = str(path)
         data = read_toml(path, "SAE recipe")
-    for text in overrides or []:
-        section, key, value = _parse_override(text)
-        data.setdefault(section, {})[key] = value
-    return SAERecipe.from_dict(data, where=where + (f" with overrides {list(overrides)}" if overrides else ""))
+    return _build(data, overrides, where)
+
+
+def _read_recipe_file(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / RECIPE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} has no {RECIPE_FILE} (the recipe of an SAE run), so there is no saved "
+                                "recipe to resume with; give the recipe (CLI: --config)")
+    data = read_json(path, what="SAE recipe")
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def load_saved_recipe(run_dir: Union[str, Path], overrides: Optional[list[str]] = None) -> SAERecipe:
+    """The recipe an SAE run directory saved (``run_dir/sae_recipe.json``), with
+    ``section.key=value`` overrides. ``[train]`` keys the SAE trainer does not support are
+    written there at their defaults and dropped on reading (any other value is refused).
+    A missing file is ``FileNotFoundError``."""
+    run_dir = Path(run_dir)
+    data = {k: v for k, v in _read_recipe_file(run_dir).items() if k != "checkpoint"}
+    train = data.get("train")
+    if isinstance(train, Mapping):
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+        data["train"] = {k: v for k, v in train.items() if not (k in UNSUPPORTED_TRAIN_KEYS and v == defaults[k])}
+    return _build(data, overrides, str(run_dir / RECIPE_FILE))
+
+
+def saved_model_checkpoint(run_dir: Union[str, Path]) -> Optional[str]:
+    """The model checkpoint an SAE run's ``sae_recipe.json`` names (as it was given), or
+    ``None`` where the file has no ``"checkpoint"`` string. A missing file is ``FileNotFoundError``."""
+    value = _read_recipe_file(Path(run_dir)).get("checkpoint")
+    return value if isinstance(value, str) else None
+
+
+def field_differences(saved: Any, given: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(prefix + field, saved value, given value)`` for each field where two instances of
+    one dataclass differ, in field order."""
+    return [(prefix + f.name, getattr(saved, f.name), getattr(given, f.name)) for f in dataclasses.fields(saved)
+            if getattr(saved, f.name) != getattr(given, f.name)]
+
+
+def recipe_differences(saved: SAERecipe, given: SAERecipe) -> list[tuple[str, Any, Any]]:
+    """``("section.key", saved value, given value)`` for each recipe value that differs."""
+    return [d for section in _SECTIONS
+            for d in field_differences(getattr(saved, section), getattr(given, section), prefix=f"{section}.")]
+
+
+def resume_may_change(name: str) -> bool:
+    """Whether a resumed run may take a recipe value ``"section.key"`` other than the saved
+    one: any ``[train]`` value (as the model trainer, whose ``[train]`` may change on resume),
+    and ``data.cache_dir``; not the SAE (``[sae]``) nor its corpus (the rest of ``[data]``)."""
+    section, _, key = name.partition(".")
+    return section == "train" or (section == "data" and key in RESUME_SAFE_DATA_KEYS)
+
+
+def format_differences(differences: list[tuple[str, Any, Any]]) -> str:
+    """``"name: a (saved) != b (given); ..."`` on one line."""
+    return "; ".join(f"{name}: {a!r} (saved) != {b!r} (given)" for name, a, b in differences)

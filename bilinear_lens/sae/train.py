@@ -20,9 +20,19 @@ writers' temporaries); :class:`SAETraining` is the SAE's :class:`TrainTask`::
 Before the first step of a fresh run, ``b_dec`` starts at the mean of the first batch's
 activations (:func:`init_sae`).
 
+Resume (:func:`train_sae` with ``resume``): without a recipe the run's saved
+``sae_recipe.json`` is used; a recipe that is given must equal it except where
+:func:`~bilinear_lens.sae.recipe.resume_may_change` allows (``[train]`` values, e.g. more
+steps; ``data.cache_dir``), else the run is refused with one line naming each differing
+value. A run whose checkpoint is already at ``train.steps`` with ``final/`` written is
+finished: resuming it trains nothing and writes nothing (:attr:`SAETrainResult.already_finished`).
+Extending a finished run (more ``train.steps``) replaces ``final/`` when it ends, with a
+warning first. A fresh run refuses a directory that holds ``final/``.
+
 Run directory (the model trainer's layout, :mod:`bilinear_lens.training.run_dir`)::
 
     sae_recipe.json             the recipe and the model checkpoint it was trained on
+                                (written atomically before the first step)
     metrics.jsonl               per logged step: train_loss (mean since the last record),
                                 mse, explained_variance, l0 (the step's batch),
                                 dead_fraction, lr, tokens, tokens_per_s, elapsed_s
@@ -44,6 +54,9 @@ write, but its features then describe one layer's output only.
 from __future__ import annotations
 
 import contextlib
+import filecmp
+import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
@@ -52,27 +65,41 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from bilinear_lens.models.checkpoint import CheckpointError, write_json
+from bilinear_lens.models.checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, atomic_write_text
 from bilinear_lens.sae.config import SAEConfig
 from bilinear_lens.sae.model import SAE, hook_width, load_sae, write_sae_files
-from bilinear_lens.sae.recipe import SAERecipe, SAESpec
+from bilinear_lens.sae.recipe import (
+    RECIPE_FILE,
+    SAERecipe,
+    SAESpec,
+    field_differences,
+    format_differences,
+    load_saved_recipe,
+    recipe_differences,
+    resume_may_change,
+    saved_model_checkpoint,
+)
 from bilinear_lens.training.distributed import DistEnv, read_environment
 from bilinear_lens.training.loop import TrainTask, Trainer, apply_recipe_hyperparameters, make_optimizer
-from bilinear_lens.training.run_dir import claim_run_dir, resolve_resume
+from bilinear_lens.training.metrics import read_metrics
+from bilinear_lens.training.run_dir import FINAL_DIR, METRICS_FILE, claim_run_dir, resolve_resume
+from bilinear_lens.training.state import read_train_state
 
-RECIPE_FILE = "sae_recipe.json"
+logger = logging.getLogger(__name__)
 
 
 @dataclass
 class SAETrainResult:
     """What :func:`train_sae` returns: ``final`` (``out/final``, or the step checkpoint
     where ``stop_at`` stopped), ``steps`` done, ``val_metrics`` (the ``val_*`` fields of
-    the last evaluation) and every record of ``metrics.jsonl``."""
+    the last evaluation) and every record of ``metrics.jsonl``. ``already_finished``: the
+    resumed run was finished before this call, which trained and wrote nothing."""
 
     final: Path
     steps: int
     val_metrics: dict[str, float]
     metrics: list[dict[str, Any]]
+    already_finished: bool = False
 
 
 def stop_layer(hook: str, n_layers: int) -> Optional[int]:
@@ -249,33 +276,117 @@ def _initial_sae(model: Any, train_blocks: Any, recipe: SAERecipe, ckpt: Optiona
         return init_sae(sae_cfg, first.cpu(), spec, tc.seed).to(model.W_E.device)
     sae = load_sae(ckpt)
     if sae.cfg != sae_cfg:
-        raise ValueError(f"cannot resume from {ckpt}: its SAE config {sae.cfg} differs from the recipe's {sae_cfg}")
+        raise ValueError(f"cannot resume from {ckpt}: its SAE (saved) differs from the recipe's (given) in "
+                         f"{format_differences(field_differences(sae.cfg, sae_cfg))}")
     return sae.to(model.W_E.device)
 
 
+def _last_val(records: list[dict[str, Any]]) -> dict[str, float]:
+    last = next((r for r in reversed(records) if "val_explained_variance" in r), {})
+    return {k: v for k, v in last.items() if k.startswith("val_")}
+
+
+def _same_model(saved: Path, given: Path) -> bool:
+    """Whether two model checkpoint paths name the same model: one directory, or two whose
+    ``config.json`` and weights are byte-identical. A saved path that no longer exists (a
+    moved run) cannot be told apart and counts as the same; the SAE config check (``d_in``,
+    hook) still applies."""
+    if not saved.is_dir() or saved.resolve() == given.resolve():
+        return True
+    return all((saved / name).is_file() and (given / name).is_file()
+               and filecmp.cmp(saved / name, given / name, shallow=False)
+               for name in (CONFIG_FILE, WEIGHTS_FILE))
+
+
+def resume_recipe(out_dir: Path, checkpoint: Path, recipe: Optional[SAERecipe]) -> SAERecipe:
+    """The recipe a resumed run in ``out_dir`` trains with: the saved ``sae_recipe.json``
+    where ``recipe`` is ``None``, else ``recipe`` once checked against it (only values that
+    :func:`~bilinear_lens.sae.recipe.resume_may_change` allows may differ). ``checkpoint``
+    must be the model the run was trained on. Raises ``ValueError`` naming every differing
+    value with both its saved and its given value, ``FileNotFoundError`` where there is no
+    saved recipe and none is given."""
+    recipe_file = out_dir / RECIPE_FILE
+    if not recipe_file.is_file() and recipe is not None:
+        return recipe  # nothing to check against (a run directory from before the file existed)
+    saved = load_saved_recipe(out_dir)
+    saved_model = saved_model_checkpoint(out_dir)
+    if saved_model is not None and not _same_model(Path(saved_model), checkpoint):
+        raise ValueError(f"cannot resume {out_dir}: it was trained on another model: "
+                         f"{format_differences([('checkpoint', saved_model, str(checkpoint))])}")
+    if recipe is None:
+        return saved
+    refused = [d for d in recipe_differences(saved, recipe) if not resume_may_change(d[0])]
+    if refused:
+        raise ValueError(f"cannot resume {out_dir}: the recipe ({recipe.source}) differs from the run's "
+                         f"({recipe_file}) in {format_differences(refused)}; on resume only [train] values and "
+                         "data.cache_dir may change (CLI: leave out --config and --hook to reuse the saved recipe)")
+    return recipe
+
+
+def _finished_result(out_dir: Path, ckpt: Path, recipe: SAERecipe) -> Optional[SAETrainResult]:
+    """The result of a run that is already finished at ``ckpt`` (its step is ``train.steps``
+    and ``final/`` holds that step), else ``None``; a ``train.steps`` below the checkpoint's
+    step is a ``ValueError``. Warns where a finished run is about to be extended."""
+    step = read_train_state(ckpt).step
+    steps = recipe.train.steps
+    if steps < step:
+        raise ValueError(f"train.steps={steps} in {recipe.source} is below step {step} of {ckpt}: a resumed run "
+                         "trains on from its checkpoint (raise train.steps, or resume from an earlier checkpoint)")
+    final = out_dir / FINAL_DIR
+    final_step = read_train_state(final).step if final.is_dir() else None
+    if final_step is not None and final_step == step == steps:
+        records = read_metrics(out_dir / METRICS_FILE)
+        return SAETrainResult(final, step, _last_val(records), records, already_finished=True)
+    if final_step is not None:
+        logger.warning("%s holds a finished SAE (step %d); this run trains to step %d and then replaces it",
+                       final, final_step, steps)
+    return None
+
+
+def _write_recipe(out_dir: Path, checkpoint: Path, recipe: SAERecipe) -> None:
+    text = json.dumps({"checkpoint": str(checkpoint), **recipe.to_dict()}, indent=2, sort_keys=True) + "\n"
+    atomic_write_text(out_dir / RECIPE_FILE, text)
+
+
 def train_sae(
-    checkpoint: Union[str, Path], out_dir: Union[str, Path], recipe: SAERecipe,
+    checkpoint: Union[str, Path], out_dir: Union[str, Path], recipe: Optional[SAERecipe] = None,
     resume: Union[bool, str, Path] = False, progress: bool = True, stop_at: Optional[int] = None,
 ) -> SAETrainResult:
     """Train a top-k SAE on ``recipe.sae.hook`` of the model at ``checkpoint`` into
     ``out_dir`` (module docstring). ``resume``: ``True`` for the newest checkpoint of
     ``out_dir``, or a checkpoint path (``False``: a fresh run, refused where ``out_dir``
-    already holds one). ``stop_at``: stop after that step with a checkpoint.
+    already holds one). ``recipe``: ``None`` resumes with the run's saved recipe (a fresh
+    run: the paper's defaults); on resume a given recipe must match the saved one
+    (:func:`resume_recipe`). A finished run resumes to nothing: no training, no file
+    written, ``already_finished`` set. ``stop_at``: stop after that step with a checkpoint.
 
-    Raises ``ValueError`` (bad recipe, hook or data), ``FileExistsError`` /
-    ``FileNotFoundError`` (fresh run into a used directory / nothing to resume),
+    Raises ``ValueError`` (bad recipe, hook or data; a recipe that differs from the run's
+    where it may not), ``FileExistsError`` / ``FileNotFoundError`` (fresh run into a used
+    directory / nothing to resume),
     :class:`~bilinear_lens.locking.LockHeldError` (another run writes ``out_dir``),
     :class:`~bilinear_lens.training.guard.NonFiniteLossError` (training diverged)."""
     out_dir, checkpoint = Path(out_dir), Path(checkpoint)
     if stop_at is not None and stop_at < 1:
         raise ValueError(f"stop_at must be >= 1, got {stop_at}")
-    env = read_environment(recipe.train.device)
+    # the torchrun check before the lock; the device is read again once the recipe is known
+    env = read_environment(recipe.train.device if recipe is not None else "cpu")
     if env.enabled:
         raise ValueError(f"WORLD_SIZE={env.world_size}: the SAE trainer runs in one process (launch it without torchrun)")
     threads_before = torch.get_num_threads()
     try:
         with claim_run_dir(out_dir, writer=True):
             ckpt = resolve_resume(resume, out_dir, holds="an SAE run")
+            if ckpt is None:
+                if (out_dir / FINAL_DIR).exists():
+                    raise FileExistsError(f"{out_dir} already holds a finished SAE ({out_dir / FINAL_DIR}); resume it "
+                                          "(CLI: --resume) or choose another output directory")
+                recipe = SAERecipe() if recipe is None else recipe
+            else:
+                recipe = resume_recipe(out_dir, checkpoint, recipe)
+                done = _finished_result(out_dir, ckpt, recipe)
+                if done is not None:
+                    return done
+            env = read_environment(recipe.train.device)
             if recipe.train.num_threads:
                 torch.set_num_threads(recipe.train.num_threads)
             return _train_sae(checkpoint, out_dir, recipe, ckpt, env, progress, stop_at)
@@ -292,9 +403,7 @@ def _train_sae(checkpoint: Path, out_dir: Path, recipe: SAERecipe, ckpt: Optiona
     trainer = Trainer(training.task(), make_optimizer(sae, tc), tc, tc.steps, env, out_dir, ckpt, progress)
     if ckpt is not None:
         apply_recipe_hyperparameters(trainer.optimizer, tc)
-    write_json(out_dir / RECIPE_FILE, {"checkpoint": str(checkpoint), **recipe.to_dict()})
+    _write_recipe(out_dir, checkpoint, recipe)
     with tangent_decoder_gradients(sae):
         final = trainer.fit(stop_at)
-    last_val = next((r for r in reversed(trainer.log.records) if "val_explained_variance" in r), {})
-    return SAETrainResult(final, trainer.step, {k: v for k, v in last_val.items() if k.startswith("val_")},
-                          trainer.log.records)
+    return SAETrainResult(final, trainer.step, _last_val(trainer.log.records), trainer.log.records)
