@@ -2,14 +2,19 @@
 
 Each command lives in ``bilinear_lens/commands/<name>.py`` with ``build_parser()`` and
 ``main(argv) -> int``; this module only dispatches (and imports lazily, so ``--help``
-is fast).
+and ``--version`` are fast). Exit status, every command alike: 0 on success, 2 for a usage,
+configuration or input error (argparse's convention, also for an unknown command), 1 when
+the work itself fails.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import sys
 from typing import Optional
+
+DISTRIBUTION = "bilinear-lens"  # the installed package whose version --version prints
 
 COMMANDS = {
     "train": "train a model from a TOML recipe",
@@ -23,16 +28,28 @@ COMMANDS = {
 
 
 def _usage() -> str:
-    lines = ["usage: bilinear-lens COMMAND [options]", "", "commands:"]
+    lines = ["usage: bilinear-lens [--version] COMMAND [options]", "", "commands:"]
     lines += [f"  {name:<10} {help_}" for name, help_ in COMMANDS.items()]
     lines += ["", "run `bilinear-lens COMMAND --help` for a command's options"]
     return "\n".join(lines)
+
+
+def version() -> str:
+    """The installed package's version (``importlib.metadata``), or ``unknown`` when the
+    package is not installed (e.g. run from a source tree on ``PYTHONPATH``)."""
+    try:
+        return importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"{DISTRIBUTION} {version()}")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -623,6 +624,54 @@ def test_cli_json_lists_the_top_neurons(saved_model, capsys):
     deltas = [abs(row["delta_loss"]) for row in report["neurons"]]
     assert [row["rank"] for row in report["neurons"]] == [1, 2, 3, 4]
     assert deltas == sorted(deltas, reverse=True) and deltas[0] > 0
+    # the ranking is by magnitude, and the JSON says so (it said "delta_loss")
+    assert report["ranked_by"] == "|delta_loss|" and report["rank_column"] == "delta_loss"
+    # every token of the 3 stories (with their BOS) is in a row; only the last row repeats some
+    rows, seq_len = report["tokens"]
+    assert (rows - 1) * seq_len < report["stream_tokens"] <= rows * seq_len
+    assert report["overlap"] == rows * seq_len - report["stream_tokens"]
+
+
+def test_cli_counts_the_whole_text_file(saved_model, tmp_path, capsys):
+    """Before: a document longer than one row gave one row, its tail dropped."""
+    from bilinear_lens.commands.common import document_stream
+    from bilinear_lens.data.synthetic import synthetic_stories
+    from bilinear_lens.models.model import BilinearTransformer
+
+    text = tmp_path / "one_story.txt"
+    text.write_text(" ".join(synthetic_stories(3, seed=4)), encoding="utf-8")  # one document, no blank line
+    model = BilinearTransformer.from_pretrained(saved_model / "m")
+    stream = document_stream(model.tokenizer, [text.read_text().strip()])
+    assert 32 < len(stream) and len(stream) % 32, "the test needs a document of more than one row and a tail"
+    rc = ablate_cmd.main(["--checkpoint", str(saved_model / "m"), "--text-file", str(text), "--json", "--top", "1"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["tokens"] == [-(-len(stream) // 32), 32]  # default --seq-len: min(64, n_ctx 32)
+    assert report["stream_tokens"] == len(stream)
+    assert report["overlap"] == report["tokens"][0] * 32 - len(stream)
+
+
+def test_cli_refuses_a_seq_len_above_n_ctx(saved_model, capsys):
+    """Before: --seq-len 64 on an n_ctx-32 model was cut to 32 silently."""
+    rc = ablate_cmd.main(["--checkpoint", str(saved_model / "m"), "--seq-len", "64"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.strip() == (
+        "bilinear-lens ablate: error: --seq-len 64 is longer than the model's n_ctx 32; give at most 32")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_cli_runs_in_half_precision(saved_model, capsys, dtype):
+    """ablate offers every model dtype: it only runs forward passes (no eigendecomposition)."""
+    argv = ["--checkpoint", str(saved_model / "m"), "--n-texts", "3", "--seq-len", "16", "--json", "--top", "3",
+            "--device", "cpu"]
+    assert ablate_cmd.main(argv) == 0
+    full = json.loads(capsys.readouterr().out)
+    assert ablate_cmd.main([*argv, "--dtype", dtype]) == 0
+    half = json.loads(capsys.readouterr().out)
+    assert half["tokens"] == full["tokens"]
+    # the loss is computed in float32 from half-precision logits: close to the float32 run's
+    assert half["baseline_loss"] == pytest.approx(full["baseline_loss"], rel=2e-2)
+    assert all(math.isfinite(row["delta_loss"]) for row in half["neurons"])
 
 
 def test_cli_table_with_a_text_file(saved_model, tmp_path, capsys):
@@ -644,6 +693,7 @@ def test_cli_table_with_a_text_file(saved_model, tmp_path, capsys):
     (["--checkpoint", "{root}/attn_only"], "has no MLP"),
     (["--checkpoint", "{root}/m", "--text-file", "{root}/nope.txt"], "text file not found"),
     (["--checkpoint", "{root}/m", "--top", "0"], "--top must be >= 1"),
+    (["--checkpoint", "{root}/m", "--seq-len", "1"], "--seq-len must be >= 2"),
 ])
 def test_cli_errors_exit_2_with_a_message(saved_model, capsys, args, message):
     rc = ablate_cmd.main([a.format(root=saved_model) for a in args])

@@ -4,6 +4,7 @@ and a 2-process torchrun run equal to one process."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -48,7 +49,7 @@ def spectrum_matrices(n: int, d: int, seed: int) -> torch.Tensor:
 def assert_top_k_matches(got, ref_Q: torch.Tensor, k: int, rtol: float) -> None:
     ref = eigendecompose(ref_Q).top(k)
     torch.testing.assert_close(got.eigenvalues, ref.eigenvalues, rtol=rtol, atol=0)
-    overlaps = (got.eigenvectors * ref.eigenvectors).sum(-2).abs()  # eigenvectors up to sign
+    overlaps = (got.eigenvectors * ref.eigenvectors).sum(-2)  # signed: both follow the sign convention
     assert (overlaps > 1 - rtol).all(), overlaps.min()
 
 
@@ -138,7 +139,7 @@ def test_atlas_matches_dense_eigh_per_direction(tmp_path, route: str) -> None:
             entry = atlas.entry(layer, row=row)
             ref = full.top(5)
             torch.testing.assert_close(entry.eig.eigenvalues, ref.eigenvalues[row])
-            torch.testing.assert_close(entry.eig.eigenvectors.abs(), ref.eigenvectors[row].abs())
+            torch.testing.assert_close(entry.eig.eigenvectors, ref.eigenvectors[row])  # same signs too
             norm = torch.linalg.matrix_norm(Q[row])
             assert entry.frobenius_norm == pytest.approx(float(norm), rel=1e-12)
             assert entry.captured_energy == pytest.approx(float((ref.eigenvalues[row] ** 2).sum() / norm**2), rel=1e-10)
@@ -208,7 +209,7 @@ def test_foreign_and_damaged_atlas_dirs_are_refused(tmp_path) -> None:
     U = torch.randn(6, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     kwargs = dict(k=2, shard_size=3, dtype=torch.float64, progress=False)
     build_atlas({0: random_weights(seed=0)}, U, tmp_path / "a", **kwargs)
-    with pytest.raises(AtlasError, match=r"atlas dir .* was built from another model, directions or settings \(fingerprint"):
+    with pytest.raises(AtlasError, match=r"atlas dir .* was built from other weights or directions \(every recorded setting matches; fingerprint"):
         build_atlas({0: random_weights(seed=1)}, U, tmp_path / "a", resume=True, **kwargs)
 
     shard = tmp_path / "a" / "layer00-0000003" / SHARD_TENSORS
@@ -220,6 +221,82 @@ def test_foreign_and_damaged_atlas_dirs_are_refused(tmp_path) -> None:
     (tmp_path / "a" / "layer00-0000000" / SHARD_RECORD).unlink()
     with pytest.raises(AtlasError, match="layer00-0000000 is half-written \\(missing"):
         EigenAtlas(tmp_path / "a").entry(0, row=0)
+
+
+def test_resume_takes_the_shard_size_from_the_index(tmp_path) -> None:
+    w = random_weights()
+    U = torch.randn(10, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    kwargs = dict(k=3, dtype=torch.float64, progress=False)
+    assert EigenAtlas(build_atlas({0: w}, U, tmp_path / "new", **kwargs).path).shard_size == atlas_module.DEFAULT_SHARD_SIZE
+    reference = build_atlas({0: w}, U, tmp_path / "a", shard_size=4, **kwargs)
+    (tmp_path / "a" / "layer00-0000004" / SHARD_TENSORS).unlink()  # as if killed mid-shard...
+    (tmp_path / "a" / "layer00-0000004" / SHARD_RECORD).unlink()
+    (tmp_path / "a" / "layer00-0000004").rmdir()  # ...and the half-written shard deleted
+    kept = (tmp_path / "a" / "layer00-0000000" / SHARD_TENSORS).stat().st_mtime_ns
+    with pytest.raises(AtlasError, match=r"shard_size: 4 \(in .*index.json\) != 512 \(--shard-size\)"):
+        build_atlas({0: w}, U, tmp_path / "a", resume=True, shard_size=512, **kwargs)
+    atlas = build_atlas({0: w}, U, tmp_path / "a", resume=True, **kwargs)  # shard_size=None: the index's 4
+    assert atlas.shard_size == 4 and sorted(p.name for p in (tmp_path / "a").iterdir())[1:] == [
+        "layer00-0000000", "layer00-0000004", "layer00-0000008"]
+    assert (tmp_path / "a" / "layer00-0000000" / SHARD_TENSORS).stat().st_mtime_ns == kept  # finished shards kept
+    # the same seed per shard and the same tolerance: bitwise the uninterrupted build
+    torch.testing.assert_close(atlas.layer_tensors(0, "eigenvectors"), reference.layer_tensors(0, "eigenvectors"), rtol=0, atol=0)
+    assert build_atlas({0: w}, U, tmp_path / "a", resume=True, shard_size=4, **kwargs).shard_size == 4  # the same value is fine
+    with pytest.raises(ValueError, match=r"shard_size \(--shard-size\) must be >= 1, got 0"):
+        build_atlas({0: w}, U, tmp_path / "b", shard_size=0, **kwargs)
+
+
+def test_resume_with_other_settings_names_each_differing_field(tmp_path) -> None:
+    w = random_weights()
+    U = torch.randn(10, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    build_atlas({0: w, 1: w}, U, tmp_path / "a", k=3, shard_size=4, dtype=torch.float64, labels=list(range(10, 20)), progress=False)
+    index = f"in {tmp_path / 'a' / 'index.json'}"
+
+    def refusal(*args, **kwargs) -> str:
+        with pytest.raises(AtlasError) as err:
+            build_atlas(*args, **{"progress": False, "resume": True, **kwargs})
+        return str(err.value)
+
+    message = refusal({0: w, 1: w}, U, tmp_path / "a", k=5, shard_size=4, dtype=torch.float32, tol=1e-6, labels=list(range(10, 20)))
+    assert message.startswith(f"atlas dir {tmp_path / 'a'} was built with other settings: ")
+    assert f"k: 3 ({index}) != 5 (--top)" in message and f"dtype: float64 ({index}) != float32 (--dtype)" in message
+    assert f"tol: 0.0001 ({index}) != 1e-06 (tol=)" in message
+    assert "fingerprint" not in message and "\n" not in message
+    for field in ("layers", "shard_size", "labels", "n_dirs", "include_bias"):  # the equal ones are not named
+        assert f"{field}:" not in message
+    message = refusal({0: w}, U[:6], tmp_path / "a", k=3, dtype=torch.float64, labels=list(range(10, 16)), include_bias=True)
+    assert f"layers: [0, 1] ({index}) != [0] (--layer)" in message and f"n_dirs: 10 ({index}) != 6 (the directions)" in message
+    assert f"include_bias: False ({index}) != True (include_bias=)" in message and "d: 24" in message
+    message = refusal({0: w, 1: w}, U, tmp_path / "a", k=3, dtype=torch.float64, labels=list(range(10, 19)) + [42])
+    assert message.endswith(f"labels: [10, 11, 12, 13, ... (10 in all)] ({index}) != [10, 11, 12, 13, ... (10 in all)] "
+                            "(the directions), first difference at position 9; resume with the recorded ones or use a new --out")
+    # nothing recorded differs: then it is the weights or the directions
+    message = refusal({0: w, 1: random_weights(seed=3)}, U, tmp_path / "a", k=3, dtype=torch.float64, labels=list(range(10, 20)))
+    assert "was built from other weights or directions (every recorded setting matches; fingerprint" in message
+
+
+def test_cli_resume_without_shard_size_and_with_another_top(checkpoint, tmp_path, capsys) -> None:
+    """The audit's case: built with --shard-size 16, resumed without it; then --top 5 on a top-8 atlas."""
+    args = ["eigen", "--checkpoint", str(checkpoint), "--all-tokens", "--layer", "0", "--out", str(tmp_path / "a"), "--quiet"]
+    assert cli.main([*args, "--shard-size", "16"]) == 0
+    shard = tmp_path / "a" / "layer00-0000016"
+    for f in shard.iterdir():
+        f.unlink()
+    shard.rmdir()
+    capsys.readouterr()
+    assert cli.main([*args, "--resume"]) == 0 and shard.is_dir()
+    assert EigenAtlas(tmp_path / "a").shard_size == 16
+    capsys.readouterr()
+    assert cli.main([*args, "--resume", "--top", "5"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"k: 8 (in {tmp_path / 'a' / 'index.json'}) != 5 (--top)" in err, err
+    assert cli.main([*args, "--resume", "--shard-size", "8"]) == 2
+    assert f"shard_size: 16 (in {tmp_path / 'a' / 'index.json'}) != 8 (--shard-size)" in capsys.readouterr().err
+    # --top is taken from the index on resume too: a top-3 atlas resumes without repeating it
+    assert cli.main([*args, "--top", "3", "--out", str(tmp_path / "b")]) == 0
+    shutil.rmtree(tmp_path / "b" / "layer00-0000000")
+    assert cli.main([*args, "--out", str(tmp_path / "b"), "--resume"]) == 0
+    assert EigenAtlas(tmp_path / "b").k == 3 and EigenAtlas(tmp_path / "b").layer_tensors(0, "eigenvalues").shape[1] == 3
 
 
 def test_bad_arguments(tmp_path) -> None:
@@ -257,11 +334,19 @@ def test_cli_atlas_all_tokens_and_token_list(checkpoint, tmp_path, capsys) -> No
     assert EigenAtlas(tmp_path / "few").labels == [3, 17]
 
 
+def test_cli_atlas_refuses_a_dtype_it_cannot_eigendecompose_before_writing(checkpoint, tmp_path, capsys) -> None:
+    # argparse's choices: exit 2 naming the flag and value, before any file is written
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["eigen", "--checkpoint", str(checkpoint), "--all-tokens", "--out", str(tmp_path / "x"), "--dtype", "float16"])
+    assert exit_info.value.code == 2
+    assert "argument --dtype: invalid choice: 'float16'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
         (["--top", "33"], r"k \(--top\) must be in \[1, 32\]"),
-        (["--dtype", "float8"], "--dtype 'float8' is not one of float32"),
         (["--device", "tpu"], "--device 'tpu' is not one of auto, cpu, cuda, cuda:N"),
     ],
 )
@@ -278,7 +363,7 @@ def test_cli_atlas_needs_out_and_refuses_another_models_dir(checkpoint, tmp_path
     other = build_model(tiny_config(d_vocab=40, seed=1))
     model_atlas(other, tmp_path / "a", k=8, progress=False)
     assert cli.main(["eigen", "--checkpoint", str(checkpoint), "--all-tokens", "--out", str(tmp_path / "a"), "--resume", "--quiet"]) == 2
-    assert "was built from another model" in capsys.readouterr().err
+    assert "was built from other weights or directions" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (this machine has none)")

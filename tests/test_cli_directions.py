@@ -112,17 +112,17 @@ def test_ablate_ranks_by_the_feature(root, capsys):
                      "--n-texts", "2", "--seq-len", "16", "--top", "3", "--json")
     assert rc == 0
     result = json.loads(out)
-    assert result["ranked_by"] == "delta_feature"
+    assert result["ranked_by"] == "|delta_feature|" and result["rank_column"] == "delta_feature"
     model = load_model(root)
     from bilinear_lens.commands.ablate import _pack_tokens, _read_texts
 
-    tokens = _pack_tokens(model, _read_texts(None, 2, 0), 16)
+    tokens, _, _ = _pack_tokens(model, _read_texts(None, 2, 0), 16)
     table = feature_ablation_sweep(model, tokens, 0, FeatureDirection(load_sae(root / "out"), 2))
     expected = table.top(3, by="delta_feature").rows()
     assert [r["neuron"] for r in result["neurons"]] == [r["neuron"] for r in expected]
     rc, out, _ = run(root, capsys, "ablate", "--checkpoint", "{root}/m", "--token", " happy", "--n-texts", "2",
                      "--seq-len", "16", "--top", "3", "--json")
-    assert rc == 0 and json.loads(out)["ranked_by"] == "delta_logit"
+    assert rc == 0 and json.loads(out)["ranked_by"] == "|delta_logit|"
 
 
 def test_report_with_a_feature_section(root, capsys, tmp_path):

@@ -1,8 +1,18 @@
-"""Shared command helpers: text files read one way (UTF-8), hook names built one way."""
+"""Shared command helpers: text files read one way (UTF-8) and cut into rows one way, hook
+names built one way, help texts as plain text."""
+
+import re
 
 import pytest
 
-from bilinear_lens.commands.common import UsageError, read_documents, read_text_file
+from bilinear_lens.commands.common import (
+    UsageError,
+    document_stream,
+    plain_text,
+    read_documents,
+    read_text_file,
+    stream_rows,
+)
 from bilinear_lens.models.hook_names import check_layer, mlp_hook_name
 from bilinear_lens.models.model import build_model
 from conftest import tiny_config
@@ -13,6 +23,7 @@ def test_documents_are_blank_line_separated_and_stripped(tmp_path):
     path.write_text("  Lily was happy. \n\n\n\nTom was sad.\nThe end.\n\n   \n", encoding="utf-8")
     assert read_documents(str(path), 10) == ["Lily was happy.", "Tom was sad.\nThe end."]
     assert read_documents(str(path), 1) == ["Lily was happy."]
+    assert read_documents(str(path)) == read_documents(str(path), 10)  # no limit: all of them
 
 
 def test_text_files_are_utf8(tmp_path):
@@ -46,3 +57,59 @@ def test_layer_checks_name_the_range():
         check_layer(model, 2)
     with pytest.raises(ValueError, match=r"layer must be an int block index in \[0, 2\), got True"):
         check_layer(model, True)
+
+
+# ---- plain-text help and the rows texts are cut into --------------------------------------
+
+
+def test_plain_text_renders_rst_markup():
+    doc = ("``bilinear-lens eigen``: see :mod:`bilinear_lens.weights.eigen`, :func:`~pkg.mod.name`,\n"
+           ":py:class:`title <pkg.Klass>` and `interpreted`; ``--sae\n--feature`` spans lines. Example::\n\n"
+           "    bilinear-lens eigen --token \" happy\"\n")
+    assert plain_text(doc) == (
+        "bilinear-lens eigen: see bilinear_lens.weights.eigen, name,\n"
+        "title and interpreted; --sae\n--feature spans lines. Example:\n\n"
+        "    bilinear-lens eigen --token \" happy\"")
+
+
+@pytest.mark.parametrize("command", ["ablate", "eigen", "polytope", "report"])
+def test_analysis_help_is_plain_text(command, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as done:
+        importlib.import_module(f"bilinear_lens.commands.{command}").main(["--help"])
+    text = capsys.readouterr().out
+    assert done.value.code == 0 and f"bilinear-lens {command}:" in text
+    assert "``" not in text and not re.search(r":[a-z]+:`", text), text
+
+
+class _Tokenizer:
+    """Whitespace tokenizer with BOS id 0: enough to check the stream rule."""
+
+    def __init__(self, bos=0):
+        self.bos_token_id = bos
+
+    def encode(self, text, add_special_tokens=False):
+        assert not add_special_tokens
+        return [len(word) for word in text.split()]
+
+
+def test_document_stream_is_every_token_with_a_bos_per_document():
+    assert document_stream(_Tokenizer(), ["a bb ccc", "dddd"]) == [0, 1, 2, 3, 0, 4]
+    assert document_stream(_Tokenizer(bos=None), ["a bb", "ccc"]) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("n, length", [(12, 4), (13, 4), (15, 4), (4, 4), (5, 2)])
+def test_stream_rows_cover_the_whole_stream_unpadded(n, length):
+    stream = list(range(100, 100 + n))
+    rows, overlap = stream_rows(stream, length)
+    n_rows = -(-n // length)
+    assert rows.shape == (n_rows, length) and overlap == n_rows * length - n
+    assert rows.flatten()[: (n_rows - 1) * length].tolist() == stream[: (n_rows - 1) * length]
+    assert rows[-1].tolist() == stream[-length:]  # the last row ends the stream: nothing dropped or padded
+    assert sorted(set(rows.flatten().tolist())) == stream
+
+
+def test_a_stream_shorter_than_a_row_names_the_flag():
+    with pytest.raises(UsageError, match="the texts hold 3 tokens, fewer than one row of --seq-len 4"):
+        stream_rows([1, 2, 3], 4)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from bilinear_lens import cli
-from bilinear_lens.commands.common import UsageError, add_device_args, place_model, resolve_device
+from bilinear_lens.commands.common import EIGH_DTYPES, UsageError, add_device_args, place_model, resolve_device
+from bilinear_lens.models.config import DTYPES
 from bilinear_lens.models.model import build_model
 from bilinear_lens.weights.eigen import eigendecompose, eigendecompose_directions
 from bilinear_lens.weights.tensor import interaction_matrices
@@ -34,11 +35,39 @@ def test_defaults_and_cpu() -> None:
 @pytest.mark.parametrize("argv, message", [
     (["--device", "gpu"], "--device 'gpu' is not one of auto, cpu, cuda, cuda:N"),
     (["--device", "cuda:x"], "--device 'cuda:x' is not one of"),
-    (["--dtype", "double"], "--dtype 'double' is not one of float32, float64, bfloat16, float16"),
 ])
 def test_bad_values_are_one_line_usage_errors(argv, message) -> None:
     with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
         resolve_device(parse(*argv))
+
+
+def test_bad_dtypes_are_refused_by_the_parser_and_by_resolve_device(capsys) -> None:
+    with pytest.raises(SystemExit) as done:
+        parse("--dtype", "double")
+    assert done.value.code == 2
+    assert "argument --dtype: invalid choice: 'double'" in capsys.readouterr().err
+    # a Namespace built in Python (no parser) still gets the one-line error
+    with pytest.raises(UsageError, match="--dtype 'double' is not one of float32, float64, bfloat16, float16"):
+        resolve_device(argparse.Namespace(device="cpu", dtype="double"))
+    with pytest.raises(ValueError, match="dtypes must be among"):
+        add_device_args(argparse.ArgumentParser(), dtypes=("float64", "int8"))
+
+
+def dtype_choices(command: str) -> tuple[str, ...]:
+    import importlib
+
+    parser = importlib.import_module(f"bilinear_lens.commands.{command}").build_parser()
+    (action,) = [a for a in parser._actions if "--dtype" in a.option_strings]
+    return tuple(action.choices)
+
+
+def test_each_command_offers_the_dtypes_it_can_run() -> None:
+    """eigen and report eigendecompose (torch.linalg.eigh has no float16/bfloat16 kernel on
+    CPU or CUDA); ablate and polytope run in every model dtype (see the tests below)."""
+    assert dtype_choices("eigen") == dtype_choices("report") == EIGH_DTYPES == ("float32", "float64")
+    assert dtype_choices("ablate") == dtype_choices("polytope") == DTYPES
+    with pytest.raises(RuntimeError, match="not implemented for 'Half'"):  # why: the kernel itself is missing
+        torch.linalg.eigh(torch.eye(3, dtype=torch.float16))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
@@ -66,6 +95,25 @@ def test_eigen_cli_computes_in_the_requested_dtype(checkpoint, tmp_path, capsys)
         extra = ["--out", str(tmp_path / "r.html")] if command == "report" else ["--token-id", "7"] if command == "eigen" else []
         assert cli.main([command, "--checkpoint", str(checkpoint), *extra, "--device", "tpu"]) == 2
         assert "--device 'tpu' is not one of" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("command, extra", [
+    ("eigen", ["--token-id", "7"]),
+    ("eigen", ["--token-id", "7", "--out", "{tmp}/atlas"]),
+    ("eigen", ["--all-tokens", "--out", "{tmp}/atlas"]),
+    ("report", ["--out", "{tmp}/r.html"]),
+])
+def test_half_precision_is_refused_before_any_work(checkpoint, tmp_path, capsys, command, extra, dtype) -> None:
+    """Before: a NotImplementedError traceback from eigh, and an atlas directory holding
+    index.json. Now argparse refuses the value (exit 2), naming --dtype and the value."""
+    argv = [command, "--checkpoint", str(checkpoint), *[a.format(tmp=tmp_path) for a in extra], "--dtype", dtype]
+    with pytest.raises(SystemExit) as done:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert done.value.code == 2
+    assert f"argument --dtype: invalid choice: '{dtype}' (choose from 'float32', 'float64')" in err
+    assert "Traceback" not in err and sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
 def test_eigendecompose_directions_device_and_dtype() -> None:

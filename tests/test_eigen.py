@@ -62,7 +62,7 @@ def test_eigendecompose_directions_matches_per_direction() -> None:
         for n, u in enumerate(U):
             ref = eigendecompose(interaction_matrix(mlp, u, include_bias=True)).top(3)
             torch.testing.assert_close(got.eigenvalues[n], ref.eigenvalues)
-            torch.testing.assert_close(got.eigenvectors[n].abs(), ref.eigenvectors.abs())
+            torch.testing.assert_close(got.eigenvectors[n], ref.eigenvectors)  # signs too: one convention
 
 
 def test_interaction_operator_matches_dense_matrix() -> None:
@@ -78,7 +78,7 @@ def test_interaction_operator_matches_dense_matrix() -> None:
 
 def assert_same_eigenpairs(got: Eigendecomposition, ref: Eigendecomposition) -> None:
     torch.testing.assert_close(got.eigenvalues, ref.eigenvalues, rtol=1e-6, atol=0)
-    overlaps = (got.eigenvectors * ref.eigenvectors).sum(0).abs()  # up to sign
+    overlaps = (got.eigenvectors * ref.eigenvectors).sum(0)  # signed: every method follows the sign convention
     assert (overlaps > 1 - 1e-6).all(), overlaps
 
 

@@ -367,8 +367,41 @@ def test_cli_json_is_consistent(saved_model, capsys):
     assert result["hooks"] == ["blocks.0.mlp.hook_pre"] and result["n_units"] == 64
     assert result["tokens"] == 300  # BOS and padding are not counted
     assert 1 <= result["distinct_regions"] <= 300 and len(result["most_common"]) == 3
-    sample = result["purity"]["sample"]
-    assert sample["regions"]["n_clusters"] == sample["k"] >= sample["kmeans"]["n_clusters"]
+    purity = result["purity"]
+    assert purity["n_tokens"] == 300 and purity["n_labelled"] == purity["all_labelled"]["n_tokens"] <= 300
+    sample = purity["sample"]
+    # default k: as many clusters as the sample's regions, at most one per --min-size labelled tokens
+    n_sample = sample["regions"]["n_tokens"]
+    assert sample["k"] == min(sample["regions"]["n_clusters"], n_sample // 5) >= sample["kmeans"]["n_clusters"]
+    assert n_sample / sample["kmeans"]["n_clusters"] >= 5
+
+
+def test_cli_on_a_short_text_picks_a_small_k_and_warns(saved_model, tmp_path, capsys):
+    """Before: 74 labelled tokens in 74 regions gave k = 74 and every purity 1.000 (and
+    shuffled 1.000), next to a 'tokens' count that was not the labelled tokens'."""
+    path, _ = saved_model
+    text = tmp_path / "short.txt"
+    text.write_text(synthetic_stories(1, seed=3)[0], encoding="utf-8")
+    argv = ["--checkpoint", str(path), "--text-file", str(text), "--quiet"]
+    assert polytope_main([*argv, "--json"]) == 0
+    out, err = capsys.readouterr()
+    purity = json.loads(out)["purity"]
+    n_sample, k = purity["sample"]["regions"]["n_tokens"], purity["sample"]["k"]
+    assert 10 <= n_sample < 60 and k == min(purity["sample"]["regions"]["n_clusters"], n_sample // 5)
+    assert purity["sample"]["kmeans"]["n_clusters"] <= k < n_sample
+    assert purity["sample"]["kmeans"]["purity"] < 1.0  # no longer one token per cluster
+    warned = "warning: no region holds --min-size 5 or more labelled tokens" in err
+    assert warned == (purity["all_labelled"]["n_clusters_min_size"] == 0), err
+    assert polytope_main(argv) == 0
+    table = capsys.readouterr().out
+    n_tokens, n_labelled = purity["n_tokens"], purity["n_labelled"]
+    assert f"{n_labelled} of the {n_tokens} tokens carry one" in table and "regions, all labelled" in table
+    (header,) = [line for line in table.splitlines() if "clusters" in line and "shuffled" in line]
+    assert header.split()[0] == "labelled"  # the purity rows count labelled tokens, and say so
+    # too few labelled tokens for k-means: skipped, said so, and no k-means row
+    assert polytope_main([*argv, "--min-size", str(n_sample // 2 + 1)]) == 0
+    table = capsys.readouterr().out
+    assert "k-means comparison skipped: the sample holds" in table and "k-means, sample" not in table
 
 
 @pytest.mark.parametrize(
@@ -378,7 +411,7 @@ def test_cli_json_is_consistent(saved_model, capsys):
         ({"--text-file": "missing.txt"}, "text file not found"),
         ({"--layer": "5"}, "out of range"),
         ({"--device": "tpu"}, "--device 'tpu' is not one of auto, cpu, cuda, cuda:N"),
-        ({"--dtype": "int8"}, "--dtype 'int8' is not one of float32, float64"),
+        ({"--min-size": "0"}, "--min-size must be >= 1, got 0"),
     ],
 )
 def test_cli_errors_exit_2(saved_model, capsys, tmp_path, change, message):
@@ -387,6 +420,29 @@ def test_cli_errors_exit_2(saved_model, capsys, tmp_path, change, message):
     args.update({k: str(tmp_path / v) if k in ("--checkpoint", "--text-file") else v for k, v in change.items()})
     assert polytope_main([x for kv in args.items() for x in kv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_cli_bad_dtype_is_refused_by_the_parser(saved_model, capsys):
+    path, text = saved_model
+    with pytest.raises(SystemExit) as done:
+        polytope_main(["--checkpoint", str(path), "--text-file", str(text), "--dtype", "int8"])
+    assert done.value.code == 2
+    assert "argument --dtype: invalid choice: 'int8' (choose from 'float32', 'float64', 'bfloat16', 'float16')" in (
+        capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_cli_runs_in_half_precision(saved_model, capsys, dtype):
+    """polytope offers every model dtype: codes are signs, k-means runs on float32 copies."""
+    path, text = saved_model
+    argv = ["--checkpoint", str(path), "--text-file", str(text), "--max-tokens", "200", "--json", "--quiet",
+            "--device", "cpu"]
+    assert polytope_main(argv) == 0
+    full = json.loads(capsys.readouterr().out)
+    assert polytope_main([*argv, "--dtype", dtype]) == 0
+    half = json.loads(capsys.readouterr().out)
+    assert half["tokens"] == full["tokens"] == 200 and half["purity"]["n_labelled"] == full["purity"]["n_labelled"]
+    assert half["purity"]["sample"]["kmeans"]["n_tokens"] == full["purity"]["sample"]["kmeans"]["n_tokens"]
 
 
 def test_purity_analysis_script_runs(saved_model, tmp_path, monkeypatch, capsys):

@@ -69,3 +69,19 @@ def test_report_renders_in_headless_chromium(checkpoint, tmp_path):
     png = tmp_path / "report.png"
     screenshot(tmp_path / "with_recorder.html", png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_exit_codes_usage_2_failure_1(checkpoint, tmp_path, capsys, monkeypatch):
+    """2: the inputs are wrong (nothing written); 1: they were fine but writing the page failed."""
+    with pytest.raises(SystemExit) as done:  # eigendecompositions have no half precision: refused up front
+        main(["report", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "r.html"), "--dtype", "float16"])
+    assert done.value.code == 2 and "argument --dtype: invalid choice: 'float16'" in capsys.readouterr().err
+    import bilinear_lens.views.report as report_view
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report_view, "write_report", disk_full)
+    assert main(["report", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "r.html"), "--quiet"]) == 1
+    assert capsys.readouterr().err == "bilinear-lens report: error: [Errno 28] No space left on device\n"
+    assert not (tmp_path / "r.html").exists()

@@ -434,7 +434,7 @@ def test_cli_trains_tiny_recipe_override(cache_dir, tmp_path, capsys):
     assert cli.main(["train", "--out", str(out), "--resume", "--no-progress", "--quiet", "--set", "train.steps=10"]) == 0
     assert read_train_state(out / FINAL_DIR).step == 10
 
-    assert cli.main(["train", "--config", str(TINY_RECIPE), "--out", str(tmp_path / "x"), "--set", "train.lrr=1"]) == 1
+    assert cli.main(["train", "--config", str(TINY_RECIPE), "--out", str(tmp_path / "x"), "--set", "train.lrr=1"]) == 2  # a usage/recipe error
     err = capsys.readouterr().err
     assert "unknown key 'lrr' in section [train]" in err and "tiny.toml" in err
 

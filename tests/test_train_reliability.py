@@ -70,9 +70,9 @@ def test_second_writer_of_a_run_dir_is_refused_naming_the_holder(cache_dir, tmp_
     message = str(err.value)
     assert f"run directory {out} is in use by pid {holder.pid} on host {socket.gethostname()} since 20" in message
     assert "\n" not in message and not list_checkpoints(out)
-    # The CLI prints that one line and exits 1, like every other training error.
+    # The CLI prints that one line and exits 2, like every refused run directory or recipe.
     cfg.save_toml(tmp_path / "recipe.toml")
-    assert cli.main(["train", "--config", str(tmp_path / "recipe.toml"), "--out", str(out), "--quiet"]) == 1
+    assert cli.main(["train", "--config", str(tmp_path / "recipe.toml"), "--out", str(out), "--quiet"]) == 2
     assert f"is in use by pid {holder.pid}" in capsys.readouterr().err
 
     holder.send_signal(signal.SIGKILL)  # kill -9 leaves the lock file behind: stale, not held
@@ -99,9 +99,9 @@ def test_two_concurrent_trainings_never_mix(cache_dir, tmp_path):
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         ))
     results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
-    assert sorted(code for code, _ in results) == [0, 1], results
+    assert sorted(code for code, _ in results) == [0, 2], results  # 2: the run directory was refused
     winner = 1 + [code for code, _ in results].index(0)
-    loser_err = [err for code, err in results if code == 1][0]
+    loser_err = [err for code, err in results if code == 2][0]
     assert "is in use by pid" in loser_err or "already holds checkpoints" in loser_err
     assert f"seed = {winner}" in (out / "run_config.toml").read_text()
     for _, path in list_checkpoints(out) + [(None, out / FINAL_DIR)]:

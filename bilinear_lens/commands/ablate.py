@@ -5,14 +5,21 @@
                          [--token T | --token-id I | --logit-diff A B | --sae DIR --feature N]
 
 Texts (``--text-file``: documents separated by blank lines, as in the training data's
-``.txt`` files; default: the built-in synthetic stories) are tokenized with a BOS token
-before each document, concatenated and cut into rows of ``--seq-len`` tokens, so no row is
-padded. Every neuron is ablated on its own (:func:`bilinear_lens.activations.ablation.ablation_sweep`)
-and the ``--top`` neurons by ``|delta loss|`` are printed, or one JSON object with
-``--json``. With an output direction the ranking is by its change instead, averaged over
-every position: ``delta_logit`` (a token), ``delta_logit_diff`` (a logit difference) or
-``delta_feature`` (an SAE feature's mean activation at its hook,
-:func:`bilinear_lens.sae.ablation.feature_ablation_sweep`). Errors (missing checkpoint, bad layer...) exit with code 2.
+``.txt`` files; default: the built-in synthetic stories) become one token stream, a BOS
+token before each document, as training packs its corpus; the stream is cut into rows of
+``--seq-len`` tokens (default 64, at most the model's n_ctx: a longer one is refused).
+The whole text counts and no row is padded: when the stream does not divide into rows,
+the last row is its final ``--seq-len`` tokens, repeating ``overlap`` tokens of the row
+before (the JSON's ``stream_tokens`` and ``overlap``; :func:`~bilinear_lens.commands.common.stream_rows`).
+
+Every neuron is ablated on its own (:func:`~bilinear_lens.activations.ablation.ablation_sweep`)
+and the ``--top`` neurons by the magnitude ``|delta_loss|`` (either sign) are printed, or
+one JSON object with ``--json`` (``"ranked_by": "|delta_loss|"``, ``"rank_column":
+"delta_loss"``). With an output direction the ranking is by the magnitude of its change
+instead, averaged over every position: ``|delta_logit|`` (a token), ``|delta_logit_diff|``
+(a logit difference) or ``|delta_feature|`` (an SAE feature's mean activation at its hook,
+:func:`~bilinear_lens.sae.ablation.feature_ablation_sweep`). Errors (missing checkpoint,
+bad layer, ``--seq-len`` above n_ctx...) exit with code 2.
 """
 
 from __future__ import annotations
@@ -30,20 +37,23 @@ from bilinear_lens.commands.common import (
     add_device_args,
     add_direction_arguments,
     analysis_parser,
+    document_stream,
     load_model_with_tokenizer,
     place_model,
     read_documents,
+    report_error,
     require_positive,
     resolve_direction_arguments,
+    stream_rows,
 )
-from bilinear_lens.models.hook_names import mlp_hook_name
-from bilinear_lens.models.hook_names import UnknownHookError
+from bilinear_lens.models.hook_names import UnknownHookError, mlp_hook_name
 from bilinear_lens.models.protocol import HookedModel
 
+DEFAULT_SEQ_LEN = 64  # capped at the model's n_ctx when --seq-len is not given
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = analysis_parser("ablate", "Neuron ablation sweep: the neurons of an MLP layer whose single ablation changes the loss most.")
+    parser = analysis_parser("ablate", __doc__)
     parser.add_argument("--layer", type=int, default=0, help="block index (default 0)")
     parser.add_argument("--top", type=int, default=20, help="neurons to show (default 20)")
     parser.add_argument(
@@ -52,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--method", choices=METHODS, default="zero", help="ablation method (default zero)")
     parser.add_argument("--text-file", help="UTF-8 documents separated by blank lines (default: synthetic stories)")
     parser.add_argument("--n-texts", type=int, default=32, help="documents to use (default 32)")
-    parser.add_argument("--seq-len", type=int, default=64, help="tokens per row, at most n_ctx (default 64)")
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help=f"tokens per row, at most the model's n_ctx (default {DEFAULT_SEQ_LEN}, or n_ctx if smaller)")
     parser.add_argument("--seed", type=int, default=0, help="synthetic-story and resample seed (default 0)")
     parser.add_argument("--ablations-per-pass", type=int, default=None, help="ablations batched per forward pass")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -66,7 +77,7 @@ def _has_direction(args: argparse.Namespace) -> bool:
 
 
 def _sweep(args: argparse.Namespace, model: Any, tokens: torch.Tensor) -> tuple[NeuronTable, str]:
-    """The neuron table and the column it is ranked by (see module docstring)."""
+    """The neuron table and the column whose magnitude ranks it (see module docstring)."""
     from bilinear_lens.weights.directions import FeatureDirection
 
     common = dict(hook=args.hook, method=args.method, seed=args.seed)
@@ -89,8 +100,19 @@ def _sweep(args: argparse.Namespace, model: Any, tokens: torch.Tensor) -> tuple[
 
 def _check_args(args: argparse.Namespace) -> None:
     require_positive(args, "top", "n_texts")
-    if args.seq_len < 2:
+    if args.seq_len is not None and args.seq_len < 2:
         raise UsageError(f"--seq-len must be >= 2 (the loss needs a next token), got {args.seq_len}")
+
+
+def _seq_len(args: argparse.Namespace, model: HookedModel) -> int:
+    """``--seq-len``, or :data:`DEFAULT_SEQ_LEN` capped at n_ctx; a value above the model's
+    n_ctx is a :class:`UsageError` (it used to be cut silently)."""
+    n_ctx = model.cfg.n_ctx
+    if args.seq_len is None:
+        return min(DEFAULT_SEQ_LEN, n_ctx)
+    if args.seq_len > n_ctx:
+        raise UsageError(f"--seq-len {args.seq_len} is longer than the model's n_ctx {n_ctx}; give at most {n_ctx}")
+    return args.seq_len
 
 
 def _read_texts(text_file: Optional[str], n_texts: int, seed: int) -> list[str]:
@@ -101,22 +123,17 @@ def _read_texts(text_file: Optional[str], n_texts: int, seed: int) -> list[str]:
     return read_documents(text_file, n_texts)
 
 
-def _pack_tokens(model: HookedModel, texts: list[str], seq_len: int) -> torch.Tensor:
-    """``[n_rows, seq_len]``: BOS + document tokens, concatenated and cut (the tail dropped)."""
-    tokenizer = model.tokenizer
-    seq_len = min(seq_len, model.cfg.n_ctx)
-    stream: list[int] = []
-    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
-    for text in texts:
-        stream.extend(bos)
-        stream.extend(tokenizer.encode(text, add_special_tokens=False))
-    n_rows = len(stream) // seq_len
-    if n_rows == 0:
-        raise UsageError(f"the texts hold {len(stream)} tokens, fewer than one row of --seq-len {seq_len}")
-    return torch.tensor(stream[: n_rows * seq_len], dtype=torch.long).view(n_rows, seq_len)
+def _pack_tokens(model: HookedModel, texts: list[str], seq_len: int) -> tuple[torch.Tensor, int, int]:
+    """``(rows [n_rows, seq_len], stream_tokens, overlap)``: the texts' token stream (BOS
+    before each document, ``stream_tokens`` in all) cut into rows covering every token of
+    it, the last row repeating ``overlap`` tokens of the one before (see module docstring)."""
+    stream = document_stream(model.tokenizer, texts)
+    rows, overlap = stream_rows(stream, seq_len, "--seq-len")
+    return rows, len(stream), overlap
 
 
-def _report(args: argparse.Namespace, tokens: torch.Tensor, table: NeuronTable, by: str) -> dict[str, Any]:
+def _report(args: argparse.Namespace, tokens: torch.Tensor, stream_tokens: int, overlap: int,
+            table: NeuronTable, by: str) -> dict[str, Any]:
     top = table.top(args.top, by=by)
     return {
         "checkpoint": str(args.checkpoint),
@@ -125,19 +142,24 @@ def _report(args: argparse.Namespace, tokens: torch.Tensor, table: NeuronTable, 
         "method": args.method,
         "n_neurons": len(table),
         "tokens": list(tokens.shape),
+        "stream_tokens": stream_tokens,
+        "overlap": overlap,
         "baseline_loss": table.baseline["loss"],
-        "ranked_by": by,
+        "ranked_by": f"|{by}|",
+        "rank_column": by,
         "neurons": [{"rank": rank, **row} for rank, row in enumerate(top.rows(), start=1)],
     }
 
 
 def _print_table(report: dict[str, Any]) -> None:
     rows, seq_len = report["tokens"]
+    overlap = f", the last row repeating {report['overlap']}" if report["overlap"] else ""
     print(
         f"{report['hook']}: {report['method']} ablation of each of {report['n_neurons']} neurons "
-        f"on {rows} x {seq_len} tokens; baseline loss {report['baseline_loss']:.4f}"
+        f"on {rows} x {seq_len} tokens (all {report['stream_tokens']} of the texts with BOS{overlap}); "
+        f"baseline loss {report['baseline_loss']:.4f}; ranked by {report['ranked_by']}"
     )
-    by = report["ranked_by"]
+    by = report["rank_column"]
     columns = [by] + (["delta_loss"] if by != "delta_loss" else [])
     print(f"{'rank':>5}  {'neuron':>6}  " + "  ".join(f"{c:>16}" for c in columns))
     for row in report["neurons"]:
@@ -149,13 +171,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         _check_args(args)
         model = place_model(load_model_with_tokenizer(args.checkpoint, "ablate"), args)
-        tokens = _pack_tokens(model, _read_texts(args.text_file, args.n_texts, args.seed), args.seq_len)
+        seq_len = _seq_len(args, model)
+        tokens, stream_tokens, overlap = _pack_tokens(model, _read_texts(args.text_file, args.n_texts, args.seed), seq_len)
         tokens = tokens.to(model.W_U.device)
         table, by = _sweep(args, model, tokens)
     except (UsageError, UnknownHookError, ValueError, TypeError) as err:
-        print(f"bilinear-lens ablate: error: {err}", file=sys.stderr)
-        return 2
-    report = _report(args, tokens, table, by)
+        return report_error("ablate", err)
+    report = _report(args, tokens, stream_tokens, overlap, table, by)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -1,18 +1,59 @@
-"""Pieces shared by the subcommands: the usage-error type, checkpoint and text-file loading,
-the ``--device``/``--dtype``/``--quiet`` flags, and the output-direction arguments."""
+"""Pieces shared by the subcommands: the usage-error type and exit codes, plain-text help,
+checkpoint and text-file loading (one rule for cutting texts into rows), the
+``--device``/``--dtype``/``--quiet`` flags, and the output-direction arguments."""
 
 from __future__ import annotations
 
+import re
+import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from bilinear_lens.models.checkpoint import CheckpointError
 from bilinear_lens.models.config import DTYPES
 from bilinear_lens.models.model import TORCH_DTYPES
 
 
+EXIT_USAGE = 2  # bad arguments, recipe/config or inputs (argparse's own convention)
+EXIT_FAILURE = 1  # valid inputs, but the work itself failed (e.g. training diverged)
+
+
 class UsageError(Exception):
     """A problem with the arguments or inputs, reported as ``error: ...`` with exit code 2."""
+
+
+def report_error(command: str, err: Any, code: int = EXIT_USAGE) -> int:
+    """Print ``bilinear-lens COMMAND: error: ERR`` (one line) to stderr and return ``code``:
+    :data:`EXIT_USAGE` (2) for usage/config/input errors, :data:`EXIT_FAILURE` (1) for
+    runtime failures."""
+    print(f"bilinear-lens {command}: error: {err}", file=sys.stderr)
+    return code
+
+
+_ROLE = re.compile(r":(?:[\w.+-]+:)?[\w.+-]+:`([^`]+)`")
+
+
+def _role_text(match: "re.Match[str]") -> str:
+    content = match.group(1).strip()
+    if content.endswith(">") and "<" in content:  # `title <target>`
+        return content[: content.rindex("<")].strip()
+    if content.startswith("~"):  # ~pkg.mod.name: the last component
+        return content[1:].rsplit(".", 1)[-1]
+    return content.lstrip("!")
+
+
+def plain_text(doc: str) -> str:
+    """A reStructuredText docstring as plain text for ``--help``: a role such as
+    ``:func:`~pkg.mod.name``` becomes its target (the last component after ``~``; the
+    title of ``title <target>``), double-backtick literals and single-backtick text lose
+    their backticks, and a paragraph-ending ``::`` becomes ``:``. Line breaks and
+    indentation are kept (the parsers print descriptions verbatim)."""
+    text = _ROLE.sub(_role_text, doc)
+    text = re.sub(r"``([^`]+?)``", r"\1", text)
+    text = re.sub(r"`([^`\n]+)`_{0,2}", r"\1", text)
+    text = re.sub(r"(\S)::$", r"\1:", text, flags=re.M)
+    text = re.sub(r"\s+::$", "", text, flags=re.M)
+    return text.strip("\n")
 
 
 def load_model_with_tokenizer(path: str, command: str) -> Any:
@@ -30,11 +71,12 @@ def load_model_with_tokenizer(path: str, command: str) -> Any:
 
 
 def analysis_parser(command: str, description: str) -> Any:
-    """The parser every analysis command starts from: ``prog``, the description (kept as
-    written) and ``--checkpoint``, the model directory (our format, HF Llama or a hub id)."""
+    """The parser every analysis command starts from: ``prog``, the description (a module
+    docstring, shown as :func:`plain_text` with its line breaks) and ``--checkpoint``, the
+    model directory (our format, HF Llama or a hub id)."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog=f"bilinear-lens {command}", description=description,
+    parser = argparse.ArgumentParser(prog=f"bilinear-lens {command}", description=plain_text(description),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True,
                         help="model directory (save_pretrained or HF Llama format, with a tokenizer) or hub id")
@@ -52,9 +94,9 @@ def read_text_file(path: str) -> str:
         raise UsageError(f"text file {path} is not UTF-8: {err}") from err
 
 
-def read_documents(path: str, limit: int) -> list[str]:
-    """The first ``limit`` documents of ``path`` (separated by blank lines, stripped, empty
-    ones dropped); a file without any is a :class:`UsageError`."""
+def read_documents(path: str, limit: Optional[int] = None) -> list[str]:
+    """The first ``limit`` (``None``: all) documents of ``path`` (separated by blank lines,
+    stripped, empty ones dropped); a file without any is a :class:`UsageError`."""
     documents = [doc.strip() for doc in read_text_file(path).split("\n\n")]
     documents = [doc for doc in documents if doc]
     if not documents:
@@ -62,12 +104,56 @@ def read_documents(path: str, limit: int) -> list[str]:
     return documents[:limit]
 
 
+def document_stream(tokenizer: Any, documents: Sequence[str]) -> list[int]:
+    """The token stream of ``documents``, the way training packs its corpus
+    (:mod:`bilinear_lens.data.corpus`): each document's tokens (no special tokens added),
+    preceded by the BOS token when the tokenizer has one. Every token of every document is
+    in it."""
+    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    stream: list[int] = []
+    for text in documents:
+        stream.extend(bos)
+        stream.extend(tokenizer.encode(text, add_special_tokens=False))
+    return stream
+
+
+def stream_rows(stream: Sequence[int], length: int, flag: str = "--seq-len") -> tuple[Any, int]:
+    """``(rows [n_rows, length], overlap)``: ``stream`` cut into consecutive rows of
+    ``length`` tokens, none padded and none dropped. When ``length`` does not divide the
+    stream, the last row is the stream's final ``length`` tokens, so it repeats ``overlap``
+    tokens of the row before (0 when it divides). A stream shorter than one row is a
+    :class:`UsageError` naming ``flag``."""
+    import torch
+
+    if len(stream) < length:
+        raise UsageError(f"the texts hold {len(stream)} tokens, fewer than one row of {flag} {length}")
+    n_full, rest = divmod(len(stream), length)
+    ids = torch.tensor(list(stream), dtype=torch.long)
+    rows = ids[: n_full * length].view(n_full, length)
+    if rest:
+        rows = torch.cat([rows, ids[-length:][None]])
+    return rows, (length - rest) % length
+
+
 # ---- --device / --dtype / --quiet: shared by the analysis commands (eigen, ablate, polytope, report)
 
-def add_device_args(parser: Any) -> None:
-    """Add ``--device`` (auto/cpu/cuda/cuda:N), ``--dtype`` and ``--quiet`` to ``parser``."""
+# What a command that eigendecomposes can compute in: torch.linalg.eigh has no float16 or
+# bfloat16 kernel (CPU or CUDA), so eigen and report offer only these.
+EIGH_DTYPES = ("float32", "float64")
+
+
+def add_device_args(parser: Any, dtypes: Sequence[str] = DTYPES) -> None:
+    """Add ``--device`` (auto/cpu/cuda/cuda:N), ``--dtype`` and ``--quiet`` to ``parser``.
+
+    ``--dtype`` accepts only ``dtypes`` (default: every model dtype; commands that
+    eigendecompose pass :data:`EIGH_DTYPES`): argparse refuses any other value, naming
+    ``--dtype`` and the value, with exit code 2 before any work is done or file written."""
+    unknown = [d for d in dtypes if d not in DTYPES]
+    if unknown or "float32" not in dtypes:
+        raise ValueError(f"dtypes must be among {', '.join(DTYPES)} and include float32 (the default), got {list(dtypes)}")
     parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
-    parser.add_argument("--dtype", default="float32", help=f"compute dtype: {', '.join(DTYPES)} (default float32)")
+    parser.add_argument("--dtype", default="float32", choices=tuple(dtypes),
+                        help=f"compute dtype: {', '.join(dtypes)} (default float32)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

@@ -20,7 +20,10 @@ from bilinear_lens.models.checkpoint import CheckpointError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bilinear-lens convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from bilinear_lens.commands.common import plain_text
+
+    p = argparse.ArgumentParser(prog="bilinear-lens convert", description=plain_text(__doc__),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="model directory or hub id (owner/name)")
     p.add_argument("--from", dest="source_format", choices=("auto", "tdooms"), default="auto",
                    help="auto: ours / HF Llama / hub id; tdooms: the paper's released checkpoints")

@@ -1,6 +1,9 @@
 """``bilinear-lens eigen``: eigenvalues of a bilinear layer's ``Q(u)`` for an output direction
 (a token, a logit difference or an SAE feature) and, per eigenvector, its most aligned input
 tokens (both poles) and, with ``--input-sae``, its most aligned input SAE features.
+``--json`` names the direction as plain text with its token id(s) or SAE feature index in
+separate fields; eigenvector signs (which pole is "+") follow one convention for every
+``--method`` and ``--dtype`` (:class:`~bilinear_lens.weights.eigen.Eigendecomposition`).
 
 With ``--out DIR`` it writes an eigen atlas instead: the top-k of ``Q(u)`` for every
 vocabulary token (``--all-tokens``) or for each given ``--token``/``--token-id``/``--sae
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any, Optional
 
 from bilinear_lens.commands.common import (
@@ -37,12 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=None, help="eigenvectors to show (default 5) or keep in the atlas (default 8)")
     p.add_argument("--out", help="write an atlas of the given directions (or --all-tokens) to this directory")
     p.add_argument("--resume", action="store_true", help="finish an interrupted atlas in --out")
-    p.add_argument("--shard-size", type=int, default=512, help="directions per atlas shard (default 512)")
+    p.add_argument("--shard-size", type=int, default=None,
+                   help="directions per atlas shard (default 512 for a new atlas; --resume keeps the atlas' own)")
     p.add_argument("--n-tokens", type=int, default=8, help="input tokens per pole")
     p.add_argument("--method", choices=METHODS, default="auto",
                    help="auto: dense eigh up to d_model 2048 (all components), else lanczos (top only)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    add_device_args(p)
+    add_device_args(p, dtypes=("float32", "float64"))  # torch.linalg.eigh: no half precision
     return p
 
 
@@ -79,7 +84,7 @@ def _run_atlas(args: argparse.Namespace) -> dict:
     model = BilinearTransformer.from_pretrained(args.checkpoint)
     what = _atlas_directions(args, model)
     layers = list(range(model.cfg.n_layers)) if args.layer is None else [args.layer]
-    options = dict(k=args.top or 8, shard_size=args.shard_size, device=device, dtype=dtype,
+    options = dict(k=args.top or _recorded_k(args) or 8, shard_size=args.shard_size, device=device, dtype=dtype,
                    resume=args.resume, progress=not args.quiet)
     with process_group(device) as ranks:
         if "tokens" in what:
@@ -89,6 +94,38 @@ def _run_atlas(args: argparse.Namespace) -> dict:
             atlas = build_atlas(mlps, what["directions"], args.out, labels=what["labels"],
                                 label_name=what["label_name"], **options)
     return {"atlas": str(atlas.path), "layers": atlas.layers, "n_dirs": atlas.n_dirs, "k": atlas.k, "is_main": ranks.is_main}
+
+
+def _recorded_k(args: argparse.Namespace) -> Optional[int]:
+    """On ``--resume`` without ``--top``: the ``k`` the atlas in ``--out`` was started with
+    (as ``--shard-size``), so a resume needs only ``--out``; else ``None``."""
+    from bilinear_lens.weights.atlas_store import INDEX_FILE, read_index
+
+    if not args.resume or not (Path(args.out) / INDEX_FILE).is_file():
+        return None
+    k = read_index(Path(args.out)).get("k")
+    return k if isinstance(k, int) else None
+
+
+def _direction_fields(model: Any, label: str, spec: Any, sae_dir: Optional[str]) -> dict[str, Any]:
+    """The output direction for ``--json``: ``direction`` as plain text (a token's own text,
+    not its repr), ``direction_kind``, and the ids behind it as separate fields: ``token_id``
+    (a token), ``token_ids`` and ``tokens`` (a logit difference ``A - B``), or ``feature``,
+    ``sae`` (``sae_dir``, the ``--sae`` directory) and ``feature_read`` (an SAE feature)."""
+    from bilinear_lens.weights.directions import FeatureDirection
+
+    def text(token: int) -> Optional[str]:
+        return model.tokenizer.decode([token]) if getattr(model, "tokenizer", None) else None
+
+    if isinstance(spec, FeatureDirection):
+        return {"direction": label, "direction_kind": "feature", "feature": spec.index, "sae": sae_dir,
+                "feature_read": spec.read}
+    if isinstance(spec, tuple):
+        a, b = spec
+        return {"direction": label, "direction_kind": "logit_diff", "token_ids": [a, b], "tokens": [text(a), text(b)]}
+    token = text(spec)
+    return {"direction": token if token is not None else f"token id {spec}", "direction_kind": "token",
+            "token_id": spec, "token": token}
 
 
 def _rows(model: Any, le: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -153,17 +190,21 @@ def main(argv: Optional[list[str]] = None) -> int:
         except (FileNotFoundError, CheckpointError, ValueError) as err:
             raise UsageError(f"cannot load checkpoint {args.checkpoint}: {err}") from None
         ((label, direction),) = resolve_direction_arguments(args, model)
+        fields = _direction_fields(model, label, direction, args.sae)
         method = choose_method(model.cfg.d_model) if args.method == "auto" else args.method
         full = layer_eigendecomposition(model, args.layer, direction, method="dense") if method == "dense" else None
         le = full if full is not None else layer_eigendecomposition(model, args.layer, direction, k=args.top, method=method)
         rows = _rows(model, le, args)
-    except (UsageError, ValueError, TypeError, EigenConvergenceError) as err:
+    except (UsageError, ValueError, TypeError) as err:
         print(f"bilinear-lens eigen: error: {err}", file=sys.stderr)
         return 2
+    except EigenConvergenceError as err:  # the solver failed on valid input: not a usage error
+        print(f"bilinear-lens eigen: error: {err}", file=sys.stderr)
+        return 1
 
     errors = {k: float(low_rank_error(full.eig, k)) for k in (1, 2, 4, 8) if k <= full.eig.k} if full is not None else {}
     if args.json:
-        print(json.dumps({"layer": args.layer, "direction": label, "eigenvectors": rows,
+        print(json.dumps({"layer": args.layer, **fields, "eigenvectors": rows,
                           "low_rank_frobenius_error": errors}, indent=2))
     else:
         _print_rows(args, label, rows, errors)

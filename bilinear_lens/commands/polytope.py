@@ -8,6 +8,16 @@ with example contexts, the mean Hamming distance between sampled tokens' codes a
 tokens carry labels (word classes of the synthetic vocabulary by default), the purity of
 regions vs k-means clusters (:func:`bilinear_lens.activations.polytope.compare_purity`). ``--json``
 prints the same as one JSON object. BOS/padding tokens are not counted.
+
+Purity counts labelled tokens only: with word-class labels, only tokens of the synthetic
+vocabulary's word classes carry one, so the purity rows (``labelled``) can hold fewer tokens
+than the text. k-means runs on a sample of at most ``--purity-tokens`` labelled tokens with
+``k`` = as many clusters as the sample has regions, but at most one per ``--min-size``
+labelled tokens (:func:`default_k`), so clusters average at least ``--min-size`` tokens: on
+a short text, k = number of tokens would make every purity 1 by construction. With fewer
+than ``2 x --min-size`` labelled tokens in the sample, the k-means comparison is skipped;
+when no region holds ``--min-size`` labelled tokens, a warning says region purity is not
+evidence (tiny regions are pure whatever the labels; compare the ``shuffled`` columns).
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ from bilinear_lens.commands.common import (
     load_model_with_tokenizer,
     place_model,
     read_text_file,
+    report_error,
     require_positive,
 )
 from bilinear_lens.models.hook_names import mlp_hook_name
@@ -45,7 +56,7 @@ LABEL_KINDS = ("word-class", "token", "none")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = analysis_parser("polytope", "Polytope-region statistics of an MLP layer over a text file.")
+    parser = analysis_parser("polytope", __doc__)
     parser.add_argument("--layer", type=int, nargs="+", default=[0], help="layer(s); several layers make one joint code")
     parser.add_argument("--text-file", required=True, help="UTF-8 text to run the model on")
     parser.add_argument("--max-tokens", type=int, default=20_000, help="read at most this many tokens (default 20000)")
@@ -55,10 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--examples", type=int, default=3, help="example contexts kept per region")
     parser.add_argument("--context", type=int, default=8, help="tokens of context per example")
     parser.add_argument("--purity-tokens", type=int, default=2000, help="tokens sampled for k-means (default 2000)")
-    parser.add_argument("--k", type=int, default=None, help="k-means clusters (default: as many as regions in the sample)")
-    parser.add_argument("--min-size", type=int, default=5, help="clusters of at least this many tokens count in weighted purity")
+    parser.add_argument("--k", type=int, default=None,
+                        help="k-means clusters (default: as many as regions in the sample, at most one per --min-size "
+                        "labelled tokens)")
+    parser.add_argument("--min-size", type=int, default=5,
+                        help="clusters of at least this many tokens count in weighted purity (default 5)")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the samples, k-means and label shuffles (default 0)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     add_device_args(parser)
     return parser
@@ -83,7 +97,7 @@ def analyse(args: argparse.Namespace) -> dict[str, Any]:
     """Run the analysis; everything the command prints, as a JSON-ready dict."""
     if args.max_tokens < 1 or args.batch_size < 1 or args.context < 1:
         raise UsageError("--max-tokens, --batch-size and --context must be positive")
-    require_positive(args, "k", "purity_tokens")
+    require_positive(args, "k", "purity_tokens", "min_size")
     model = place_model(load_model_with_tokenizer(args.checkpoint, "polytope"), args)
     try:
         layout = code_layout(model, args.layer, args.factors)
@@ -122,19 +136,44 @@ def analyse(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def default_k(n_labelled: int, n_regions: int, min_size: int) -> int:
+    """k-means clusters for ``n_labelled`` sampled tokens in ``n_regions`` regions: as many
+    as regions (the like-for-like comparison), but at most ``n_labelled // min_size`` so a
+    cluster holds ``min_size`` tokens on average; at least 1."""
+    return max(1, min(n_regions, n_labelled // min_size))
+
+
 def _purity(args: argparse.Namespace, tracker: Any, sample: Any, labels: Any, label_names: list[str], hook: str) -> Optional[dict[str, Any]]:
+    """Purity of the labelled tokens (see module docstring); ``None`` without labelled tokens."""
     if labels is None or not tracker.label_counts:
         return None
-    sample_labels = labels[sample.token_ids]
+    all_labelled = tracker.purity_report(args.min_size, seed=args.seed)
     out: dict[str, Any] = {
         "labels": args.labels,
         "label_names": label_names,
-        "all_tokens": tracker.purity_report(args.min_size, seed=args.seed).as_dict(),
+        "n_tokens": tracker.n_tokens,
+        "n_labelled": all_labelled.n_tokens,
+        "all_labelled": all_labelled.as_dict(),
         "kmeans_hook": hook,
+        "warnings": [],
     }
-    if (sample_labels >= 0).any():
-        comparison = compare_purity(sample.activations, sample.region_ids, sample_labels, args.k, args.min_size, seed=args.seed)
-        out["sample"] = comparison.as_dict()
+    sample_labels = labels[sample.token_ids]
+    labelled = sample_labels >= 0
+    n_sample = int(labelled.sum())
+    if all_labelled.n_clusters_min_size == 0:
+        out["warnings"].append(
+            f"no region holds --min-size {args.min_size} or more labelled tokens ({all_labelled.n_tokens} labelled "
+            f"tokens in {all_labelled.n_clusters} regions): region purity is inflated by tiny regions, not evidence "
+            "(compare 'shuffled'); give a longer --text-file")
+    if n_sample < 2 * args.min_size:
+        out["warnings"].append(
+            f"k-means comparison skipped: the sample holds {n_sample} labelled tokens, fewer than "
+            f"2 x --min-size {args.min_size}; give a longer --text-file")
+        return out
+    n_regions = int(np.unique(np.asarray(sample.region_ids)[labelled]).size)
+    k = args.k if args.k is not None else default_k(n_sample, n_regions, args.min_size)
+    comparison = compare_purity(sample.activations, sample.region_ids, sample_labels, k, args.min_size, seed=args.seed)
+    out["sample"] = comparison.as_dict()
     return out
 
 
@@ -166,23 +205,24 @@ def format_report(result: dict[str, Any]) -> str:
     if purity is None:
         lines += ["", "purity: no labelled tokens (use --labels token, or text in the synthetic vocabulary)"]
         return "\n".join(lines)
-    rows = [("regions, all tokens", purity["all_tokens"])]
+    rows = [("regions, all labelled", purity["all_labelled"])]
     if "sample" in purity:
         rows += [("regions, sample", purity["sample"]["regions"]), ("k-means, sample", purity["sample"]["kmeans"])]
-    min_size = purity["all_tokens"]["min_size"]
+    min_size = purity["all_labelled"]["min_size"]
     lines += [
         "",
-        f"purity w.r.t. {purity['labels']} labels"
-        + (f" (k-means on unit-normalised {purity['kmeans_hook']}, k = {purity['sample']['k']})" if "sample" in purity else ""),
-        f"  {'':<20} {'tokens':>6} {'clusters':>8} {'purity':>7} {'shuffled':>8} "
+        f"purity w.r.t. {purity['labels']} labels: {purity['n_labelled']} of the {purity['n_tokens']} tokens carry one"
+        + (f"; k-means on unit-normalised {purity['kmeans_hook']}, k = {purity['sample']['k']}" if "sample" in purity else ""),
+        f"  {'':<22} {'labelled':>8} {'clusters':>8} {'purity':>7} {'shuffled':>8} "
         f"{f'w>={min_size}':>7} {'shuffled':>8} {'covered':>7}",
     ]
     for name, r in rows:
         lines.append(
-            f"  {name:<20} {r['n_tokens']:>6} {r['n_clusters']:>8} {_fmt(r['purity']):>7} {_fmt(r['shuffled_purity']):>8} "
+            f"  {name:<22} {r['n_tokens']:>8} {r['n_clusters']:>8} {_fmt(r['purity']):>7} {_fmt(r['shuffled_purity']):>8} "
             f"{_fmt(r['weighted_purity']):>7} {_fmt(r['shuffled_weighted_purity']):>8} {_fmt(r['covered_fraction']):>7}"
         )
-    lines.append(f"  majority-class rate  {_fmt(purity['all_tokens']['majority_rate'])}")
+    lines.append(f"  majority-class rate    {_fmt(purity['all_labelled']['majority_rate'])}")
+    lines += [f"  warning: {w}" for w in purity["warnings"]]
     return "\n".join(lines)
 
 
@@ -202,7 +242,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         result = analyse(args)
     except UsageError as err:
-        print(f"bilinear-lens polytope: error: {err}", file=sys.stderr)
-        return 2
+        return report_error("polytope", err)
+    if args.json:
+        for warning in (result["purity"] or {}).get("warnings", []):
+            print(f"bilinear-lens polytope: warning: {warning}", file=sys.stderr)
     print(json.dumps(_json_safe(result), indent=2) if args.json else format_report(result))
     return 0

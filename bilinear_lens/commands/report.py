@@ -4,23 +4,27 @@ Output directions (``--token``/``--token-id``, repeatable; ``--sae DIR --feature
 repeatable) each get an eigendecomposition section; ``--logit-diff`` picks the direction of
 the interaction heat map between the ``--input-token``s. Tokens you name must each be one
 token (the same rule as ``eigen``); only the built-in defaults are skipped when a
-vocabulary splits them.
+vocabulary splits them. ``--dtype`` is float32 or float64 (the eigendecompositions have no
+half-precision kernel). Exit status: 2 for a usage or input error, 1 when the page cannot
+be written.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Optional
 
 from bilinear_lens.commands.common import (
+    EIGH_DTYPES,
+    EXIT_FAILURE,
     UsageError,
     add_device_args,
     add_direction_arguments,
     analysis_parser,
     place_model,
     read_documents,
+    report_error,
     require_positive,
     resolve_direction_arguments,
     resolve_input_token_arguments,
@@ -31,12 +35,12 @@ from bilinear_lens.models.checkpoint import CheckpointError
 def build_parser() -> argparse.ArgumentParser:
     p = analysis_parser("report", __doc__)
     p.add_argument("--out", required=True, help="HTML file to write")
-    p.add_argument("--layer", type=int, default=0)
+    p.add_argument("--layer", type=int, default=0, help="block index the page is about (default 0)")
     add_direction_arguments(p, input_tokens=True)
     p.add_argument("--text-file", help="sample texts, separated by blank lines (default: synthetic stories)")
-    p.add_argument("--n-texts", type=int, default=8)
-    p.add_argument("--n-eigenvectors", type=int, default=4)
-    add_device_args(p)
+    p.add_argument("--n-texts", type=int, default=8, help="sample texts used (default 8)")
+    p.add_argument("--n-eigenvectors", type=int, default=4, help="eigenvectors shown per output direction (default 4)")
+    add_device_args(p, dtypes=EIGH_DTYPES)
     return p
 
 
@@ -69,7 +73,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             progress=not args.quiet,
         )
     except (UsageError, FileNotFoundError, CheckpointError, ValueError, TypeError) as err:
-        print(f"bilinear-lens report: error: {err}", file=sys.stderr)
-        return 2
+        return report_error("report", err)
+    except OSError as err:  # e.g. --out not writable: the inputs were fine, writing failed
+        return report_error("report", err, EXIT_FAILURE)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
     return 0

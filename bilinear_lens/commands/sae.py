@@ -8,7 +8,7 @@
 The help texts below are plain text (argparse prints them verbatim): :data:`DESCRIPTION`
 for ``sae``, :data:`TRAIN_DESCRIPTION` for ``sae train``. Exit status: 0 (trained, stopped
 at ``--stop-at``, or resumed a run that was already finished), 2 (a usage, recipe, data or
-run-directory error, printed as one line).
+run-directory error), 1 (the loss diverged); errors are printed as one line.
 """
 
 from __future__ import annotations
@@ -82,10 +82,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             recipe = load_sae_recipe(args.config, overrides)
         result = train_sae(args.checkpoint, args.out, recipe, resume=args.resume,
                            progress=not args.no_progress, stop_at=args.stop_at)
-    except (ValueError, FileNotFoundError, FileExistsError, CheckpointError, UnknownHookError, LockHeldError,
-            NonFiniteLossError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, CheckpointError, UnknownHookError, LockHeldError) as err:
         print(f"bilinear-lens sae: error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as err:  # the run failed (its checkpoints stay): not a usage error
+        print(f"bilinear-lens sae: error: {err}", file=sys.stderr)
+        return 1
     val = result.val_metrics
     if result.already_finished:
         status = f"already finished at step {result.steps} (nothing trained or written); final SAE"

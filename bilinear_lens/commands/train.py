@@ -4,15 +4,33 @@
     bilinear-lens train --config training/configs/tiny.toml --set train.lr=3e-4 --set model.mlp_kind=relu --out runs/relu
     bilinear-lens train --out runs/tiny --resume            # recipe: runs/tiny/run_config.toml
     torchrun --nproc_per_node=2 -m bilinear_lens.cli train --config ... --out ...
+
+A resolved recipe (``OUT/run_config.toml``, which ``--resume`` reads by default) keeps the
+provenance it records: the run's ``run_config.toml`` files name the original recipe (plus
+any ``--set``), not the resolved copy (:func:`recipe_origin`).
+
+Exit status: 0 (trained, or stopped at ``--stop-at``); 2 for a usage, recipe, data or
+run-directory error (a bad ``--set``, a missing corpus, ``--out`` already holding checkpoints
+or in use by another run), before any training step; 1 when training itself fails (the loss
+diverges, or writing fails).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
-import sys
+import re
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
+
+from bilinear_lens.commands.common import EXIT_FAILURE, EXIT_USAGE, report_error
+
+if TYPE_CHECKING:
+    from bilinear_lens.training.config import RunConfig
+
+# The first line RunConfig.to_toml writes (bilinear_lens.training.config).
+_RESOLVED_HEADER = re.compile(r"# resolved run config \(from (.+)\)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,33 +54,56 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def recipe_origin(path: Path) -> Optional[str]:
+    """The recipe a resolved run config was written from: ``X`` of its first line
+    ``# resolved run config (from X)``; ``None`` for a recipe without that line (or unreadable)."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            first = file.readline().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    match = _RESOLVED_HEADER.fullmatch(first)
+    return match.group(1) if match else None
+
+
+def load_recipe(config: Path, overrides: list[str]) -> "RunConfig":
+    """:func:`~bilinear_lens.training.config.load_run_config`, keeping the provenance of a
+    resolved recipe: its ``source`` names the original recipe (then ``with overrides [...]``
+    for these ``overrides``), so a resumed run's ``run_config.toml`` header still says where
+    the recipe came from. Load errors name the file actually read."""
+    from bilinear_lens.training.config import load_run_config
+
+    run_config = load_run_config(config, overrides)
+    origin = recipe_origin(config)
+    if origin is None or not run_config.source.startswith(str(config)):
+        return run_config
+    return dataclasses.replace(run_config, source=origin + run_config.source[len(str(config)):])
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from bilinear_lens.locking import LockHeldError
-    from bilinear_lens.training.config import load_run_config
     from bilinear_lens.training.distributed import read_environment
     from bilinear_lens.training.loop import RUN_CONFIG_FILE, NonFiniteLossError, train
 
     try:
         is_main = read_environment().is_main  # rank 0 logs and prints
     except ValueError as err:  # a malformed RANK / WORLD_SIZE / LOCAL_RANK
-        print(f"bilinear-lens train: error: {err}", file=sys.stderr)
-        return 1
+        return report_error("train", err, EXIT_USAGE)
     if not args.quiet and is_main:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = args.config
     if config is None:
         if args.resume is False:
-            print("bilinear-lens train: --config is required (unless resuming a run that has a "
-                  f"{RUN_CONFIG_FILE})", file=sys.stderr)
-            return 2
+            return report_error("train", f"--config is required (unless resuming a run that has a {RUN_CONFIG_FILE})")
         config = args.out / RUN_CONFIG_FILE
     try:
-        run_config = load_run_config(config, args.overrides)
+        run_config = load_recipe(config, args.overrides)
         result = train(run_config, args.out, resume=args.resume, progress=not args.no_progress, stop_at=args.stop_at)
-    except (ValueError, FileNotFoundError, FileExistsError, NonFiniteLossError, LockHeldError) as err:
-        print(f"bilinear-lens train: error: {err}", file=sys.stderr)
-        return 1
+    except (ValueError, FileNotFoundError, FileExistsError, LockHeldError) as err:  # before any step
+        return report_error("train", err, EXIT_USAGE)
+    except (NonFiniteLossError, OSError) as err:  # the run itself failed
+        return report_error("train", err, EXIT_FAILURE)
     if is_main:
         status = "final checkpoint" if result.finished else f"stopped at step {result.steps}; checkpoint"
         print(f"{status}: {result.final_checkpoint}")

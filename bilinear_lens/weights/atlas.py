@@ -4,7 +4,11 @@ For each layer and each row ``u`` of a direction matrix ``U [n_dirs, d_model]`` 
 vocabulary tokens, a token list, SAE features: any matrix), the atlas stores the ``k``
 largest-``|lambda|`` eigenpairs of ``Q(u)``, ``||Q(u)||_F`` and the captured energy
 ``sum_{i<k} lambda_i^2 / ||Q(u)||_F^2``, streamed to disk shard by shard
-(:mod:`bilinear_lens.weights.atlas_store`; resumable: finished shards are skipped).
+(:mod:`bilinear_lens.weights.atlas_store`; resumable: finished shards are skipped, the
+shard size comes from the index, and a resume whose settings differ from the recorded
+ones is refused naming each differing field). Stored eigenvectors follow the sign
+convention of :class:`~bilinear_lens.weights.eigen.Eigendecomposition`, so they equal
+:func:`~bilinear_lens.weights.eigen.eigendecompose_directions`' up to the solver tolerance.
 
 **Algorithm (chosen by FLOP counts and measurement; see NOTES).** Forming ``Q(u)`` from
 the factors costs ``2 d^2 d_mlp`` per direction. The ``"dense_b"`` route instead builds the
@@ -35,6 +39,7 @@ from tqdm.auto import tqdm
 
 from bilinear_lens.distributed import barrier, current_ranks
 from bilinear_lens.weights.atlas_store import (
+    INDEX_FILE,
     AtlasError,
     EigenAtlas,
     ShardSpec,
@@ -62,6 +67,15 @@ ATLAS_CHUNK_BYTES = 256 * 2**20
 # (NOTES). Other devices take the whole chunk per batch: that cache argument is the CPU's,
 # and a GPU needs many matrices per call to be busy (not measured here: no GPU was lent).
 KRYLOV_BATCH = 16
+# Directions per shard of a new atlas (a resume keeps the recorded value).
+DEFAULT_SHARD_SIZE = 512
+# The index fields a resume must match, and where each requested value comes from (the
+# parameter's CLI flag, else the parameter or what it is derived from) for error messages.
+INDEX_FIELDS = {
+    "layers": "--layer", "k": "--top", "d": "the model's d_model, +1 with include_bias", "n_dirs": "the directions",
+    "labels": "the directions", "label_name": "the directions' kind", "dtype": "--dtype", "tol": "tol=",
+    "include_bias": "include_bias=", "shard_size": "--shard-size",
+}
 
 
 def krylov_batch(device: torch.device, chunk: int) -> int:
@@ -125,24 +139,54 @@ def _shard_tensors(
     return out, exact_rows
 
 
-def _check_out_dir(path: Path, index: dict, resume: bool) -> bool:
-    """Whether ``path`` needs a new atlas (``False``: an existing one of the same
-    fingerprint, to resume); raises for anything else. Read-only, so every rank can run it
-    before rank 0 writes (a rank checking after rank 0 wrote the index would see an atlas
-    that "exists" and refuse it)."""
-    if (path / "index.json").exists():
+def _show(value: Any) -> str:
+    """An index value for an error message; long lists (all-token labels) abbreviated."""
+    if isinstance(value, list) and len(value) > 8:
+        return "[" + ", ".join(map(str, value[:4])) + f", ... ({len(value)} in all)]"
+    return str(value)
+
+
+def index_differences(path: Path, found: Mapping[str, Any], index: Mapping[str, Any]) -> list[str]:
+    """``"field: recorded (in path/index.json) != requested (source)"`` for every field of
+    :data:`INDEX_FIELDS` where the atlas at ``path`` (index ``found``) and the requested
+    ``index`` differ; a requested ``None`` (``shard_size`` not given) matches anything."""
+    out = []
+    for field, source in INDEX_FIELDS.items():
+        old, new = found.get(field), index.get(field)
+        if old == new or (field == "shard_size" and new is None):
+            continue
+        where = ""
+        if isinstance(old, list) and isinstance(new, list) and len(old) == len(new) > 8:
+            first = next(i for i, (a, b) in enumerate(zip(old, new)) if a != b)
+            where = f", first difference at position {first}"
+        out.append(f"{field}: {_show(old)} (in {path / INDEX_FILE}) != {_show(new)} ({source}){where}")
+    return out
+
+
+def _check_out_dir(path: Path, index: dict, resume: bool) -> Optional[dict]:
+    """The index of the existing atlas at ``path`` to resume (``None``: ``path`` needs a new
+    atlas); raises :class:`AtlasError` for anything else, naming every recorded field that
+    differs from ``index`` (:func:`index_differences`), or, when all agree but the
+    fingerprint does not, saying the weights or directions differ. Read-only, so every
+    rank can run it before rank 0 writes (a rank checking after rank 0 wrote the index
+    would see an atlas that "exists" and refuse it)."""
+    if (path / INDEX_FILE).exists():
         found = read_index(path)
+        differences = index_differences(path, found, index)
+        if differences:
+            raise AtlasError(f"atlas dir {path} was built with other settings: {'; '.join(differences)}; "
+                             "resume with the recorded ones or use a new --out")
         if found.get("fingerprint") != index["fingerprint"]:
             raise AtlasError(
-                f"atlas dir {path} was built from another model, directions or settings "
-                f"(fingerprint {found.get('fingerprint', '?')[:12]} != {index['fingerprint'][:12]}); use a new --out"
+                f"atlas dir {path} was built from other weights or directions (every recorded setting matches; "
+                f"fingerprint {str(found.get('fingerprint', '?'))[:12]} != {index['fingerprint'][:12]}); use a new --out"
             )
         if not resume:
             raise AtlasError(f"atlas dir {path} exists; pass resume=True (--resume) to finish it, or use a new --out")
-        return False
+        return found
     if path.exists() and any(path.iterdir()):
         raise AtlasError(f"{path} exists and is not an atlas directory (no index.json); use a new --out")
-    return True
+    return None
 
 
 def build_atlas(
@@ -152,7 +196,7 @@ def build_atlas(
     k: int = 8,
     labels: Optional[Sequence[int]] = None,
     label_name: str = "row",
-    shard_size: int = 512,
+    shard_size: Optional[int] = None,
     route: str = "auto",
     include_bias: bool = False,
     device: Union[str, torch.device, None] = None,
@@ -167,9 +211,14 @@ def build_atlas(
     relative residual every stored pair reaches (``1e-4``: eigenvalues to ~1e-4 of
     ``max|lambda|``). ``device``/``dtype`` are where and in what precision to compute
     (default: the first layer's device, float32). ``resume=True`` keeps finished shards
-    of an existing atlas of the same fingerprint and computes the rest. Raises
+    of an existing atlas of the same fingerprint and settings and computes the rest.
+    ``shard_size`` (directions per shard): ``None`` means :data:`DEFAULT_SHARD_SIZE` for a
+    new atlas and the recorded value on resume; a value other than the recorded one is
+    refused. It is not in the fingerprint: it is layout, and the stored pairs agree to
+    ``tol`` (same signs) whatever the shards. Raises
     :class:`~bilinear_lens.weights.atlas_store.AtlasError` for a foreign or damaged atlas
-    directory and ``ValueError`` for bad arguments (``k`` above ``d``, a non-bilinear layer).
+    directory (naming each setting that differs from the recorded one) and ``ValueError``
+    for bad arguments (``k`` above ``d``, a non-bilinear layer).
     """
     if route not in ROUTES:
         raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
@@ -187,14 +236,17 @@ def build_atlas(
     U = directions.to(first.device, dtype)
     settings = f"k={k} include_bias={include_bias} dtype={dtype} tol={tol}"
     tag = fingerprint([settings, U] + [t for w in weights.values() for t in _weight_tensors(w)])
-    shards = plan_shards(list(weights), U.shape[0], shard_size)
+    if shard_size is not None and shard_size < 1:
+        raise ValueError(f"shard_size (--shard-size) must be >= 1, got {shard_size}")
     index = {"fingerprint": tag, "layers": list(weights), "k": k, "d": d, "n_dirs": U.shape[0], "shard_size": shard_size,
              "dtype": str(dtype).removeprefix("torch."), "include_bias": include_bias, "tol": tol,
              "labels": None if labels is None else [int(x) for x in labels], "label_name": label_name}
     path = Path(out)
-    fresh = _check_out_dir(path, index, resume)
+    found = _check_out_dir(path, index, resume)
+    index["shard_size"] = found["shard_size"] if found is not None else shard_size or DEFAULT_SHARD_SIZE
+    shards = plan_shards(list(weights), U.shape[0], index["shard_size"])
     barrier()  # every rank has checked the directory before rank 0 writes to it
-    if fresh and current_ranks().is_main:
+    if found is None and current_ranks().is_main:
         path.mkdir(parents=True, exist_ok=True)
         write_index(path, index)
     barrier()  # rank 0 wrote the index
@@ -253,4 +305,5 @@ def _weight_tensors(w: BilinearWeights) -> list[Tensor]:
     return [t for t in (w.W_in, w.W_gate, w.W_out, w.b_in, w.b_gate, w.b_out) if t is not None]
 
 
-__all__ = ["ATLAS_CHUNK_BYTES", "ATLAS_MEMORY_BYTES", "KRYLOV_BATCH", "ROUTES", "build_atlas", "choose_route", "krylov_batch", "model_atlas"]
+__all__ = ["ATLAS_CHUNK_BYTES", "ATLAS_MEMORY_BYTES", "DEFAULT_SHARD_SIZE", "INDEX_FIELDS", "KRYLOV_BATCH", "ROUTES", "build_atlas",
+           "choose_route", "index_differences", "krylov_batch", "model_atlas"]

@@ -28,7 +28,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from bilinear_lens.models.checkpoint import CheckpointError, PathLike, atomic_directory, read_json, read_tensors, write_json, write_tensors
-from bilinear_lens.weights.eigen import Eigendecomposition
+from bilinear_lens.weights.eigen import Eigendecomposition, canonical_signs
 
 FORMAT_NAME = "bilinear-lens-eigen-atlas"
 FORMAT_VERSION = 1
@@ -132,7 +132,8 @@ def shard_is_done(root: Path, spec: ShardSpec, fingerprint_: str) -> bool:
     if record.get("fingerprint") != fingerprint_:
         raise AtlasError(f"shard {directory} was made from another model or settings (fingerprint mismatch)")
     if (record.get("layer"), record.get("start"), record.get("stop")) != (spec.layer, spec.start, spec.stop):
-        raise AtlasError(f"shard {directory} holds layer {record.get('layer')} rows {record.get('start')}:{record.get('stop')}, not {spec}")
+        raise AtlasError(f"shard {directory} holds layer {record.get('layer')} rows {record.get('start')}:{record.get('stop')}, "
+                         f"not layer {spec.layer} rows {spec.start}:{spec.stop} as the index's shard_size plans")
     if _sha256(tensors) != record.get("sha256"):
         raise AtlasError(f"shard {directory} is half-written or corrupt ({SHARD_TENSORS} does not match its sha256); delete it and resume")
     return True
@@ -143,7 +144,9 @@ class EigenAtlas:
 
     ``labels`` (e.g. token ids) name the rows when the atlas was built with them; rows are
     ``0 .. n_dirs - 1`` otherwise. At most ``cache_shards`` shards stay in memory, and each
-    is checked against its sha256 and fingerprint when first read.
+    is checked against its sha256 and fingerprint when first read. Eigenvectors are returned
+    with the sign convention of :class:`~bilinear_lens.weights.eigen.Eigendecomposition`
+    (also for atlases written before it: the loader re-applies it).
     """
 
     def __init__(self, path: PathLike, cache_shards: int = 4, device: Union[str, torch.device] = "cpu"):
@@ -207,7 +210,11 @@ class EigenAtlas:
         if spec not in self._cache:
             if not shard_is_done(self.path, spec, self.index["fingerprint"]):
                 raise AtlasError(f"atlas {self.path} is incomplete: shard {spec.name} is missing; resume building it")
-            self._cache[spec] = read_tensors(self.path / spec.name / SHARD_TENSORS, self.device, what="atlas shard")
+            tensors = read_tensors(self.path / spec.name / SHARD_TENSORS, self.device, what="atlas shard")
+            # Written with the sign convention already; re-applied (idempotent, O(n d k)) so that
+            # atlases written before it existed read the same as new ones.
+            tensors["eigenvectors"] = canonical_signs(tensors["eigenvectors"])
+            self._cache[spec] = tensors
             while len(self._cache) > self.cache_shards:
                 self._cache.popitem(last=False)
         self._cache.move_to_end(spec)

@@ -12,7 +12,9 @@ decays too slowly for Krylov to beat a full ``eigh`` (predicted from their last 
 restarts), or still unconverged after ``max_restarts``, get an exact batched ``eigh``
 (counted in ``exact_rows``), so every returned pair is converged: no unconverged result is
 ever returned. Below ``d = 8 b`` the whole batch gets the exact ``eigh`` (a Krylov basis that
-small converges too slowly to pay).
+small converges too slowly to pay). Returned eigenvectors follow the sign convention of
+:class:`~bilinear_lens.weights.eigen.Eigendecomposition` (largest-``|entry|`` component
+positive), whichever path produced them, so they do not depend on the random start block.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from bilinear_lens.weights.eigen import Eigendecomposition, sort_by_magnitude, default_tol, relative_residuals
+from bilinear_lens.weights.eigen import Eigendecomposition, canonical_signs, default_tol, relative_residuals, sort_by_magnitude
 
 
 class BatchedTopK(NamedTuple):
@@ -101,7 +103,8 @@ def batched_top_eigenpairs(
     value is still below it (seen at a near tie ``1.4237`` vs ``-1.4234``), and the guard
     keeps that from swapping the k-th pair; ``tol=0`` means
     :func:`~bilinear_lens.weights.eigen.default_tol` of ``Q``'s dtype. The start block is
-    drawn from ``generator`` (seed it for reproducible eigenvector signs).
+    drawn from ``generator`` (seed it for bitwise-reproducible results; eigenvector signs
+    follow the sign convention whatever the start).
 
     ``adaptive_exact``: from the second restart on, a matrix whose residual (shrinking at its
     last rate) would need more restarts than one ``eigh`` costs
@@ -150,7 +153,9 @@ def batched_top_eigenpairs(
     if rows.numel():
         exact = _exact(Q[rows], k)
         values[rows], vectors[rows] = exact.eigenvalues, exact.eigenvectors
-    return BatchedTopK(Eigendecomposition(values, vectors), exact_rows=int(rows.numel()))
+    # Ritz vectors V Y are formed after sort_by_magnitude fixed the signs of Y, not of V Y:
+    # the convention is applied here, to what is returned (idempotent on the exact rows).
+    return BatchedTopK(Eigendecomposition(values, canonical_signs(vectors)), exact_rows=int(rows.numel()))
 
 
 # One restart (``steps`` block products, orthogonalisation, the Ritz ``eigh``) in units of

@@ -4,7 +4,9 @@
 and ``u . MLP(x) = x^T Q x = sum_i lambda_i (v_i . x)^2``: each eigenvector is an input
 direction whose squared projection drives the output ``u`` with sign and weight
 ``lambda_i``. Eigenpairs are always ordered by ``|lambda|`` descending, so "top-k" means
-the ``k`` largest-magnitude components.
+the ``k`` largest-magnitude components, and every eigenvector has the sign fixed by
+:func:`canonical_signs` (its largest-``|entry|`` component positive), so every method,
+dtype and device returns the same vectors, not ``v`` from one and ``-v`` from another.
 """
 
 from __future__ import annotations
@@ -46,6 +48,16 @@ class Eigendecomposition(NamedTuple):
     """``Q ~= V diag(eigenvalues) V^T``; columns of ``eigenvectors`` are the ``v_i``.
 
     Sorted by ``|eigenvalue|`` descending. ``k = d`` for a full decomposition.
+
+    **Sign convention.** ``v`` and ``-v`` are equally eigenvectors, and solvers return
+    either (``eigh`` in float32 vs float64, ARPACK, Krylov from a random start). Every
+    decomposition this package returns has, for each column ``v_i``,
+    ``v_i[j*] > 0`` with ``j* = argmax_j |v_i[j]|``, the lowest such ``j`` on an exact tie
+    (:func:`canonical_signs`). So the "+ pole" of an eigenvector (inputs ``x`` with
+    ``v_i . x > 0``) is the same for every method, dtype and device. The convention is as
+    stable as ``j*`` is: two entries whose magnitudes agree to within the vectors' rounding
+    error (float32: ~1e-6 / eigengap) can pick different signs. An eigenvalue of
+    multiplicity > 1 has no unique eigenvectors at all (any rotation within its eigenspace).
     """
 
     eigenvalues: Float[Tensor, "*batch k"]
@@ -66,12 +78,24 @@ def _check_k(k: int, available: int) -> None:
         raise ValueError(f"k must be in [0, {available}], got {k}")
 
 
+def canonical_signs(vectors: Float[Tensor, "*batch d m"]) -> Float[Tensor, "*batch d m"]:
+    """``vectors`` with each column ``v`` multiplied by ``sign(v[j*])``, ``j* = argmax_j |v[j]|``
+    (the lowest ``j`` on an exact tie), so its largest-magnitude entry is positive: the
+    :class:`Eigendecomposition` sign convention. A zero column stays zero; idempotent."""
+    if vectors.shape[-2] == 0 or vectors.shape[-1] == 0:
+        return vectors
+    pivot = vectors.abs().argmax(dim=-2, keepdim=True)  # first maximum on ties
+    return torch.where(vectors.gather(-2, pivot) < 0, -vectors, vectors)
+
+
 def sort_by_magnitude(values: Float[Tensor, "*batch m"], vectors: Float[Tensor, "*batch d m"]) -> Eigendecomposition:
-    """Eigenpairs reordered by ``|value|`` descending (stable: ties keep their order)."""
+    """Eigenpairs reordered by ``|value|`` descending (stable: ties keep their order), with
+    the signs of :func:`canonical_signs`. Every solver here ends in this function (the
+    batched Krylov one applies :func:`canonical_signs` to the vectors it forms itself)."""
     order = values.abs().argsort(dim=-1, descending=True, stable=True)
     return Eigendecomposition(
         values.gather(-1, order),
-        vectors.gather(-1, order[..., None, :].expand_as(vectors)),
+        canonical_signs(vectors.gather(-1, order[..., None, :].expand_as(vectors))),
     )
 
 
@@ -432,6 +456,7 @@ __all__ = [
     "AUTO_DENSE_MAX_D",
     "EigenConvergenceError",
     "Eigendecomposition",
+    "canonical_signs",
     "check_converged",
     "choose_method",
     "default_tol",
