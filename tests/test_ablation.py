@@ -694,6 +694,8 @@ def test_cli_table_with_a_text_file(saved_model, tmp_path, capsys):
     (["--checkpoint", "{root}/m", "--text-file", "{root}/nope.txt"], "text file not found"),
     (["--checkpoint", "{root}/m", "--top", "0"], "--top must be >= 1"),
     (["--checkpoint", "{root}/m", "--seq-len", "1"], "--seq-len must be >= 2"),
+    (["--checkpoint", "{root}/m", "--ablations-per-pass", "0"], "--ablations-per-pass must be >= 1, got 0"),
+    (["--checkpoint", "{root}/m", "--ablations-per-pass", "-4"], "--ablations-per-pass must be >= 1, got -4"),
 ])
 def test_cli_errors_exit_2_with_a_message(saved_model, capsys, args, message):
     rc = ablate_cmd.main([a.format(root=saved_model) for a in args])

@@ -11,6 +11,8 @@ from bilinear_lens.commands.common import (
     plain_text,
     read_documents,
     read_text_file,
+    require_non_negative,
+    require_positive,
     stream_rows,
 )
 from bilinear_lens.models.hook_names import check_layer, mlp_hook_name
@@ -113,3 +115,15 @@ def test_stream_rows_cover_the_whole_stream_unpadded(n, length):
 def test_a_stream_shorter_than_a_row_names_the_flag():
     with pytest.raises(UsageError, match="the texts hold 3 tokens, fewer than one row of --seq-len 4"):
         stream_rows([1, 2, 3], 4)
+
+
+def test_count_checks_name_the_flag_and_value():
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(max_tokens=5, batch_size=0, top=None, examples=-1, n_texts=0)
+    require_positive(args, "max_tokens", "top")  # None: not given, passes
+    with pytest.raises(UsageError, match=r"^--batch-size must be >= 1, got 0$"):
+        require_positive(args, "max_tokens", "batch_size", "n_texts")
+    with pytest.raises(UsageError, match=r"^--examples must be >= 0, got -1$"):
+        require_non_negative(args, "examples")
+    require_non_negative(SimpleNamespace(examples=0), "examples")

@@ -47,6 +47,13 @@ def test_matrix_free_matches_dense(model):
     torch.testing.assert_close(lanczos.eigenvalues, dense.eigenvalues, rtol=1e-8, atol=1e-12)
 
 
+@pytest.mark.parametrize("kwargs, message", [({"n_tokens": -1}, "n_tokens must be an integer >= 1, got -1"),
+                                             ({"n_vectors": 0}, "n_vectors must be an integer >= 1, got 0")])
+def test_top_tokens_refuses_counts_below_one(model, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        top_tokens_for_eigenvectors(model, layer_eigendecomposition(model, 0, 2), **kwargs)
+
+
 def test_top_tokens_are_extremes_of_projection(model):
     le = layer_eigendecomposition(model, 0, 2)
     tops = top_tokens_for_eigenvectors(model, le, n_vectors=3, n_tokens=4)

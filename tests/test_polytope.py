@@ -412,6 +412,12 @@ def test_cli_on_a_short_text_picks_a_small_k_and_warns(saved_model, tmp_path, ca
         ({"--layer": "5"}, "out of range"),
         ({"--device": "tpu"}, "--device 'tpu' is not one of auto, cpu, cuda, cuda:N"),
         ({"--min-size": "0"}, "--min-size must be >= 1, got 0"),
+        ({"--max-tokens": "0"}, "--max-tokens must be >= 1, got 0"),
+        ({"--batch-size": "0"}, "--batch-size must be >= 1, got 0"),
+        ({"--context": "-3"}, "--context must be >= 1, got -3"),
+        ({"--top": "0"}, "--top must be >= 1, got 0"),
+        ({"--top": "-2"}, "--top must be >= 1, got -2"),
+        ({"--examples": "-1"}, "--examples must be >= 0, got -1"),
     ],
 )
 def test_cli_errors_exit_2(saved_model, capsys, tmp_path, change, message):

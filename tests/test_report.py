@@ -55,6 +55,14 @@ def test_report_errors(checkpoint, tmp_path, capsys):
     assert not (tmp_path / "r.html").exists()
 
 
+def test_report_n_eigenvectors_above_d_model_names_the_flag(checkpoint, tmp_path, capsys):
+    """It used to end in the internal ``k must be in [0, 64], got 1000``."""
+    assert main(["report", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "r.html"), "--n-eigenvectors", "1000"]) == 2
+    assert capsys.readouterr().err == ("bilinear-lens report: error: n_eigenvectors (--n-eigenvectors) must be in [1, 32] "
+                                       "(d_model: the eigenvectors Q(u) has), got 1000\n")
+    assert not (tmp_path / "r.html").exists()
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary: .ci/run installs Debian's chromium; install it to run")
 def test_report_renders_in_headless_chromium(checkpoint, tmp_path):
     out = tmp_path / "report.html"

@@ -9,7 +9,7 @@ cache reports an alias such as ``hook_pre`` under the name of the hook it points
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence, Union
 
 import torch
 from jaxtyping import Int
@@ -21,11 +21,25 @@ from bilinear_lens.models.protocol import HookedModel
 FwdHook = tuple[str, Callable[..., Any]]
 
 
+def hook_name_list(names: Union[str, Sequence[str]], what: str = "names") -> list[str]:
+    """``names`` as a list: a single string is one hook name (not its characters); anything
+    but strings is a one-line ``TypeError`` naming ``what``."""
+    if isinstance(names, str):
+        return [names]
+    if not isinstance(names, Iterable) or isinstance(names, Tensor):
+        raise TypeError(f"{what} must be a hook name or a sequence of hook names, got {type(names).__name__}")
+    out = list(names)
+    for name in out:
+        if not isinstance(name, str):
+            raise TypeError(f"{what} must hold hook names (str), got {type(name).__name__} {name!r}")
+    return out
+
+
 @torch.no_grad()
 def run_capturing(
     model: HookedModel,
     tokens: Int[Tensor, "batch pos"],
-    names: Sequence[str],
+    names: Union[str, Sequence[str]],
     fwd_hooks: Sequence[FwdHook] = (),
     return_type: Any = None,
     **forward_kwargs: Any,
@@ -33,7 +47,8 @@ def run_capturing(
     """``(output, {name: activation})``: one forward pass with ``fwd_hooks`` (they run
     before the capture on a shared hook point, so their edits are seen), activations
     detached. ``return_type`` and ``forward_kwargs`` (e.g. ``stop_at_layer``) go to the
-    forward call."""
+    forward call. ``names`` is a hook name or a sequence of them."""
+    names = hook_name_list(names)
     check_hook_names(model.hook_dict, names, where=type(model).__name__)
     captured: dict[str, Tensor] = {}
 
@@ -51,7 +66,7 @@ def run_capturing(
 def capture_activations(
     model: HookedModel,
     tokens: Int[Tensor, "batch pos"],
-    names: Sequence[str],
+    names: Union[str, Sequence[str]],
     fwd_hooks: Sequence[FwdHook] = (),
     **forward_kwargs: Any,
 ) -> dict[str, Tensor]:

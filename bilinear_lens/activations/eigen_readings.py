@@ -175,7 +175,11 @@ def top_tokens_for_eigenvectors(
     activation is ``lambda (v . x)^2``, both ends of ``v`` activate it equally: the two
     lists are the two poles (e.g. "happy" vs "sad"). Meaningful for the first layer,
     where the MLP input is close to the token's own embedding. ``token_mask`` (``[d_vocab]``
-    bool) limits the candidates; by default :func:`readable_token_mask`."""
+    bool) limits the candidates; by default :func:`readable_token_mask`. ``n_vectors`` and
+    ``n_tokens`` below 1 are a ``ValueError``."""
+    for name_, value in (("n_vectors", n_vectors), ("n_tokens", n_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name_} must be an integer >= 1, got {value!r}")
     E = normalized_embeddings(model, layer_eig.layer).to(layer_eig.eigenvalues.dtype)
     n_vectors = min(n_vectors, layer_eig.eig.k)
     scores = E @ layer_eig.eigenvectors[:, :n_vectors]  # [d_vocab, n_vectors]

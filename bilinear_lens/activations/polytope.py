@@ -80,6 +80,7 @@ class RegionTracker:
     def __init__(
         self, examples_per_region: int = 3, hamming_sample: int = 1024, n_units: Optional[int] = None, seed: int = 0
     ):
+        _check_counts(examples_per_region=examples_per_region, hamming_sample=hamming_sample)
         self.examples_per_region = examples_per_region
         self.hamming_sample = hamming_sample
         self.n_units = n_units
@@ -274,6 +275,28 @@ class ActivationSample:
     hook_name: str
 
 
+def _check_counts(**counts: Any) -> None:
+    """``ValueError`` naming the first argument that is not an int ``>= 0``."""
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+
+
+def _checked_token_labels(token_labels: Optional[ArrayLike], d_vocab: int) -> Optional[np.ndarray]:
+    """``token_labels`` as an int64 array of one label per token id (``[d_vocab]``), or a
+    ``ValueError`` naming it."""
+    if token_labels is None:
+        return None
+    labels = _numpy(token_labels)
+    if labels.ndim != 1 or labels.shape[0] != d_vocab:
+        raise ValueError(
+            f"token_labels must hold one label per token id, shape ({d_vocab},) (d_vocab), got shape {labels.shape}"
+        )
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"token_labels must be integers (-1: unlabelled), got dtype {labels.dtype}")
+    return labels.astype(np.int64, copy=False)
+
+
 @torch.no_grad()
 def track_regions(
     model: HookedModel,
@@ -301,6 +324,10 @@ def track_regions(
     and token counts (``RegionCounts.merge``), equal to one process'; example contexts and
     the code and activation samples are reservoirs over the rank's own batches.
     """
+    token_labels = _checked_token_labels(token_labels, model.cfg.d_vocab)
+    _check_counts(examples_per_region=examples_per_region, hamming_sample=hamming_sample, sample_size=sample_size)
+    if isinstance(context_width, bool) or not isinstance(context_width, int) or context_width < 1:
+        raise ValueError(f"context_width must be an int >= 1 (tokens per example context), got {context_width!r}")
     layout = code_layout(model, layers, factors)
     tracker = RegionTracker(examples_per_region, hamming_sample, n_units=layout.n_units, seed=seed)
     names = layout.hook_names + ([sample_hook] if sample_hook and sample_hook not in layout.hook_names else [])

@@ -146,14 +146,33 @@ def _as_uint8(packed: Union[Tensor, np.ndarray]) -> np.ndarray:
 # ---- distances and region ids ---------------------------------------------------------------
 
 
+def _check_same_width(a: np.ndarray, b: np.ndarray) -> None:
+    """``ValueError`` unless two packed code arrays have the same width (last axis)."""
+    if a.ndim == 0 or b.ndim == 0 or a.shape[-1] != b.shape[-1]:
+        wa = a.shape[-1] if a.ndim else "no"
+        wb = b.shape[-1] if b.ndim else "no"
+        raise ValueError(
+            f"codes of different widths: a has {wa} bytes per code (shape {a.shape}), b has {wb} "
+            f"(shape {b.shape}); compare codes of the same layers and factors"
+        )
+
+
 def popcount(packed: UInt8[Tensor, "... n_bytes"]) -> Int[Tensor, "..."]:
     """Number of units on in each code."""
     return torch.from_numpy(np.asarray(np.bitwise_count(_as_uint8(packed)).sum(-1, dtype=np.int64)))
 
 
 def hamming(a: UInt8[Tensor, "... n_bytes"], b: UInt8[Tensor, "... n_bytes"]) -> Int[Tensor, "..."]:
-    """Number of units whose state differs between codes ``a`` and ``b`` (broadcasts)."""
-    diff = np.bitwise_xor(_as_uint8(a), _as_uint8(b))
+    """Number of units whose state differs between codes ``a`` and ``b`` (leading axes
+    broadcast; both must be codes of the same width, ``n_bytes``)."""
+    left, right = _as_uint8(a), _as_uint8(b)
+    _check_same_width(left, right)
+    try:
+        diff = np.bitwise_xor(left, right)
+    except ValueError:
+        raise ValueError(
+            f"hamming: code arrays of shapes {left.shape} and {right.shape} do not broadcast (leading axes)"
+        ) from None
     return torch.from_numpy(np.asarray(np.bitwise_count(diff).sum(-1, dtype=np.int64)))
 
 
@@ -164,6 +183,9 @@ def pairwise_hamming(
     by XOR + popcount on the packed bytes, ``chunk_rows`` rows of ``a`` at a time."""
     left = _as_uint8(a)
     right = left if b is None else _as_uint8(b)
+    if left.ndim != 2 or right.ndim != 2:
+        raise ValueError(f"pairwise_hamming needs [n, n_bytes] code arrays, got shapes {left.shape} and {right.shape}")
+    _check_same_width(left, right)
     out = np.empty((left.shape[0], right.shape[0]), dtype=np.int64)
     for start in range(0, left.shape[0], chunk_rows):
         diff = np.bitwise_xor(left[start : start + chunk_rows, None, :], right[None, :, :])

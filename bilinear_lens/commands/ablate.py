@@ -99,7 +99,7 @@ def _sweep(args: argparse.Namespace, model: Any, tokens: torch.Tensor) -> tuple[
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    require_positive(args, "top", "n_texts")
+    require_positive(args, "top", "n_texts", "ablations_per_pass")
     if args.seq_len is not None and args.seq_len < 2:
         raise UsageError(f"--seq-len must be >= 2 (the loss needs a next token), got {args.seq_len}")
 

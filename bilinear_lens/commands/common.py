@@ -187,13 +187,25 @@ def place_model(model: Any, args: Any) -> Any:
 # Counts are checked by one rule too (require_positive).
 
 
+def require_at_least(args: Any, minimum: int, *names: str) -> None:
+    """:class:`UsageError` ``--name must be >= MINIMUM, got V`` for the first integer option
+    (attribute name) below ``minimum``; ``None`` (option not given, no default) passes."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
+
+
 def require_positive(args: Any, *names: str) -> None:
     """:class:`UsageError` ``--name must be >= 1, got V`` for the first integer option
     (attribute name) below 1; ``None`` (option not given, no default) passes."""
-    for name in names:
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    require_at_least(args, 1, *names)
+
+
+def require_non_negative(args: Any, *names: str) -> None:
+    """:class:`UsageError` ``--name must be >= 0, got V`` for the first integer option
+    (attribute name) below 0; ``None`` passes."""
+    require_at_least(args, 0, *names)
 
 
 def add_direction_arguments(parser: Any, input_tokens: bool = False, input_sae: bool = False) -> None:

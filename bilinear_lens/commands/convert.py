@@ -8,15 +8,22 @@
 :mod:`bilinear_lens.models.paper_checkpoints`). ``--from auto`` (default): our checkpoint
 directory, an HF Llama-format directory, or a hub id (cache-aware; ``HF_HUB_OFFLINE=1``
 uses the cache only). The output is written atomically: nothing on an error.
+
+``--out`` may be missing, empty, or a previous model directory (only model files: config,
+weights, tokenizer and generation files), which is replaced. Anything else is refused
+before the source is read, naming the path: a regular file, the source itself, or a
+directory holding other files (a training or SAE run directory, a training checkpoint's
+``train_state.*``, notes).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Optional
 
-from bilinear_lens.models.checkpoint import CheckpointError
+from bilinear_lens.models.checkpoint import CheckpointError, check_replaceable
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,10 +36,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: ours / HF Llama / hub id; tdooms: the paper's released checkpoints")
     p.add_argument("--to", dest="target_format", choices=("bilinear-lens", "hf"), default="bilinear-lens",
                    help="bilinear-lens (default) or hf (Llama layout for transformers / TransformerLens)")
-    p.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    p.add_argument("--out", required=True,
+                   help="output directory: new, empty, or a previous model directory (replaced atomically)")
     p.add_argument("--tokenizer", help="with --from tdooms: tokenizer directory or hub id (default: the one their code uses)")
     p.add_argument("--no-tokenizer", action="store_true", help="with --from tdooms: convert the weights only")
     return p
+
+
+def check_output(source: str, out: str) -> None:
+    """Refuse an ``--out`` that converting would destroy (module docstring), before any work."""
+    if Path(source).exists() and Path(out).resolve() == Path(source).resolve():
+        raise ValueError(f"--out {out} is the source model directory {source}: write the conversion to another directory")
+    check_replaceable(out, what="a model directory (--out)")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -41,6 +56,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from bilinear_lens.models.paper_checkpoints import load_paper_checkpoint
 
     try:
+        check_output(args.source, args.out)
         if args.source_format == "tdooms":
             model = load_paper_checkpoint(args.source, tokenizer=args.tokenizer, with_tokenizer=not args.no_tokenizer)
         elif args.tokenizer or args.no_tokenizer:
@@ -48,7 +64,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         else:
             model = BilinearTransformer.from_pretrained(args.source)
         out = model.save_pretrained(args.out, format=args.target_format)
-    except (FileNotFoundError, CheckpointError, ValueError) as err:
+    except (FileNotFoundError, FileExistsError, CheckpointError, ValueError) as err:
         print(f"bilinear-lens convert: error: {err}", file=sys.stderr)
         return 2
     cfg = model.cfg

@@ -175,6 +175,10 @@ def _main_atlas(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    for flag, given in (("--resume", args.resume), ("--shard-size", args.shard_size is not None)):
+        if given and not args.out:  # atlas-only flags: never silently ignored
+            print(f"bilinear-lens eigen: error: {flag} needs --out (it is about the atlas written there)", file=sys.stderr)
+            return 2
     if args.all_tokens or args.out:
         return _main_atlas(args)
     args.layer = 0 if args.layer is None else args.layer
@@ -189,6 +193,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             model = place_model(BilinearTransformer.from_pretrained(args.checkpoint), args)
         except (FileNotFoundError, CheckpointError, ValueError) as err:
             raise UsageError(f"cannot load checkpoint {args.checkpoint}: {err}") from None
+        if args.top > model.cfg.d_model:  # Q(u) has d_model eigenvectors, whatever --method
+            raise UsageError(f"--top must be in [1, {model.cfg.d_model}] (d_model: the eigenvectors Q(u) has), got {args.top}")
         ((label, direction),) = resolve_direction_arguments(args, model)
         fields = _direction_fields(model, label, direction, args.sae)
         method = choose_method(model.cfg.d_model) if args.method == "auto" else args.method

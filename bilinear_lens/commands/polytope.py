@@ -38,6 +38,7 @@ from bilinear_lens.commands.common import (
     place_model,
     read_text_file,
     report_error,
+    require_non_negative,
     require_positive,
 )
 from bilinear_lens.models.hook_names import mlp_hook_name
@@ -62,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-tokens", type=int, default=20_000, help="read at most this many tokens (default 20000)")
     parser.add_argument("--factors", nargs="+", choices=CODE_FACTORS, help="MLP hooks whose signs make the code (default: per MLP kind)")
     parser.add_argument("--labels", choices=LABEL_KINDS, default="word-class", help="token labels for purity (default word-class)")
-    parser.add_argument("--top", type=int, default=10, help="most common regions to show")
-    parser.add_argument("--examples", type=int, default=3, help="example contexts kept per region")
+    parser.add_argument("--top", type=int, default=10, help="most common regions to show (>= 1, default 10)")
+    parser.add_argument("--examples", type=int, default=3, help="example contexts kept per region (0: none; default 3)")
     parser.add_argument("--context", type=int, default=8, help="tokens of context per example")
     parser.add_argument("--purity-tokens", type=int, default=2000, help="tokens sampled for k-means (default 2000)")
     parser.add_argument("--k", type=int, default=None,
@@ -95,9 +96,8 @@ def _token_labels(model: HookedModel, kind: str) -> tuple[Optional[np.ndarray], 
 
 def analyse(args: argparse.Namespace) -> dict[str, Any]:
     """Run the analysis; everything the command prints, as a JSON-ready dict."""
-    if args.max_tokens < 1 or args.batch_size < 1 or args.context < 1:
-        raise UsageError("--max-tokens, --batch-size and --context must be positive")
-    require_positive(args, "k", "purity_tokens", "min_size")
+    require_positive(args, "max_tokens", "batch_size", "context", "top", "k", "purity_tokens", "min_size")
+    require_non_negative(args, "examples")
     model = place_model(load_model_with_tokenizer(args.checkpoint, "polytope"), args)
     try:
         layout = code_layout(model, args.layer, args.factors)

@@ -5,13 +5,15 @@
     bilinear-lens train --out runs/tiny --resume            # recipe: runs/tiny/run_config.toml
     torchrun --nproc_per_node=2 -m bilinear_lens.cli train --config ... --out ...
 
-A resolved recipe (``OUT/run_config.toml``, which ``--resume`` reads by default) keeps the
+A resolved recipe (``OUT/run_config.toml``, which ``--resume`` reads by default: the recipe
+of the run's newest checkpoint, rewritten only once a checkpoint made with a new recipe
+exists, so a resume with ``--set`` values that fails leaves it as it was) keeps the
 provenance it records: the run's ``run_config.toml`` files name the original recipe (plus
 any ``--set``), not the resolved copy (:func:`recipe_origin`).
 
 Exit status: 0 (trained, or stopped at ``--stop-at``); 2 for a usage, recipe, data or
-run-directory error (a bad ``--set``, a missing corpus, ``--out`` already holding checkpoints
-or in use by another run), before any training step; 1 when training itself fails (the loss
+run-directory error (a bad ``--set``, a missing corpus, ``--out`` already holding checkpoints,
+in use by another run or a regular file, a corrupt checkpoint), before any training step; 1 when training itself fails (the loss
 diverges, or writing fails).
 """
 

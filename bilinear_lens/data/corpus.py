@@ -145,6 +145,17 @@ def _dataset_texts(dataset: Any, text_column: str, source: str) -> Iterator[str]
         yield row[text_column]
 
 
+def _utf8_texts(texts: Iterator[str], path: Path) -> Iterator[str]:
+    """``texts`` of the local file ``path``; its decoding failing (not UTF-8) is a
+    ``ValueError`` naming the file and the ``data.source`` field (the recipe's name for it)."""
+    try:
+        yield from texts
+    except UnicodeDecodeError as err:
+        bad = err.object[err.start:err.start + 1]
+        raise ValueError(f"corpus file {path} (data.source) is not UTF-8 text ({err.reason}: byte {bad!r}); "
+                         "convert it to UTF-8") from None
+
+
 def iter_texts(
     source: str | os.PathLike[str],
     split: str = "train",
@@ -178,7 +189,7 @@ def iter_texts(
             there, local files leave only lock files.
 
     Raises ``FileNotFoundError`` (missing local file), ``ValueError`` (unsupported
-    extension, missing text column, bad limits). An empty corpus yields nothing; see
+    extension, missing text column, bad limits, a local file that is not UTF-8). An empty corpus yields nothing; see
     :func:`load_texts` for the check.
     """
     if max_docs is not None and max_docs < 1:
@@ -193,7 +204,7 @@ def iter_texts(
             max_docs = SYNTHETIC_DEFAULT_DOCS
     elif _is_local_source(source):
         path = Path(source).expanduser()
-        raw = _dataset_texts(_local_dataset(path, split, hf_cache_dir), text_column, str(path))
+        raw = _utf8_texts(_dataset_texts(_local_dataset(path, split, hf_cache_dir), text_column, str(path)), path)
     else:
         raw = _dataset_texts(_hub_dataset(source, split, streaming, hf_cache_dir), text_column, source)
 

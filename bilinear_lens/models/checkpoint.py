@@ -2,6 +2,11 @@
 
 A checkpoint directory is written into a temporary sibling directory and renamed into
 place, so a crash mid-write never leaves a half-written checkpoint where a good one was.
+Writing replaces only a previous directory of the same kind: a regular file, or a directory
+holding anything besides the files being written (for a model directory: besides
+:data:`MODEL_DIR_FILES`), such as a training or SAE run directory, a training checkpoint's
+``train_state.*`` or unrelated notes, is refused with :class:`OverwriteRefusedError` naming
+the path and the foreign entries, and nothing is touched (:func:`check_replaceable`).
 Loading reads only ``safetensors`` and JSON: it never unpickles, so a checkpoint cannot
 run code. Every load error names the file and what is wrong with it.
 
@@ -23,7 +28,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Union
+from typing import Any, Iterable, Iterator, Mapping, Optional, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -41,8 +46,70 @@ TOKENIZER_FILE = "tokenizer.json"
 PathLike = Union[str, Path]
 
 
+# Every file a model directory written by this package can hold (ours and the HF layout,
+# with or without tokenizer files): an existing directory holding only these (and the files
+# being written) is a previous model directory, which a new one may replace.
+MODEL_DIR_FILES = frozenset({
+    CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "chat_template.jinja", "generation_config.json",
+})
+# Entries that mark a training / SAE run directory (bilinear_lens.training.run_dir, sae.train).
+_RUN_DIR_MARKERS = frozenset({"checkpoints", "metrics.jsonl", "run_config.toml", ".lock", "final", "sae_recipe.json"})
+
+
 class CheckpointError(ValueError):
     """A checkpoint file is missing, corrupt, or does not match what is expected."""
+
+
+class OverwriteRefusedError(FileExistsError):
+    """Writing a directory would replace a regular file, or delete entries that are not part
+    of the kind of directory being written (see :func:`check_replaceable`)."""
+
+
+def _entry_name(child: Path) -> str:
+    return child.name + ("/" if child.is_dir() and not child.is_symlink() else "")
+
+
+def check_replaceable(path: PathLike, allowed: Iterable[str] = MODEL_DIR_FILES, what: str = "a model directory") -> None:
+    """Refuse (:class:`OverwriteRefusedError`, one line naming ``path``) to replace ``path``
+    with ``what`` unless it is missing or a directory whose entries are all in ``allowed``.
+
+    A regular file, and a directory holding anything else (another run, notes, a training
+    checkpoint's ``train_state.*``) are refused; nothing is read or changed but the listing."""
+    path = Path(path)
+    if not os.path.lexists(path):
+        blocker = _file_in_the_way(path)
+        if blocker is not None:
+            raise OverwriteRefusedError(f"{blocker} is a file, not a directory: cannot create {path} under it")
+        return
+    if not path.is_dir():
+        raise OverwriteRefusedError(f"{path} is a file, not a directory: refusing to replace it with {what}")
+    allowed = set(allowed)
+    foreign = sorted(_entry_name(child) for child in path.iterdir() if child.name not in allowed)
+    if not foreign:
+        return
+    shown = ", ".join(foreign[:8]) + (f", ... ({len(foreign) - 8} more)" if len(foreign) > 8 else "")
+    kind = ("; it looks like a training or SAE run directory"
+            if any(name.rstrip("/") in _RUN_DIR_MARKERS for name in foreign) else "")
+    raise OverwriteRefusedError(
+        f"{path} holds files that are not part of {what}: {shown}{kind}; refusing to replace it "
+        "(write to a new or empty directory)"
+    )
+
+
+def _file_in_the_way(path: Path) -> Optional[Path]:
+    """The first of ``path``'s ancestors that exists and is not a directory, if any."""
+    return next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+
+
+def _make_directory(directory: Path, target: Path) -> None:
+    """``mkdir -p directory`` (to write ``target`` in it); a regular file in the way is an
+    :class:`OverwriteRefusedError` naming it."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = _file_in_the_way(target) or directory
+        raise OverwriteRefusedError(f"{blocker} is a file, not a directory: cannot create {target} under it") from None
 
 
 def current_umask() -> int:
@@ -66,21 +133,38 @@ def _temp_name(path: Path, kind: str) -> str:
 
 
 @contextlib.contextmanager
-def atomic_directory(path: PathLike) -> Iterator[Path]:
+def atomic_directory(
+    path: PathLike, replaces: Optional[Iterable[str]] = None, what: Optional[str] = None
+) -> Iterator[Path]:
     """Yield a temporary directory next to ``path``; on success it replaces ``path``.
 
     On an exception the temporary directory is removed and ``path`` is left untouched.
     Replacing an existing directory renames it aside first, so at every instant either
     the old or the new complete directory exists at ``path`` (or its ``.old`` sibling).
+
+    Only a previous directory of the same kind is replaced: ``path`` must be missing, or a
+    directory whose every entry is one the new directory holds or one of ``replaces``
+    (default: :data:`MODEL_DIR_FILES` when the new directory holds model weights, else
+    nothing more). Anything else (a regular file, notes, a run directory) raises
+    :class:`OverwriteRefusedError` naming ``path`` and the foreign entries (``what`` names
+    the kind written); the new directory is dropped and ``path`` is not touched. A regular
+    file at ``path`` is refused before the caller writes anything.
     The published directory and its files get the modes an ordinary ``mkdir`` / ``open``
     would (``0o777 & ~umask``, ``0o666 & ~umask``), not ``mkdtemp``'s private ``0o700``
     nor the ``0o600`` that safetensors gives its files.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_directory(path.parent, path)
+    if os.path.lexists(path) and not path.is_dir():
+        check_replaceable(path, what=what or "a directory")  # a regular file: refused before any work
     tmp = Path(tempfile.mkdtemp(prefix=_temp_name(path, "tmp") + "-", dir=path.parent))
     try:
         yield tmp
+        written = sorted(child.name for child in tmp.iterdir())
+        is_model = WEIGHTS_FILE in written
+        allowed = set(written) | set(replaces if replaces is not None else MODEL_DIR_FILES if is_model else ())
+        kind = what or ("a model directory" if is_model else f"the directory written ({', '.join(written)})")
+        check_replaceable(path, allowed, what=kind)
         umask = current_umask()
         for child in tmp.rglob("*"):  # flush file contents before the rename publishes them
             if child.is_file():
@@ -106,7 +190,7 @@ def atomic_write_text(path: PathLike, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` through a temporary sibling and a rename, so
     readers see the old file or the whole new one; the mode follows the umask."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_directory(path.parent, path)
     tmp = path.with_name(_temp_name(path, "tmp"))
     try:
         with open(tmp, "w", encoding="utf-8") as fh:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import difflib
 from typing import Any, Iterable, Mapping
 
+from torch import Tensor
+from transformer_lens.ActivationCache import ActivationCache
 from transformer_lens.utilities import get_act_name
 
 from bilinear_lens.models.protocol import HookedModel
@@ -28,6 +30,55 @@ def check_hook_names(hook_dict: Mapping[str, Any], names: Iterable[str], where: 
                 f"unknown hook name {name!r} on {where}{hint} ({len(hook_dict)} hook points; "
                 f"list them with `list(model.hook_dict)`)"
             )
+
+
+class CheckedActivationCache(ActivationCache):
+    """TransformerLens' ``ActivationCache`` whose lookups fail loudly: ``cache[key]`` with a
+    name (or ``(name, layer[, layer_type])`` shorthand, as ``get_act_name`` takes it) that
+    the model does not have raises :class:`UnknownHookError` with close matches; a layer
+    index outside ``[-n_layers, n_layers)`` says so; a hook point of the model that
+    ``names_filter`` left out says it was not cached. Everything else is TransformerLens'
+    (methods, shorthand, negative layer indices)."""
+
+    def __getitem__(self, key: Any) -> Tensor:
+        if isinstance(key, str) and key in self.cache_dict:
+            return self.cache_dict[key]
+        name = self._resolve(key)
+        if name in self.cache_dict:
+            return self.cache_dict[name]
+        hook_dict = getattr(self.model, "hook_dict", None)
+        if isinstance(hook_dict, Mapping) and name in hook_dict:
+            close = difflib.get_close_matches(name, list(self.cache_dict), n=3, cutoff=0.6)
+            hint = f"; cached names close to it: {close}" if close else ""
+            raise UnknownHookError(
+                f"hook {name!r} (cache key {key!r}) is a hook point of the model but was not cached "
+                f"(run_with_cache's names_filter left it out){hint}"
+            )
+        known = hook_dict if isinstance(hook_dict, Mapping) else self.cache_dict
+        check_hook_names(known, [name], where=f"the ActivationCache (cache key {key!r})")
+        raise UnknownHookError(f"hook {name!r} (cache key {key!r}) is not in the ActivationCache")  # pragma: no cover
+
+    def _resolve(self, key: Any) -> str:
+        """The full hook name ``key`` stands for (TransformerLens' rules); a malformed key or
+        a layer out of range raises :class:`UnknownHookError` saying so."""
+        if isinstance(key, str):
+            return get_act_name(key)
+        if not isinstance(key, tuple) or not key or not isinstance(key[0], str) or len(key) > 3:
+            raise UnknownHookError(
+                f"cache key {key!r} is invalid: give a hook name or (name, layer[, layer_type]), "
+                "e.g. cache['blocks.0.hook_resid_post'] or cache['resid_post', 0]"
+            )
+        if len(key) > 1 and key[1] is not None:
+            layer, n_layers = key[1], self.model.cfg.n_layers
+            if isinstance(layer, bool) or not isinstance(layer, int):
+                raise UnknownHookError(f"cache key {key!r}: the layer must be an int, got {layer!r}")
+            if not -n_layers <= layer < n_layers:
+                raise UnknownHookError(
+                    f"cache key {key!r}: layer {layer} is out of range: the model has {n_layers} layers "
+                    f"[0, {n_layers}) (negative indices count from the end)"
+                )
+            key = (key[0], layer % n_layers, *key[2:])
+        return get_act_name(*key)
 
 
 def mlp_hook_name(layer: int, hook: str) -> str:

@@ -22,7 +22,9 @@ Shapes follow TransformerLens: ``hook_q/k/v/z`` are ``[batch, pos, head_index, d
 
 from __future__ import annotations
 
+import functools
 import math
+import reprlib
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Union
 
@@ -52,7 +54,7 @@ from bilinear_lens.models.checkpoint import (
 )
 from bilinear_lens.models.config import ModelConfig
 from bilinear_lens.models.hf_llama import model_config_from_llama, from_llama_state_dict, write_llama_files
-from bilinear_lens.models.hook_names import check_hook_names
+from bilinear_lens.models.hook_names import CheckedActivationCache, check_hook_names
 from bilinear_lens.models.hub import resolve_model_dir
 from bilinear_lens.models.mlp import make_mlp
 from bilinear_lens.models.sampling import check_sampling_args, sample_next_token
@@ -293,6 +295,45 @@ class TransformerBlock(nn.Module):
         return self.hook_resid_post(self._add_mlp_out(resid_mid, self.mlp.forward_after(hook, mlp_acts)))
 
 
+def _hook_label(hook: Callable) -> str:
+    fn = hook.func if isinstance(hook, functools.partial) else hook
+    return getattr(fn, "__qualname__", None) or type(fn).__name__
+
+
+def shape_checked_hook(hook: Callable) -> Callable:
+    """``hook`` (a TransformerLens forward hook ``fn(activation, hook)``) wrapped so that a
+    return value other than ``None`` must be a tensor of the activation's shape: otherwise
+    a one-line ``ValueError`` (``TypeError`` for a non-tensor) names the hook point, the hook
+    function and both shapes, instead of a shape error deep inside a later layer. Costs one
+    shape comparison per call."""
+    if getattr(hook, "_bilinear_lens_shape_checked", False):
+        return hook
+
+    @functools.wraps(hook)
+    def checked(activation: Any, *args: Any, **kwargs: Any) -> Any:
+        result = hook(activation, *args, **kwargs)
+        if result is None or not isinstance(activation, Tensor):
+            return result
+        if not isinstance(result, Tensor):
+            point = kwargs.get("hook", args[0] if args else None)
+            raise TypeError(
+                f"forward hook {_hook_label(hook)} on {getattr(point, 'name', None)!r} returned "
+                f"{type(result).__name__}: a hook must return None or a tensor of the activation's shape "
+                f"{tuple(activation.shape)}"
+            )
+        if result.shape != activation.shape:
+            point = kwargs.get("hook", args[0] if args else None)
+            raise ValueError(
+                f"forward hook {_hook_label(hook)} on {getattr(point, 'name', None)!r} returned shape "
+                f"{tuple(result.shape)}, but the activation there has shape {tuple(activation.shape)}: "
+                "a hook must return None or a tensor of the same shape"
+            )
+        return result
+
+    checked._bilinear_lens_shape_checked = True  # type: ignore[attr-defined]
+    return checked
+
+
 class BilinearTransformer(StackedWeightViews, HookedRootModule):
     """Decoder-only transformer whose MLPs are ``cfg.mlp_kind`` (bilinear by default).
 
@@ -322,21 +363,37 @@ class BilinearTransformer(StackedWeightViews, HookedRootModule):
         self.to(TORCH_DTYPES[cfg.dtype])
         self.setup()  # registers every HookPoint by name (HookedRootModule)
 
-    # ---- hook-name checks: an unknown name fails loudly, with close matches ----
+    # ---- hook checks: an unknown name fails loudly, with close matches; a forward hook's
+    # return value must keep the activation's shape (see shape_checked_hook) ----
     def add_hook(self, name: Any, hook: Any, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
         if isinstance(name, str):
             check_hook_names(self.hook_dict, [name], where=f"{type(self).__name__}")
         super().add_hook(name, hook, *args, **kwargs)
 
+    def check_and_add_hook(  # type: ignore[override]
+        self, hook_point: HookPoint, hook_point_name: str, hook: Callable, dir: Any = "fwd", *args: Any, **kwargs: Any
+    ) -> None:
+        if dir == "fwd":
+            hook = shape_checked_hook(hook)
+        super().check_and_add_hook(hook_point, hook_point_name, hook, dir, *args, **kwargs)
+
     def _enable_hook_with_name(self, name: str, hook: Callable, dir: Any) -> None:  # type: ignore[override]
         check_hook_names(self.hook_dict, [name], where=f"{type(self).__name__}")
-        super()._enable_hook_with_name(name, hook, dir)
+        super()._enable_hook_with_name(name, shape_checked_hook(hook) if dir == "fwd" else hook, dir)
+
+    def _enable_hooks_for_points(  # type: ignore[override]
+        self, hook_points: Any, enabled: Callable, hook: Callable, dir: Any
+    ) -> None:
+        super()._enable_hooks_for_points(hook_points, enabled, shape_checked_hook(hook) if dir == "fwd" else hook, dir)
 
     def run_with_cache(  # type: ignore[override]
         self, *args: Any, names_filter: Any = None, return_cache_object: bool = True, remove_batch_dim: bool = False, **kwargs: Any
     ) -> tuple[Any, Union[ActivationCache, dict[str, Tensor]]]:
         """TransformerLens' ``run_with_cache``: ``(output, ActivationCache)`` (a plain dict with
-        ``return_cache_object=False``). String names in ``names_filter`` are checked."""
+        ``return_cache_object=False``). String names in ``names_filter`` are checked, and so
+        are the cache's lookups: the cache is a
+        :class:`~bilinear_lens.models.hook_names.CheckedActivationCache`, whose ``cache[key]``
+        raises ``UnknownHookError`` with close matches for a name the model lacks."""
         if isinstance(names_filter, str) or (
             isinstance(names_filter, (list, tuple)) and all(isinstance(n, str) for n in names_filter)
         ):
@@ -345,7 +402,7 @@ class BilinearTransformer(StackedWeightViews, HookedRootModule):
         out, cache = super().run_with_cache(*args, names_filter=names_filter, remove_batch_dim=remove_batch_dim, **kwargs)
         if not return_cache_object:
             return out, cache
-        return out, ActivationCache(cache, self, has_batch_dim=not remove_batch_dim)
+        return out, CheckedActivationCache(cache, self, has_batch_dim=not remove_batch_dim)
 
     # ---- what ActivationCache's decompositions ask of the model ----
     def tokens_to_residual_directions(
@@ -495,10 +552,8 @@ class BilinearTransformer(StackedWeightViews, HookedRootModule):
         ``padding_side``: ``"right"`` (default) or ``"left"``."""
         if padding_side not in (None, "right", "left"):
             raise ValueError(f"padding_side={padding_side!r} is invalid: allowed 'right', 'left'")
+        texts = _text_list(text)
         tok = self._require_tokenizer()
-        texts = [text] if isinstance(text, str) else list(text)
-        if not texts or not all(isinstance(t, str) for t in texts):
-            raise ValueError("text input must be a string or a non-empty list of strings")
         ids = [tok.encode(t, add_special_tokens=False) for t in texts]
         if self.default_prepend_bos if prepend_bos is None else prepend_bos:
             ids = [[self._bos_token_id()] + i for i in ids]
@@ -528,7 +583,9 @@ class BilinearTransformer(StackedWeightViews, HookedRootModule):
         ids = tokens.tolist() if isinstance(tokens, Tensor) else list(tokens)
         return tok.decode(ids)
 
-    def to_str_tokens(self, input: Union[str, Tensor], prepend_bos: Optional[bool] = None) -> list[str]:
+    def to_str_tokens(self, input: Union[str, Tensor, list[int]], prepend_bos: Optional[bool] = None) -> list[str]:
+        if not isinstance(input, (str, Tensor, list, tuple)):
+            raise ValueError(f"input must be a str, a token tensor or a list of token ids, got {type(input).__name__}")
         tokens = self.to_tokens(input, prepend_bos) if isinstance(input, str) else input
         tokens = tokens.flatten() if isinstance(tokens, Tensor) else tokens
         return [self._require_tokenizer().decode([int(t)]) for t in tokens]
@@ -682,6 +739,24 @@ def model_from_state_dict(cfg: ModelConfig, state: dict[str, Tensor], tokenizer:
     return model
 
 
+def _text_list(text: Any) -> list[str]:
+    """``text`` (a str or a non-empty list/tuple of str) as a list; anything else is a
+    one-line ``ValueError`` naming what was given."""
+    if isinstance(text, str):
+        return [text]
+    if not isinstance(text, (list, tuple)):
+        raise ValueError(f"text must be a str or a non-empty list of str, got {type(text).__name__}")
+    if not text:
+        raise ValueError("text must be a str or a non-empty list of str, got an empty list")
+    for index, item in enumerate(text):
+        if not isinstance(item, str):
+            raise ValueError(
+                f"text must be a str or a non-empty list of str, got a list holding {type(item).__name__} "
+                f"{reprlib.repr(item)} at index {index}"
+            )
+    return list(text)
+
+
 def _by_return_type(
     logits: Float[Tensor, "batch pos d_vocab"],
     return_type: Optional[str],
@@ -711,13 +786,41 @@ def next_token_loss(
     """Cross-entropy of predicting ``tokens[:, 1:]`` from ``logits[:, :-1]`` (mean, or
     ``[batch, pos-1]``). With ``attention_mask`` (1 = real token) the mean runs over
     predictions of real tokens from real tokens; per-token values at padding are 0. Computed in
-    float32, or float64 for float64 logits."""
+    float32, or float64 for float64 logits.
+
+    Checked (one-line ``ValueError`` naming the argument): ``logits`` is ``[batch, pos,
+    d_vocab]``, ``tokens`` an integer ``[batch, pos]`` of the same batch and positions
+    (``attention_mask`` too), and the mean needs ``pos >= 2`` (a next token to predict)."""
+    _check_loss_inputs(logits, tokens, attention_mask, per_token)
     log_probs = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
     nll = -log_probs.gather(-1, tokens[:, 1:, None]).squeeze(-1)
     if attention_mask is None:
         return nll if per_token else nll.mean()
     keep = (attention_mask[:, 1:] * attention_mask[:, :-1]).to(nll.dtype)
     return nll * keep if per_token else (nll * keep).sum() / keep.sum()
+
+
+def _check_loss_inputs(logits: Any, tokens: Any, attention_mask: Any, per_token: bool) -> None:
+    """Shapes and dtypes for :func:`next_token_loss` (no device sync: shapes only)."""
+    if not isinstance(logits, Tensor) or logits.dim() != 3 or not logits.is_floating_point():
+        what = f"{logits.dtype} tensor of shape {tuple(logits.shape)}" if isinstance(logits, Tensor) else type(logits).__name__
+        raise ValueError(f"logits must be a float [batch, pos, d_vocab] tensor, got {what}")
+    if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.is_floating_point() or tokens.dtype == torch.bool:
+        what = f"{tokens.dtype} tensor of shape {tuple(tokens.shape)}" if isinstance(tokens, Tensor) else type(tokens).__name__
+        raise ValueError(f"tokens must be an integer [batch, pos] tensor, got {what}")
+    if tokens.shape != logits.shape[:2]:
+        raise ValueError(
+            f"tokens {tuple(tokens.shape)} and logits {tuple(logits.shape)} disagree: the logits must be "
+            "[batch, pos, d_vocab] for the same batch and positions as the tokens"
+        )
+    if attention_mask is not None and (not isinstance(attention_mask, Tensor) or attention_mask.shape != tokens.shape):
+        shape = tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask).__name__
+        raise ValueError(f"attention_mask must have the tokens' shape {tuple(tokens.shape)}, got {shape}")
+    if not per_token and tokens.shape[1] < 2:
+        raise ValueError(
+            f"the mean next-token loss needs at least 2 positions (a token and its next), got tokens of shape "
+            f"{tuple(tokens.shape)}"
+        )
 
 
 def init_weights(model: BilinearTransformer, cfg: ModelConfig) -> None:

@@ -25,6 +25,24 @@ def check_sampling_args(temperature: float, top_k: Optional[int], top_p: Optiona
         raise ValueError(f"top_p={top_p!r} is invalid: must lie in (0, 1] or be None")
 
 
+def check_logits(logits: Tensor, name: str = "logits") -> None:
+    """``ValueError`` naming ``name`` unless ``logits`` is a ``[..., d_vocab]`` float tensor
+    whose rows hold no NaN or ``+inf`` and at least one finite value."""
+    if not isinstance(logits, Tensor) or logits.dim() < 1 or not logits.is_floating_point():
+        what = f"a {logits.dtype} tensor of shape {tuple(logits.shape)}" if isinstance(logits, Tensor) else type(logits).__name__
+        raise ValueError(f"{name} must be a float [batch, d_vocab] tensor, got {what}")
+    if logits.shape[-1] == 0:
+        raise ValueError(f"{name} has no vocabulary entries: shape {tuple(logits.shape)}")
+    rows = logits.reshape(-1, logits.shape[-1])
+    bad = rows.isnan().any(-1) | rows.isposinf().any(-1) | ~rows.isfinite().any(-1)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"{name} row {row} has NaN, +inf or no finite value ({int(bad.sum())} of {rows.shape[0]} rows bad): "
+            "cannot sample a token (-inf is fine for excluded tokens)"
+        )
+
+
 def filter_logits(
     logits: Float[Tensor, "batch d_vocab"], top_k: Optional[int] = None, top_p: Optional[float] = None
 ) -> Float[Tensor, "batch d_vocab"]:
@@ -49,8 +67,13 @@ def sample_next_token(
     top_p: Optional[float] = None,
     generator: Optional[torch.Generator] = None,
 ) -> Int[Tensor, "batch 1"]:
-    """The next token of each row (greedy when ``temperature == 0``)."""
+    """The next token of each row (greedy when ``temperature == 0``).
+
+    ``logits`` must be a float tensor without NaN or ``+inf``, with a finite value in every
+    row (``-inf`` marks an excluded token); otherwise a one-line ``ValueError`` names
+    ``logits`` and the first bad row."""
     check_sampling_args(temperature, top_k, top_p)
+    check_logits(logits)
     if temperature == 0:
         return logits.argmax(-1, keepdim=True)
     probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)

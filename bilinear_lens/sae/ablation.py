@@ -56,7 +56,7 @@ def feature_ablation_sweep(
     and ``delta_loss``. ``method="mean"``/``"resample"`` take values from ``tokens``.
     ``ablations_per_pass`` neurons share one forward pass (default: about
     :data:`~bilinear_lens.activations.ablation.DEFAULT_TOKENS_PER_PASS` tokens per pass)."""
-    check_tokens(tokens)
+    check_tokens(tokens, d_vocab=model.cfg.d_vocab, min_pos=2)
     if not 0 <= feature.index < feature.sae.cfg.d_sae:
         raise ValueError(f"feature index {feature.index} out of range [0, {feature.sae.cfg.d_sae})")
     check_hook_names(model.hook_dict, [feature.sae.cfg.hook_name], where=type(model).__name__)

@@ -25,7 +25,14 @@ from torch import Tensor, nn
 from transformer_lens.HookedRootModule import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
-from bilinear_lens.models.checkpoint import atomic_directory, check_state_dict, read_tensors, write_json, write_tensors
+from bilinear_lens.models.checkpoint import (
+    atomic_directory,
+    check_finite,
+    check_state_dict,
+    read_tensors,
+    write_json,
+    write_tensors,
+)
 from bilinear_lens.sae.config import SAE_CFG_FILE, SAE_WEIGHTS_FILE, SAEConfig, SAEConfigError, read_sae_config
 
 PathLike = Union[str, Path]
@@ -147,7 +154,8 @@ def load_sae(path: PathLike, model: Any = None) -> SAE:
     """Read an SAELens-format directory (never unpickles); a training run directory
     (:func:`~bilinear_lens.sae.train.train_sae`'s ``out``, no ``cfg.json`` of its own) means
     its ``final/`` SAE. With ``model``, also check that the SAE fits it
-    (:func:`check_sae_fits_model`)."""
+    (:func:`check_sae_fits_model`). Weights holding NaN or inf are refused, as a model's
+    are (:class:`~bilinear_lens.models.checkpoint.CheckpointError` naming the file and tensor)."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"SAE directory not found: {path}")
@@ -157,7 +165,9 @@ def load_sae(path: PathLike, model: Any = None) -> SAE:
     sae = SAE(cfg)
     tensors = read_tensors(path / SAE_WEIGHTS_FILE, what="SAE weights")
     check_state_dict(sae.state_dict(), tensors, where=str(path / SAE_WEIGHTS_FILE))
-    sae.load_state_dict({k: v.to(cfg.torch_dtype) for k, v in tensors.items()})
+    tensors = {k: v.to(cfg.torch_dtype) for k, v in tensors.items()}
+    check_finite(tensors, where=str(path / SAE_WEIGHTS_FILE))  # after the cast: an overflow to inf counts too
+    sae.load_state_dict(tensors)
     if model is not None:
         check_sae_fits_model(sae, model, where=str(path / SAE_CFG_FILE))
     return sae.eval()

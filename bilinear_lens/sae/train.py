@@ -31,8 +31,10 @@ warning first. A fresh run refuses a directory that holds ``final/``.
 
 Run directory (the model trainer's layout, :mod:`bilinear_lens.training.run_dir`)::
 
-    sae_recipe.json             the recipe and the model checkpoint it was trained on
-                                (written atomically before the first step)
+    sae_recipe.json             the recipe and the model checkpoint of the newest SAE
+                                checkpoint (written atomically right after each
+                                checkpoint, never before: a resume with a changed recipe
+                                that fails before its first checkpoint leaves it as it was)
     metrics.jsonl               per logged step: train_loss (mean since the last record),
                                 mse, explained_variance, l0 (the step's batch),
                                 dead_fraction, lr, tokens, tokens_per_s, elapsed_s
@@ -54,6 +56,7 @@ write, but its features then describe one layer's output only.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import filecmp
 import json
 import logging
@@ -400,10 +403,10 @@ def _train_sae(checkpoint: Path, out_dir: Path, recipe: SAERecipe, ckpt: Optiona
     model, train_blocks, val_blocks = _setup(checkpoint, recipe, env.device, progress)
     sae = _initial_sae(model, train_blocks, recipe, ckpt)
     training = SAETraining(model, sae, train_blocks, val_blocks, recipe)
-    trainer = Trainer(training.task(), make_optimizer(sae, tc), tc, tc.steps, env, out_dir, ckpt, progress)
+    task = dataclasses.replace(training.task(), after_checkpoint=lambda path: _write_recipe(out_dir, checkpoint, recipe))
+    trainer = Trainer(task, make_optimizer(sae, tc), tc, tc.steps, env, out_dir, ckpt, progress)
     if ckpt is not None:
         apply_recipe_hyperparameters(trainer.optimizer, tc)
-    _write_recipe(out_dir, checkpoint, recipe)
     with tangent_decoder_gradients(sae):
         final = trainer.fit(stop_at)
     return SAETrainResult(final, trainer.step, _last_val(trainer.log.records), trainer.log.records)

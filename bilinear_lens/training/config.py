@@ -2,13 +2,15 @@
 to a :class:`~bilinear_lens.models.config.ModelConfig`, validated on construction.
 
 A bad value raises ``ValueError`` naming the section, the field, the value and what is
-allowed, so a typo in a recipe fails before any data is read.
+allowed, so a typo in a recipe fails before any data is read. Every float field must be
+finite (``inf`` and ``nan`` are refused like any other bad value).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +33,16 @@ from bilinear_lens.models.config import NO_NORM_NAME, ModelConfig, config_error,
 SCHEDULES = ("cosine", "linear", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 AUTOCAST_DTYPES = ("none", "bfloat16")  # float16 would need a GradScaler
+
+
+def check_finite_floats(obj: Any) -> None:
+    """Refuse a non-finite value (``inf``, ``-inf``, ``nan``) in any float field of the
+    config dataclass ``obj``, naming the class and the field (before the range checks, which
+    ``inf`` can pass)."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.type in ("float", float) and is_number(value) and not math.isfinite(value):
+            raise config_error(type(obj).__name__, f.name, value, "must be a finite number")
 
 
 @dataclass
@@ -60,6 +72,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         name = "DataConfig"
+        check_finite_floats(self)
         for key in ("source", "tokenizer", "split", "text_column", "cache_dir"):
             if not isinstance(getattr(self, key), str):
                 raise config_error(name, key, getattr(self, key), "must be a string")
@@ -134,6 +147,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         name = "TrainConfig"
+        check_finite_floats(self)
         for key in ("steps", "warmup_steps", "seed", "log_every", "eval_every", "eval_batches",
                     "eval_batch_size", "checkpoint_every", "num_threads"):
             if not is_int(getattr(self, key)) or getattr(self, key) < 0:
@@ -255,7 +269,10 @@ class RunConfig:
         return "\n".join(lines) + "\n"
 
     def save_toml(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_toml())
+        """Write :meth:`to_toml` to ``path`` atomically (temporary sibling + rename)."""
+        from bilinear_lens.models.checkpoint import atomic_write_text
+
+        atomic_write_text(path, self.to_toml())
 
 
 def _toml_value(value: Any) -> str:
@@ -319,11 +336,17 @@ def read_toml(path: str | Path, what: str) -> dict[str, Any]:
         raise ValueError(f"cannot parse {what} {path}: {err}") from err
 
 
-def load_run_config(path: str | Path | None = None, overrides: Optional[list[str]] = None) -> RunConfig:
+def load_run_config(path: str | Path | None = None, overrides: Optional[list[str] | str] = None) -> RunConfig:
     """Read a TOML recipe (``None``: all defaults), apply ``section.key=value`` overrides
-    (see :func:`parse_override`), validate. Errors are ``ValueError`` naming the key, the
+    (see :func:`parse_override`; a single string is one override; anything but a list of
+    strings is a ``TypeError``), validate. Errors are ``ValueError`` naming the key, the
     section, the file and the allowed keys or values; a missing file is ``FileNotFoundError``.
     """
+    if isinstance(overrides, str):  # one override given as a bare string
+        overrides = [overrides]
+    if overrides is not None and (not isinstance(overrides, (list, tuple))
+                                  or not all(isinstance(text, str) for text in overrides)):
+        raise TypeError(f"overrides must be a list of strings like 'train.lr=3e-4', got {overrides!r}")
     where = "<defaults>"
     data: dict[str, Any] = {}
     if path is not None:

@@ -29,10 +29,18 @@ once the caller has loaded the weights. Exact resume needs ``batch(step)`` to be
 function of the step (as :meth:`~bilinear_lens.data.corpus.TokenBlocks.batch` is).
 :func:`bilinear_lens.sae.train.train_sae` is such a task.
 
-Run directory layout: :mod:`bilinear_lens.training.run_dir`. Exact resume: the batch and
-the learning rate of a step are pure functions of the step, the model has no dropout, and
-a checkpoint holds the weights, the AdamW moments, the RNG states and the running metrics
-interval. So training ``k`` steps, stopping and resuming to ``N`` gives bitwise the
+Run directory layout: :mod:`bilinear_lens.training.run_dir`. Its top-level
+``run_config.toml`` always describes the run's newest checkpoint: it is written right
+after each checkpoint (``TrainTask.after_checkpoint``), never before, so a resume with a
+changed recipe (``--set train.lr=...``) that fails before its first checkpoint leaves
+the file as it was, and a plain ``--resume`` continues with the recipe of the checkpoint
+it resumes (each checkpoint also holds its own copy). Nothing in the run directory is
+changed before the resumed checkpoint's training state is read and checked (a bad
+``train_state.json`` is refused naming the file, with ``metrics.jsonl`` untouched).
+
+Exact resume: the batch and the learning rate of a step are pure functions of the step,
+the model has no dropout, and a checkpoint holds the weights, the AdamW moments, the RNG
+states and the running metrics interval. So training ``k`` steps, stopping and resuming to ``N`` gives bitwise the
 weights and metrics of training ``N`` steps straight (on the same device and world size).
 
 Multi-process: launch with ``torchrun``. Each rank takes its disjoint share of every
@@ -60,7 +68,7 @@ from tqdm.auto import tqdm
 
 from bilinear_lens.data.corpus import TokenBlocks, prepare_data
 from bilinear_lens.data.tokenizer import to_hf_tokenizer
-from bilinear_lens.models.checkpoint import write_model_dir
+from bilinear_lens.models.checkpoint import atomic_write_text, write_model_dir
 from bilinear_lens.models.model import BilinearTransformer, load_config, load_model
 from bilinear_lens.training.config import RunConfig, TrainConfig
 from bilinear_lens.training.distributed import DistEnv, read_environment
@@ -132,9 +140,12 @@ def learning_rate(step: int, cfg: TrainConfig, total_steps: int) -> float:
     Linear warmup from ``lr / warmup_steps`` to ``lr`` over the first ``warmup_steps``
     updates, then ``cfg.schedule`` from ``lr`` (right after warmup) to ``min_lr`` (last
     update): ``cosine`` (half cosine), ``linear``, or ``constant`` (stays at ``lr``).
-    A pure function of the step, so the schedule's state is just the step.
+    A pure function of the step, so the schedule's state is just the step; defined for
+    every validated ``cfg`` and every ``step >= 0`` (a negative step is a ``ValueError``).
     """
-    if step < cfg.warmup_steps:
+    if not step >= 0:  # also refuses NaN
+        raise ValueError(f"learning_rate: step must be >= 0, got {step!r}")
+    if step < cfg.warmup_steps:  # so warmup_steps >= 1 here
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
         return cfg.lr
@@ -232,6 +243,8 @@ class TrainTask:
     ``data_state`` (restore the task state it carries). ``record_fields(evaluated)``: extra
     fields for the metrics record of the current step (``evaluated``: ``evaluate()`` ran
     at this step). ``baseline_eval``: evaluate and log the untrained model at step 0.
+    ``after_checkpoint(path)``: called on rank 0 once a checkpoint is complete at ``path``
+    (e.g. to record the recipe it was made with next to the run's checkpoints).
     """
 
     model: torch.nn.Module
@@ -245,6 +258,7 @@ class TrainTask:
     load_data_state: Callable[[dict[str, Any]], None] = lambda data: None
     record_fields: Callable[[bool], dict[str, Any]] = lambda evaluated: {}
     baseline_eval: bool = True
+    after_checkpoint: Callable[[Path], None] = lambda path: None
 
 
 class Trainer:
@@ -394,6 +408,7 @@ class Trainer:
             state = TrainState(step=self.step, optimizer={}, scheduler=scheduler,
                                data=self.task.data_state(self.step), metrics=metrics)
             save_trainer_state(path, self.optimizer, state, self.task.write_model_files)
+            self.task.after_checkpoint(path)
         self.env.barrier()
         self.guard.mark_good(path)
 
@@ -487,9 +502,10 @@ def _load_or_build_model(run_config: RunConfig, ckpt_path: Optional[Path], devic
 
 def _language_model_task(
     run_config: RunConfig, model: BilinearTransformer, train_blocks: TokenBlocks,
-    val_blocks: Optional[TokenBlocks], env: DistEnv,
+    val_blocks: Optional[TokenBlocks], env: DistEnv, out_dir: Path,
 ) -> TrainTask:
-    """Next-token prediction on ``train_blocks``, validation on ``val_blocks``."""
+    """Next-token prediction on ``train_blocks``, validation on ``val_blocks``; each
+    checkpoint also updates ``out_dir/run_config.toml`` (module docstring)."""
     tc = run_config.train
     batches_per_epoch = train_blocks.batches_per_epoch(tc.batch_size)
     val_batch = tc.eval_batch_size or tc.batch_size // (env.world_size * tc.grad_accum)
@@ -497,6 +513,9 @@ def _language_model_task(
     def write_model_files(directory: Path) -> None:
         write_model_dir(directory, model.cfg.to_dict(), model.state_dict(), model.tokenizer)
         run_config.save_toml(directory / RUN_CONFIG_FILE)
+
+    def after_checkpoint(path: Path) -> None:  # the run's recipe is the newest checkpoint's
+        atomic_write_text(out_dir / RUN_CONFIG_FILE, run_config.to_toml())
 
     return TrainTask(
         model=model,
@@ -508,6 +527,7 @@ def _language_model_task(
         data_state=lambda step: {"next_step": step, "epoch": step // batches_per_epoch, "batch_size": tc.batch_size,
                                  "seed": tc.seed, "world_size": env.world_size},
         tokens_per_step=tc.batch_size * run_config.model.n_ctx,
+        after_checkpoint=after_checkpoint,
     )
 
 
@@ -523,12 +543,11 @@ def _train(
     model = _load_or_build_model(run_config, ckpt_path, env.device)
     model.tokenizer = to_hf_tokenizer(tokenizer, model_max_length=run_config.model.n_ctx)
     model.train()
-    task = _language_model_task(run_config, model, train_blocks, val_blocks, env)
+    task = _language_model_task(run_config, model, train_blocks, val_blocks, env, out_dir)
     trainer = Trainer(task, make_optimizer(model, tc), tc, total_steps, env, out_dir, ckpt_path, progress)
     if ckpt_path is not None:
         apply_recipe_hyperparameters(trainer.optimizer, tc)
-    if env.is_main:
-        run_config.save_toml(out_dir / RUN_CONFIG_FILE)
+    if env.is_main:  # run_config.toml: written with each checkpoint (after_checkpoint)
         logger.info(
             "training %s params (%s MLP) on %s x %d process(es): %d steps of %d tokens, %d steps/epoch%s",
             f"{sum(p.numel() for p in model.parameters()):,}", run_config.model.mlp_kind, env.device,

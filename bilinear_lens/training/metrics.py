@@ -40,14 +40,19 @@ def make_record(
 def read_metrics(path: Path, up_to_step: Optional[int] = None) -> list[dict[str, Any]]:
     """The records of ``path`` (none if it does not exist), those after ``up_to_step``
     dropped. A torn last line (a kill mid-write) is dropped with a warning; a bad line
-    elsewhere raises ``ValueError`` naming the file and line."""
+    elsewhere (not JSON, not UTF-8) raises ``ValueError`` naming the file and line."""
     if not path.is_file():
         return []
-    lines = [(n, line) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+    # bytes, decoded line by line: a line that is not UTF-8 is a bad line like any other
+    lines = [(n, line) for n, line in enumerate(path.read_bytes().splitlines(), 1) if line.strip()]
     records = []
     for i, (number, line) in enumerate(lines):
         try:
-            record = json.loads(line)
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"not UTF-8 text (byte {line[err.start:err.start + 1]!r} at column {err.start + 1})") from None
+            record = json.loads(text)
             if not isinstance(record, dict) or not isinstance(record.get("step"), int):
                 raise ValueError("not a record with an integer 'step'")
         except ValueError as err:

@@ -2,14 +2,15 @@
 
 ::
 
-    run_config.toml                 resolved recipe of the latest invocation
+    run_config.toml                 resolved recipe of the newest checkpoint (written after it)
     metrics.jsonl                   one JSON object per logged step (training.metrics)
     checkpoints/step_000100/        a training checkpoint (training.state.save_trainer_state)
     final/                          the same, for the last step
     .lock                           while a run writes here: its pid, host and start time
 
 One process writes a run directory at a time (:func:`claim_run_dir`); it first removes
-the temporaries that killed writers left behind.
+the temporaries that killed writers left behind. A run directory that is a regular file
+(or lies under one) is refused with ``FileExistsError`` naming it.
 """
 
 from __future__ import annotations
@@ -89,6 +90,18 @@ def resolve_resume(resume: Union[bool, str, Path, None], out_dir: Path, holds: s
     return path
 
 
+def make_run_dir(out_dir: Path) -> None:
+    """Create ``out_dir`` (and its parents) if missing; a regular file in the way is a
+    ``FileExistsError`` saying that the run directory (CLI: ``--out``) is a file."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in (out_dir, *out_dir.parents) if p.exists() and not p.is_dir()), out_dir)
+        where = "is a file" if blocker == out_dir else f"lies under {blocker}, which is a file"
+        raise FileExistsError(f"run directory {out_dir} (--out) {where}, not a directory; "
+                              "choose a directory for the run") from None
+
+
 @contextlib.contextmanager
 def claim_run_dir(out_dir: Path, writer: bool) -> Iterator[None]:
     """Hold ``out_dir``'s lock for the block (``writer``: rank 0; other ranks do nothing).
@@ -100,7 +113,7 @@ def claim_run_dir(out_dir: Path, writer: bool) -> Iterator[None]:
         yield
         return
     created = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_run_dir(out_dir)
     try:
         with exclusive_lock(out_dir / LOCK_FILE, what=f"run directory {out_dir}"):
             for directory in (out_dir, out_dir / CHECKPOINTS_DIR):

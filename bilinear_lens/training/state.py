@@ -10,6 +10,7 @@ model weights with the model's own loader).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
@@ -18,6 +19,7 @@ import torch
 from torch import Tensor
 
 from bilinear_lens.models.checkpoint import (
+    MODEL_DIR_FILES,
     CheckpointError,
     PathLike,
     atomic_directory,
@@ -42,6 +44,9 @@ TRAIN_STATE_TENSORS_FILE = "train_state.safetensors"
 TRAIN_STATE_JSON_FILE = "train_state.json"
 TRAIN_STATE_FORMAT = "bilinear-lens-train-state"
 TRAIN_STATE_VERSION = 1
+# What a previous training checkpoint at the same path may hold (it is replaced; anything
+# else there is refused, see atomic_directory): model files, train state, the recipe.
+CHECKPOINT_DIR_FILES = MODEL_DIR_FILES | {TRAIN_STATE_TENSORS_FILE, TRAIN_STATE_JSON_FILE, "run_config.toml"}
 
 
 @dataclass
@@ -178,9 +183,55 @@ def write_train_state(directory: PathLike, state: TrainState) -> None:
     write_json(directory / TRAIN_STATE_JSON_FILE, meta)
 
 
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_finite_number(value: Any, minimum: float = float("-inf")) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and value >= minimum)
+
+
+def check_train_state_meta(meta: Mapping[str, Any], json_path: Path) -> None:
+    """Refuse a ``train_state.json`` whose values a resume would use wrongly, before the
+    resume changes anything (metrics.jsonl, the run config): ``CheckpointError`` naming the
+    file, the field and the value. Checked: ``step`` (a non-negative integer), the
+    ``scheduler`` / ``data`` / ``metrics`` tables, the metrics' ``elapsed_s``, ``tokens``
+    and ``interval`` (``loss_sum``, ``steps``, ``seconds``), ``data.next_step`` (= step)."""
+
+    def bad(field: str, value: Any, allowed: str) -> CheckpointError:
+        return CheckpointError(f"training state {json_path}: {field}={value!r} is invalid: {allowed}")
+
+    if not _is_count(meta.get("step")):
+        raise bad("step", meta.get("step"), "must be a non-negative integer")
+    step = meta["step"]
+    for table in ("scheduler", "data", "metrics"):
+        if not isinstance(meta.get(table, {}), dict):
+            raise bad(table, meta.get(table), "must be a JSON object")
+    data, metrics = meta.get("data", {}), meta.get("metrics", {})
+    if "next_step" in data and data["next_step"] != step:
+        raise bad("data.next_step", data["next_step"], f"must equal step={step}")
+    if "elapsed_s" in metrics and not _is_finite_number(metrics["elapsed_s"], 0.0):
+        raise bad("metrics.elapsed_s", metrics["elapsed_s"], "must be a finite number >= 0")
+    if "tokens" in metrics and not _is_count(metrics["tokens"]):
+        raise bad("metrics.tokens", metrics["tokens"], "must be a non-negative integer")
+    interval = metrics.get("interval")
+    if interval is not None:
+        expected = {"loss_sum", "steps", "seconds"}
+        if not isinstance(interval, dict) or set(interval) != expected:
+            raise bad("metrics.interval", interval, f"must be an object with keys {sorted(expected)}")
+        if not _is_count(interval["steps"]) or interval["steps"] > step:
+            raise bad("metrics.interval.steps", interval["steps"], f"must be an integer in [0, step={step}]")
+        for key in ("loss_sum", "seconds"):
+            if not _is_finite_number(interval[key], 0.0 if key == "seconds" else float("-inf")):
+                raise bad(f"metrics.interval.{key}", interval[key], "must be a finite number"
+                          + (" >= 0" if key == "seconds" else ""))
+
+
 def read_train_state(directory: PathLike) -> TrainState:
     """Read what :func:`write_train_state` wrote; tensors stay on the CPU (the optimizer's
-    ``load_state_dict`` moves them to the parameters' device)."""
+    ``load_state_dict`` moves them to the parameters' device). Values a resume uses are
+    checked first (:func:`check_train_state_meta`)."""
     directory = Path(directory)
     json_path = directory / TRAIN_STATE_JSON_FILE
     meta = read_json(json_path, what="training state")
@@ -190,6 +241,7 @@ def read_train_state(directory: PathLike) -> TrainState:
         raise CheckpointError(
             f"{json_path} has format_version={meta.get('format_version')!r}; this version reads {TRAIN_STATE_VERSION}"
         )
+    check_train_state_meta(meta, json_path)
     tensors = read_tensors(directory / TRAIN_STATE_TENSORS_FILE, what="training state tensors")
     try:
         optimizer = unflatten_optimizer_state(
@@ -225,7 +277,7 @@ def save_trainer_state(
     ``write_model_files(directory)``) and ``state`` with ``optimizer``'s state and the RNG
     states captured now. A crash mid-write leaves the previous ``path`` untouched."""
     state = dataclasses.replace(state, optimizer=optimizer.state_dict(), rng=capture_rng_state())
-    with atomic_directory(path) as tmp:
+    with atomic_directory(path, replaces=CHECKPOINT_DIR_FILES, what="a training checkpoint") as tmp:
         write_model_files(tmp)
         write_train_state(tmp, state)
 
@@ -235,7 +287,11 @@ def load_trainer_state(path: PathLike, optimizer: torch.optim.Optimizer) -> Trai
     parameters must already hold the checkpoint's weights) and the RNGs; returns the
     state for the rest (step, metrics, data position)."""
     state = read_train_state(path)
-    optimizer.load_state_dict(state.optimizer)
+    try:
+        optimizer.load_state_dict(state.optimizer)
+    except (KeyError, TypeError, ValueError) as err:  # e.g. param groups of another model
+        raise CheckpointError(f"optimizer state in {Path(path) / TRAIN_STATE_JSON_FILE} does not fit the model's "
+                              f"optimizer: {err}") from None
     if state.rng is not None:
         restore_rng_state(state.rng)
     return state

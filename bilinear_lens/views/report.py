@@ -274,6 +274,9 @@ def build_report(
     for name, value in (("n_eigenvectors", n_eigenvectors), ("ablation_top", ablation_top)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if n_eigenvectors > model.cfg.d_model:  # Q(u) has d_model eigenvectors
+        raise ValueError(f"n_eigenvectors (--n-eigenvectors) must be in [1, {model.cfg.d_model}] (d_model: the "
+                         f"eigenvectors Q(u) has), got {n_eigenvectors}")
     sample = _sample(model, texts)
     out_ids = _output_tokens(model, tokens, sample, has_features=bool(features))
     options = dict(n_eigenvectors=n_eigenvectors, logit_diff=logit_diff, input_tokens=input_tokens,
@@ -292,7 +295,22 @@ def build_report(
     return page.replace("</head>", style + "\n</head>", 1)
 
 
+def _check_file_path(path: Path) -> None:
+    """``ValueError`` unless ``path`` can be written as a file: not a directory, and no parent
+    is a regular file (the rename or mkdir would otherwise fail with a raw OSError)."""
+    if path.is_dir():
+        raise ValueError(f"report path {path} is a directory; give the HTML file to write")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"report path {path}: {parent} is a file, not a directory")
+            return
+
+
 def write_report(model: HookedModel, path: Union[str, Path], **kwargs: Any) -> Path:
-    """Build the report and write it to ``path`` atomically (temp file + rename)."""
+    """Build the report and write it to ``path`` atomically (temp file + rename). A ``path``
+    that is a directory, or under a regular file, is a ``ValueError`` naming it (checked
+    before the report is built)."""
+    _check_file_path(Path(path))
     page = build_report(model, **kwargs)
     return atomic_write_text(path, page)  # mode follows the umask, like an ordinary file

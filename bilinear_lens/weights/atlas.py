@@ -53,7 +53,16 @@ from bilinear_lens.weights.atlas_store import (
 from bilinear_lens.weights.batched_eigen import batched_top_eigenpairs
 from bilinear_lens.weights.directions import TokenLike, token_directions, token_id
 from bilinear_lens.weights.packed_tensor import PackedSymmetricTensor, packed_size
-from bilinear_lens.weights.tensor import BilinearWeights, MLPLike, auto_chunk_size, iter_interaction_matrices
+from bilinear_lens.weights.eigen import check_weights_finite
+from bilinear_lens.weights.tensor import (
+    BilinearWeights,
+    MLPLike,
+    auto_chunk_size,
+    check_eigh_dtype,
+    check_finite,
+    iter_interaction_matrices,
+    resolve_compute_device,
+)
 
 ROUTES = ("auto", "dense_b", "factored")
 # Extra memory the dense-B route may take for B (the issue's budget: < 1 GB extra peak).
@@ -184,9 +193,21 @@ def _check_out_dir(path: Path, index: dict, resume: bool) -> Optional[dict]:
         if not resume:
             raise AtlasError(f"atlas dir {path} exists; pass resume=True (--resume) to finish it, or use a new --out")
         return found
+    _check_directory_path(path)
     if path.exists() and any(path.iterdir()):
         raise AtlasError(f"{path} exists and is not an atlas directory (no index.json); use a new --out")
     return None
+
+
+def _check_directory_path(path: Path) -> None:
+    """:class:`AtlasError` unless ``path`` is a directory or can be made one: a regular file
+    at ``path`` or at one of its parents would otherwise end in a raw ``NotADirectoryError``."""
+    for place in (path, *path.parents):
+        if place.exists():
+            if not place.is_dir():
+                what = f"atlas dir {path} is a file" if place == path else f"atlas dir {path}: {place} is a file"
+                raise AtlasError(f"{what}, not a directory; use a new --out")
+            return
 
 
 def build_atlas(
@@ -218,17 +239,27 @@ def build_atlas(
     ``tol`` (same signs) whatever the shards. Raises
     :class:`~bilinear_lens.weights.atlas_store.AtlasError` for a foreign or damaged atlas
     directory (naming each setting that differs from the recorded one) and ``ValueError``
-    for bad arguments (``k`` above ``d``, a non-bilinear layer).
+    for bad arguments (``k`` above ``d``, a non-bilinear layer, a ``device`` other than
+    :func:`bilinear_lens.distributed.resolve_device` allows, a ``dtype`` other than float32 /
+    float64, directions or weights holding NaN or inf), naming the argument and value.
     """
     if route not in ROUTES:
         raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
     if not layers:
         raise ValueError("layers is empty: give at least one {layer: mlp}")
-    weights = {layer: BilinearWeights.from_module(mlp).to(device, dtype) for layer, mlp in sorted(layers.items())}
+    device = resolve_compute_device(device, "device (--device)")
+    check_eigh_dtype(dtype, "dtype (--dtype)")
+    weights = {layer: BilinearWeights.from_module(mlp) for layer, mlp in sorted(layers.items())}
+    for layer, w in weights.items():
+        check_weights_finite(w, f"layer {layer} ")
+    weights = {layer: w.to(device, dtype) for layer, w in weights.items()}
     first = next(iter(weights.values()))
     d = first.d_input(include_bias)
+    if not isinstance(directions, Tensor):
+        raise TypeError(f"directions must be a torch.Tensor, got {type(directions).__name__}")
     if directions.ndim != 2 or directions.shape[1] != first.d_out:
         raise ValueError(f"directions must be [n_dirs, {first.d_out}], got shape {tuple(directions.shape)}")
+    check_finite(directions, "directions")
     if not 1 <= k <= d:
         raise ValueError(f"k (--top) must be in [1, {d}] (d_model), got {k}")
     if labels is not None and len(labels) != directions.shape[0]:

@@ -25,7 +25,14 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from bilinear_lens.weights.eigen import Eigendecomposition, canonical_signs, default_tol, relative_residuals, sort_by_magnitude
+from bilinear_lens.weights.eigen import (
+    Eigendecomposition,
+    canonical_signs,
+    check_matrices,
+    default_tol,
+    relative_residuals,
+    sort_by_magnitude,
+)
 
 
 class BatchedTopK(NamedTuple):
@@ -111,7 +118,11 @@ def batched_top_eigenpairs(
     (:func:`restart_cost_in_eighs`) leaves for the exact ``eigh`` at once instead of after
     ``max_restarts``, so a bunched spectrum costs at most about two restarts more than
     ``eigh``. The decision reads residuals only, never clocks: results are reproducible.
+
+    ``Q`` must be ``[n, d, d]``, float32/float64 and finite (else a ``ValueError`` naming the
+    shape, dtype or the matrices holding NaN or inf).
     """
+    check_matrices(Q, "Q", batched=True)
     n, d, _ = Q.shape
     if not 1 <= k <= d:
         raise ValueError(f"k must be in [1, {d}], got {k}")

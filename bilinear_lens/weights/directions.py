@@ -38,6 +38,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from bilinear_lens.models.protocol import HookedModel
+from bilinear_lens.weights.tensor import check_finite
 
 TokenLike = Union[int, str]
 RESIDUAL_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
@@ -109,8 +110,7 @@ def vector_direction(model: HookedModel, vector: Tensor) -> Float[Tensor, "d_mod
     d_model = model.cfg.d_model
     if vector.shape != (d_model,):
         raise ValueError(f"direction must have shape ({d_model},) (d_model), got {tuple(vector.shape)}")
-    if not torch.isfinite(vector).all():
-        raise ValueError("direction contains NaN or inf")
+    check_finite(vector, "direction")
     return vector.detach()
 
 

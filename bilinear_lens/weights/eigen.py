@@ -16,19 +16,23 @@ from typing import Callable, NamedTuple, Optional, Sequence, Union
 import numpy as np
 import torch
 from jaxtyping import Float
-from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
+from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, LinearOperator, eigsh
 from torch import Tensor
 
 from bilinear_lens.weights.tensor import (
+    EIGH_DTYPES,
     BilinearWeights,
     MLPLike,
     augment_input,
     bilinear_output,
     check_directions,
+    check_eigh_dtype,
+    check_finite,
     check_vectors,
     input_factors,
     interaction_matrix,
     iter_interaction_matrices,
+    resolve_compute_device,
 )
 
 METHODS = ("auto", "lanczos", "block", "dense")
@@ -132,14 +136,28 @@ def check_converged(
     return eig
 
 
+def check_matrices(Q: Tensor, what: str, batched: Optional[bool] = None) -> None:
+    """Raise ``ValueError`` naming ``what`` unless ``Q`` is ``[..., d, d]`` (``batched=True``:
+    exactly ``[n, d, d]``), float32/float64 and finite (the checks every entry point that
+    hands formed matrices to ``eigh`` shares)."""
+    if not isinstance(Q, Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(Q).__name__}")
+    expected = "[n, d, d] (a batch of symmetric matrices)" if batched else "[..., d, d]"
+    if Q.ndim < 2 or Q.shape[-1] != Q.shape[-2] or (batched and Q.ndim != 3):
+        raise ValueError(f"{what} must be {expected}, got shape {tuple(Q.shape)}")
+    check_eigh_dtype(Q.dtype, f"{what}.dtype")
+    check_finite(Q, what, item_dims=1 if Q.ndim == 2 else 2)
+
+
 def eigendecompose(Q: Float[Tensor, "*batch d d"]) -> Eigendecomposition:
     """Exact ``Q = V diag(lambda) V^T`` for symmetric (batched) ``Q`` via ``torch.linalg.eigh``.
 
     Returns all ``d`` pairs sorted by ``|lambda|`` descending. ``Q`` must be symmetric (as
-    :func:`~bilinear_lens.weights.tensor.interaction_matrix` returns; ``eigh`` reads one triangle).
+    :func:`~bilinear_lens.weights.tensor.interaction_matrix` returns; ``eigh`` reads one triangle),
+    float32 or float64 and finite: anything else is a ``ValueError`` naming the dtype, or the
+    rows (the matrices of a batch) holding NaN or inf.
     """
-    if Q.ndim < 2 or Q.shape[-1] != Q.shape[-2]:
-        raise ValueError(f"Q must be [..., d, d], got shape {tuple(Q.shape)}")
+    check_matrices(Q, "Q")
     values, vectors = torch.linalg.eigh(Q)
     return sort_by_magnitude(values, vectors)
 
@@ -160,8 +178,16 @@ def eigendecompose_directions(
     ``n_dirs * d * k`` result (never all ``n_dirs`` matrices). Computes on ``device`` in
     ``dtype`` (default: the weights'). For many directions with small ``k``,
     :func:`~bilinear_lens.weights.atlas.build_atlas` is several times faster.
+
+    ``device`` follows :func:`bilinear_lens.distributed.resolve_device` (a name or a
+    ``torch.device``), ``dtype`` must be float32 or float64, and ``U`` and the weights must
+    be finite: anything else is a one-line ``ValueError`` naming the argument and value.
     """
-    w = BilinearWeights.from_module(mlp).to(device, dtype)
+    device = resolve_compute_device(device, "device")
+    w = BilinearWeights.from_module(mlp)
+    check_eigh_dtype(w.dtype if dtype is None else dtype, "dtype", weights=dtype is None)
+    check_weights_finite(w)
+    w = w.to(device, dtype)
     U = check_directions(w, U, "U", ndim=2)
     d = w.d_input(include_bias)
     k = d if k is None else k
@@ -173,6 +199,26 @@ def eigendecompose_directions(
         values[chunk.start : chunk.stop] = eig.eigenvalues
         vectors[chunk.start : chunk.stop] = eig.eigenvectors
     return Eigendecomposition(values, vectors)
+
+
+def check_weights_finite(w: BilinearWeights, where: str = "") -> None:
+    """``ValueError`` naming the weight (and ``where``, e.g. ``"layer 3 "``) holding NaN or inf."""
+    for name in ("W_in", "W_gate", "W_out", "b_in", "b_gate", "b_out"):
+        value = getattr(w, name)
+        if value is not None:
+            check_finite(value, f"{where}{name}")
+
+
+def _is_zero_operator(w: BilinearWeights, u: Tensor, include_bias: bool) -> bool:
+    """Whether ``Q(u)`` is exactly zero because no neuron both reads and writes along ``u``:
+    ``c = W_out u`` is zero wherever ``L`` and ``R`` columns are nonzero (zero ``u``, zero
+    weights), and so is the ``b_out`` corner."""
+    u = check_directions(w, u, "u", ndim=1)
+    L, R = input_factors(w, include_bias)
+    active = (w.W_out @ u) != 0
+    if include_bias and w.b_out is not None and float(u @ w.b_out) != 0:
+        return False
+    return not bool(active.any()) or not bool(L[:, active].any()) or not bool(R[:, active].any())
 
 
 def _interaction_matmat(
@@ -247,17 +293,28 @@ def top_eigenvectors(
     :func:`block_krylov_eigenpairs`; ``block_size`` vectors per product). ``tol=0`` means
     :func:`default_tol`. Iterative results are checked: a pair whose relative residual
     ``||Q v - lambda v|| / max|lambda|`` exceeds ``10 tol`` raises
-    :class:`EigenConvergenceError` (never an unconverged result).
+    :class:`EigenConvergenceError` (never an unconverged result). An exactly zero ``Q(u)``
+    (a zero ``u`` or zero weights) has every eigenvalue 0: the iterative methods return
+    that directly (eigenvectors the first ``k`` unit vectors), as ARPACK cannot start.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if which not in WHICH:
         raise ValueError(f"which must be one of {WHICH}, got {which!r}")
+    for name, value in (("block_size", block_size), ("max_basis", max_basis)) + ((("maxiter", maxiter),) if maxiter is not None else ()):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     w = BilinearWeights.from_module(mlp)
+    if w.dtype not in EIGH_DTYPES:
+        raise ValueError(f"the weights are {w.dtype!r}: eigendecompositions compute in torch.float32 or torch.float64; "
+                         "convert them (e.g. mlp.float())")
     d = w.d_input(include_bias)
     if not 1 <= k <= d:
         raise ValueError(f"k must be in [1, {d}], got {k}")
     method = choose_method(d) if method == "auto" else method
+    if method != "dense" and _is_zero_operator(w, u, include_bias):
+        eye = torch.eye(d, k, dtype=w.dtype, device=w.device)
+        return Eigendecomposition(eye.new_zeros(k), eye)
     if method == "lanczos" and k >= d - 1:  # ARPACK needs k < d - 1; dense is exact
         method = "dense"
     if method == "dense":
@@ -285,6 +342,8 @@ def _arpack(
             f"lanczos eigensolver did not converge: {len(err.eigenvalues)} of {k} pairs reached ARPACK's "
             "residual tolerance (raise maxiter or use method='dense')"
         ) from None
+    except ArpackError as err:  # e.g. an operator that maps every start vector to zero
+        raise EigenConvergenceError(f"lanczos eigensolver failed ({err}); use method='dense'") from None
     return sort_by_magnitude(
         torch.as_tensor(values).to(dtype=w.dtype, device=w.device),
         torch.as_tensor(vectors).to(dtype=w.dtype, device=w.device),
@@ -458,6 +517,8 @@ __all__ = [
     "Eigendecomposition",
     "canonical_signs",
     "check_converged",
+    "check_matrices",
+    "check_weights_finite",
     "choose_method",
     "default_tol",
     "relative_residuals",

@@ -173,11 +173,76 @@ def input_factors(
 
 def check_directions(w: BilinearWeights, U: Tensor, name: str, ndim: int) -> Tensor:
     """``U`` (one direction ``[d_model]`` for ``ndim=1``, or ``[n_dirs, d_model]``) in the
-    weights' dtype and device; a wrong shape raises ``ValueError`` naming ``name``."""
+    weights' dtype and device; a wrong shape or a NaN/inf entry (:func:`check_finite`,
+    naming the rows) raises ``ValueError`` naming ``name``."""
+    if not isinstance(U, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(U).__name__}")
     if U.ndim != ndim or U.shape[-1] != w.d_out:
         expected = "[d_model]" if ndim == 1 else "[n_dirs, d_model]"
         raise ValueError(f"{name} must be {expected} with d_model={w.d_out}, got shape {tuple(U.shape)}")
+    check_finite(U, name)
     return U.to(dtype=w.dtype, device=w.device)
+
+
+# Dtypes the eigensolvers compute in (``torch.linalg.eigh`` has no half-precision or integer kernel).
+EIGH_DTYPES = (torch.float32, torch.float64)
+_SHOWN = 8  # offending rows/entries listed in a message
+
+
+def check_eigh_dtype(dtype: Any, what: str, weights: bool = False) -> torch.dtype:
+    """``dtype`` if it is float32 or float64, else a ``ValueError`` naming ``what`` (the
+    argument, e.g. ``"dtype"``) and the value: the eigendecompositions have no kernel for
+    half precision (``eigh`` raises deep inside torch) and an integer dtype would truncate
+    every ``Q`` (to zeros for unit directions), a silently wrong result. ``weights``: the
+    dtype is the weights' own (no dtype was asked for), and the message says so."""
+    if dtype not in EIGH_DTYPES:
+        allowed = "eigendecompositions compute in torch.float32 or torch.float64"
+        if weights:
+            raise ValueError(f"the weights are {dtype!r}: {allowed}; pass {what}=torch.float32 (or convert the weights)")
+        raise ValueError(f"{what}={dtype!r} is not supported: {allowed}")
+    return dtype
+
+
+def resolve_compute_device(device: Union[str, torch.device, None], what: str = "device") -> Optional[torch.device]:
+    """``device`` (a name or a ``torch.device``; ``None``: keep the weights' device) by the
+    project's one device rule, :func:`bilinear_lens.distributed.resolve_device` (``auto``,
+    ``cpu``, ``cuda`` (this rank's GPU), ``cuda:N``). Anything else, or CUDA on a machine
+    without it, is a one-line ``ValueError`` naming ``what`` and the value."""
+    from bilinear_lens.distributed import env_ranks, resolve_device
+
+    if device is None:
+        return None
+    name = device
+    if isinstance(device, torch.device):
+        name = device.type if device.index is None or device.type == "cpu" else f"{device.type}:{device.index}"
+    return resolve_device(name, env_ranks().local_rank, what=what)
+
+
+def _listed(indices: list, total: int, noun: str) -> str:
+    shown = ", ".join(str(i) for i in indices[:_SHOWN]) + (", ..." if len(indices) > _SHOWN else "")
+    return f"{noun} [{shown}] ({len(indices)} of {total})"
+
+
+def check_finite(x: Tensor, what: str, item_dims: int = 1) -> None:
+    """Raise ``ValueError`` ``"<what> contains NaN or inf in rows [...] (m of n)"`` unless every
+    entry of ``x`` is finite. An item is the last ``item_dims`` dims (1: the rows of a
+    direction matrix; 2: the matrices of a batch); ``x`` of at most ``item_dims`` dims is one
+    item, and its offending entries are named instead. Integer tensors always pass."""
+    if not (x.is_floating_point() or x.is_complex()):
+        return
+    bad = ~torch.isfinite(x)
+    if not bool(bad.any()):
+        return
+    if x.ndim <= item_dims:
+        flat = bad.reshape(-1)
+        where = _listed(flat.nonzero().flatten().tolist(), flat.numel(), "at entries")
+    else:
+        per_item = bad.flatten(-item_dims).any(-1)
+        found = per_item.nonzero()
+        indices = [tuple(i) if len(i) > 1 else i[0] for i in found.tolist()]
+        noun = "in rows" if item_dims == 1 else "in matrices"
+        where = _listed(indices, per_item.numel(), noun)
+    raise ValueError(f"{what} contains NaN or inf {where}")
 
 
 def check_vectors(x: Tensor, d: int, name: str, include_bias: bool) -> None:
@@ -376,7 +441,10 @@ __all__ = [
     "auto_chunk_size",
     "bilinear_output",
     "bilinear_tensor",
+    "EIGH_DTYPES",
     "check_directions",
+    "check_eigh_dtype",
+    "check_finite",
     "check_vectors",
     "input_factors",
     "interaction",
@@ -384,4 +452,5 @@ __all__ = [
     "interaction_matrix",
     "iter_interaction_matrices",
     "quadratic_form",
+    "resolve_compute_device",
 ]

@@ -48,6 +48,20 @@ def logit_diff_metric(token_a: int, token_b: int, position: Optional[int] = -1) 
     return logit_diff
 
 
+def check_position(position: Optional[int], n_pos: int) -> None:
+    """``ValueError`` naming ``position`` unless it is ``None`` or an int index into ``n_pos``
+    positions (``[-n_pos, n_pos)``)."""
+    if position is None:
+        return
+    if isinstance(position, bool) or not isinstance(position, int):
+        raise ValueError(f"position must be an int index or None (every position), got {position!r}")
+    if not -n_pos <= position < n_pos:
+        raise ValueError(
+            f"position={position} is out of range for tokens with {n_pos} positions: "
+            f"give an index in [{-n_pos}, {n_pos}), or None for every position"
+        )
+
+
 def named_metrics(
     model: HookedModel,
     tokens: Tensor,
@@ -58,6 +72,7 @@ def named_metrics(
 ) -> dict[str, MetricFn]:
     """``loss`` and the metrics asked for, by name (see
     :func:`~bilinear_lens.activations.ablation.sweep.ablation_sweep`)."""
+    check_position(position, tokens.shape[-1])
     metrics: dict[str, MetricFn] = {"loss": loss_metric(tokens)}
     if logit is not None:
         metrics["logit"] = logit_metric(token_id(model, logit), position)

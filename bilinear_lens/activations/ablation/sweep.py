@@ -201,9 +201,11 @@ def ablation_sweep(
     Batched: ``ablations_per_pass`` ablations share a forward pass by repeating ``tokens``
     along the batch dim (default: about :data:`DEFAULT_TOKENS_PER_PASS` tokens per pass).
     ``method="mean"``/``"resample"`` take values from ``reference`` (default: ``tokens``).
-    Pass equal-length (unpadded) rows: padding would count in the loss.
+    Pass equal-length (unpadded) rows of at least 2 tokens (the loss predicts each next
+    token): padding would count in the loss. Bad arguments raise a one-line ``ValueError``
+    naming them (``tokens``, ``reference``, ``position``, ...).
     """
-    check_tokens(tokens)
+    check_tokens(tokens, d_vocab=model.cfg.d_vocab, min_pos=2)
     hook_name = neuron_hook_name(model, layer, hook)
     indices = _all_or_given(neurons, model.cfg.d_mlp)
     reference = tokens if reference is None and method != "zero" else reference
@@ -219,9 +221,9 @@ def ablation_sweep(
     return NeuronTable(layer, hook, method, columns, baseline)
 
 
-def _check_patch_tokens(clean_tokens: Tensor, corrupted_tokens: Tensor) -> None:
-    check_tokens(clean_tokens, "clean_tokens")
-    check_tokens(corrupted_tokens, "corrupted_tokens")
+def _check_patch_tokens(clean_tokens: Tensor, corrupted_tokens: Tensor, d_vocab: int) -> None:
+    check_tokens(clean_tokens, "clean_tokens", d_vocab=d_vocab)
+    check_tokens(corrupted_tokens, "corrupted_tokens", d_vocab=d_vocab)
     if clean_tokens.shape != corrupted_tokens.shape:
         raise ValueError(
             f"clean_tokens {tuple(clean_tokens.shape)} and corrupted_tokens {tuple(corrupted_tokens.shape)} "
@@ -253,7 +255,7 @@ def patch_neurons(
     ``baseline`` holds the ``clean`` and ``corrupted`` metric values. Batched like
     :func:`ablation_sweep`.
     """
-    _check_patch_tokens(clean_tokens, corrupted_tokens)
+    _check_patch_tokens(clean_tokens, corrupted_tokens, model.cfg.d_vocab)
     hook_name = neuron_hook_name(model, layer, hook)
     indices = _all_or_given(neurons, model.cfg.d_mlp)
     metrics = {"metric": metric}

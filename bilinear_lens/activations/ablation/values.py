@@ -32,10 +32,26 @@ def check_method(method: str, reference: Optional[Tensor]) -> None:
         raise ValueError(f"method={method!r} needs reference tokens (reference=...) to take values from")
 
 
-def check_tokens(tokens: Tensor, name: str = "tokens") -> None:
+def check_tokens(tokens: Tensor, name: str = "tokens", d_vocab: Optional[int] = None, min_pos: int = 1) -> None:
+    """One-line ``ValueError`` naming ``name`` unless ``tokens`` is a non-empty integer
+    ``[batch, pos]`` tensor with at least ``min_pos`` positions (and, given ``d_vocab``, ids
+    in ``[0, d_vocab)``)."""
     if not isinstance(tokens, Tensor) or tokens.ndim != 2:
         shape = tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
         raise ValueError(f"{name} must be a [batch, pos] tensor of token ids, got {shape}")
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor of token ids, got {tokens.dtype}")
+    if tokens.numel() == 0:
+        raise ValueError(f"{name} must hold at least one token, got shape {tuple(tokens.shape)}")
+    if tokens.shape[1] < min_pos:
+        raise ValueError(
+            f"{name} has {tokens.shape[1]} position(s) per row, need at least {min_pos} "
+            f"(the loss predicts each next token), got shape {tuple(tokens.shape)}"
+        )
+    if d_vocab is not None:
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high >= d_vocab:
+            raise ValueError(f"{name} holds token ids in [{low}, {high}], outside the model's vocabulary [0, {d_vocab})")
 
 
 @dataclass(frozen=True)
@@ -81,7 +97,7 @@ def replacement(
     if method == "zero":
         return Replacement("zero")
     assert reference is not None
-    check_tokens(reference, "reference")
+    check_tokens(reference, "reference", d_vocab=model.cfg.d_vocab)
     ref = read(capture_activations(model, reference, [hook_name])[hook_name])
     ref = ref.reshape(-1, ref.shape[-1])  # [n_ref, d]: every batch row and position
     if method == "mean":
