@@ -61,6 +61,7 @@ def run(capsys, *argv: str) -> tuple[int, str]:
     (["--config", "{recipe}", "--out", "{tmp}/run", "--set", "train.lrr=1"], "unknown key 'lrr' in section [train]"),
     (["--config", "{recipe}", "--out", "{tmp}/run", "--set", "nodot"], "override 'nodot' must look like section.key=value"),
     (["--out", "{tmp}/run", "--resume"], "run config file not found"),
+    (["--config", "{recipe}", "--out", "{tmp}/run", "--stop-at", "0"], "--stop-at must be >= 1, got 0"),
 ])
 def test_usage_and_recipe_errors_exit_2(recipe, tmp_path, capsys, argv, message) -> None:
     """Before: 1 here, 2 for the same kind of error in every other command."""

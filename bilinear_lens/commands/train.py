@@ -94,6 +94,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return report_error("train", err, EXIT_USAGE)
     if not args.quiet and is_main:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.stop_at is not None and args.stop_at < 1:  # the library says stop_at; the CLI user typed --stop-at
+        return report_error("train", f"--stop-at must be >= 1, got {args.stop_at}")
     config = args.config
     if config is None:
         if args.resume is False:
