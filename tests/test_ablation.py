@@ -651,6 +651,22 @@ def test_cli_counts_the_whole_text_file(saved_model, tmp_path, capsys):
     assert report["overlap"] == report["tokens"][0] * 32 - len(stream)
 
 
+def test_cli_says_how_many_documents_of_the_file_it_used(saved_model, tmp_path, capsys):
+    """Before: "all N tokens of the texts" while --n-texts had dropped documents."""
+    from bilinear_lens.data.synthetic import synthetic_stories
+
+    text = tmp_path / "five.txt"
+    text.write_text("\n\n".join(synthetic_stories(5, seed=7)), encoding="utf-8")
+    argv = ["--checkpoint", str(saved_model / "m"), "--text-file", str(text), "--top", "1"]
+    assert ablate_cmd.main([*argv, "--n-texts", "3"]) == 0
+    assert "3 of the file's 5 documents (--n-texts 3)" in capsys.readouterr().out
+    assert ablate_cmd.main([*argv, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["n_documents"], report["documents_in_file"]) == (5, 5)
+    assert ablate_cmd.main(argv) == 0
+    assert "all 5 documents of the file" in capsys.readouterr().out
+
+
 def test_cli_refuses_a_seq_len_above_n_ctx(saved_model, capsys):
     """Before: --seq-len 64 on an n_ctx-32 model was cut to 32 silently."""
     rc = ablate_cmd.main(["--checkpoint", str(saved_model / "m"), "--seq-len", "64"])

@@ -116,7 +116,7 @@ def test_ablate_ranks_by_the_feature(root, capsys):
     model = load_model(root)
     from bilinear_lens.commands.ablate import _pack_tokens, _read_texts
 
-    tokens, _, _ = _pack_tokens(model, _read_texts(None, 2, 0), 16)
+    tokens, _, _ = _pack_tokens(model, _read_texts(None, 2, 0)[0], 16)
     table = feature_ablation_sweep(model, tokens, 0, FeatureDirection(load_sae(root / "out"), 2))
     expected = table.top(3, by="delta_feature").rows()
     assert [r["neuron"] for r in result["neurons"]] == [r["neuron"] for r in expected]

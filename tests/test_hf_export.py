@@ -114,6 +114,7 @@ def test_exported_tokenizer_encodes_like_our_model(trained, exported):
         "    'logits': logits.tolist()}))\n"
     )
     out = _run_without_our_package(code, str(exported), json.dumps(TEXTS))
+    assert json.loads((exported / "tokenizer_config.json").read_text())["model_max_length"] == trained.cfg.n_ctx
     ours = [trained.to_tokens(t)[0].tolist() for t in TEXTS]
     assert ours[0][0] == trained.tokenizer.bos_token_id and ours[0][1] != ours[0][0]
     assert out["hf"] == ours and out["tl"] == ours

@@ -346,7 +346,7 @@ def saved_model(tmp_path_factory):
     root = tmp_path_factory.mktemp("polytope")
     path = build_model(cfg, tokenizer=tok).save_pretrained(root / "m")
     text = root / "stories.txt"
-    text.write_text("\n".join(synthetic_stories(10, seed=1)), encoding="utf-8")
+    text.write_text("\n\n".join(synthetic_stories(10, seed=1)), encoding="utf-8")  # blank lines: documents
     return path, text
 
 
@@ -365,10 +365,11 @@ def test_cli_json_is_consistent(saved_model, capsys):
     assert polytope_main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["hooks"] == ["blocks.0.mlp.hook_pre"] and result["n_units"] == 64
-    assert result["tokens"] == 300  # BOS and padding are not counted
+    # BOS is not counted, nor the first --warmup positions of rows that start mid-document
+    assert result["tokens"] == 300 - result["tokens_skipped_row_start"] and result["tokens_beyond_max"] > 0
     assert 1 <= result["distinct_regions"] <= 300 and len(result["most_common"]) == 3
     purity = result["purity"]
-    assert purity["n_tokens"] == 300 and purity["n_labelled"] == purity["all_labelled"]["n_tokens"] <= 300
+    assert purity["n_tokens"] == result["tokens"] and purity["n_labelled"] == purity["all_labelled"]["n_tokens"] <= 300
     sample = purity["sample"]
     # default k: as many clusters as the sample's regions, at most one per --min-size labelled tokens
     n_sample = sample["regions"]["n_tokens"]
@@ -404,6 +405,79 @@ def test_cli_on_a_short_text_picks_a_small_k_and_warns(saved_model, tmp_path, ca
     assert "k-means comparison skipped: the sample holds" in table and "k-means, sample" not in table
 
 
+def test_count_mask_skips_row_starts_mid_document_and_the_overlap():
+    from bilinear_lens.activations.polytope import count_mask
+
+    B = 0
+    rows = torch.tensor([[B, 5, 6, 7, 8, 9], [5, 6, 7, B, 8, 9], [5, 6, 7, 8, 9, 5], [6, 7, 8, 9, 5, 6]])
+    mask = count_mask(rows, B, warmup=2, overlap=3).int().tolist()
+    assert mask[0] == [1] * 6  # row 0: start of the stream
+    assert mask[1] == [0, 0, 1, 1, 1, 1]  # mid-document: first 2 positions skipped
+    assert mask[2] == [0, 0, 1, 1, 1, 1]
+    assert mask[3] == [0, 0, 0, 1, 1, 1]  # last row: its 3 repeated tokens were counted in the row before
+    assert count_mask(torch.tensor([[B, 1], [1, B]]), B, warmup=5).int().tolist() == [[1, 1], [0, 1]]  # up to BOS
+    assert count_mask(rows, B, warmup=0).all()
+
+
+def test_cli_packs_documents_with_bos_only_at_document_starts(saved_model, tmp_path):
+    """Before: one token stream cut every n_ctx - 1 tokens with a BOS in front of every row;
+    blank lines were no document breaks. Now: training's packing (document_stream + stream_rows)."""
+    from types import SimpleNamespace
+
+    from bilinear_lens.commands.common import load_model_with_tokenizer
+    from bilinear_lens.commands.polytope import _token_rows
+
+    path, _ = saved_model
+    model = load_model_with_tokenizer(str(path), "polytope")
+    tok, n_ctx = model.tokenizer, model.cfg.n_ctx
+    docs = synthetic_stories(5, seed=4)
+    text = tmp_path / "docs.txt"
+    text.write_text("\n\n\n".join(docs) + "\n", encoding="utf-8")
+    rows, mask, counts = _token_rows(model, str(text), 10**6, warmup=4)
+    doc_ids = [tok.encode(d, add_special_tokens=False) for d in docs]
+    stream = [t for ids in doc_ids for t in [tok.bos_token_id, *ids]]
+    assert rows.shape[1] == n_ctx and rows.shape[0] == -(-len(stream) // n_ctx)
+    n_full = len(stream) // n_ctx
+    assert rows[:n_full].reshape(-1).tolist() == stream[: n_full * n_ctx]  # no BOS per row, nothing padded
+    assert (rows == tok.bos_token_id).sum() >= len(docs)  # one BOS per document (the last row may repeat one)
+    assert int((rows[:n_full] == tok.bos_token_id).sum()) == stream[: n_full * n_ctx].count(tok.bos_token_id)
+    n_text = sum(map(len, doc_ids))
+    assert counts["tokens_read"] == n_text and counts["tokens_beyond_max"] == 0
+    counted = mask & (rows != tok.bos_token_id)
+    assert int(counted.sum()) == n_text - counts["tokens_skipped_row_start"]
+    # no row-start token of a mid-document row is counted
+    for row, keep in zip(rows.tolist()[1:], mask.tolist()[1:]):
+        if row[0] != tok.bos_token_id:
+            first_bos = row.index(tok.bos_token_id) if tok.bos_token_id in row else n_ctx
+            assert not any(keep[: min(4, first_bos)])
+
+
+def test_cli_reports_the_max_tokens_cap_and_skipped_tokens(saved_model, capsys):
+    path, text = saved_model
+    argv = ["--checkpoint", str(path), "--text-file", str(text), "--quiet", "--device", "cpu"]
+    assert polytope_main([*argv, "--json", "--max-tokens", "10000000"]) == 0
+    whole = json.loads(capsys.readouterr().out)
+    assert whole["tokens_beyond_max"] == 0 and whole["tokens"] == whole["tokens_read"] - whole["tokens_skipped_row_start"]
+    assert polytope_main([*argv, "--max-tokens", "250", "--warmup", "3"]) == 0
+    out = capsys.readouterr().out
+    n_read = whole["tokens_read"]
+    assert f"read; {n_read - 250} beyond --max-tokens 250 not run (capped)" in out
+    assert "skipped (first --warmup 3 positions of rows starting mid-document)" in out
+    assert "w>=5: size-weighted purity of the regions" in out and "covered: share of labelled tokens" in out
+    assert polytope_main([*argv, "--json", "--max-tokens", "250", "--warmup", "0"]) == 0
+    capped = json.loads(capsys.readouterr().out)
+    assert capped["tokens"] == 250 and capped["tokens_skipped_row_start"] == 0
+
+
+def test_cli_help_explains_the_purity_columns(capsys):
+    with pytest.raises(SystemExit):
+        polytope_main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "w>=N = purity over clusters of at least N = --min-size tokens" in help_text
+    assert "covered = fraction of the labelled tokens in those clusters" in help_text
+    assert "--warmup" in help_text
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -418,6 +492,7 @@ def test_cli_on_a_short_text_picks_a_small_k_and_warns(saved_model, tmp_path, ca
         ({"--top": "0"}, "--top must be >= 1, got 0"),
         ({"--top": "-2"}, "--top must be >= 1, got -2"),
         ({"--examples": "-1"}, "--examples must be >= 0, got -1"),
+        ({"--warmup": "-1"}, "--warmup must be >= 0, got -1"),
     ],
 )
 def test_cli_errors_exit_2(saved_model, capsys, tmp_path, change, message):
@@ -447,7 +522,7 @@ def test_cli_runs_in_half_precision(saved_model, capsys, dtype):
     full = json.loads(capsys.readouterr().out)
     assert polytope_main([*argv, "--dtype", dtype]) == 0
     half = json.loads(capsys.readouterr().out)
-    assert half["tokens"] == full["tokens"] == 200 and half["purity"]["n_labelled"] == full["purity"]["n_labelled"]
+    assert half["tokens"] == full["tokens"] == 200 - full["tokens_skipped_row_start"] and half["purity"]["n_labelled"] == full["purity"]["n_labelled"]
     assert half["purity"]["sample"]["kmeans"]["n_tokens"] == full["purity"]["sample"]["kmeans"]["n_tokens"]
 
 

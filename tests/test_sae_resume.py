@@ -191,6 +191,33 @@ def test_resume_on_another_model_and_a_fresh_run_over_a_final_sae_are_refused(ch
     assert snapshot(out) == before
 
 
+def test_resume_without_checkpoint_uses_the_saved_model(checkpoint, tmp_path, capsys):
+    """`sae train --out OUT --resume` (no --checkpoint) continues on the model named in
+    OUT/sae_recipe.json; a new run still needs --checkpoint; a saved model that moved is named."""
+    config = recipe_toml(tmp_path, steps=6)
+    out = tmp_path / "run"
+    rc = main(["sae", "train", "--out", str(out), "--config", str(config), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "--checkpoint is required for a new run" in err
+    assert not (out / RECIPE_FILE).exists()
+    model = tmp_path / "model"
+    shutil.copytree(checkpoint, model)
+    assert cli(model, out, "--config", str(config), "--stop-at", "3") == 0
+    capsys.readouterr()
+    assert main(["sae", "train", "--out", str(out), "--resume", "--no-progress"]) == 0
+    assert "final SAE" in capsys.readouterr().out and read_train_state(out / "final").step == 6
+    assert main(["sae", "train", "--out", str(out), "--resume", "--no-progress"]) == 0
+    assert "already finished at step 6" in capsys.readouterr().out
+    shutil.rmtree(model)
+    before = snapshot(out)
+    assert main(["sae", "train", "--out", str(out), "--resume", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"model checkpoint {model} saved in" in err and "no longer exists" in err
+    assert cli(checkpoint, out, "--resume") == 0  # an explicit --checkpoint still works
+    assert "already finished at step 6" in capsys.readouterr().out
+    assert snapshot(out) == before
+
+
 def test_recipe_differences_name_section_and_key():
     a, b = load_sae_recipe(None), load_sae_recipe(None, ["sae.k=8", "train.lr=1e-3"])
     assert recipe_differences(a, b) == [("sae.k", 30, 8), ("train.lr", 1e-4, 1e-3)]

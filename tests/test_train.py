@@ -187,6 +187,37 @@ def test_resume_from_explicit_checkpoint_and_model_mismatch(cache_dir, tmp_path)
         train(cfg, tmp_path / "empty", resume=True, progress=False)
 
 
+def snapshot(run_dir: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under ``run_dir``: its bytes and modification time (ns)."""
+    return {str(p.relative_to(run_dir)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def test_resuming_a_finished_run_trains_evaluates_and_writes_nothing(cache_dir, tmp_path, capsys, monkeypatch):
+    cfg = run_config(cache_dir, steps=4, eval_every=2, checkpoint_every=2)
+    out = tmp_path / "run"
+    first = train(cfg, out, progress=False)
+    before = snapshot(out)
+    import bilinear_lens.training.loop as loop
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained or evaluated again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loop.Trainer, "fit", no_training)
+        patch.setattr(loop, "evaluate", no_training)
+        result = train(cfg, out, resume=True, progress=False)
+        assert result.already_finished and result.finished and result.steps == 4
+        assert result.final_checkpoint == out / FINAL_DIR and result.val_loss == first.val_loss
+        assert result.metrics == first.metrics and result.unigram_entropy == first.unigram_entropy
+        args = ["train", "--out", str(out), "--resume", "--no-progress"]
+        assert cli.main(args) == 0
+        assert "already finished at step 4" in capsys.readouterr().out
+    assert snapshot(out) == before  # not a byte, not a touch
+    extended = train(run_config(cache_dir, steps=6, eval_every=2, checkpoint_every=2), out, resume=True, progress=False)
+    assert not extended.already_finished and extended.steps == 6 and read_train_state(out / FINAL_DIR).step == 6
+
+
 # --- the Trainer with another model and loss ------------------------------------------------
 
 

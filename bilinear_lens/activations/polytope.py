@@ -312,11 +312,13 @@ def track_regions(
     sample_size: int = 0,
     seed: int = 0,
     progress: bool = True,
+    masks: Optional[Iterable[Tensor]] = None,
 ) -> tuple[RegionTracker, Optional[ActivationSample]]:
     """Stream ``batches`` of tokens through ``model`` into a :class:`RegionTracker`.
 
     Tokens in ``ignore_tokens`` (e.g. BOS/padding, whose codes would pile into one
-    region) are skipped. ``token_labels`` maps token id to label (``-1``: unlabelled).
+    region) are skipped, and so are positions where ``masks`` (one bool tensor per batch,
+    its shape; e.g. :func:`count_mask`) is False. ``token_labels`` maps token id to label (``-1``: unlabelled).
     With ``sample_hook`` and ``sample_size > 0`` the activations at that hook of the
     first ``sample_size`` kept tokens are returned too, with their region ids. Batches
     go to the model's device; ``progress`` shows a tqdm bar. Under ``torchrun`` rank ``r``
@@ -337,13 +339,20 @@ def track_regions(
     ranks = current_ranks()
     device = next(model.parameters()).device
     bar = tqdm(batches, desc="polytope regions", unit="batch", disable=not progress or not ranks.is_main)
+    mask_iter = iter(masks) if masks is not None else None
     for i, tokens in enumerate(bar):
+        mask = next(mask_iter) if mask_iter is not None else None
         if not ranks.owns(i):
             continue
         tokens = tokens.to(device)
         cache = capture_activations(model, tokens, names)
         token_ids = _numpy(tokens).reshape(-1).astype(np.int64)
-        keep = np.flatnonzero(~np.isin(token_ids, ignore))
+        counted = ~np.isin(token_ids, ignore)
+        if mask is not None:
+            if tuple(mask.shape) != tuple(tokens.shape):
+                raise ValueError(f"mask of batch {i} has shape {tuple(mask.shape)}, its tokens {tuple(tokens.shape)}")
+            counted &= _numpy(mask).reshape(-1).astype(bool)
+        keep = np.flatnonzero(counted)
         codes = codes_from_activations(cache, layout).numpy().reshape(token_ids.size, -1)[keep]
         contexts = context_windows(tokens, context_width)[keep] if examples_per_region > 0 else None
         labels = token_labels[token_ids[keep]] if token_labels is not None else None
@@ -395,6 +404,33 @@ def token_blocks(
     if bos_token_id is not None:
         rows = np.concatenate([np.full((n_blocks, 1), bos_token_id, dtype=np.int64), rows], axis=1)
     return torch.from_numpy(rows)
+
+
+def count_mask(
+    rows: Int[Tensor, "n_rows pos"], bos_token_id: Optional[int], warmup: int, overlap: int = 0
+) -> Tensor:
+    """Which positions of packed ``rows`` (:func:`~bilinear_lens.commands.common.stream_rows`
+    of a :func:`~bilinear_lens.commands.common.document_stream`) to count as region tokens.
+
+    A row that starts mid-document (not row 0, first token not BOS) lacks the context of
+    its first tokens: its positions before ``warmup`` (or before its first BOS, if earlier)
+    are False, so row-start tokens with no context do not pile into shared regions. When
+    ``stream_rows`` made the last row repeat ``overlap`` tokens of the row before, those
+    are False too (counted once). BOS itself is left to ``ignore_tokens``."""
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
+    ids = _numpy(rows).astype(np.int64)
+    n_rows, n_pos = ids.shape
+    mask = np.ones((n_rows, n_pos), dtype=bool)
+    is_bos = ids == bos_token_id if bos_token_id is not None else np.zeros_like(mask)
+    first_bos = np.where(is_bos.any(axis=1), is_bos.argmax(axis=1), n_pos)
+    mid_document = ~is_bos[:, 0]
+    mid_document[0] = False
+    stop = np.where(mid_document, np.minimum(first_bos, warmup), 0)
+    mask &= np.arange(n_pos)[None, :] >= stop[:, None]
+    if overlap and n_rows > 1:
+        mask[-1, :overlap] = False
+    return torch.from_numpy(mask)
 
 
 # ---- boundary density along a path ---------------------------------------------------------

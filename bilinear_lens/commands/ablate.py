@@ -4,22 +4,22 @@
                          [--method zero|mean|resample] [--text-file F] [--n-texts 32] [--json]
                          [--token T | --token-id I | --logit-diff A B | --sae DIR --feature N]
 
-Texts (``--text-file``: documents separated by blank lines, as in the training data's
-``.txt`` files; default: the built-in synthetic stories) become one token stream, a BOS
-token before each document, as training packs its corpus; the stream is cut into rows of
-``--seq-len`` tokens (default 64, at most the model's n_ctx: a longer one is refused).
-The whole text counts and no row is padded: when the stream does not divide into rows,
-the last row is its final ``--seq-len`` tokens, repeating ``overlap`` tokens of the row
-before (the JSON's ``stream_tokens`` and ``overlap``; :func:`~bilinear_lens.commands.common.stream_rows`).
+The first ``--n-texts`` documents (default 32) of ``--text-file`` (documents separated by
+blank lines, as in the training data's ``.txt`` files; default: the built-in synthetic
+stories) become one token stream, a BOS token before each document, as training packs its
+corpus; the stream is cut into rows of ``--seq-len`` tokens (default 64, at most the
+model's n_ctx: a longer one is refused). Every token of those documents counts and no row
+is padded: when the stream does not divide into rows, the last row is its final
+``--seq-len`` tokens, re-reading ``overlap`` tokens of the row before (the JSON's
+``stream_tokens``, ``overlap``, ``n_documents`` and ``documents_in_file``).
 
-Every neuron is ablated on its own (:func:`~bilinear_lens.activations.ablation.ablation_sweep`)
-and the ``--top`` neurons by the magnitude ``|delta_loss|`` (either sign) are printed, or
-one JSON object with ``--json`` (``"ranked_by": "|delta_loss|"``, ``"rank_column":
-"delta_loss"``). With an output direction the ranking is by the magnitude of its change
-instead, averaged over every position: ``|delta_logit|`` (a token), ``|delta_logit_diff|``
-(a logit difference) or ``|delta_feature|`` (an SAE feature's mean activation at its hook,
-:func:`~bilinear_lens.sae.ablation.feature_ablation_sweep`). Errors (missing checkpoint,
-bad layer, ``--seq-len`` above n_ctx...) exit with code 2.
+Every neuron is ablated on its own and the ``--top`` neurons by the magnitude
+``|delta_loss|`` (either sign) are printed, or one JSON object with ``--json``
+(``"ranked_by": "|delta_loss|"``, ``"rank_column": "delta_loss"``). With an output
+direction the ranking is by the magnitude of its change instead, averaged over every
+position: ``|delta_logit|`` (a token), ``|delta_logit_diff|`` (a logit difference) or
+``|delta_feature|`` (an SAE feature's mean activation at its hook). Errors (missing
+checkpoint, bad layer, ``--seq-len`` above n_ctx...) exit with code 2.
 """
 
 from __future__ import annotations
@@ -115,12 +115,14 @@ def _seq_len(args: argparse.Namespace, model: HookedModel) -> int:
     return args.seq_len
 
 
-def _read_texts(text_file: Optional[str], n_texts: int, seed: int) -> list[str]:
+def _read_texts(text_file: Optional[str], n_texts: int, seed: int) -> tuple[list[str], Optional[int]]:
+    """The first ``n_texts`` documents, and how many the file holds (``None``: synthetic)."""
     if text_file is None:
         from bilinear_lens.data.synthetic import synthetic_stories
 
-        return synthetic_stories(n_texts, seed=seed)
-    return read_documents(text_file, n_texts)
+        return synthetic_stories(n_texts, seed=seed), None
+    documents = read_documents(text_file)
+    return documents[:n_texts], len(documents)
 
 
 def _pack_tokens(model: HookedModel, texts: list[str], seq_len: int) -> tuple[torch.Tensor, int, int]:
@@ -151,12 +153,21 @@ def _report(args: argparse.Namespace, tokens: torch.Tensor, stream_tokens: int, 
     }
 
 
+def _documents(report: dict[str, Any]) -> str:
+    """``"32 of the file's 40 documents (--n-texts 32)"``, ``"all 5 documents of the file"``
+    or ``"32 synthetic stories"``."""
+    n, in_file = report["n_documents"], report["documents_in_file"]
+    if in_file is None:
+        return f"{n} synthetic stories"
+    return f"all {n} documents of the file" if n == in_file else f"{n} of the file's {in_file} documents (--n-texts {n})"
+
+
 def _print_table(report: dict[str, Any]) -> None:
     rows, seq_len = report["tokens"]
-    overlap = f", the last row repeating {report['overlap']}" if report["overlap"] else ""
+    overlap = f"; the last row re-reads {report['overlap']} tokens of the row before" if report["overlap"] else ""
     print(
         f"{report['hook']}: {report['method']} ablation of each of {report['n_neurons']} neurons "
-        f"on {rows} x {seq_len} tokens (all {report['stream_tokens']} of the texts with BOS{overlap}); "
+        f"on {rows} x {seq_len} tokens ({_documents(report)}, {report['stream_tokens']} tokens with a BOS before each{overlap}); "
         f"baseline loss {report['baseline_loss']:.4f}; ranked by {report['ranked_by']}"
     )
     by = report["rank_column"]
@@ -172,12 +183,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         _check_args(args)
         model = place_model(load_model_with_tokenizer(args.checkpoint, "ablate"), args)
         seq_len = _seq_len(args, model)
-        tokens, stream_tokens, overlap = _pack_tokens(model, _read_texts(args.text_file, args.n_texts, args.seed), seq_len)
+        texts, documents_in_file = _read_texts(args.text_file, args.n_texts, args.seed)
+        tokens, stream_tokens, overlap = _pack_tokens(model, texts, seq_len)
         tokens = tokens.to(model.W_U.device)
         table, by = _sweep(args, model, tokens)
     except (UsageError, UnknownHookError, ValueError, TypeError) as err:
         return report_error("ablate", err)
     report = _report(args, tokens, stream_tokens, overlap, table, by)
+    report.update(n_documents=len(texts), documents_in_file=documents_in_file)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -3,7 +3,7 @@
 tokens (both poles) and, with ``--input-sae``, its most aligned input SAE features.
 ``--json`` names the direction as plain text with its token id(s) or SAE feature index in
 separate fields; eigenvector signs (which pole is "+") follow one convention for every
-``--method`` and ``--dtype`` (:class:`~bilinear_lens.weights.eigen.Eigendecomposition`).
+``--method`` and ``--dtype``: each eigenvector's largest entry is positive.
 
 With ``--out DIR`` it writes an eigen atlas instead: the top-k of ``Q(u)`` for every
 vocabulary token (``--all-tokens``) or for each given ``--token``/``--token-id``/``--sae

@@ -9,6 +9,14 @@ tokens carry labels (word classes of the synthetic vocabulary by default), the p
 regions vs k-means clusters (:func:`bilinear_lens.activations.polytope.compare_purity`). ``--json``
 prints the same as one JSON object. BOS/padding tokens are not counted.
 
+The text file holds documents separated by blank lines. They are packed the way training
+and ``ablate`` pack them: each document preceded by BOS, all concatenated and cut into rows
+of n_ctx tokens (no BOS per row, no padding). Only the first ``--max-tokens`` text tokens
+are run. A row that starts mid-document has no context for its first tokens, so its first
+``--warmup`` positions (up to its first BOS) are not counted: without that, identical
+tokens at row starts share a region and fill the most-common table. The output says how
+many tokens were read, cut by ``--max-tokens``, skipped this way, and counted.
+
 Purity counts labelled tokens only: with word-class labels, only tokens of the synthetic
 vocabulary's word classes carry one, so the purity rows (``labelled``) can hold fewer tokens
 than the text. k-means runs on a sample of at most ``--purity-tokens`` labelled tokens with
@@ -34,19 +42,21 @@ from bilinear_lens.commands.common import (
     UsageError,
     add_device_args,
     analysis_parser,
+    document_stream,
     load_model_with_tokenizer,
     place_model,
-    read_text_file,
+    read_documents,
     report_error,
     require_non_negative,
     require_positive,
+    stream_rows,
 )
 from bilinear_lens.models.hook_names import mlp_hook_name
 from bilinear_lens.activations.polytope import (
     compare_purity,
+    count_mask,
     decode_context,
     region_summary,
-    token_blocks,
     track_regions,
     word_class_labels,
 )
@@ -60,7 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = analysis_parser("polytope", __doc__)
     parser.add_argument("--layer", type=int, nargs="+", default=[0], help="layer(s); several layers make one joint code")
     parser.add_argument("--text-file", required=True, help="UTF-8 text to run the model on")
-    parser.add_argument("--max-tokens", type=int, default=20_000, help="read at most this many tokens (default 20000)")
+    parser.add_argument("--max-tokens", type=int, default=20_000,
+                        help="run at most this many text tokens (BOS not counted; default 20000); the output says "
+                        "when this cut the text")
+    parser.add_argument("--warmup", type=int, default=8,
+                        help="positions not counted at the start of each row that starts mid-document (they lack "
+                        "context; default 8, 0: count all)")
     parser.add_argument("--factors", nargs="+", choices=CODE_FACTORS, help="MLP hooks whose signs make the code (default: per MLP kind)")
     parser.add_argument("--labels", choices=LABEL_KINDS, default="word-class", help="token labels for purity (default word-class)")
     parser.add_argument("--top", type=int, default=10, help="most common regions to show (>= 1, default 10)")
@@ -76,14 +91,42 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the samples, k-means and label shuffles (default 0)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     add_device_args(parser)
+    parser.epilog = (
+        "purity table columns: labelled = labelled tokens; clusters = regions (or k-means clusters); purity = share "
+        "of tokens carrying their cluster's majority label; shuffled = the same for randomly permuted labels "
+        "(chance level, same cluster sizes); w>=N = purity over clusters of at least N = --min-size tokens only, "
+        "size-weighted (next 'shuffled': its chance level); covered = fraction of the labelled tokens in those "
+        "clusters.")
     return parser
 
 
-def _read_token_ids(model: HookedModel, path: str, max_tokens: int) -> list[int]:
-    ids = model.tokenizer.encode(read_text_file(path), add_special_tokens=False)[:max_tokens]
-    if not ids:
+def _token_rows(model: HookedModel, path: str, max_tokens: int, warmup: int) -> tuple[Any, Any, dict[str, int]]:
+    """``(rows, mask, counts)``: the documents of ``path`` packed into rows of n_ctx tokens
+    (:func:`document_stream` + :func:`stream_rows`; one shorter row if the text is
+    shorter), the :func:`count_mask` of positions to count, and how many text tokens were
+    read, cut by ``max_tokens``, skipped at row starts and counted."""
+    import torch
+
+    bos = model.tokenizer.bos_token_id
+    stream = np.asarray(document_stream(model.tokenizer, read_documents(path)), dtype=np.int64)
+    is_text = stream != bos if bos is not None else np.ones(stream.size, dtype=bool)
+    n_read = int(is_text.sum())
+    if n_read == 0:
         raise UsageError(f"text file {path} has no tokens")
-    return ids
+    if n_read > max_tokens:
+        stream = stream[: int(np.flatnonzero(is_text)[max_tokens - 1]) + 1]
+    n_ctx = model.cfg.n_ctx
+    if stream.size < n_ctx:
+        rows, overlap = torch.from_numpy(stream)[None], 0
+    else:
+        rows, overlap = stream_rows(stream.tolist(), n_ctx)
+    mask = count_mask(rows, bos, warmup, overlap)
+    n_run = min(n_read, max_tokens)
+    counted = mask & (rows != bos) if bos is not None else mask
+    n_counted = int(counted.sum())
+    counts = {"tokens_read": n_read, "max_tokens": max_tokens, "tokens_beyond_max": n_read - n_run,
+              "warmup": warmup, "tokens_skipped_row_start": n_run - n_counted}
+    return rows, mask, counts
 
 
 def _token_labels(model: HookedModel, kind: str) -> tuple[Optional[np.ndarray], list[str]]:
@@ -97,21 +140,20 @@ def _token_labels(model: HookedModel, kind: str) -> tuple[Optional[np.ndarray], 
 def analyse(args: argparse.Namespace) -> dict[str, Any]:
     """Run the analysis; everything the command prints, as a JSON-ready dict."""
     require_positive(args, "max_tokens", "batch_size", "context", "top", "k", "purity_tokens", "min_size")
-    require_non_negative(args, "examples")
+    require_non_negative(args, "examples", "warmup")
     model = place_model(load_model_with_tokenizer(args.checkpoint, "polytope"), args)
     try:
         layout = code_layout(model, args.layer, args.factors)
     except (ValueError, KeyError) as err:  # bad layer, MLP kind without units, factor the kind lacks
         raise UsageError(str(err)) from err
-    ids = _read_token_ids(model, args.text_file, args.max_tokens)
+    rows, mask, counts = _token_rows(model, args.text_file, args.max_tokens, args.warmup)
     tok = model.tokenizer
     special = {i for i in (tok.bos_token_id, tok.pad_token_id) if i is not None}
-    blocks = token_blocks(ids, model.cfg.n_ctx, tok.bos_token_id, tok.pad_token_id or 0)
     labels, label_names = _token_labels(model, args.labels)
     sample_hook = mlp_hook_name(args.layer[0], "hook_in")
     tracker, sample = track_regions(
         model,
-        blocks.split(args.batch_size),
+        rows.split(args.batch_size),
         args.layer,
         args.factors,
         ignore_tokens=sorted(special),
@@ -122,6 +164,7 @@ def analyse(args: argparse.Namespace) -> dict[str, Any]:
         sample_size=args.purity_tokens,
         seed=args.seed,
         progress=not args.quiet,
+        masks=mask.split(args.batch_size),
     )
     result: dict[str, Any] = {
         "checkpoint": str(args.checkpoint),
@@ -130,6 +173,7 @@ def analyse(args: argparse.Namespace) -> dict[str, Any]:
         "hooks": layout.hook_names,
         "n_units": layout.n_units,
         "code_bytes": layout.n_bytes,
+        **counts,
     }
     result.update(region_summary(tracker, args.top, render=lambda w: decode_context(tok, w)))
     result["purity"] = _purity(args, tracker, sample, labels, label_names, sample_hook)
@@ -187,7 +231,11 @@ def format_report(result: dict[str, Any]) -> str:
     lines = [
         f"polytope regions of {', '.join(result['hooks'])} ({result['mlp_kind']}): {result['n_units']} units, "
         f"{result['code_bytes']} bytes per code",
-        f"  tokens                 {result['tokens']}",
+        f"  tokens                 {result['tokens']} counted of {result['tokens_read']} read"
+        + (f"; {result['tokens_beyond_max']} beyond --max-tokens {result['max_tokens']} not run (capped)"
+           if result["tokens_beyond_max"] else "")
+        + f"; {result['tokens_skipped_row_start']} skipped (first --warmup {result['warmup']} positions of rows "
+        "starting mid-document)",
         f"  distinct regions       {result['distinct_regions']}",
         f"  tokens per region      mean {sizes['mean']:.2f}, median {sizes['median']:g}, max {sizes['max']}",
         f"  singleton regions      {sizes['singleton_regions']} ({100 * sizes['tokens_in_singletons']:.1f}% of tokens)",
@@ -222,6 +270,8 @@ def format_report(result: dict[str, Any]) -> str:
             f"{_fmt(r['weighted_purity']):>7} {_fmt(r['shuffled_weighted_purity']):>8} {_fmt(r['covered_fraction']):>7}"
         )
     lines.append(f"  majority-class rate    {_fmt(purity['all_labelled']['majority_rate'])}")
+    lines.append(f"  (w>={min_size}: size-weighted purity of the regions or k-means groups "
+                 f"with >= {min_size} (--min-size) tokens; covered: share of labelled tokens in them; see --help)")
     lines += [f"  warning: {w}" for w in purity["warnings"]]
     return "\n".join(lines)
 

@@ -32,14 +32,15 @@ Train a top-k SAE on one hook of a checkpoint, into the run directory --out.
 
   bilinear-lens sae train --checkpoint runs/tiny/final --hook blocks.0.hook_resid_mid \\
       --config training/configs/sae-tiny.toml --out saes/l0in
-  bilinear-lens sae train --checkpoint runs/tiny/final --out saes/l0in --resume
-  bilinear-lens sae train --checkpoint runs/tiny/final --out saes/l0in --resume --set train.steps=800
+  bilinear-lens sae train --out saes/l0in --resume
+  bilinear-lens sae train --out saes/l0in --resume --set train.steps=800
 
 A new run without --config uses the paper's settings (top-k k=30, 4x expansion, lr 1e-4
 cosine to 2e-5); --hook overrides sae.hook. --resume without --config continues with the
 recipe saved in OUT/sae_recipe.json (plus any --set); a recipe given on resume may differ
-from the saved one only in [train] values (e.g. more steps) and data.cache_dir. Resuming a
-finished run trains and writes nothing."""
+from the saved one only in [train] values (e.g. more steps) and data.cache_dir; without
+--checkpoint it continues on the model saved there. Resuming a finished run trains and
+writes nothing."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="action", required=True)
     train = sub.add_parser("train", help="train a top-k SAE on one hook of a checkpoint",
                            description=TRAIN_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    train.add_argument("--checkpoint", type=Path, required=True, help="model directory (with tokenizer.json)")
+    train.add_argument("--checkpoint", type=Path, default=None,
+                       help="model directory (with tokenizer.json); required for a new run (default with --resume: "
+                       "the model saved in OUT/sae_recipe.json)")
     train.add_argument("--out", type=Path, required=True, help="run directory (final SAE in OUT/final)")
     train.add_argument("--hook", help="hook name, e.g. blocks.0.hook_resid_mid (overrides sae.hook)")
     train.add_argument("--config", type=Path, default=None,
@@ -61,6 +64,23 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--stop-at", type=int, default=None, metavar="STEP", help="stop after STEP steps with a checkpoint")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
+
+
+def _saved_checkpoint(out: Path, resume: object) -> Path:
+    """The model of the run in ``out`` (its ``sae_recipe.json``), for ``--resume`` without
+    ``--checkpoint``; ``ValueError`` for a new run, or a saved model that is missing."""
+    from bilinear_lens.sae.recipe import RECIPE_FILE, saved_model_checkpoint
+
+    if resume is False:
+        raise ValueError("--checkpoint is required for a new run (with --resume it defaults to the model "
+                         f"saved in {out / RECIPE_FILE})")
+    saved = saved_model_checkpoint(out)  # FileNotFoundError where the run saved no recipe
+    if saved is None:
+        raise ValueError(f"{out / RECIPE_FILE} names no model checkpoint; pass --checkpoint")
+    if not Path(saved).is_dir():
+        raise FileNotFoundError(f"the model checkpoint {saved} saved in {out / RECIPE_FILE} no longer exists; "
+                                "pass --checkpoint")
+    return Path(saved)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -76,11 +96,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         if args.stop_at is not None and args.stop_at < 1:
             raise ValueError(f"--stop-at must be >= 1, got {args.stop_at}")
+        checkpoint = args.checkpoint if args.checkpoint is not None else _saved_checkpoint(args.out, args.resume)
         if args.config is None and args.resume is not False:
             recipe = load_saved_recipe(args.out, overrides)  # train_sae checks it against the file again, locked
         else:
             recipe = load_sae_recipe(args.config, overrides)
-        result = train_sae(args.checkpoint, args.out, recipe, resume=args.resume,
+        result = train_sae(checkpoint, args.out, recipe, resume=args.resume,
                            progress=not args.no_progress, stop_at=args.stop_at)
     except (ValueError, FileNotFoundError, FileExistsError, CheckpointError, UnknownHookError, LockHeldError) as err:
         print(f"bilinear-lens sae: error: {err}", file=sys.stderr)

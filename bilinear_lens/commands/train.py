@@ -11,7 +11,11 @@ exists, so a resume with ``--set`` values that fails leaves it as it was) keeps 
 provenance it records: the run's ``run_config.toml`` files name the original recipe (plus
 any ``--set``), not the resolved copy (:func:`recipe_origin`).
 
-Exit status: 0 (trained, or stopped at ``--stop-at``); 2 for a usage, recipe, data or
+Resuming a finished run (newest checkpoint at ``train.steps``, ``final/`` holding it) trains,
+evaluates and writes nothing and says "already finished at step N"; ``--set train.steps=MORE``
+extends it.
+
+Exit status: 0 (trained, stopped at ``--stop-at``, or already finished); 2 for a usage, recipe, data or
 run-directory error (a bad ``--set``, a missing corpus, ``--out`` already holding checkpoints,
 in use by another run or a regular file, a corrupt checkpoint), before any training step; 1 when training itself fails (the loss
 diverges, or writing fails).
@@ -109,7 +113,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (NonFiniteLossError, OSError) as err:  # the run itself failed
         return report_error("train", err, EXIT_FAILURE)
     if is_main:
-        status = "final checkpoint" if result.finished else f"stopped at step {result.steps}; checkpoint"
+        if result.already_finished:
+            status = f"already finished at step {result.steps} (nothing trained or written); final checkpoint"
+        else:
+            status = "final checkpoint" if result.finished else f"stopped at step {result.steps}; checkpoint"
         print(f"{status}: {result.final_checkpoint}")
         if result.val_loss is not None:
             print(f"val loss {result.val_loss:.3f} nats vs unigram entropy {result.unigram_entropy:.3f} nats "

@@ -245,16 +245,19 @@ def write_llama_files(directory: Path, cfg: ModelConfig, state: Mapping[str, Ten
     metadata = {"format": "pt", **saved_config_metadata(cfg.to_dict())}  # transformers wants format "pt"
     write_tensors(directory / WEIGHTS_FILE, to_llama_state_dict(state, cfg), metadata=metadata)
     if tokenizer is not None:
-        save_model_tokenizer(_bos_on_encode(tokenizer), directory, full=True)  # AutoTokenizer needs tokenizer_config.json
+        save_model_tokenizer(_export_tokenizer(tokenizer, cfg.n_ctx), directory, full=True)  # AutoTokenizer needs tokenizer_config.json
 
 
-def _bos_on_encode(tokenizer: Any) -> Any:
-    """A copy of ``tokenizer`` whose plain ``tokenizer(text)`` starts with its BOS token, when
-    it has one. Our model prepends BOS by default (``default_prepend_bos``), and Llama
-    tokenizers add it themselves, so ``AutoTokenizer`` plus the exported model must give
-    ``model(text)``; tokenizers without BOS (the paper's) are left as they are."""
-    if getattr(tokenizer, "bos_token_id", None) is None or getattr(tokenizer, "add_bos_token", None) in (None, True):
-        return tokenizer
-    with_bos = copy.deepcopy(tokenizer)
-    with_bos.add_bos_token = True  # transformers rewrites the post-processor template
-    return with_bos
+def _export_tokenizer(tokenizer: Any, n_ctx: int) -> Any:
+    """A copy of ``tokenizer`` as the HF export ships it: ``model_max_length`` is the
+    model's ``n_ctx`` (transformers then warns about longer inputs, which the model cannot
+    take), and a plain ``tokenizer(text)`` starts with its BOS token when it has one. Our
+    model prepends BOS by default (``default_prepend_bos``), and Llama tokenizers add it
+    themselves, so ``AutoTokenizer`` plus the exported model must give ``model(text)``;
+    tokenizers without BOS (the paper's) get no BOS."""
+    exported = copy.deepcopy(tokenizer)
+    if hasattr(exported, "model_max_length"):
+        exported.model_max_length = n_ctx
+    if getattr(exported, "bos_token_id", None) is not None and getattr(exported, "add_bos_token", None) is False:
+        exported.add_bos_token = True  # transformers rewrites the post-processor template
+    return exported

@@ -52,6 +52,7 @@ rank 0 writes files or shows progress.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -73,7 +74,7 @@ from bilinear_lens.models.model import BilinearTransformer, load_config, load_mo
 from bilinear_lens.training.config import RunConfig, TrainConfig
 from bilinear_lens.training.distributed import DistEnv, read_environment
 from bilinear_lens.training.guard import DivergenceGuard, NonFiniteLossError
-from bilinear_lens.training.metrics import IntervalMeter, MetricsLog, make_record
+from bilinear_lens.training.metrics import IntervalMeter, MetricsLog, make_record, read_metrics
 from bilinear_lens.training.run_dir import (
     CHECKPOINTS_DIR,
     FINAL_DIR,
@@ -86,7 +87,13 @@ from bilinear_lens.training.run_dir import (
     prune_checkpoints,
     resolve_resume,
 )
-from bilinear_lens.training.state import TrainState, load_trainer_state, save_trainer_state, seed_everything
+from bilinear_lens.training.state import (
+    TrainState,
+    load_trainer_state,
+    read_train_state,
+    save_trainer_state,
+    seed_everything,
+)
 
 __all__ = [
     "NonFiniteLossError",
@@ -129,6 +136,7 @@ class TrainResult:
     out_dir: Path
     unigram_entropy: float
     finished: bool = True  # False when stop_at ended the run before the schedule did
+    already_finished: bool = False  # resumed a finished run: nothing trained, evaluated or written
 
 
 # --- schedule, optimizer, loss ------------------------------------------------------------
@@ -432,7 +440,9 @@ def train(
         resume: ``False``: start fresh (refused if ``out_dir`` already has checkpoints);
             ``True``: continue from the newest checkpoint in ``out_dir``; a path: continue
             from that checkpoint. The model config must match the checkpoint's; the
-            ``[train]`` section may change (e.g. more steps).
+            ``[train]`` section may change (e.g. more steps). Resuming a finished run (the
+            checkpoint's step is the schedule's last and ``final/`` holds that step) trains,
+            evaluates and writes nothing: the result has ``already_finished`` set.
         progress: show a tqdm bar on rank 0 (also off when stderr is not a terminal).
         stop_at: stop after this many steps with a checkpoint, as if preempted, instead of
             finishing the schedule (the schedule still spans all ``train.steps``).
@@ -531,6 +541,19 @@ def _language_model_task(
     )
 
 
+def _finished_result(out_dir: Path, ckpt_path: Path, total_steps: int) -> Optional[TrainResult]:
+    """The result of a run already finished at ``ckpt_path`` (its step is ``total_steps``
+    and ``out_dir/final`` holds that step; ``unigram_entropy`` left to the caller), else ``None``."""
+    step = read_train_state(ckpt_path).step
+    final = out_dir / FINAL_DIR
+    if step != total_steps or not final.is_dir() or read_train_state(final).step != step:
+        return None
+    val_loss = read_train_state(final).metrics.get("val_loss")
+    return TrainResult(final_checkpoint=final, val_loss=None if val_loss is None else float(val_loss), steps=step,
+                       metrics=read_metrics(out_dir / METRICS_FILE), out_dir=out_dir, unigram_entropy=float("nan"),
+                       already_finished=True)
+
+
 def _train(
     run_config: RunConfig, out_dir: Path, ckpt_path: Optional[Path], progress: bool,
     stop_at: Optional[int], env: DistEnv,
@@ -540,6 +563,13 @@ def _train(
     run_config = run_config.with_vocab_size(tokenizer.get_vocab_size())
     batches_per_epoch = train_blocks.batches_per_epoch(tc.batch_size)  # raises if batch > data
     total_steps = tc.steps or math.ceil(tc.epochs * batches_per_epoch)
+    entropy_tokens = val_blocks.tokens if val_blocks is not None else train_blocks.tokens
+    if ckpt_path is not None:
+        done = _finished_result(out_dir, ckpt_path, total_steps)
+        if done is not None:
+            if env.is_main:
+                logger.info("%s is already finished at step %d; nothing to train", out_dir, done.steps)
+            return dataclasses.replace(done, unigram_entropy=unigram_entropy(entropy_tokens))
     model = _load_or_build_model(run_config, ckpt_path, env.device)
     model.tokenizer = to_hf_tokenizer(tokenizer, model_max_length=run_config.model.n_ctx)
     model.train()
@@ -557,7 +587,6 @@ def _train(
     final = trainer.fit(stop_at)
     if env.is_main:
         logger.info("step %d: val loss %s; checkpoint %s", trainer.step, trainer.last_val, final)
-    entropy_tokens = val_blocks.tokens if val_blocks is not None else train_blocks.tokens
     return TrainResult(
         final_checkpoint=final, val_loss=trainer.last_val, steps=trainer.step, metrics=trainer.log.records,
         out_dir=out_dir, unigram_entropy=unigram_entropy(entropy_tokens), finished=trainer.finished,

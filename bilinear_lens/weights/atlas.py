@@ -180,6 +180,8 @@ def _check_out_dir(path: Path, index: dict, resume: bool) -> Optional[dict]:
     rank can run it before rank 0 writes (a rank checking after rank 0 wrote the index
     would see an atlas that "exists" and refuse it)."""
     if (path / INDEX_FILE).exists():
+        if not resume:  # first: without --resume no setting of the old atlas matters
+            raise AtlasError(f"atlas dir {path} exists; resume it (resume=True, CLI --resume) or use a new --out")
         found = read_index(path)
         differences = index_differences(path, found, index)
         if differences:
@@ -190,8 +192,6 @@ def _check_out_dir(path: Path, index: dict, resume: bool) -> Optional[dict]:
                 f"atlas dir {path} was built from other weights or directions (every recorded setting matches; "
                 f"fingerprint {str(found.get('fingerprint', '?'))[:12]} != {index['fingerprint'][:12]}); use a new --out"
             )
-        if not resume:
-            raise AtlasError(f"atlas dir {path} exists; pass resume=True (--resume) to finish it, or use a new --out")
         return found
     _check_directory_path(path)
     if path.exists() and any(path.iterdir()):
