@@ -12,6 +12,7 @@ from typing import Any, Optional, Sequence
 from bilinear_lens.models.checkpoint import CheckpointError
 from bilinear_lens.models.config import DTYPES
 from bilinear_lens.models.model import TORCH_DTYPES
+from bilinear_lens.weights.tensor import EIGH_DTYPES as TENSOR_EIGH_DTYPES
 
 
 EXIT_USAGE = 2  # bad arguments, recipe/config or inputs (argparse's own convention)
@@ -137,9 +138,9 @@ def stream_rows(stream: Sequence[int], length: int, flag: str = "--seq-len") -> 
 
 # ---- --device / --dtype / --quiet: shared by the analysis commands (eigen, ablate, polytope, report)
 
-# What a command that eigendecomposes can compute in: torch.linalg.eigh has no float16 or
-# bfloat16 kernel (CPU or CUDA), so eigen and report offer only these.
-EIGH_DTYPES = ("float32", "float64")
+# What a command that eigendecomposes can compute in (eigen, report): the weight analysis'
+# own list (torch.linalg.eigh has no float16 or bfloat16 kernel, CPU or CUDA), by name.
+EIGH_DTYPES = tuple(str(dtype).removeprefix("torch.") for dtype in TENSOR_EIGH_DTYPES)
 
 
 def add_device_args(parser: Any, dtypes: Sequence[str] = DTYPES) -> None:

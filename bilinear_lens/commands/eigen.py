@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any, Optional
 
 from bilinear_lens.commands.common import (
@@ -38,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", type=int, default=None, help="block index (default 0; an atlas: every layer)")
     add_direction_arguments(p, input_sae=True)
     p.add_argument("--all-tokens", action="store_true", help="atlas of every vocabulary token (needs --out)")
-    p.add_argument("--top", type=int, default=None, help="eigenvectors to show (default 5) or keep in the atlas (default 8)")
+    p.add_argument("--top", type=int, default=None, help="eigenvectors to show (default 5) or keep in the atlas (default 8 for a new atlas; --resume keeps the atlas' own)")
     p.add_argument("--out", help="write an atlas of the given directions (or --all-tokens) to this directory")
     p.add_argument("--resume", action="store_true", help="finish an interrupted atlas in --out")
     p.add_argument("--shard-size", type=int, default=None,
@@ -84,7 +83,7 @@ def _run_atlas(args: argparse.Namespace) -> dict:
     model = BilinearTransformer.from_pretrained(args.checkpoint)
     what = _atlas_directions(args, model)
     layers = list(range(model.cfg.n_layers)) if args.layer is None else [args.layer]
-    options = dict(k=args.top or _recorded_k(args) or 8, shard_size=args.shard_size, device=device, dtype=dtype,
+    options = dict(k=args.top, shard_size=args.shard_size, device=device, dtype=dtype,
                    resume=args.resume, progress=not args.quiet)
     with process_group(device) as ranks:
         if "tokens" in what:
@@ -94,17 +93,6 @@ def _run_atlas(args: argparse.Namespace) -> dict:
             atlas = build_atlas(mlps, what["directions"], args.out, labels=what["labels"],
                                 label_name=what["label_name"], **options)
     return {"atlas": str(atlas.path), "layers": atlas.layers, "n_dirs": atlas.n_dirs, "k": atlas.k, "is_main": ranks.is_main}
-
-
-def _recorded_k(args: argparse.Namespace) -> Optional[int]:
-    """On ``--resume`` without ``--top``: the ``k`` the atlas in ``--out`` was started with
-    (as ``--shard-size``), so a resume needs only ``--out``; else ``None``."""
-    from bilinear_lens.weights.atlas_store import INDEX_FILE, read_index
-
-    if not args.resume or not (Path(args.out) / INDEX_FILE).is_file():
-        return None
-    k = read_index(Path(args.out)).get("k")
-    return k if isinstance(k, int) else None
 
 
 def _direction_fields(model: Any, label: str, spec: Any, sae_dir: Optional[str]) -> dict[str, Any]:

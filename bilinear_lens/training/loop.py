@@ -546,9 +546,12 @@ def _finished_result(out_dir: Path, ckpt_path: Path, total_steps: int) -> Option
     and ``out_dir/final`` holds that step; ``unigram_entropy`` left to the caller), else ``None``."""
     step = read_train_state(ckpt_path).step
     final = out_dir / FINAL_DIR
-    if step != total_steps or not final.is_dir() or read_train_state(final).step != step:
+    if step != total_steps or not final.is_dir():
         return None
-    val_loss = read_train_state(final).metrics.get("val_loss")
+    final_state = read_train_state(final)
+    if final_state.step != step:
+        return None
+    val_loss = final_state.metrics.get("val_loss")
     return TrainResult(final_checkpoint=final, val_loss=None if val_loss is None else float(val_loss), steps=step,
                        metrics=read_metrics(out_dir / METRICS_FILE), out_dir=out_dir, unigram_entropy=float("nan"),
                        already_finished=True)

@@ -76,7 +76,9 @@ ATLAS_CHUNK_BYTES = 256 * 2**20
 # (NOTES). Other devices take the whole chunk per batch: that cache argument is the CPU's,
 # and a GPU needs many matrices per call to be busy (not measured here: no GPU was lent).
 KRYLOV_BATCH = 16
-# Directions per shard of a new atlas (a resume keeps the recorded value).
+# Top pairs per direction and directions per shard of a new atlas (a resume keeps the
+# recorded values).
+DEFAULT_K = 8
 DEFAULT_SHARD_SIZE = 512
 # The index fields a resume must match, and where each requested value comes from (the
 # parameter's CLI flag, else the parameter or what it is derived from) for error messages.
@@ -214,7 +216,7 @@ def build_atlas(
     layers: Mapping[int, MLPLike],
     directions: Float[Tensor, "n_dirs d_model"],
     out: Union[str, Path],
-    k: int = 8,
+    k: Optional[int] = None,
     labels: Optional[Sequence[int]] = None,
     label_name: str = "row",
     shard_size: Optional[int] = None,
@@ -233,9 +235,9 @@ def build_atlas(
     ``max|lambda|``). ``device``/``dtype`` are where and in what precision to compute
     (default: the first layer's device, float32). ``resume=True`` keeps finished shards
     of an existing atlas of the same fingerprint and settings and computes the rest.
-    ``shard_size`` (directions per shard): ``None`` means :data:`DEFAULT_SHARD_SIZE` for a
-    new atlas and the recorded value on resume; a value other than the recorded one is
-    refused. It is not in the fingerprint: it is layout, and the stored pairs agree to
+    ``k`` (pairs kept per direction) and ``shard_size`` (directions per shard): ``None``
+    means :data:`DEFAULT_K` / :data:`DEFAULT_SHARD_SIZE` for a new atlas and the recorded
+    value on resume; a value other than the recorded one is refused. It is not in the fingerprint: it is layout, and the stored pairs agree to
     ``tol`` (same signs) whatever the shards. Raises
     :class:`~bilinear_lens.weights.atlas_store.AtlasError` for a foreign or damaged atlas
     directory (naming each setting that differs from the recorded one) and ``ValueError``
@@ -260,6 +262,10 @@ def build_atlas(
     if directions.ndim != 2 or directions.shape[1] != first.d_out:
         raise ValueError(f"directions must be [n_dirs, {first.d_out}], got shape {tuple(directions.shape)}")
     check_finite(directions, "directions")
+    path = Path(out)
+    if k is None:  # the recorded k on resume (it is in the fingerprint, so it is read first)
+        recorded = read_index(path).get("k") if resume and (path / INDEX_FILE).is_file() else None
+        k = recorded if isinstance(recorded, int) else DEFAULT_K
     if not 1 <= k <= d:
         raise ValueError(f"k (--top) must be in [1, {d}] (d_model), got {k}")
     if labels is not None and len(labels) != directions.shape[0]:
@@ -272,7 +278,6 @@ def build_atlas(
     index = {"fingerprint": tag, "layers": list(weights), "k": k, "d": d, "n_dirs": U.shape[0], "shard_size": shard_size,
              "dtype": str(dtype).removeprefix("torch."), "include_bias": include_bias, "tol": tol,
              "labels": None if labels is None else [int(x) for x in labels], "label_name": label_name}
-    path = Path(out)
     found = _check_out_dir(path, index, resume)
     index["shard_size"] = found["shard_size"] if found is not None else shard_size or DEFAULT_SHARD_SIZE
     shards = plan_shards(list(weights), U.shape[0], index["shard_size"])
@@ -336,5 +341,5 @@ def _weight_tensors(w: BilinearWeights) -> list[Tensor]:
     return [t for t in (w.W_in, w.W_gate, w.W_out, w.b_in, w.b_gate, w.b_out) if t is not None]
 
 
-__all__ = ["ATLAS_CHUNK_BYTES", "ATLAS_MEMORY_BYTES", "DEFAULT_SHARD_SIZE", "INDEX_FIELDS", "KRYLOV_BATCH", "ROUTES", "build_atlas",
+__all__ = ["ATLAS_CHUNK_BYTES", "ATLAS_MEMORY_BYTES", "DEFAULT_K", "DEFAULT_SHARD_SIZE", "INDEX_FIELDS", "KRYLOV_BATCH", "ROUTES", "build_atlas",
            "choose_route", "index_differences", "krylov_batch", "model_atlas"]

@@ -20,7 +20,6 @@ from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, LinearOperator
 from torch import Tensor
 
 from bilinear_lens.weights.tensor import (
-    EIGH_DTYPES,
     BilinearWeights,
     MLPLike,
     augment_input,
@@ -305,9 +304,7 @@ def top_eigenvectors(
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     w = BilinearWeights.from_module(mlp)
-    if w.dtype not in EIGH_DTYPES:
-        raise ValueError(f"the weights are {w.dtype!r}: eigendecompositions compute in torch.float32 or torch.float64; "
-                         "convert them (e.g. mlp.float())")
+    check_eigh_dtype(w.dtype, None, weights=True)  # no dtype argument here: convert the module
     d = w.d_input(include_bias)
     if not 1 <= k <= d:
         raise ValueError(f"k must be in [1, {d}], got {k}")

@@ -189,14 +189,18 @@ EIGH_DTYPES = (torch.float32, torch.float64)
 _SHOWN = 8  # offending rows/entries listed in a message
 
 
-def check_eigh_dtype(dtype: Any, what: str, weights: bool = False) -> torch.dtype:
+def check_eigh_dtype(dtype: Any, what: Optional[str], weights: bool = False) -> torch.dtype:
     """``dtype`` if it is float32 or float64, else a ``ValueError`` naming ``what`` (the
     argument, e.g. ``"dtype"``) and the value: the eigendecompositions have no kernel for
     half precision (``eigh`` raises deep inside torch) and an integer dtype would truncate
     every ``Q`` (to zeros for unit directions), a silently wrong result. ``weights``: the
-    dtype is the weights' own (no dtype was asked for), and the message says so."""
+    dtype is the weights' own (no dtype was asked for), and the message says so, pointing
+    to the ``what`` argument that would convert them, or (``what=None``: the function has
+    none) to converting the module."""
     if dtype not in EIGH_DTYPES:
         allowed = "eigendecompositions compute in torch.float32 or torch.float64"
+        if weights and what is None:
+            raise ValueError(f"the weights are {dtype!r}: {allowed}; convert them (e.g. mlp.float())")
         if weights:
             raise ValueError(f"the weights are {dtype!r}: {allowed}; pass {what}=torch.float32 (or convert the weights)")
         raise ValueError(f"{what}={dtype!r} is not supported: {allowed}")
