@@ -24,6 +24,7 @@ COMMANDS = {
     "report": "self-contained HTML report of a checkpoint",
     "convert": "convert models: the paper's checkpoints, HF Llama format, hub ids",
     "sae": "train sparse autoencoders (SAELens format) on a checkpoint's activations",
+    "circuit": "circuits: patching grids, attribution patching, MLP pair terms, attribution graphs",
 }
 
 
