@@ -7,8 +7,10 @@ Each subcommand lives in ``bilinear_lens/commands/circuit_<name>.py`` with
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
+from types import ModuleType
 from typing import Optional
 
 SUBCOMMANDS = {
@@ -26,6 +28,29 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _subcommand_module(name: str) -> Optional[ModuleType]:
+    """``bilinear_lens.commands.circuit_<name>``, or ``None`` when this version lacks it."""
+    try:
+        return importlib.import_module(f"bilinear_lens.commands.circuit_{name}")
+    except ModuleNotFoundError as err:
+        if err.name == f"bilinear_lens.commands.circuit_{name}":
+            return None
+        raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole ``circuit`` command as one parser, every subcommand's options under its
+    name (for help and for tests that walk every option; :func:`main` dispatches lazily)."""
+    parser = argparse.ArgumentParser(prog="bilinear-lens circuit", description=__doc__.split("\n\n")[0])
+    subparsers = parser.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
+    for name, help_ in SUBCOMMANDS.items():
+        module = _subcommand_module(name)
+        if module is not None:
+            subparsers.add_parser(name, parents=[module.build_parser()], add_help=False, help=help_,
+                                  description=help_)
+    return parser
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
@@ -38,11 +63,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if name not in SUBCOMMANDS:
         print(f"bilinear-lens circuit: unknown subcommand {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    try:
-        module = importlib.import_module(f"bilinear_lens.commands.circuit_{name}")
-    except ModuleNotFoundError as err:
-        if err.name == f"bilinear_lens.commands.circuit_{name}":
-            print(f"bilinear-lens circuit: subcommand {name!r} is not available in this version", file=sys.stderr)
-            return 2
-        raise
+    module = _subcommand_module(name)
+    if module is None:
+        print(f"bilinear-lens circuit: subcommand {name!r} is not available in this version", file=sys.stderr)
+        return 2
     return int(module.main(rest) or 0)
