@@ -209,12 +209,16 @@ def sae_writers(
     positions: Union[int, Sequence[int], None] = None,
     features: Optional[Sequence[int]] = None,
     include_error: bool = True,
+    unit_activations: bool = False,
 ) -> ResidualWriters:
     """The activation at ``sae.cfg.hook_name`` at ``positions`` in the SAE's basis: one writer
     ``feature {i}`` per feature (``a_i(p) W_dec[i]``; by default the features active at any of
     the positions, else ``features``), ``sae b_dec``, and ``sae error`` (``x - x_hat``, so the
     writers sum to ``x`` exactly; ``include_error=False`` leaves it out, and the sum is then
-    the reconstruction). Only ``normalize_activations="none"`` SAEs decode linearly, others
+    the reconstruction). ``unit_activations``: every activation set to one (the
+    weight-based basis of :func:`~bilinear_lens.sae.features.feature_interaction_matrix`;
+    all features unless ``features``), which has no error writer: pass
+    ``include_error=False``. Only ``normalize_activations="none"`` SAEs decode linearly, others
     are refused naming the field. ``extra["acts"]`` holds ``[n_positions, d_sae]``
     activations."""
     space, layer = sae_basis_space(model, sae)
@@ -223,6 +227,8 @@ def sae_writers(
             f"sae.cfg.normalize_activations={sae.cfg.normalize_activations!r}: only 'none' decodes linearly "
             "into per-feature writers"
         )
+    if unit_activations and include_error:
+        raise ValueError("unit_activations=True has no error writer (x - x_hat is not defined): pass include_error=False")
     tokens = prompt_tokens(model, tokens)
     pos = resolve_positions(positions, tokens.shape[1], "positions")
     hook = sae.cfg.hook_name
@@ -230,6 +236,8 @@ def sae_writers(
     x = cache[hook][0, pos]
     dtype = x.dtype
     acts = sae.encode(x).to(dtype)  # [n_pos, d_sae]
+    if unit_activations:
+        acts = torch.ones_like(acts)
     W_dec, b_dec = sae.W_dec.detach().to(dtype), sae.b_dec.detach().to(dtype)
     if features is None:
         chosen = (acts != 0).any(0).nonzero().flatten().tolist()
