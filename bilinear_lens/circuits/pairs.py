@@ -155,7 +155,7 @@ def _direction_label(model: Any, direction: Any) -> str:
     return name(direction)
 
 
-def _check_sae_layer(model: Any, sae: Any, layer: int) -> None:
+def check_sae_input_layer(model: Any, sae: Any, layer: int) -> None:
     space, sae_layer = sae_basis_space(model, sae)
     ok = (space == "mlp_input" and sae_layer == layer) or sae.cfg.hook_name == f"blocks.{layer}.hook_resid_mid"
     if not ok:
@@ -212,7 +212,7 @@ def mlp_pair_decomposition(
         if found.space == "mlp_input" and found.layer != layer:
             raise ValueError(f"writers of {found.hook!r} are not layer {layer}'s MLP input")
     else:
-        _check_sae_layer(model, writers, layer)
+        check_sae_input_layer(model, writers, layer)
         found = sae_writers(model, tokens, writers, [p], include_error=include_error)
     i = found.positions.index(p)
     dtype = found.vectors.dtype
