@@ -152,3 +152,18 @@ def test_html_view_is_offline():
     html = mlp_pair_decomposition(model, TOKENS, 1, 7)._repr_html_()
     assert "<svg" in html and "L0H3" in html
     assert "http://" not in html and "https://" not in html and "<script src" not in html
+
+
+def test_views_from_labels_and_matrix():
+    from bilinear_lens.views.pair_view import pair_matrix_figure, pair_matrix_html
+
+    matrix = torch.tensor([[1.0, -2.0], [-2.0, 0.5]])
+    html = pair_matrix_html(labels=["<a>", "b"], matrix=matrix, title="t")
+    assert "&lt;a&gt;" in html and "<a>" not in html  # labels are escaped
+    assert html.count("<rect") == 4 + 2  # cells + share bars
+    assert "&lt;a&gt; x b: -2" in html
+    fig = pair_matrix_figure(labels=["a", "b"], matrix=matrix)
+    image = fig.axes[0].images[0]
+    assert (image.get_array() == matrix.double().numpy()).all() and image.get_clim() == (-2.0, 2.0)
+    with pytest.raises(ValueError, match=r"^matrix must be \[n, n\] for n=3 labels, got shape \(2, 2\)"):
+        pair_matrix_html(labels=["a", "b", "c"], matrix=matrix)
