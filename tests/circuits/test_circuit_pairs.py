@@ -86,7 +86,7 @@ def test_row_sums_are_half_gradient_times_writer(overrides):
     if "mlp bias" in pairs.labels:
         reference.append(0.5 * grad_beta)
     torch.testing.assert_close(pairs.shares, torch.stack(reference), **EXACT)
-    assert abs(float(F) - pairs.total) < 1e-10
+    assert abs(float(F.detach()) - pairs.total) < 1e-10
 
 
 def test_on_the_bridge_equals_ours():
