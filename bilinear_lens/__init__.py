@@ -55,6 +55,11 @@ from bilinear_lens.sae.features import input_feature_basis, feature_interaction_
 from bilinear_lens.sae.ablation import feature_ablation_sweep
 from bilinear_lens.sae.recipe import SAERecipe, SAESpec, load_sae_recipe
 from bilinear_lens.sae.train import train_sae, SAETrainResult, SAETraining, tangent_decoder_gradients
+from bilinear_lens.circuits.writers import ResidualWriters, residual_writers, sae_writers
+from bilinear_lens.circuits.pairs import PairDecomposition, mlp_pair_decomposition
+from bilinear_lens.circuits.qk_pairs import QKPairs, qk_pair_attribution
+from bilinear_lens.circuits.path_interactions import PathInteractions, path_interactions
+from bilinear_lens.views.pair_view import pair_matrix_html, pair_matrix_figure
 
 __version__ = "0.1.0"
 
