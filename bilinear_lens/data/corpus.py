@@ -44,8 +44,8 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from bilinear_lens.progress import progress_bar
 from bilinear_lens.data.synthetic import iter_synthetic_stories
 from bilinear_lens.locking import exclusive_lock
 from bilinear_lens.models.checkpoint import atomic_write_text, remove_stale_temporaries
@@ -360,7 +360,7 @@ def _stream_tokens(
         counts[split]["n_docs"] += len(pending[split])
         pending[split].clear()
 
-    for text in tqdm(texts, desc="tokenizing", unit="doc", disable=not progress):
+    for text in progress_bar(texts, desc="tokenizing", unit="doc", enabled=progress):
         split = "val" if is_val_document(text, val_fraction, seed) else "train"
         pending[split].append(text)
         if len(pending[split]) >= _ENCODE_BATCH_DOCS:
