@@ -489,6 +489,7 @@ def _prepare_data(
         cache_dir=dc.cache_dir, val_fraction=dc.val_fraction, seed=dc.seed, max_docs=dc.max_docs or None,
         split=dc.split, max_chars=dc.max_chars or None, text_column=dc.text_column, streaming=dc.streaming,
         tokenizer_train_docs=dc.tokenizer_train_docs or None, progress=progress and env.is_main,
+        documents=dc.documents,
     )
     if env.is_main:
         env.barrier()
