@@ -22,6 +22,7 @@ PROGRESS_SECONDS_ENV = "BILINEAR_LENS_PROGRESS_SECONDS"
 DEFAULT_LINE_SECONDS = 30.0
 # One log line: what, how far, how long so far and still to go.
 LINE_FORMAT = "{desc}: {n_fmt}/{total_fmt} ({percentage:.0f}%) [{elapsed} elapsed, {remaining} left, {rate_fmt}]"
+OPEN_LINE_FORMAT = "{desc}: {n_fmt} [{elapsed} elapsed, {rate_fmt}]"  # no known total
 
 
 def line_interval_seconds() -> float:
@@ -61,7 +62,8 @@ class LineProgress(tqdm):
 
     def __init__(self, *args: Any, file: Optional[TextIO] = None, **kwargs: Any) -> None:
         self._last_line = ""
-        kwargs.setdefault("bar_format", LINE_FORMAT)
+        total = kwargs.get("total", len(args[0]) if args and hasattr(args[0], "__len__") else None)
+        kwargs.setdefault("bar_format", LINE_FORMAT if total is not None else OPEN_LINE_FORMAT)
         super().__init__(*args, file=_DropBareNewlines(file or sys.stderr), dynamic_ncols=False, ascii=True, **kwargs)
 
     def display(self, msg: Optional[str] = None, pos: Optional[int] = None) -> bool:

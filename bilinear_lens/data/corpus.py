@@ -71,6 +71,8 @@ __all__ = [
     "is_val_document",
     "split_documents",
     "assign_splits",
+    "CorpusUnavailableError",
+    "check_hub_reachable",
     "text_file_rule",
     "encode_documents",
     "pack_blocks",
@@ -114,9 +116,15 @@ def _is_local_source(source: str) -> bool:
     )
 
 
+def _missing_corpus(path: Path) -> FileNotFoundError:
+    """The one message for a local corpus that is not there, with the override that fixes it."""
+    return FileNotFoundError(f"corpus file not found: {path} (data.source); give the corpus path with "
+                             "--set data.source=path/to/stories.txt (relative paths are from the working directory)")
+
+
 def _local_dataset(path: Path, split: str, hf_cache_dir: Optional[str]) -> Any:
     if not path.exists():
-        raise FileNotFoundError(f"corpus file not found: {path}")
+        raise _missing_corpus(path)
     if not path.is_file():
         raise ValueError(f"corpus path is not a file: {path}")
     suffix = path.suffix.lower()
@@ -161,7 +169,7 @@ def text_file_rule(source: str | os.PathLike[str], documents: str = "auto") -> O
         return documents
     path = Path(source).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"corpus file not found: {path}")
+        raise _missing_corpus(path)
     try:
         with open(path, encoding="utf-8") as f:
             for line in f:  # the marker alone on its line, as split_text's rule
@@ -178,16 +186,62 @@ def _is_text_file(source: str) -> bool:
 
 def _text_file_documents(path: Path, documents: str) -> list[str]:
     if not path.exists():
-        raise FileNotFoundError(f"corpus file not found: {path}")
+        raise _missing_corpus(path)
     if not path.is_file():
         raise ValueError(f"corpus path is not a file: {path}")
     return split_text(_read_text_file(path), documents)
 
 
+class CorpusUnavailableError(ValueError):
+    """A hub dataset that cannot be read here (no network, offline mode without a cached
+    copy): one line naming the dataset, the cause and the local-file route."""
+
+
+HUB_PROBE_SECONDS = 3.0  # one TCP connect to the hub endpoint before datasets' retry loop
+_LOCAL_ROUTE = "train on a local file instead: --set data.source=path/to/stories.txt (.txt, .jsonl or .parquet)"
+
+
+def _offline_mode() -> bool:
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_DATASETS_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    return bool(constants.HF_HUB_OFFLINE) or flag
+
+
+def check_hub_reachable(name: str, timeout: float = HUB_PROBE_SECONDS) -> None:
+    """Fail fast, in one line, when the hub endpoint cannot be reached: ``datasets`` would
+    otherwise retry for ~30 s, printing each attempt. Offline mode (``HF_HUB_OFFLINE`` /
+    ``HF_DATASETS_OFFLINE``) skips the probe: the cache is read instead."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if _offline_mode():
+        return
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as err:
+        raise CorpusUnavailableError(
+            f"cannot reach the Hugging Face hub ({host}:{port}: {err.strerror or err}) to load dataset {name!r} "
+            f"(data.source); set HF_DATASETS_OFFLINE=1 to read a cached copy, or {_LOCAL_ROUTE}") from None
+
+
 def _hub_dataset(name: str, split: str, streaming: bool, hf_cache_dir: Optional[str]) -> Any:
     import datasets
 
-    return datasets.load_dataset(name, split=split, streaming=streaming, cache_dir=hf_cache_dir)
+    check_hub_reachable(name)
+    try:
+        return datasets.load_dataset(name, split=split, streaming=streaming, cache_dir=hf_cache_dir)
+    except (ConnectionError, FileNotFoundError) as err:
+        if not _offline_mode():
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CorpusUnavailableError(
+            f"dataset {name!r} (data.source) is not in the cache and offline mode is on ({first}); "
+            f"{_LOCAL_ROUTE}") from None
 
 
 def _dataset_texts(dataset: Any, text_column: str, source: str) -> Iterator[str]:
@@ -399,7 +453,7 @@ def source_spec(source: str | os.PathLike[str], split: str, selection: Mapping[s
     elif _is_local_source(source):
         path = Path(source).expanduser().resolve()
         if not path.is_file():
-            raise FileNotFoundError(f"corpus file not found: {path}")
+            raise _missing_corpus(path)
         stat = path.stat()
         spec.update(source=str(path), size=stat.st_size, mtime_ns=stat.st_mtime_ns, text_column=text_column)
         if path.suffix.lower() == ".txt":  # the document rule decides what is packed and held out

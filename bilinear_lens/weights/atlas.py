@@ -183,7 +183,7 @@ def _check_out_dir(path: Path, index: dict, resume: bool) -> Optional[dict]:
     would see an atlas that "exists" and refuse it)."""
     if (path / INDEX_FILE).exists():
         if not resume:  # first: without --resume no setting of the old atlas matters
-            raise AtlasError(f"atlas dir {path} exists; resume it (resume=True, CLI --resume) or use a new --out")
+            raise AtlasError(f"atlas dir {path} exists; resume it with --resume (Python: resume=True) or use a new --out")
         found = read_index(path)
         differences = index_differences(path, found, index)
         if differences:
