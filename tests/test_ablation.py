@@ -656,7 +656,7 @@ def test_cli_says_how_many_documents_of_the_file_it_used(saved_model, tmp_path, 
     from bilinear_lens.data.synthetic import synthetic_stories
 
     text = tmp_path / "five.txt"
-    text.write_text("\n\n".join(synthetic_stories(5, seed=7)), encoding="utf-8")
+    text.write_text("\n<|endoftext|>\n".join(synthetic_stories(5, seed=7)), encoding="utf-8")
     argv = ["--checkpoint", str(saved_model / "m"), "--text-file", str(text), "--top", "1"]
     assert ablate_cmd.main([*argv, "--n-texts", "3"]) == 0
     assert "3 of the file's 5 documents (--n-texts 3)" in capsys.readouterr().out

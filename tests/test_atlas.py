@@ -197,7 +197,7 @@ def test_resume_after_a_kill_keeps_finished_shards(tmp_path, monkeypatch) -> Non
         build_atlas({0: w}, U, tmp_path / "a", **kwargs)
     monkeypatch.setattr(atlas_module, "write_shard", real_write)
     finished = {name: (tmp_path / "a" / name / SHARD_TENSORS).stat().st_mtime_ns for name in written}
-    with pytest.raises(AtlasError, match=r"exists; resume it \(resume=True, CLI --resume\)"):
+    with pytest.raises(AtlasError, match=r"exists; resume it with --resume \(Python: resume=True\)"):
         build_atlas({0: w}, U, tmp_path / "a", **kwargs)
     atlas = build_atlas({0: w}, U, tmp_path / "a", resume=True, **kwargs)
     assert {name: (tmp_path / "a" / name / SHARD_TENSORS).stat().st_mtime_ns for name in written} == finished

@@ -121,7 +121,7 @@ def test_resume_keeps_the_original_recipe_in_run_config_headers(recipe, tmp_path
     assert (out / "run_config.toml").read_text().splitlines()[0] == header
     # a fresh start into a run with checkpoints is refused, as a usage error
     rc, err = run(capsys, "--config", str(recipe), "--out", str(out), "--quiet", "--no-progress")
-    assert rc == 2 and "already holds" in err and "(CLI: --resume)" in err
+    assert rc == 2 and "already holds" in err and "pass --resume (Python: resume=True)" in err  # the CLI flag first
     assert cli.main(["train", "--out", str(out), "--resume", "--quiet", "--no-progress"]) == 0
     assert "final checkpoint" in capsys.readouterr().out
     for path in (out / "run_config.toml", out / "final" / "run_config.toml"):

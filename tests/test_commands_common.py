@@ -20,12 +20,21 @@ from bilinear_lens.models.model import build_model
 from conftest import tiny_config
 
 
-def test_documents_are_blank_line_separated_and_stripped(tmp_path):
+def test_paragraph_documents_are_blank_line_separated_and_stripped(tmp_path):
     path = tmp_path / "t.txt"
     path.write_text("  Lily was happy. \n\n\n\nTom was sad.\nThe end.\n\n   \n", encoding="utf-8")
-    assert read_documents(str(path), 10) == ["Lily was happy.", "Tom was sad.\nThe end."]
-    assert read_documents(str(path), 1) == ["Lily was happy."]
-    assert read_documents(str(path)) == read_documents(str(path), 10)  # no limit: all of them
+    assert read_documents(str(path), 10, "paragraph") == ["Lily was happy.", "Tom was sad.\nThe end."]
+    assert read_documents(str(path), 1, "paragraph") == ["Lily was happy."]
+    assert read_documents(str(path), rule="paragraph") == read_documents(str(path), 10, "paragraph")  # no limit
+
+
+def test_documents_default_to_training_rule(tmp_path):
+    """Unmarked text is one document (stories stay whole); <|endoftext|> lines separate."""
+    path = tmp_path / "t.txt"
+    path.write_text("Lily was happy.\n\nShe played.\n\n", encoding="utf-8")
+    assert read_documents(str(path)) == ["Lily was happy.\n\nShe played."]
+    path.write_text("Lily was happy.\n\nShe played.\n<|endoftext|>\nTom was sad.\n", encoding="utf-8")
+    assert read_documents(str(path)) == ["Lily was happy.\n\nShe played.", "Tom was sad."]
 
 
 def test_text_files_are_utf8(tmp_path):

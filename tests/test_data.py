@@ -67,11 +67,18 @@ def test_synthetic_source_is_deterministic_and_limited() -> None:
 def test_load_txt_blank_line_separated(tmp_path: Path) -> None:
     path = tmp_path / "stories.txt"
     path.write_text("\n\n".join(DOCS) + "\n\n\n\n  \n")  # trailing blank lines are not documents
-    assert load_texts(path) == DOCS
-    assert load_texts(str(path), max_docs=2) == DOCS[:2]
+    assert load_texts(path, documents="paragraph") == DOCS
+    assert load_texts(str(path), max_docs=2, documents="paragraph") == DOCS[:2]
     bare = tmp_path / "bare.txt"
     bare.write_text("\n\n".join(DOCS))  # no trailing newline after the last document
-    assert load_texts(bare) == DOCS
+    assert load_texts(bare, documents="paragraph") == DOCS
+    assert load_texts(bare) == ["\n\n".join(DOCS)]  # default: unmarked text is one document
+
+
+def test_load_txt_endoftext_separated(tmp_path: Path) -> None:
+    path = tmp_path / "stories.txt"
+    path.write_text("\n<|endoftext|>\n".join(DOCS) + "\n<|endoftext|>\n")
+    assert load_texts(path) == DOCS == load_texts(path, documents="endoftext")
 
 
 def test_load_jsonl_json_parquet(tmp_path: Path) -> None:

@@ -174,7 +174,10 @@ def test_hub_id_offline_and_not_cached_is_one_line(offline_cache):
     assert "\n" not in str(info.value)
 
 
-def test_missing_local_path_is_not_taken_for_a_hub_id(tmp_path):
+def test_missing_local_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    # Relative to an empty directory, so a quickstart's runs/tiny/final in the user's
+    # working directory cannot make the path exist.
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="checkpoint directory not found"):
         BilinearTransformer.from_pretrained("runs/tiny/final")
 

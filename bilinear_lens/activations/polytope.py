@@ -32,7 +32,6 @@ import numpy as np
 import torch
 from jaxtyping import Float, Int, UInt8
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from bilinear_lens.activations.capture import capture_activations
 from bilinear_lens.activations.region_counts import RegionCounts
@@ -48,6 +47,7 @@ from bilinear_lens.activations.spline_codes import (
 from bilinear_lens.data.synthetic import word_class
 from bilinear_lens.distributed import all_gather_int64, current_ranks
 from bilinear_lens.models.protocol import HookedModel
+from bilinear_lens.progress import progress_bar
 
 ArrayLike = Union[np.ndarray, Tensor]
 
@@ -321,7 +321,7 @@ def track_regions(
     its shape; e.g. :func:`count_mask`) is False. ``token_labels`` maps token id to label (``-1``: unlabelled).
     With ``sample_hook`` and ``sample_size > 0`` the activations at that hook of the
     first ``sample_size`` kept tokens are returned too, with their region ids. Batches
-    go to the model's device; ``progress`` shows a tqdm bar. Under ``torchrun`` rank ``r``
+    go to the model's device; ``progress`` shows a progress bar. Under ``torchrun`` rank ``r``
     runs batches ``i % world_size == r`` and all ranks end with the merged region, label
     and token counts (``RegionCounts.merge``), equal to one process'; example contexts and
     the code and activation samples are reservoirs over the rank's own batches.
@@ -338,7 +338,7 @@ def track_regions(
     n_sampled = 0
     ranks = current_ranks()
     device = next(model.parameters()).device
-    bar = tqdm(batches, desc="polytope regions", unit="batch", disable=not progress or not ranks.is_main)
+    bar = progress_bar(batches, desc="polytope regions", unit="batch", enabled=progress and ranks.is_main)
     mask_iter = iter(masks) if masks is not None else None
     for i, tokens in enumerate(bar):
         mask = next(mask_iter) if mask_iter is not None else None

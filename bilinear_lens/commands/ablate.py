@@ -4,9 +4,9 @@
                          [--method zero|mean|resample] [--text-file F] [--n-texts 32] [--json]
                          [--token T | --token-id I | --logit-diff A B | --sae DIR --feature N]
 
-The first ``--n-texts`` documents (default 32) of ``--text-file`` (documents separated by
-blank lines, as in the training data's ``.txt`` files; default: the built-in synthetic
-stories) become one token stream, a BOS token before each document, as training packs its
+The first ``--n-texts`` documents (default 32) of ``--text-file`` (documents found by
+``--documents``, training's rule: ``<|endoftext|>`` lines when present, else the whole
+file; default: the built-in synthetic stories) become one token stream, a BOS token before each document, as training packs its
 corpus; the stream is cut into rows of ``--seq-len`` tokens (default 64, at most the
 model's n_ctx: a longer one is refused). Every token of those documents counts and no row
 is padded: when the stream does not divide into rows, the last row is its final
@@ -40,6 +40,7 @@ from bilinear_lens.commands.common import (
     document_stream,
     load_model_with_tokenizer,
     place_model,
+    add_documents_argument,
     read_documents,
     report_error,
     require_positive,
@@ -60,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--hook", choices=NEURON_HOOKS, default="hook_post", help="MLP hook ablated (default hook_post)"
     )
     parser.add_argument("--method", choices=METHODS, default="zero", help="ablation method (default zero)")
-    parser.add_argument("--text-file", help="UTF-8 documents separated by blank lines (default: synthetic stories)")
+    parser.add_argument("--text-file", help="UTF-8 text file of documents (default: synthetic stories)")
+    add_documents_argument(parser)
     parser.add_argument("--n-texts", type=int, default=32, help="documents to use (default 32)")
     parser.add_argument("--seq-len", type=int, default=None,
                         help=f"tokens per row, at most the model's n_ctx (default {DEFAULT_SEQ_LEN}, or n_ctx if smaller)")
@@ -115,13 +117,13 @@ def _seq_len(args: argparse.Namespace, model: HookedModel) -> int:
     return args.seq_len
 
 
-def _read_texts(text_file: Optional[str], n_texts: int, seed: int) -> tuple[list[str], Optional[int]]:
+def _read_texts(text_file: Optional[str], n_texts: int, seed: int, rule: str = "auto") -> tuple[list[str], Optional[int]]:
     """The first ``n_texts`` documents, and how many the file holds (``None``: synthetic)."""
     if text_file is None:
         from bilinear_lens.data.synthetic import synthetic_stories
 
         return synthetic_stories(n_texts, seed=seed), None
-    documents = read_documents(text_file)
+    documents = read_documents(text_file, rule=rule)
     return documents[:n_texts], len(documents)
 
 
@@ -183,7 +185,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         _check_args(args)
         model = place_model(load_model_with_tokenizer(args.checkpoint, "ablate"), args)
         seq_len = _seq_len(args, model)
-        texts, documents_in_file = _read_texts(args.text_file, args.n_texts, args.seed)
+        texts, documents_in_file = _read_texts(args.text_file, args.n_texts, args.seed, args.documents)
         tokens, stream_tokens, overlap = _pack_tokens(model, texts, seq_len)
         tokens = tokens.to(model.W_U.device)
         table, by = _sweep(args, model, tokens)

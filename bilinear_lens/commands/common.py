@@ -4,6 +4,7 @@ checkpoint and text-file loading (one rule for cutting texts into rows), the
 
 from __future__ import annotations
 
+import argparse
 import re
 import sys
 from pathlib import Path
@@ -95,14 +96,27 @@ def read_text_file(path: str) -> str:
         raise UsageError(f"text file {path} is not UTF-8: {err}") from err
 
 
-def read_documents(path: str, limit: Optional[int] = None) -> list[str]:
-    """The first ``limit`` (``None``: all) documents of ``path`` (separated by blank lines,
-    stripped, empty ones dropped); a file without any is a :class:`UsageError`."""
-    documents = [doc.strip() for doc in read_text_file(path).split("\n\n")]
-    documents = [doc for doc in documents if doc]
+def read_documents(path: str, limit: Optional[int] = None, rule: str = "auto") -> list[str]:
+    """The first ``limit`` (``None``: all) documents of ``path`` under the document ``rule``
+    training uses (:func:`bilinear_lens.data.documents.split_text`: by default
+    ``<|endoftext|>`` lines when present, else the whole file); a file without text is a
+    :class:`UsageError`."""
+    from bilinear_lens.data.documents import split_text
+
+    documents = split_text(read_text_file(path), rule)
     if not documents:
-        raise UsageError(f"text file {path} holds no text (documents are separated by blank lines)")
+        raise UsageError(f"text file {path} holds no text")
     return documents[:limit]
+
+
+def add_documents_argument(parser: argparse.ArgumentParser) -> None:
+    """``--documents RULE``: where a document ends in ``--text-file`` (training's rule)."""
+    from bilinear_lens.data.documents import DOCUMENT_RULES
+
+    parser.add_argument("--documents", choices=DOCUMENT_RULES, default="auto",
+                        help="where a document ends in --text-file: auto (<|endoftext|> lines if any, else the "
+                             "whole file), endoftext, paragraph (each blank-line-separated paragraph), line, file "
+                             "(default auto, as training)")
 
 
 def document_stream(tokenizer: Any, documents: Sequence[str]) -> list[int]:

@@ -9,7 +9,7 @@ tokens carry labels (word classes of the synthetic vocabulary by default), the p
 regions vs k-means clusters (:func:`bilinear_lens.activations.polytope.compare_purity`). ``--json``
 prints the same as one JSON object. BOS/padding tokens are not counted.
 
-The text file holds documents separated by blank lines. They are packed the way training
+The text file's documents (``--documents``, training's rule) are packed the way training
 and ``ablate`` pack them: each document preceded by BOS, all concatenated and cut into rows
 of n_ctx tokens (no BOS per row, no padding). Only the first ``--max-tokens`` text tokens
 are run. A row that starts mid-document has no context for its first tokens, so its first
@@ -45,6 +45,7 @@ from bilinear_lens.commands.common import (
     document_stream,
     load_model_with_tokenizer,
     place_model,
+    add_documents_argument,
     read_documents,
     report_error,
     require_non_negative,
@@ -70,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = analysis_parser("polytope", __doc__)
     parser.add_argument("--layer", type=int, nargs="+", default=[0], help="layer(s); several layers make one joint code")
     parser.add_argument("--text-file", required=True, help="UTF-8 text to run the model on")
+    add_documents_argument(parser)
     parser.add_argument("--max-tokens", type=int, default=20_000,
                         help="run at most this many text tokens (BOS not counted; default 20000); the output says "
                         "when this cut the text")
@@ -100,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _token_rows(model: HookedModel, path: str, max_tokens: int, warmup: int) -> tuple[Any, Any, dict[str, int]]:
+def _token_rows(
+    model: HookedModel, path: str, max_tokens: int, warmup: int, rule: str = "auto"
+) -> tuple[Any, Any, dict[str, int]]:
     """``(rows, mask, counts)``: the documents of ``path`` packed into rows of n_ctx tokens
     (:func:`document_stream` + :func:`stream_rows`; one shorter row if the text is
     shorter), the :func:`count_mask` of positions to count, and how many text tokens were
@@ -108,7 +112,7 @@ def _token_rows(model: HookedModel, path: str, max_tokens: int, warmup: int) -> 
     import torch
 
     bos = model.tokenizer.bos_token_id
-    stream = np.asarray(document_stream(model.tokenizer, read_documents(path)), dtype=np.int64)
+    stream = np.asarray(document_stream(model.tokenizer, read_documents(path, rule=rule)), dtype=np.int64)
     is_text = stream != bos if bos is not None else np.ones(stream.size, dtype=bool)
     n_read = int(is_text.sum())
     if n_read == 0:
@@ -146,7 +150,7 @@ def analyse(args: argparse.Namespace) -> dict[str, Any]:
         layout = code_layout(model, args.layer, args.factors)
     except (ValueError, KeyError) as err:  # bad layer, MLP kind without units, factor the kind lacks
         raise UsageError(str(err)) from err
-    rows, mask, counts = _token_rows(model, args.text_file, args.max_tokens, args.warmup)
+    rows, mask, counts = _token_rows(model, args.text_file, args.max_tokens, args.warmup, args.documents)
     tok = model.tokenizer
     special = {i for i in (tok.bos_token_id, tok.pad_token_id) if i is not None}
     labels, label_names = _token_labels(model, args.labels)

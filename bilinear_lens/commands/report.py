@@ -23,6 +23,7 @@ from bilinear_lens.commands.common import (
     add_direction_arguments,
     analysis_parser,
     place_model,
+    add_documents_argument,
     read_documents,
     report_error,
     require_positive,
@@ -37,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="HTML file to write")
     p.add_argument("--layer", type=int, default=0, help="block index the page is about (default 0)")
     add_direction_arguments(p, input_tokens=True)
-    p.add_argument("--text-file", help="sample texts, separated by blank lines (default: synthetic stories)")
+    p.add_argument("--text-file", help="sample texts (default: synthetic stories)")
+    add_documents_argument(p)
     p.add_argument("--n-texts", type=int, default=8, help="sample texts used (default 8)")
     p.add_argument("--n-eigenvectors", type=int, default=4, help="eigenvectors shown per output direction (default 4)")
     add_device_args(p, dtypes=EIGH_DTYPES)
@@ -64,7 +66,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             args.out,
             layer=args.layer,
             tokens=tokens or None,
-            texts=read_documents(args.text_file, args.n_texts) if args.text_file else None,
+            texts=read_documents(args.text_file, args.n_texts, args.documents) if args.text_file else None,
             logit_diff=next((s for s in specs if isinstance(s, tuple)), None),
             input_tokens=resolve_input_token_arguments(args, model),
             n_eigenvectors=args.n_eigenvectors,

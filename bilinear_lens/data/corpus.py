@@ -10,14 +10,16 @@ Pipeline (:func:`prepare_data` runs all of it)::
 Sources (:func:`iter_texts`):
 
 - ``"synthetic"``: the built-in story generator (:mod:`bilinear_lens.data.synthetic`);
-- a local file, read through ``datasets``: ``.txt`` (documents separated by a blank line,
-  as in this project's TinyStories exports), ``.jsonl`` / ``.json`` (a text field) or
-  ``.parquet`` (a text column);
+- a local file: ``.txt`` (documents found by an explicit rule, :mod:`bilinear_lens.data.documents`;
+  by default ``<|endoftext|>`` lines when the file has them, else the whole file as one
+  document whose tail is the validation split), or, read through ``datasets``, ``.jsonl`` /
+  ``.json`` (a text field, one document per row) or ``.parquet`` (a text column);
 - otherwise a Hugging Face hub dataset name, e.g. ``"roneneldan/TinyStories"``.
 
 The validation split is chosen per document by a seeded hash of its text, so it is
 deterministic, independent of corpus order and size limits, and duplicate documents (which
-TinyStories has) never straddle train and val.
+TinyStories has) never straddle train and val. A text file that is one document (rule
+``"file"``) is split once, at a paragraph boundary: its last ``val_fraction`` is val.
 
 The token cache is keyed by a hash of the source spec (for a local file: its path, size
 and mtime) and the tokenizer, so a later run with the same inputs memory-maps the files
@@ -44,8 +46,9 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from bilinear_lens.progress import progress_bar
+from bilinear_lens.data.documents import ENDOFTEXT, check_document_rule, split_text, tail_split
 from bilinear_lens.data.synthetic import iter_synthetic_stories
 from bilinear_lens.locking import exclusive_lock
 from bilinear_lens.models.checkpoint import atomic_write_text, remove_stale_temporaries
@@ -67,6 +70,10 @@ __all__ = [
     "load_texts",
     "is_val_document",
     "split_documents",
+    "assign_splits",
+    "CorpusUnavailableError",
+    "check_hub_reachable",
+    "text_file_rule",
     "encode_documents",
     "pack_blocks",
     "source_spec",
@@ -83,7 +90,7 @@ SYNTHETIC_SOURCE = "synthetic"
 SYNTHETIC_DEFAULT_DOCS = 100_000
 # extension -> (datasets builder, extra builder kwargs)
 SUPPORTED_EXTENSIONS: dict[str, tuple[str, dict[str, Any]]] = {
-    ".txt": ("text", {"sample_by": "paragraph"}),  # documents separated by a blank line
+    ".txt": ("", {}),  # read by this module: documents by an explicit rule (data.documents)
     ".jsonl": ("json", {}),
     ".json": ("json", {}),
     ".parquet": ("parquet", {}),
@@ -109,9 +116,15 @@ def _is_local_source(source: str) -> bool:
     )
 
 
+def _missing_corpus(path: Path) -> FileNotFoundError:
+    """The one message for a local corpus that is not there, with the override that fixes it."""
+    return FileNotFoundError(f"corpus file not found: {path} (data.source); give the corpus path with "
+                             "--set data.source=path/to/stories.txt (relative paths are from the working directory)")
+
+
 def _local_dataset(path: Path, split: str, hf_cache_dir: Optional[str]) -> Any:
     if not path.exists():
-        raise FileNotFoundError(f"corpus file not found: {path}")
+        raise _missing_corpus(path)
     if not path.is_file():
         raise ValueError(f"corpus path is not a file: {path}")
     suffix = path.suffix.lower()
@@ -129,10 +142,106 @@ def _local_dataset(path: Path, split: str, hf_cache_dir: Optional[str]) -> Any:
     )
 
 
+def _not_utf8(path: Path, err: UnicodeDecodeError) -> ValueError:
+    bad = err.object[err.start:err.start + 1]
+    return ValueError(f"corpus file {path} (data.source) is not UTF-8 text ({err.reason}: byte {bad!r}); "
+                      "convert it to UTF-8")
+
+
+def _read_text_file(path: Path) -> str:
+    """The UTF-8 text of the local corpus file ``path`` (a ``ValueError`` naming the file and
+    the ``data.source`` field when it is not UTF-8)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise _not_utf8(path, err) from None
+
+
+def text_file_rule(source: str | os.PathLike[str], documents: str = "auto") -> Optional[str]:
+    """The concrete document rule (:func:`bilinear_lens.data.documents.resolve_document_rule`)
+    for a local ``.txt`` source, ``None`` for any other source. ``"auto"`` scans the file
+    line by line for an ``<|endoftext|>`` line, without reading it whole."""
+    source = os.fspath(source)
+    check_document_rule(documents, "documents (data.documents)")
+    if not _is_text_file(source):
+        return None
+    if documents != "auto":
+        return documents
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise _missing_corpus(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:  # the marker alone on its line, as split_text's rule
+                if line.strip(" \t\r\n") == ENDOFTEXT:
+                    return "endoftext"
+        return "file"
+    except UnicodeDecodeError as err:
+        raise _not_utf8(path, err) from None
+
+
+def _is_text_file(source: str) -> bool:
+    return source != SYNTHETIC_SOURCE and _is_local_source(source) and Path(source).suffix.lower() == ".txt"
+
+
+def _text_file_documents(path: Path, documents: str) -> list[str]:
+    if not path.exists():
+        raise _missing_corpus(path)
+    if not path.is_file():
+        raise ValueError(f"corpus path is not a file: {path}")
+    return split_text(_read_text_file(path), documents)
+
+
+class CorpusUnavailableError(ValueError):
+    """A hub dataset that cannot be read here (no network, offline mode without a cached
+    copy): one line naming the dataset, the cause and the local-file route."""
+
+
+HUB_PROBE_SECONDS = 3.0  # one TCP connect to the hub endpoint before datasets' retry loop
+_LOCAL_ROUTE = "train on a local file instead: --set data.source=path/to/stories.txt (.txt, .jsonl or .parquet)"
+
+
+def _offline_mode() -> bool:
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_DATASETS_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    return bool(constants.HF_HUB_OFFLINE) or flag
+
+
+def check_hub_reachable(name: str, timeout: float = HUB_PROBE_SECONDS) -> None:
+    """Fail fast, in one line, when the hub endpoint cannot be reached: ``datasets`` would
+    otherwise retry for ~30 s, printing each attempt. Offline mode (``HF_HUB_OFFLINE`` /
+    ``HF_DATASETS_OFFLINE``) skips the probe: the cache is read instead."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if _offline_mode():
+        return
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as err:
+        raise CorpusUnavailableError(
+            f"cannot reach the Hugging Face hub ({host}:{port}: {err.strerror or err}) to load dataset {name!r} "
+            f"(data.source); set HF_DATASETS_OFFLINE=1 to read a cached copy, or {_LOCAL_ROUTE}") from None
+
+
 def _hub_dataset(name: str, split: str, streaming: bool, hf_cache_dir: Optional[str]) -> Any:
     import datasets
 
-    return datasets.load_dataset(name, split=split, streaming=streaming, cache_dir=hf_cache_dir)
+    check_hub_reachable(name)
+    try:
+        return datasets.load_dataset(name, split=split, streaming=streaming, cache_dir=hf_cache_dir)
+    except (ConnectionError, FileNotFoundError) as err:
+        if not _offline_mode():
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CorpusUnavailableError(
+            f"dataset {name!r} (data.source) is not in the cache and offline mode is on ({first}); "
+            f"{_LOCAL_ROUTE}") from None
 
 
 def _dataset_texts(dataset: Any, text_column: str, source: str) -> Iterator[str]:
@@ -151,9 +260,7 @@ def _utf8_texts(texts: Iterator[str], path: Path) -> Iterator[str]:
     try:
         yield from texts
     except UnicodeDecodeError as err:
-        bad = err.object[err.start:err.start + 1]
-        raise ValueError(f"corpus file {path} (data.source) is not UTF-8 text ({err.reason}: byte {bad!r}); "
-                         "convert it to UTF-8") from None
+        raise _not_utf8(path, err) from None
 
 
 def iter_texts(
@@ -166,6 +273,7 @@ def iter_texts(
     seed: int = 0,
     streaming: bool = False,
     hf_cache_dir: Optional[str] = None,
+    documents: str = "auto",
 ) -> Iterator[str]:
     """Stream the documents of ``source``, stripped of surrounding whitespace, empty ones
     dropped.
@@ -187,6 +295,8 @@ def iter_texts(
             streamed (read in place).
         hf_cache_dir: ``datasets`` cache directory (default: HF's); hub downloads go
             there, local files leave only lock files.
+        documents: where a document ends in a local ``.txt`` file (one of
+            :data:`bilinear_lens.data.documents.DOCUMENT_RULES`; ignored for other sources).
 
     Raises ``FileNotFoundError`` (missing local file), ``ValueError`` (unsupported
     extension, missing text column, bad limits, a local file that is not UTF-8). An empty corpus yields nothing; see
@@ -197,8 +307,11 @@ def iter_texts(
     if max_chars is not None and max_chars < 1:
         raise ValueError(f"max_chars must be >= 1 or None, got {max_chars}")
     source = os.fspath(source)
+    check_document_rule(documents, "documents (data.documents)")
     raw: Iterator[str]
-    if source == SYNTHETIC_SOURCE:
+    if _is_text_file(source):
+        raw = iter(_text_file_documents(Path(source).expanduser(), documents))
+    elif source == SYNTHETIC_SOURCE:
         raw = iter_synthetic_stories(seed if split == "train" else f"{seed}:{split}")
         if max_docs is None and max_chars is None:
             max_docs = SYNTHETIC_DEFAULT_DOCS
@@ -223,7 +336,7 @@ def iter_texts(
 def load_texts(source: str | os.PathLike[str], split: str = "train", **options: Any) -> list[str]:
     """All documents of ``source`` as a list; ``options`` are :func:`iter_texts`' keyword
     arguments (``max_docs``, ``max_chars``, ``text_column``, ``seed``, ``streaming``,
-    ``hf_cache_dir``).
+    ``hf_cache_dir``, ``documents``).
 
     Raises ``ValueError`` naming the source if it holds no non-empty document.
     """
@@ -253,6 +366,22 @@ def split_documents(texts: Iterable[str], val_fraction: float, seed: int = 0) ->
     for text in texts:
         (val if is_val_document(text, val_fraction, seed) else train).append(text)
     return train, val
+
+
+def assign_splits(
+    texts: Iterable[str], val_fraction: float, seed: int = 0, whole_file: bool = False
+) -> Iterator[tuple[str, str]]:
+    """``(split, document)`` pairs: by :func:`is_val_document`, or with ``whole_file`` (a
+    text file read with the ``"file"`` rule: one document) its head for ``"train"`` and its
+    tail for ``"val"`` (:func:`bilinear_lens.data.documents.tail_split`)."""
+    for text in texts:
+        if whole_file:
+            head, tail = tail_split(text, val_fraction)
+            yield "train", head
+            if tail:
+                yield "val", tail
+        else:
+            yield ("val" if is_val_document(text, val_fraction, seed) else "train"), text
 
 
 def _check_val_fraction(val_fraction: float) -> None:
@@ -309,7 +438,8 @@ def pack_blocks(tokens: np.ndarray, n_ctx: int, name: str = "token") -> np.ndarr
 
 def source_spec(source: str | os.PathLike[str], split: str, selection: Mapping[str, Any]) -> dict[str, Any]:
     """JSON-able description of a corpus, precise enough to key a cache on: ``selection``
-    holds :func:`iter_texts`' ``max_docs``, ``max_chars``, ``text_column`` and ``seed``; a
+    holds :func:`iter_texts`' ``max_docs``, ``max_chars``, ``text_column``, ``seed`` and
+    ``documents`` (a ``.txt`` file's spec records its concrete document rule); a
     local file is identified by its resolved path, size and modification time (an edit
     invalidates)."""
     max_docs, max_chars = selection.get("max_docs"), selection.get("max_chars")
@@ -323,9 +453,11 @@ def source_spec(source: str | os.PathLike[str], split: str, selection: Mapping[s
     elif _is_local_source(source):
         path = Path(source).expanduser().resolve()
         if not path.is_file():
-            raise FileNotFoundError(f"corpus file not found: {path}")
+            raise _missing_corpus(path)
         stat = path.stat()
         spec.update(source=str(path), size=stat.st_size, mtime_ns=stat.st_mtime_ns, text_column=text_column)
+        if path.suffix.lower() == ".txt":  # the document rule decides what is packed and held out
+            spec["documents"] = text_file_rule(path, selection.get("documents", "auto"))
     else:
         spec["text_column"] = text_column
     return spec
@@ -346,10 +478,10 @@ def _cache_paths(cache_dir: Path, key: str, split: str) -> tuple[Path, Path]:
 
 
 def _stream_tokens(
-    texts: Iterable[str], tokenizer: Tokenizer, files: dict[str, Any], val_fraction: float, seed: int, progress: bool
+    pairs: Iterable[tuple[str, str]], tokenizer: Tokenizer, files: dict[str, Any], progress: bool
 ) -> dict[str, dict[str, int]]:
-    """Append each document's tokens to its split's file (``files[split]``), encoding in
-    batches of :data:`_ENCODE_BATCH_DOCS`; returns ``{split: {token_count, n_docs}}``."""
+    """Append each ``(split, document)``'s tokens to its split's file (``files[split]``),
+    encoding in batches of :data:`_ENCODE_BATCH_DOCS`; returns ``{split: {token_count, n_docs}}``."""
     counts = {s: {"token_count": 0, "n_docs": 0} for s in files}
     pending: dict[str, list[str]] = {s: [] for s in files}
 
@@ -360,8 +492,7 @@ def _stream_tokens(
         counts[split]["n_docs"] += len(pending[split])
         pending[split].clear()
 
-    for text in tqdm(texts, desc="tokenizing", unit="doc", disable=not progress):
-        split = "val" if is_val_document(text, val_fraction, seed) else "train"
+    for split, text in progress_bar(pairs, desc="tokenizing", unit="doc", enabled=progress):
         pending[split].append(text)
         if len(pending[split]) >= _ENCODE_BATCH_DOCS:
             flush(split)
@@ -381,10 +512,12 @@ def build_token_cache(
     seed: int = 0,
     description: Optional[dict[str, Any]] = None,
     progress: bool = False,
+    whole_file: bool = False,
 ) -> dict[str, Path]:
     """Tokenize ``texts`` in one streaming pass into ``<cache_dir>/<key>.{train,val}.bin``.
 
-    Each document goes to train or val by :func:`is_val_document`; each split's file is
+    Each document goes to train or val by :func:`assign_splits` (a seeded hash; with
+    ``whole_file`` the one document's head and tail); each split's file is
     its :func:`encode_documents` stream (uint16, native byte order), with a JSON sidecar
     (``token_count``, ``n_docs``, ``vocab_size``, ``tokenizer_sha256``, ``source``...).
     Binaries are renamed into place first and sidecars last, so a sidecar implies a
@@ -400,7 +533,8 @@ def build_token_cache(
     tmp_paths = {s: cache_dir / f"{key}.{s}.bin.tmp-{os.getpid()}" for s in splits}
     files = {s: open(tmp_paths[s], "wb") for s in splits}
     try:
-        counts = _stream_tokens(texts, tokenizer, files, val_fraction, seed, progress)
+        pairs = assign_splits(texts, val_fraction, seed, whole_file)
+        counts = _stream_tokens(((s, t) for s, t in pairs if s in files), tokenizer, files, progress)
         for f in files.values():
             f.close()
         if sum(c["n_docs"] for c in counts.values()) == 0:
@@ -612,12 +746,13 @@ def prepare_data(
     tokenizer_train_docs: Optional[int] = 100_000,
     hf_cache_dir: Optional[str] = None,
     progress: bool = False,
+    documents: str = "auto",
 ) -> tuple[Tokenizer, TokenBlocks, Optional[TokenBlocks]]:
     """Tokenizer, train blocks and validation blocks for ``source``, cached in ``cache_dir``.
 
     Args:
-        source, split, max_docs, max_chars, text_column, streaming, hf_cache_dir: the
-            corpus, as in :func:`iter_texts` (``seed`` also seeds the synthetic source).
+        source, split, max_docs, max_chars, text_column, streaming, hf_cache_dir, documents:
+            the corpus, as in :func:`iter_texts` (``seed`` also seeds the synthetic source).
         tokenizer: a ``Tokenizer``, a path to a ``tokenizer.json``, or ``None`` to train a
             byte-level BPE of ``vocab_size`` on the first ``tokenizer_train_docs`` training
             documents (``None``: all); the trained tokenizer is cached in ``cache_dir`` too.
@@ -636,15 +771,17 @@ def prepare_data(
     """
     _check_prepare_args(n_ctx, val_fraction, seed, tokenizer_train_docs)
     cache_dir = Path(cache_dir)
-    selection = dict(max_docs=max_docs, max_chars=max_chars, text_column=text_column, seed=seed)
+    selection = dict(max_docs=max_docs, max_chars=max_chars, text_column=text_column, seed=seed, documents=documents)
     spec = source_spec(source, split, selection)
+    whole_file = spec.get("documents") == "file"
     remove_stale_temporaries(cache_dir)
 
     def texts() -> Iterator[str]:
         return iter_texts(source, split, streaming=streaming, hf_cache_dir=hf_cache_dir, **selection)
 
     if tokenizer is None:
-        tok = _cached_tokenizer(texts, spec, cache_dir, vocab_size, tokenizer_train_docs, val_fraction, seed, progress)
+        tok = _cached_tokenizer(texts, spec, cache_dir, vocab_size, tokenizer_train_docs, val_fraction, seed, progress,
+                                whole_file)
     elif isinstance(tokenizer, Tokenizer):
         tok = tokenizer
     else:
@@ -659,7 +796,7 @@ def prepare_data(
         if not _cache_is_valid(cache_dir, key, splits, tok_sha):
             build_token_cache(
                 texts(), tok, cache_dir, key, val_fraction=val_fraction, seed=seed,
-                description=spec, progress=progress,
+                description=spec, progress=progress, whole_file=whole_file,
             )
     train_blocks = TokenBlocks.from_file(_cache_paths(cache_dir, key, "train")[0], n_ctx, "train")
     val_blocks = (
@@ -670,7 +807,7 @@ def prepare_data(
 
 def _cached_tokenizer(
     texts: Callable[[], Iterator[str]], spec: dict[str, Any], cache_dir: Path, vocab_size: int,
-    train_docs: Optional[int], val_fraction: float, seed: int, progress: bool,
+    train_docs: Optional[int], val_fraction: float, seed: int, progress: bool, whole_file: bool = False,
 ) -> Tokenizer:
     """The BPE trained on the first ``train_docs`` training documents of ``texts()``,
     read from ``cache_dir`` if an earlier call trained it (one trainer at a time)."""
@@ -684,7 +821,7 @@ def _cached_tokenizer(
             return load_tokenizer(tok_path)
         if vocab_size > _MAX_TOKEN_ID + 1:  # refuse before spending time training
             raise ValueError(f"vocab_size={vocab_size} does not fit uint16 token files (max {_MAX_TOKEN_ID + 1})")
-        train_texts = (t for t in texts() if not is_val_document(t, val_fraction, seed))
+        train_texts = (t for s, t in assign_splits(texts(), val_fraction, seed, whole_file) if s == "train")
         sample = list(islice(train_texts, train_docs))
         if not sample:
             raise ValueError(f"empty corpus: {spec['source']!r} has no training documents")

@@ -20,7 +20,6 @@ from typing import Any, Optional
 import torch
 from jaxtyping import Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from bilinear_lens.activations.ablation import NeuronTable, loss_metric
 from bilinear_lens.activations.ablation.neuron_hooks import NeuronsLike, neuron_hook_name, neuron_indices
@@ -29,6 +28,7 @@ from bilinear_lens.activations.ablation.values import check_tokens, replacement
 from bilinear_lens.activations.capture import run_capturing
 from bilinear_lens.models.hook_names import check_hook_names
 from bilinear_lens.weights.directions import FeatureDirection
+from bilinear_lens.progress import progress_bar
 
 
 def _feature_and_loss(model: Any, tokens: Tensor, feature: FeatureDirection) -> tuple[float, float]:
@@ -69,7 +69,7 @@ def feature_ablation_sweep(
     loss = loss_metric(tokens)
     sae_hook, batch = feature.sae.cfg.hook_name, tokens.shape[0]
     deltas = torch.empty(indices.shape[0], 2, dtype=torch.float64)
-    with tqdm(total=indices.shape[0], desc=f"{method}-ablating {hook_name}", unit="neuron", disable=not progress) as bar:
+    with progress_bar(total=indices.shape[0], desc=f"{method}-ablating {hook_name}", unit="neuron", enabled=progress) as bar:
         for start in range(0, indices.shape[0], per_pass):
             chunk = indices[start : start + per_pass]
             k = chunk.shape[0]

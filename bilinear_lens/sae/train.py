@@ -382,7 +382,7 @@ def train_sae(
             if ckpt is None:
                 if (out_dir / FINAL_DIR).exists():
                     raise FileExistsError(f"{out_dir} already holds a finished SAE ({out_dir / FINAL_DIR}); resume it "
-                                          "(CLI: --resume) or choose another output directory")
+                                          "with --resume (Python: resume=True) or choose another output directory")
                 recipe = SAERecipe() if recipe is None else recipe
             else:
                 recipe = resume_recipe(out_dir, checkpoint, recipe)

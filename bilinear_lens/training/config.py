@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from bilinear_lens.models.config import NO_NORM_NAME, ModelConfig, config_error, is_int, is_number
+from bilinear_lens.data.documents import DOCUMENT_RULES
 
 # --- training recipes --------------------------------------------------------------------
 #
@@ -69,6 +70,10 @@ class DataConfig:
     tokenizer_train_docs: int = 100_000  # 0: train the BPE on all training documents
     streaming: bool = False  # stream a hub dataset instead of downloading it first
     cache_dir: str = "data_cache"
+    # Where a document ends in a local .txt file (bilinear_lens.data.documents): "auto"
+    # (<|endoftext|> lines if present, else the whole file, its tail held out), "endoftext",
+    # "paragraph", "line" or "file". Ignored for other sources.
+    documents: str = "auto"
 
     def __post_init__(self) -> None:
         name = "DataConfig"
@@ -88,6 +93,8 @@ class DataConfig:
                 raise config_error(name, key, getattr(self, key), "must be a non-negative integer")
         if not isinstance(self.streaming, bool):
             raise config_error(name, "streaming", self.streaming, "must be true or false")
+        if self.documents not in DOCUMENT_RULES:
+            raise config_error(name, "documents", self.documents, f"must be one of {', '.join(DOCUMENT_RULES)}")
 
 
 @dataclass

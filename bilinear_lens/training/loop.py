@@ -65,8 +65,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from bilinear_lens.progress import progress_bar
 from bilinear_lens.data.corpus import TokenBlocks, prepare_data
 from bilinear_lens.data.tokenizer import to_hf_tokenizer
 from bilinear_lens.models.checkpoint import atomic_write_text, write_model_dir
@@ -330,8 +330,8 @@ class Trainer:
                              **self.task.record_fields(True)})
         elif self.step >= end_step and self.resume_from is not None:  # nothing left to train
             self.last_val = self.task.evaluate()
-        self.bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
-                        disable=True if not (self.progress and self.env.is_main) else None)
+        self.bar = progress_bar(total=self.total_steps, initial=self.step, desc="train", unit="step",
+                                enabled=self.progress and self.env.is_main)
         try:
             self.optimizer.zero_grad(set_to_none=True)
             while self.step < end_step:
@@ -443,7 +443,7 @@ def train(
             ``[train]`` section may change (e.g. more steps). Resuming a finished run (the
             checkpoint's step is the schedule's last and ``final/`` holds that step) trains,
             evaluates and writes nothing: the result has ``already_finished`` set.
-        progress: show a tqdm bar on rank 0 (also off when stderr is not a terminal).
+        progress: show progress on rank 0 (a bar on a terminal, periodic lines otherwise: :mod:`bilinear_lens.progress`).
         stop_at: stop after this many steps with a checkpoint, as if preempted, instead of
             finishing the schedule (the schedule still spans all ``train.steps``).
 
@@ -489,6 +489,7 @@ def _prepare_data(
         cache_dir=dc.cache_dir, val_fraction=dc.val_fraction, seed=dc.seed, max_docs=dc.max_docs or None,
         split=dc.split, max_chars=dc.max_chars or None, text_column=dc.text_column, streaming=dc.streaming,
         tokenizer_train_docs=dc.tokenizer_train_docs or None, progress=progress and env.is_main,
+        documents=dc.documents,
     )
     if env.is_main:
         env.barrier()

@@ -75,8 +75,8 @@ def resolve_resume(resume: Union[bool, str, Path, None], out_dir: Path, holds: s
         existing = latest_checkpoint(out_dir)
         if existing is not None:
             raise FileExistsError(
-                f"{out_dir} already holds {holds} (latest {existing.name}); pass resume=True "
-                "(CLI: --resume) to continue that run, or choose another output directory"
+                f"{out_dir} already holds {holds} (latest {existing.name}); pass --resume "
+                "(Python: resume=True) to continue that run, or choose another output directory"
             )
         return None
     if resume is True:

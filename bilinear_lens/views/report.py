@@ -29,7 +29,6 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from jaxtyping import Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from bilinear_lens.activations.ablation import ablation_sweep
 from bilinear_lens.activations.eigen_readings import (
@@ -49,6 +48,7 @@ from bilinear_lens.views import plots, viz
 from bilinear_lens.weights.directions import logit_diff_direction, token_id
 from bilinear_lens.weights.eigen import low_rank_error
 from bilinear_lens.weights.tensor import interaction
+from bilinear_lens.progress import progress_bar
 
 DEFAULT_OUTPUT_TOKENS = (" happy", " sad")
 DEFAULT_INPUT_TOKENS = (" not", " happy", " sad", " very", " was", " never", " good", " bad")
@@ -267,7 +267,7 @@ def build_report(
     ``input_tokens`` must each be one token (by default, common sentiment words that are);
     ``features`` (:class:`~bilinear_lens.weights.directions.FeatureDirection`) add an
     eigendecomposition section per SAE feature, as output tokens do. ``progress`` shows a
-    tqdm bar over the sections."""
+    progress bar over the sections."""
     if getattr(model, "tokenizer", None) is None:
         raise ValueError("the report needs a model with a tokenizer (to show tokens)")
     check_layer(model, layer)
@@ -283,7 +283,7 @@ def build_report(
                    ablation_top=ablation_top, features=list(features))
     jobs = [("model", partial(_model_sections, model, layer, sample))] + _mlp_jobs(model, layer, sample, out_ids, options)
     sections: list[Any] = []
-    bar = tqdm(jobs, desc="report", unit="section", disable=not progress)
+    bar = progress_bar(jobs, desc="report", unit="section", enabled=progress)
     for label, job in bar:
         bar.set_postfix_str(label)
         sections += job()

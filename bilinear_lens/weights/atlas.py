@@ -35,8 +35,8 @@ from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from bilinear_lens.progress import progress_bar
 from bilinear_lens.distributed import barrier, current_ranks
 from bilinear_lens.weights.atlas_store import (
     INDEX_FILE,
@@ -183,7 +183,7 @@ def _check_out_dir(path: Path, index: dict, resume: bool) -> Optional[dict]:
     would see an atlas that "exists" and refuse it)."""
     if (path / INDEX_FILE).exists():
         if not resume:  # first: without --resume no setting of the old atlas matters
-            raise AtlasError(f"atlas dir {path} exists; resume it (resume=True, CLI --resume) or use a new --out")
+            raise AtlasError(f"atlas dir {path} exists; resume it with --resume (Python: resume=True) or use a new --out")
         found = read_index(path)
         differences = index_differences(path, found, index)
         if differences:
@@ -300,8 +300,8 @@ def _compute_shards(
     n_dirs = U.shape[0]  # the route depends on the whole set, never on the rank count or resume state
     mine = [(i, s) for i, s in enumerate(shards) if ranks.owns(i) and not shard_is_done(path, s, tag)]
     n_mine = sum(ranks.owns(i) for i in range(len(shards)))
-    bar = tqdm(total=n_mine, initial=n_mine - len(mine), desc="eigen atlas", unit="shard",
-               disable=not progress or not ranks.is_main)
+    bar = progress_bar(total=n_mine, initial=n_mine - len(mine), desc="eigen atlas", unit="shard",
+                       enabled=progress and ranks.is_main)
     for layer, w in weights.items():
         todo = [(i, s) for i, s in mine if s.layer == layer]
         if not todo:

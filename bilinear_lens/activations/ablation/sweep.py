@@ -19,7 +19,6 @@ from typing import Callable, Mapping, Optional, Union
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 from transformer_lens.utilities import get_act_name
 
 from bilinear_lens.activations.ablation.install import HookFn
@@ -32,6 +31,7 @@ from bilinear_lens.models.hook_names import mlp_hook_name
 from bilinear_lens.models.model import TransformerBlock
 from bilinear_lens.models.protocol import HookedModel
 from bilinear_lens.weights.directions import TokenLike
+from bilinear_lens.progress import progress_bar
 
 # Tokens per forward pass that ablation_sweep / patch_neurons aim for when
 # ablations_per_pass is not given: bounds the activations and logits held at once.
@@ -154,7 +154,7 @@ def _sweep(
     """
     batch = tokens.shape[0]
     out = {name: torch.empty(neurons.shape[0], dtype=torch.float64) for name in metrics}
-    with torch.no_grad(), tqdm(total=neurons.shape[0], desc=desc, unit="neuron", disable=not progress) as bar:
+    with torch.no_grad(), progress_bar(total=neurons.shape[0], desc=desc, unit="neuron", enabled=progress) as bar:
         forward = copies_forward(model, tokens, layer, hook)
         for start in range(0, neurons.shape[0], ablations_per_pass):
             chunk = neurons[start : start + ablations_per_pass]
