@@ -6,7 +6,9 @@
 
 The first ``--n-texts`` documents (default 32) of ``--text-file`` (documents found by
 ``--documents``, training's rule: ``<|endoftext|>`` lines when present, else the whole
-file; default: the built-in synthetic stories) become one token stream, a BOS token before each document, as training packs its
+file; without it, the validation documents of the corpus the checkpoint was trained on, as
+its ``run_config.toml`` records, or synthetic stories when it records none: the output
+says which, :mod:`bilinear_lens.commands.measured_text`) become one token stream, a BOS token before each document, as training packs its
 corpus; the stream is cut into rows of ``--seq-len`` tokens (default 64, at most the
 model's n_ctx: a longer one is refused). Every token of those documents counts and no row
 is padded: when the stream does not divide into rows, the last row is its final
@@ -41,12 +43,12 @@ from bilinear_lens.commands.common import (
     load_model_with_tokenizer,
     place_model,
     add_documents_argument,
-    read_documents,
     report_error,
     require_positive,
     resolve_direction_arguments,
     stream_rows,
 )
+from bilinear_lens.commands.measured_text import measured_text
 from bilinear_lens.models.hook_names import UnknownHookError, mlp_hook_name
 from bilinear_lens.models.protocol import HookedModel
 
@@ -61,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--hook", choices=NEURON_HOOKS, default="hook_post", help="MLP hook ablated (default hook_post)"
     )
     parser.add_argument("--method", choices=METHODS, default="zero", help="ablation method (default zero)")
-    parser.add_argument("--text-file", help="UTF-8 text file of documents (default: synthetic stories)")
+    parser.add_argument("--text-file", help="UTF-8 text file of documents (default: the model's own training "
+                        "data as its checkpoint records it; synthetic stories when it records none)")
     add_documents_argument(parser)
     parser.add_argument("--n-texts", type=int, default=32, help="documents to use (default 32)")
     parser.add_argument("--seq-len", type=int, default=None,
@@ -117,16 +120,6 @@ def _seq_len(args: argparse.Namespace, model: HookedModel) -> int:
     return args.seq_len
 
 
-def _read_texts(text_file: Optional[str], n_texts: int, seed: int, rule: str = "auto") -> tuple[list[str], Optional[int]]:
-    """The first ``n_texts`` documents, and how many the file holds (``None``: synthetic)."""
-    if text_file is None:
-        from bilinear_lens.data.synthetic import synthetic_stories
-
-        return synthetic_stories(n_texts, seed=seed), None
-    documents = read_documents(text_file, rule=rule)
-    return documents[:n_texts], len(documents)
-
-
 def _pack_tokens(model: HookedModel, texts: list[str], seq_len: int) -> tuple[torch.Tensor, int, int]:
     """``(rows [n_rows, seq_len], stream_tokens, overlap)``: the texts' token stream (BOS
     before each document, ``stream_tokens`` in all) cut into rows covering every token of
@@ -160,7 +153,7 @@ def _documents(report: dict[str, Any]) -> str:
     or ``"32 synthetic stories"``."""
     n, in_file = report["n_documents"], report["documents_in_file"]
     if in_file is None:
-        return f"{n} synthetic stories"
+        return f"{n} documents"
     return f"all {n} documents of the file" if n == in_file else f"{n} of the file's {in_file} documents (--n-texts {n})"
 
 
@@ -172,6 +165,7 @@ def _print_table(report: dict[str, Any]) -> None:
         f"on {rows} x {seq_len} tokens ({_documents(report)}, {report['stream_tokens']} tokens with a BOS before each{overlap}); "
         f"baseline loss {report['baseline_loss']:.4f}; ranked by {report['ranked_by']}"
     )
+    print(f"measured on {report['measured_on']}")
     by = report["rank_column"]
     columns = [by] + (["delta_loss"] if by != "delta_loss" else [])
     print(f"{'rank':>5}  {'neuron':>6}  " + "  ".join(f"{c:>16}" for c in columns))
@@ -185,14 +179,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         _check_args(args)
         model = place_model(load_model_with_tokenizer(args.checkpoint, "ablate"), args)
         seq_len = _seq_len(args, model)
-        texts, documents_in_file = _read_texts(args.text_file, args.n_texts, args.seed, args.documents)
+        measured = measured_text(args.text_file, args.checkpoint, args.n_texts, args.seed, args.documents)
+        texts, documents_in_file = measured.texts, measured.documents_in_source
         tokens, stream_tokens, overlap = _pack_tokens(model, texts, seq_len)
         tokens = tokens.to(model.W_U.device)
         table, by = _sweep(args, model, tokens)
     except (UsageError, UnknownHookError, ValueError, TypeError) as err:
         return report_error("ablate", err)
     report = _report(args, tokens, stream_tokens, overlap, table, by)
-    report.update(n_documents=len(texts), documents_in_file=documents_in_file)
+    report.update(n_documents=len(texts), documents_in_file=documents_in_file, text=measured.to_dict(),
+                  measured_on=measured.describe())
     if args.json:
         print(json.dumps(report, indent=2))
     else:

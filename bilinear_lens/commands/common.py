@@ -101,12 +101,17 @@ def read_documents(path: str, limit: Optional[int] = None, rule: str = "auto") -
     training uses (:func:`bilinear_lens.data.documents.split_text`: by default
     ``<|endoftext|>`` lines when present, else the whole file); a file without text is a
     :class:`UsageError`."""
+    return documents_of_text(read_text_file(path), path, rule)[:limit]
+
+
+def documents_of_text(text: str, path: str, rule: str = "auto") -> list[str]:
+    """The documents of ``text`` (read from ``path``) under ``rule``; none is a :class:`UsageError`."""
     from bilinear_lens.data.documents import split_text
 
-    documents = split_text(read_text_file(path), rule)
+    documents = split_text(text, rule)
     if not documents:
         raise UsageError(f"text file {path} holds no text")
-    return documents[:limit]
+    return documents
 
 
 def add_documents_argument(parser: argparse.ArgumentParser) -> None:

@@ -64,7 +64,7 @@ from bilinear_lens.activations.polytope import (
 from bilinear_lens.activations.spline_codes import CODE_FACTORS, code_layout
 from bilinear_lens.models.protocol import HookedModel
 
-LABEL_KINDS = ("word-class", "token", "none")
+LABEL_KINDS = ("auto", "word-class", "token", "none")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="positions not counted at the start of each row that starts mid-document (they lack "
                         "context; default 8, 0: count all)")
     parser.add_argument("--factors", nargs="+", choices=CODE_FACTORS, help="MLP hooks whose signs make the code (default: per MLP kind)")
-    parser.add_argument("--labels", choices=LABEL_KINDS, default="word-class", help="token labels for purity (default word-class)")
+    parser.add_argument("--labels", choices=LABEL_KINDS, default="auto",
+                        help="token labels for purity (default auto: word-class for a model trained on the synthetic "
+                             "stories or with no training record, else token)")
     parser.add_argument("--top", type=int, default=10, help="most common regions to show (>= 1, default 10)")
     parser.add_argument("--examples", type=int, default=3, help="example contexts kept per region (0: none; default 3)")
     parser.add_argument("--context", type=int, default=8, help="tokens of context per example")
@@ -133,6 +135,18 @@ def _token_rows(
     return rows, mask, counts
 
 
+def resolve_label_kind(kind: str, checkpoint: str) -> str:
+    """``kind``, or for ``"auto"``: ``"word-class"`` when the checkpoint was trained on the
+    synthetic stories (whose vocabulary the word classes describe) or records no training
+    data, else ``"token"`` (word classes would label almost no token of real text)."""
+    if kind != "auto":
+        return kind
+    from bilinear_lens.commands.measured_text import recorded_data
+
+    data = recorded_data(checkpoint)
+    return "word-class" if data is None or data.source == "synthetic" else "token"
+
+
 def _token_labels(model: HookedModel, kind: str) -> tuple[Optional[np.ndarray], list[str]]:
     if kind == "word-class":
         return word_class_labels(model.tokenizer, model.cfg.d_vocab)
@@ -151,6 +165,7 @@ def analyse(args: argparse.Namespace) -> dict[str, Any]:
     except (ValueError, KeyError) as err:  # bad layer, MLP kind without units, factor the kind lacks
         raise UsageError(str(err)) from err
     rows, mask, counts = _token_rows(model, args.text_file, args.max_tokens, args.warmup, args.documents)
+    args.labels = resolve_label_kind(args.labels, args.checkpoint)
     tok = model.tokenizer
     special = {i for i in (tok.bos_token_id, tok.pad_token_id) if i is not None}
     labels, label_names = _token_labels(model, args.labels)
@@ -172,6 +187,7 @@ def analyse(args: argparse.Namespace) -> dict[str, Any]:
     )
     result: dict[str, Any] = {
         "checkpoint": str(args.checkpoint),
+        "text": {"source": args.text_file, "documents": args.documents, "labels": args.labels},
         "mlp_kind": model.cfg.mlp_kind,
         "layers": list(args.layer),
         "hooks": layout.hook_names,

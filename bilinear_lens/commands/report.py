@@ -24,12 +24,12 @@ from bilinear_lens.commands.common import (
     analysis_parser,
     place_model,
     add_documents_argument,
-    read_documents,
     report_error,
     require_positive,
     resolve_direction_arguments,
     resolve_input_token_arguments,
 )
+from bilinear_lens.commands.measured_text import measured_text
 from bilinear_lens.models.checkpoint import CheckpointError
 
 
@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="HTML file to write")
     p.add_argument("--layer", type=int, default=0, help="block index the page is about (default 0)")
     add_direction_arguments(p, input_tokens=True)
-    p.add_argument("--text-file", help="sample texts (default: synthetic stories)")
+    p.add_argument("--text-file", help="sample texts (default: the model's own training data as its checkpoint "
+                   "records it; synthetic stories when it records none)")
     add_documents_argument(p)
     p.add_argument("--n-texts", type=int, default=8, help="sample texts used (default 8)")
     p.add_argument("--n-eigenvectors", type=int, default=4, help="eigenvectors shown per output direction (default 4)")
@@ -60,13 +61,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         except (FileNotFoundError, CheckpointError, ValueError) as err:
             raise UsageError(f"cannot load checkpoint {args.checkpoint}: {err}") from None
         specs = [spec for _, spec in resolve_direction_arguments(args, model, several=True, required=False)]
+        measured = measured_text(args.text_file, args.checkpoint, args.n_texts, seed=1, documents=args.documents,
+                                 fallback_n_texts=args.n_texts)
         tokens = [s for s in specs if isinstance(s, int)]
         out = write_report(
             model,
             args.out,
             layer=args.layer,
             tokens=tokens or None,
-            texts=read_documents(args.text_file, args.n_texts, args.documents) if args.text_file else None,
+            texts=measured.texts,
+            text_label=measured.describe(),
             logit_diff=next((s for s in specs if isinstance(s, tuple)), None),
             input_tokens=resolve_input_token_arguments(args, model),
             n_eigenvectors=args.n_eigenvectors,
@@ -78,5 +82,5 @@ def main(argv: Optional[list[str]] = None) -> int:
         return report_error("report", err)
     except OSError as err:  # e.g. --out not writable: the inputs were fine, writing failed
         return report_error("report", err, EXIT_FAILURE)
-    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB); measured on {measured.describe()}")
     return 0

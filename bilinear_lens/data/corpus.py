@@ -104,7 +104,7 @@ _ENCODE_BATCH_DOCS = 1024
 # --- loading documents ------------------------------------------------------------------
 
 
-def _is_local_source(source: str) -> bool:
+def is_local_source(source: str) -> bool:
     """A source names a local file if it exists, is explicitly a path, or has a file
     extension; anything else (``"owner/name"``) is a hub dataset."""
     path = Path(source).expanduser()
@@ -181,7 +181,7 @@ def text_file_rule(source: str | os.PathLike[str], documents: str = "auto") -> O
 
 
 def _is_text_file(source: str) -> bool:
-    return source != SYNTHETIC_SOURCE and _is_local_source(source) and Path(source).suffix.lower() == ".txt"
+    return source != SYNTHETIC_SOURCE and is_local_source(source) and Path(source).suffix.lower() == ".txt"
 
 
 def _text_file_documents(path: Path, documents: str) -> list[str]:
@@ -315,7 +315,7 @@ def iter_texts(
         raw = iter_synthetic_stories(seed if split == "train" else f"{seed}:{split}")
         if max_docs is None and max_chars is None:
             max_docs = SYNTHETIC_DEFAULT_DOCS
-    elif _is_local_source(source):
+    elif is_local_source(source):
         path = Path(source).expanduser()
         raw = _utf8_texts(_dataset_texts(_local_dataset(path, split, hf_cache_dir), text_column, str(path)), path)
     else:
@@ -450,7 +450,7 @@ def source_spec(source: str | os.PathLike[str], split: str, selection: Mapping[s
     }
     if source == SYNTHETIC_SOURCE:
         spec["seed"] = seed
-    elif _is_local_source(source):
+    elif is_local_source(source):
         path = Path(source).expanduser().resolve()
         if not path.is_file():
             raise _missing_corpus(path)

@@ -261,13 +261,16 @@ def build_report(
     title: Optional[str] = None,
     features: Sequence[Any] = (),
     progress: bool = True,
+    text_label: Optional[str] = None,
 ) -> str:
     """The report's HTML (see module docstring). ``model`` is a
     :class:`~bilinear_lens.models.model.BilinearTransformer` with a tokenizer. ``tokens`` and
     ``input_tokens`` must each be one token (by default, common sentiment words that are);
     ``features`` (:class:`~bilinear_lens.weights.directions.FeatureDirection`) add an
     eigendecomposition section per SAE feature, as output tokens do. ``progress`` shows a
-    progress bar over the sections."""
+    progress bar over the sections. ``text_label`` says which text ``texts`` are (shown at
+    the top; default: "the built-in synthetic stories" when ``texts`` is ``None``, else
+    "the given texts")."""
     if getattr(model, "tokenizer", None) is None:
         raise ValueError("the report needs a model with a tokenizer (to show tokens)")
     check_layer(model, layer)
@@ -282,7 +285,8 @@ def build_report(
     options = dict(n_eigenvectors=n_eigenvectors, logit_diff=logit_diff, input_tokens=input_tokens,
                    ablation_top=ablation_top, features=list(features))
     jobs = [("model", partial(_model_sections, model, layer, sample))] + _mlp_jobs(model, layer, sample, out_ids, options)
-    sections: list[Any] = []
+    label = text_label or ("the built-in synthetic stories (seed 1)" if texts is None else "the given texts")
+    sections: list[Any] = [f'<p class="bl-measured-on">Measured on {html.escape(label)}.</p>']
     bar = progress_bar(jobs, desc="report", unit="section", enabled=progress)
     for label, job in bar:
         bar.set_postfix_str(label)

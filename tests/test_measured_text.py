@@ -1,0 +1,98 @@
+"""Analyses measure on the model's own data by default and say which text they measured
+(issue 25 item 2): before, ablate/report used the synthetic stories whatever the model was
+trained on, and polytope labelled real text with synthetic word classes."""
+
+import dataclasses
+import json
+
+import pytest
+
+from bilinear_lens.commands import ablate as ablate_cmd
+from bilinear_lens.commands.common import UsageError
+from bilinear_lens.commands.measured_text import measured_text, recorded_data
+from bilinear_lens.commands.polytope import resolve_label_kind
+from bilinear_lens.data.corpus import assign_splits, is_val_document, load_texts
+from bilinear_lens.data.synthetic import synthetic_stories
+from bilinear_lens.data.tokenizer import to_hf_tokenizer, train_tokenizer
+from bilinear_lens.models.model import build_model
+from bilinear_lens.training.config import DataConfig, RunConfig
+
+from conftest import tiny_config
+
+STORIES = [f"Once upon a time, a cat named Tom{i} was happy.\n\nThe end." for i in range(60)]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A model saved twice: with a training record of a local corpus, and with none."""
+    root = tmp_path_factory.mktemp("measured")
+    corpus = root / "stories.txt"
+    corpus.write_text("\n<|endoftext|>\n".join(STORIES), encoding="utf-8")
+    tok = to_hf_tokenizer(train_tokenizer(STORIES + synthetic_stories(100, seed=0), vocab_size=300))
+    model = build_model(tiny_config(d_vocab=len(tok), n_ctx=32), tokenizer=tok)
+    model.save_pretrained(root / "local")
+    model.save_pretrained(root / "bare")
+    record = RunConfig(model=model.cfg, data=DataConfig(source=str(corpus), val_fraction=0.25, seed=3))
+    record.save_toml(root / "local" / "run_config.toml")
+    synthetic = RunConfig(model=model.cfg, data=DataConfig(source="synthetic", val_fraction=0.1, seed=5))
+    model.save_pretrained(root / "synthetic")
+    synthetic.save_toml(root / "synthetic" / "run_config.toml")
+    return root
+
+
+def test_default_is_the_recorded_corpus_validation_documents(checkpoints):
+    measured = measured_text(None, str(checkpoints / "local"), n_texts=None)
+    assert (measured.origin, measured.split, measured.documents) == ("training-data", "val", "endoftext")
+    expected = [t for s, t in assign_splits(load_texts(checkpoints / "stories.txt"), 0.25, 3) if s == "val"]
+    assert measured.texts == expected and 0 < len(expected) < len(STORIES)
+    assert "the model's training data (val split of" in measured.describe()
+
+
+def test_synthetic_record_gives_its_validation_stories(checkpoints):
+    measured = measured_text(None, str(checkpoints / "synthetic"), n_texts=7)
+    assert measured.origin == "synthetic" and measured.split == "val" and len(measured.texts) == 7
+    assert all(is_val_document(t, 0.1, 5) for t in measured.texts)
+
+
+def test_no_record_falls_back_to_synthetic_and_says_so(checkpoints):
+    measured = measured_text(None, str(checkpoints / "bare"), n_texts=4, seed=2)
+    assert measured.texts == synthetic_stories(4, seed=2) and measured.origin == "synthetic"
+    assert "records no training data" in measured.note and "--text-file" in measured.note
+
+
+def test_text_file_wins_and_is_named(checkpoints, tmp_path):
+    path = tmp_path / "mine.txt"
+    path.write_text("One story.\n<|endoftext|>\nTwo story.\n", encoding="utf-8")
+    measured = measured_text(str(path), str(checkpoints / "local"), n_texts=1)
+    assert measured.texts == ["One story."] and measured.documents_in_source == 2
+    assert measured.describe().startswith(f"--text-file {path}, documents: endoftext, 1 documents")
+
+
+def test_unreadable_recorded_corpus_names_source_and_flag(checkpoints, tmp_path):
+    moved = tmp_path / "moved"
+    build_model(tiny_config()).save_pretrained(moved)
+    data = dataclasses.replace(recorded_data(str(checkpoints / "local")), source="gone/stories.txt")
+    RunConfig(model=tiny_config(), data=data).save_toml(moved / "run_config.toml")
+    with pytest.raises(UsageError, match=r"trained on gone/stories\.txt \(data\.source in its run_config\.toml\), "
+                       r"which is not found from here; give the text to measure with --text-file"):
+        measured_text(None, str(moved), n_texts=3)
+
+
+def test_ablate_reports_what_it_measured(checkpoints, capsys):
+    argv = ["--checkpoint", str(checkpoints / "local"), "--n-texts", "3", "--seq-len", "16", "--top", "2"]
+    assert ablate_cmd.main([*argv, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["text"]["origin"] == "training-data" and report["text"]["split"] == "val"
+    assert report["measured_on"].startswith("the model's training data (val split of")
+    assert ablate_cmd.main(argv) == 0
+    assert "measured on the model's training data (val split of" in capsys.readouterr().out
+    assert ablate_cmd.main(["--checkpoint", str(checkpoints / "bare"), "--n-texts", "2", "--seq-len", "16",
+                            "--json"]) == 0
+    assert "records no training data" in json.loads(capsys.readouterr().out)["measured_on"]
+
+
+def test_polytope_labels_follow_the_training_data(checkpoints):
+    assert resolve_label_kind("auto", str(checkpoints / "local")) == "token"
+    assert resolve_label_kind("auto", str(checkpoints / "synthetic")) == "word-class"
+    assert resolve_label_kind("auto", str(checkpoints / "bare")) == "word-class"
+    assert resolve_label_kind("none", str(checkpoints / "local")) == "none"
