@@ -240,10 +240,10 @@ def test_neuron_table_ranks_and_exports(tokens):
     assert len(top) == 5 and bool((magnitudes[:-1] >= magnitudes[1:]).all())
     assert magnitudes[0] == table["delta_loss"].abs().max()
     rows = top.rows()
-    assert set(rows[0]) == {"neuron", "delta_loss"} and isinstance(rows[0]["neuron"], int)
+    assert set(rows[0]) == {"neuron", "delta_loss", "delta_loss_se"} and isinstance(rows[0]["neuron"], int)
     assert rows[0]["delta_loss"] == float(top["delta_loss"][0])
     frame = table.to_pandas()
-    assert list(frame.columns) == ["neuron", "delta_loss"] and len(frame) == model.cfg.d_mlp
+    assert list(frame.columns) == ["neuron", "delta_loss", "delta_loss_se"] and len(frame) == model.cfg.d_mlp
     ascending = table.sort_by("delta_loss", by_abs=False, descending=False)["delta_loss"]
     assert torch.equal(ascending, table["delta_loss"].sort().values)
     with pytest.raises(KeyError, match="no column"):

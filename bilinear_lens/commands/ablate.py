@@ -20,7 +20,11 @@ Every neuron is ablated on its own and the ``--top`` neurons by the magnitude
 (``"ranked_by": "|delta_loss|"``, ``"rank_column": "delta_loss"``). With an output
 direction the ranking is by the magnitude of its change instead, averaged over every
 position: ``|delta_logit|`` (a token), ``|delta_logit_diff|`` (a logit difference) or
-``|delta_feature|`` (an SAE feature's mean activation at its hook). Errors (missing
+``|delta_feature|`` (an SAE feature's mean activation at its hook). Each effect comes with
+its standard error over the token rows (``delta_X_se``; rows are the independent samples,
+the tokens of one row are not): an effect within two standard errors of zero is marked
+``~0`` (JSON ``"distinguishable": false``) and the header says how many neurons of the
+layer are distinguishable at all, so a ranking of noise reads as one. Errors (missing
 checkpoint, bad layer, ``--seq-len`` above n_ctx...) exit with code 2.
 """
 
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from typing import Any, Optional
 
@@ -129,9 +134,22 @@ def _pack_tokens(model: HookedModel, texts: list[str], seq_len: int) -> tuple[to
     return rows, len(stream), overlap
 
 
+# An effect counts as distinguishable from zero beyond this many standard errors (~95%).
+SE_MULTIPLE = 2.0
+
+
 def _report(args: argparse.Namespace, tokens: torch.Tensor, stream_tokens: int, overlap: int,
             table: NeuronTable, by: str) -> dict[str, Any]:
     top = table.top(args.top, by=by)
+    se = f"{by}_se"
+    rows = [{"rank": rank, **row} for rank, row in enumerate(top.rows(), start=1)]
+    for row in rows:
+        for name, value in row.items():  # NaN (one row: no spread) is JSON null
+            if isinstance(value, float) and math.isnan(value):
+                row[name] = None
+        if se in row:
+            row["distinguishable"] = None if row[se] is None else abs(row[by]) > SE_MULTIPLE * row[se]
+    n_clear = int((table[by].abs() > SE_MULTIPLE * table[se]).sum()) if se in table.columns else None
     return {
         "checkpoint": str(args.checkpoint),
         "layer": args.layer,
@@ -144,7 +162,9 @@ def _report(args: argparse.Namespace, tokens: torch.Tensor, stream_tokens: int, 
         "baseline_loss": table.baseline["loss"],
         "ranked_by": f"|{by}|",
         "rank_column": by,
-        "neurons": [{"rank": rank, **row} for rank, row in enumerate(top.rows(), start=1)],
+        "se_column": se if se in table.columns else None,
+        "n_distinguishable": n_clear,
+        "neurons": rows,
     }
 
 
@@ -166,11 +186,16 @@ def _print_table(report: dict[str, Any]) -> None:
         f"baseline loss {report['baseline_loss']:.4f}; ranked by {report['ranked_by']}"
     )
     print(f"measured on {report['measured_on']}")
-    by = report["rank_column"]
-    columns = [by] + (["delta_loss"] if by != "delta_loss" else [])
+    by, se = report["rank_column"], report["se_column"]
+    columns = [by] + ([se] if se else []) + (["delta_loss"] if by != "delta_loss" else [])
+    if se:
+        print(f"distinguishable from zero: {report['n_distinguishable']} of {report['n_neurons']} neurons "
+              f"(|{by}| > {SE_MULTIPLE:g} standard errors over the {rows} rows); '~0' marks a ranked effect that is not")
     print(f"{'rank':>5}  {'neuron':>6}  " + "  ".join(f"{c:>16}" for c in columns))
     for row in report["neurons"]:
-        print(f"{row['rank']:>5}  {row['neuron']:>6}  " + "  ".join(f"{row[c]:>+16.6f}" for c in columns))
+        cells = "  ".join(f"{'nan':>16}" if row[c] is None else f"{row[c]:>+16.6f}" for c in columns)
+        mark = "  ~0" if row.get("distinguishable") is False else ""
+        print(f"{row['rank']:>5}  {row['neuron']:>6}  {cells}{mark}")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -200,9 +200,16 @@ def _interaction_sections(
 
 def _ablation_sections(model: HookedModel, layer: int, sample: _Sample, top: int) -> list[Any]:
     table = ablation_sweep(model, sample.rows, layer, progress=False)
+    clear = int((table["delta_loss"].abs() > 2 * table["delta_loss_se"]).sum())
+    ranked = table.top(min(top, len(table)))
+    rows = [(int(n), f"{d:+.5f}", f"{e:.5f}", "yes" if abs(d) > 2 * e else "~0")
+            for n, d, e in zip(ranked["neuron"].tolist(), ranked["delta_loss"].tolist(), ranked["delta_loss_se"].tolist())]
     return [
         f"<h2>Single-neuron zero ablation, layer {layer} (hook_post)</h2>",
-        f"<p>Clean loss {table.baseline['loss']:.4f} on {sample.rows.numel()} tokens.</p>",
+        f"<p>Clean loss {table.baseline['loss']:.4f} on {sample.rows.numel()} tokens ({sample.rows.shape[0]} rows). "
+        f"{clear} of {len(table)} neurons change the loss by more than two standard errors (over rows); "
+        "a ranking among the others is noise on this text.</p>",
+        _table(rows, ("neuron", "Δ loss", "standard error", "distinguishable")),
         plots.plot_ablation_effects(table.columns["delta_loss"].numpy(), top=top, title="Δ loss when zeroing one neuron"),
     ]
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Mapping, Optional, Union
+
+import torch
 
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -12,6 +15,8 @@ from bilinear_lens.models.protocol import HookedModel
 from bilinear_lens.weights.directions import TokenLike, token_id
 
 MetricFn = Callable[[Float[Tensor, "batch pos d_vocab"]], Tensor]
+# The same metric per batch row ([batch]); its mean over rows is the scalar metric.
+RowMetricFn = Callable[[Float[Tensor, "batch pos d_vocab"]], Float[Tensor, "batch"]]
 
 
 def _at_position(logits: Float[Tensor, "batch pos d_vocab"], position: Optional[int]) -> Tensor:
@@ -88,6 +93,42 @@ def named_metrics(
             raise ValueError(f"metric names {sorted(clash)} clash with the built-in metrics")
         metrics.update(extra)
     return metrics
+
+
+def row_metrics(
+    model: HookedModel,
+    tokens: Tensor,
+    logit: Optional[TokenLike],
+    logit_diff: Optional[tuple[TokenLike, TokenLike]],
+    position: Optional[int],
+) -> dict[str, RowMetricFn]:
+    """Per-row versions of the built-in metrics of :func:`named_metrics` (custom metrics
+    have none): row ``b``'s mean loss / logit / logit difference. Rows of equal length make
+    the mean over rows the scalar metric, so their spread gives a standard error."""
+
+    def at(logits: Tensor) -> Tensor:  # [batch, pos, d_vocab] at position(s)
+        return logits if position is None else logits[:, position : position + 1 if position != -1 else None]
+
+    out: dict[str, RowMetricFn] = {
+        "loss": lambda logits: next_token_loss(logits, tokens.to(logits.device), per_token=True).mean(-1)}
+    if logit is not None:
+        t = token_id(model, logit)
+        out["logit"] = lambda logits: at(logits)[..., t].double().mean(-1)
+    if logit_diff is not None:
+        a, b = (token_id(model, token) for token in logit_diff)
+        out["logit_diff"] = lambda logits: (at(logits)[..., a] - at(logits)[..., b]).double().mean(-1)
+    return out
+
+
+def standard_error(row_deltas: Float[Tensor, "n batch"]) -> Float[Tensor, "n"]:
+    """Standard error of each mean over rows: ``std(row deltas) / sqrt(batch)`` (sample
+    std, ``batch - 1`` degrees of freedom; NaN for a single row). Rows cut from one token
+    stream are treated as independent samples, tokens inside a row are not (their errors
+    are correlated), which is why the spread is taken over rows."""
+    n_rows = row_deltas.shape[-1]
+    if n_rows < 2:
+        return torch.full(row_deltas.shape[:-1], float("nan"), dtype=torch.float64)
+    return row_deltas.double().std(-1, correction=1) / math.sqrt(n_rows)
 
 
 def evaluate(metrics: Mapping[str, MetricFn], logits: Tensor) -> dict[str, float]:

@@ -22,7 +22,14 @@ from torch import Tensor
 from transformer_lens.utilities import get_act_name
 
 from bilinear_lens.activations.ablation.install import HookFn
-from bilinear_lens.activations.ablation.metrics import MetricFn, evaluate, named_metrics
+from bilinear_lens.activations.ablation.metrics import (
+    MetricFn,
+    RowMetricFn,
+    evaluate,
+    named_metrics,
+    row_metrics,
+    standard_error,
+)
 from bilinear_lens.activations.ablation.neuron_hooks import NeuronsLike, neuron_hook_name, neuron_indices
 from bilinear_lens.activations.ablation.table import NeuronTable
 from bilinear_lens.activations.ablation.values import Replacement, check_tokens, replacement
@@ -145,8 +152,10 @@ def _sweep(
     ablations_per_pass: int,
     progress: bool,
     desc: str,
-) -> dict[str, Float[Tensor, "n"]]:
-    """Metric values with each neuron replaced in turn, ``ablations_per_pass`` per forward.
+    row_fns: Optional[Mapping[str, RowMetricFn]] = None,
+) -> tuple[dict[str, Float[Tensor, "n"]], dict[str, Float[Tensor, "n batch"]]]:
+    """Metric values with each neuron replaced in turn, ``ablations_per_pass`` per forward,
+    and the per-row values of ``row_fns`` (``[n, batch]``, for standard errors).
 
     The copies compute the same operations on the same inputs as one-neuron forward
     passes, so the numbers are the same, whether they restart inside the MLP
@@ -154,6 +163,7 @@ def _sweep(
     """
     batch = tokens.shape[0]
     out = {name: torch.empty(neurons.shape[0], dtype=torch.float64) for name in metrics}
+    rows = {name: torch.empty(neurons.shape[0], batch, dtype=torch.float64) for name in (row_fns or {})}
     with torch.no_grad(), progress_bar(total=neurons.shape[0], desc=desc, unit="neuron", enabled=progress) as bar:
         forward = copies_forward(model, tokens, layer, hook)
         for start in range(0, neurons.shape[0], ablations_per_pass):
@@ -163,8 +173,10 @@ def _sweep(
             for j, copy_logits in enumerate(logits.view(k, batch, *logits.shape[1:])):
                 for name, value in evaluate(metrics, copy_logits).items():
                     out[name][start + j] = value
+                for name, fn in (row_fns or {}).items():
+                    rows[name][start + j] = fn(copy_logits).cpu()
             bar.update(k)
-    return out
+    return out, rows
 
 
 def _all_or_given(neurons: Optional[NeuronsLike], d_mlp: int) -> Tensor:
@@ -193,7 +205,11 @@ def ablation_sweep(
     ``tokens``) and, when asked for, ``delta_logit`` (mean logit of token ``logit``),
     ``delta_logit_diff`` (mean ``logit[a] - logit[b]``) and ``delta_<name>`` for each
     custom ``metric`` (a TransformerLens-style ``logits -> scalar`` callable, ``"metric"``
-    when unnamed, or a mapping name -> callable). Logit metrics read ``position``: ``-1``
+    when unnamed, or a mapping name -> callable). Each built-in ``delta_X`` also has
+    ``delta_X_se``, its standard error over the rows of ``tokens``
+    (:func:`~bilinear_lens.activations.ablation.metrics.standard_error`: the mean of the
+    per-row deltas is ``delta_X``; NaN with one row): an effect within about two standard
+    errors of zero is not distinguishable from zero on this text. Logit metrics read ``position``: ``-1``
     (default) is the last position, as for a prompt whose next token is the answer;
     ``None`` averages every position. Rows are in neuron order; use
     :meth:`NeuronTable.top`/:meth:`NeuronTable.sort_by` to rank them.
@@ -211,13 +227,18 @@ def ablation_sweep(
     reference = tokens if reference is None and method != "zero" else reference
     values = replacement(model, hook_name, method, reference, seed)
     metrics = named_metrics(model, tokens, metric, logit, logit_diff, position)
+    row_fns = row_metrics(model, tokens, logit, logit_diff, position)
     per_pass = resolve_ablations_per_pass(ablations_per_pass, tokens)
     with torch.no_grad():
-        baseline = evaluate(metrics, model(tokens))
+        clean_logits = model(tokens)
+        baseline = evaluate(metrics, clean_logits)
+        baseline_rows = {name: fn(clean_logits).cpu() for name, fn in row_fns.items()}
     desc = f"{method}-ablating {hook_name}"
-    ablated = _sweep(model, tokens, layer, hook, indices, values, metrics, per_pass, progress, desc)
+    ablated, rows = _sweep(model, tokens, layer, hook, indices, values, metrics, per_pass, progress, desc, row_fns)
     columns = {"neuron": indices}
     columns.update({f"delta_{name}": deltas - baseline[name] for name, deltas in ablated.items()})
+    # standard errors after every delta column: the first value column stays the ranking default
+    columns.update({f"delta_{name}_se": standard_error(r - baseline_rows[name]) for name, r in rows.items()})
     return NeuronTable(layer, hook, method, columns, baseline)
 
 
@@ -266,7 +287,7 @@ def patch_neurons(
     values = Replacement("patch", clean_act[hook_name])
     per_pass = resolve_ablations_per_pass(ablations_per_pass, corrupted_tokens)
     desc = f"patching {hook_name}"
-    patched = _sweep(model, corrupted_tokens, layer, hook, indices, values, metrics, per_pass, progress, desc)["metric"]
+    patched = _sweep(model, corrupted_tokens, layer, hook, indices, values, metrics, per_pass, progress, desc)[0]["metric"]
     effect = patched - corrupted
     # effect first: the column NeuronTable.top ranks by default.
     columns = {"neuron": indices, "effect": effect, "patched": patched, "normalized": effect / (clean - corrupted)}
