@@ -9,6 +9,10 @@ reconstruction ``x_hat = f W_dec + b_dec``, ``SAE.forward(x) = decode(encode(x))
     f   = relu(pre)        | topk_k(pre) then relu (hook_sae_acts_post)
     x_hat = n^-1(f W_dec + b_dec)                 (hook_sae_recons before n^-1)
 
+With ``rescale_acts_by_decoder_norm`` (top-k only, SAELens' ``TopKSAE``) the top-k acts on
+``pre * |W_dec[i]|`` and decoding uses ``f / |W_dec[i]|``: the SAE behaves as if its decoder
+rows had unit norm (SAELens' trainer writes unfolded weights with it set mid-run).
+
 which is what SAELens computes for its ``standard`` and ``topk`` SAEs, so a directory
 written by :func:`save_sae` loads in SAELens and vice versa (see
 :mod:`bilinear_lens.sae.config` for the fields).
@@ -103,14 +107,23 @@ class SAE(HookedRootModule):
         """The SAE's nonlinearity: ReLU or top-k then ReLU."""
         return topk_relu(pre, self.cfg.k) if self.cfg.architecture == "topk" else pre.relu()
 
+    def decoder_norms(self) -> Float[Tensor, "d_sae"]:
+        """``|W_dec[i]|`` per feature."""
+        return self.W_dec.norm(dim=-1)
+
     def encode(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_sae"]:
         """Feature activations ``f`` (sparse, >= 0)."""
-        return self.hook_sae_acts_post(self.activation(self.encode_pre(x)))
+        pre = self.encode_pre(x)
+        if self.cfg.rescale_acts_by_decoder_norm:  # after hook_sae_acts_pre, as SAELens' TopKSAE.encode
+            pre = pre * self.decoder_norms()
+        return self.hook_sae_acts_post(self.activation(pre))
 
     def decode(self, feature_acts: Float[Tensor, "... d_sae"], norm_state: Any = None) -> Float[Tensor, "... d_in"]:
         """``f W_dec + b_dec``, un-normalised with ``norm_state`` (the second value of
         ``normalize_input(x)`` for the input ``x`` that gave ``f``; unused when
         ``normalize_activations="none"``)."""
+        if self.cfg.rescale_acts_by_decoder_norm:  # SAELens' TopKSAE.decode
+            feature_acts = feature_acts / self.decoder_norms()
         recons = self.hook_sae_recons(feature_acts @ self.W_dec + self.b_dec)
         return self._denormalize(recons, norm_state)
 
