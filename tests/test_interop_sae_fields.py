@@ -197,3 +197,47 @@ def test_metadata_sae_lens_writes_is_kept(tmp_path):
     for key in ("model_name", "context_size", "prepend_bos", "dataset_path", "model_class_name", "seqpos_slice",
                 "sequence_separator_token"):
         assert meta[key] == source[key], key
+
+
+# --- item 6: the metadata our trainer writes -------------------------------------------
+
+@pytest.fixture(scope="module")
+def model_checkpoint(tmp_path_factory):
+    from bilinear_lens.data.synthetic import synthetic_stories
+    from bilinear_lens.data.tokenizer import to_hf_tokenizer, train_tokenizer
+    from bilinear_lens.models.model import build_model
+    from conftest import tiny_config
+
+    tok = train_tokenizer(synthetic_stories(300, seed=0), vocab_size=300)
+    torch.manual_seed(0)
+    model = build_model(tiny_config(d_vocab=tok.get_vocab_size(), n_layers=1), tokenizer=to_hf_tokenizer(tok))
+    return model.save_pretrained(tmp_path_factory.mktemp("interop_sae") / "m")
+
+
+def _recipe(tmp_path, **train):
+    from bilinear_lens.sae.recipe import SAERecipe
+
+    data = {"source": "synthetic", "max_docs": 300, "val_fraction": 0.1, "cache_dir": str(tmp_path / "cache")}
+    settings = dict(steps=4, batch_size=8, lr=3e-3, min_lr=3e-4, log_every=2, eval_every=0, eval_batches=1,
+                    checkpoint_every=2, keep_last=2, **train)
+    return SAERecipe.from_dict({"sae": dict(expansion=2, k=4), "train": settings, "data": data}, where="test recipe")
+
+
+def test_trained_sae_metadata_names_model_data_and_bos(model_checkpoint, tmp_path):
+    """SAELens shows model_name etc. from metadata: the trainer writes model_name (the model
+    path given), context_size, dataset_path (data.source) and prepend_bos (false: packed
+    blocks do not start with a BOS each). A run saved before this metadata (context_size
+    only) still resumes, and its SAE gets the full metadata."""
+    from bilinear_lens.sae.train import train_sae
+
+    train_sae(model_checkpoint, tmp_path / "run", _recipe(tmp_path), progress=False, stop_at=2)
+    meta = json.loads((tmp_path / "run" / "checkpoints" / "step_000002" / "cfg.json").read_text())["metadata"]
+    assert meta["model_name"] == str(model_checkpoint) and meta["context_size"] == 16
+    assert meta["dataset_path"] == "synthetic" and meta["prepend_bos"] is False
+    old = tmp_path / "run" / "checkpoints" / "step_000002" / "cfg.json"
+    cfg = json.loads(old.read_text())
+    cfg["metadata"] = {k: v for k, v in cfg["metadata"].items() if k not in ("model_name", "dataset_path", "prepend_bos")}
+    old.write_text(json.dumps(cfg))
+    train_sae(model_checkpoint, tmp_path / "run", _recipe(tmp_path), progress=False, resume=True)
+    final = load_sae(tmp_path / "run")
+    assert final.cfg.metadata["model_name"] == str(model_checkpoint) and final.cfg.metadata["prepend_bos"] is False

@@ -142,6 +142,7 @@ _KNOWN_METADATA = (
     "model_name", "model_class_name", "model_from_pretrained_kwargs", "context_size", "dataset_path",
     "prepend_bos", "exclude_special_tokens", "seqpos_slice", "sequence_separator_token",
     "disable_concat_sequences", "neuronpedia_id",
+    "hf_hook_name",  # ours: the HF module name an SAE was trained on (sae.model.hf_hook_name_mapped)
 )
 _STRUCTURAL = ("d_in", "d_sae", "hook_name", "dtype", "architecture", "k", "apply_b_dec_to_input",
                "normalize_activations", "reshape_activations", "hook_head_index", "rescale_acts_by_decoder_norm",

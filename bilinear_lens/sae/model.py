@@ -182,8 +182,26 @@ def load_sae(path: PathLike, model: Any = None) -> SAE:
     check_finite(tensors, where=str(path / SAE_WEIGHTS_FILE))  # after the cast: an overflow to inf counts too
     sae.load_state_dict(tensors)
     if model is not None:
+        sae.cfg = hf_hook_name_mapped(sae.cfg, model)
         check_sae_fits_model(sae, model, where=str(path / SAE_CFG_FILE))
     return sae.eval()
+
+
+def hf_hook_name_mapped(cfg: SAEConfig, model: Any) -> SAEConfig:
+    """``cfg`` with an HF module name (an SAE SAELens trained on our HF export through
+    ``AutoModelForCausalLM``, e.g. ``model.layers.0.mlp``) replaced by ``model``'s exactly
+    equal hook (``blocks.0.hook_mlp_out``; :func:`~bilinear_lens.models.hook_names.hf_hook_equivalent`),
+    the original kept in ``metadata["hf_hook_name"]``. Other names are returned unchanged."""
+    import dataclasses
+
+    from bilinear_lens.models.hook_names import hf_hook_equivalent
+
+    if cfg.hook_name in model.hook_dict:
+        return cfg
+    ours, _ = hf_hook_equivalent(cfg.hook_name, model)
+    if ours is None:
+        return cfg
+    return dataclasses.replace(cfg, hook_name=ours, metadata={**dict(cfg.metadata), "hf_hook_name": cfg.hook_name})
 
 
 def hook_width(model: Any, hook_name: str) -> int:
@@ -205,6 +223,12 @@ def check_sae_fits_model(sae: SAE, model: Any, where: str = "SAE config") -> Non
     try:
         width = hook_width(model, sae.cfg.hook_name)
     except UnknownHookError as err:
+        from bilinear_lens.models.hook_names import hf_hook_equivalent
+
+        _, advice = hf_hook_equivalent(sae.cfg.hook_name, model)
+        if advice is not None:  # an HF module name without an exact counterpart: say what is nearest
+            raise SAEConfigError(f"{where}: field hook_name={sae.cfg.hook_name!r} is a Hugging Face Llama module name; "
+                                 f"{advice}") from None
         raise SAEConfigError(f"{where}: field hook_name={sae.cfg.hook_name!r}: {err}") from None
     if width != sae.cfg.d_in:
         raise SAEConfigError(
