@@ -55,6 +55,10 @@ from bilinear_lens.sae.features import input_feature_basis, feature_interaction_
 from bilinear_lens.sae.ablation import feature_ablation_sweep
 from bilinear_lens.sae.recipe import SAERecipe, SAESpec, load_sae_recipe
 from bilinear_lens.sae.train import train_sae, SAETrainResult, SAETraining, tangent_decoder_gradients
+# interop (issue #21): the export booted safely in TransformerLens; HF module names as our hooks
+from bilinear_lens.models.bridge import boot_export, HFGatedMLPBridge
+from bilinear_lens.models.hook_names import hf_hook_equivalent
+from bilinear_lens.sae.model import hf_hook_name_mapped
 
 __version__ = "0.1.0"
 

@@ -66,9 +66,11 @@ def sae_lens_topk_encode(t: dict, x: torch.Tensor, k: int, rescale: bool) -> tor
 
 
 def sae_lens_topk_decode(t: dict, f: torch.Tensor, rescale: bool) -> torch.Tensor:
-    """SAELens' ``TopKSAE.decode``: ``f / W_dec.norm(dim=-1)`` when rescaling, ``@ W_dec + b_dec``."""
+    """SAELens' ``TopKSAE.decode`` (``_act_times_W_dec``, both the inference and the training
+    SAE in current SAELens): ``f * (1 / W_dec.norm(dim=-1))`` when rescaling, ``@ W_dec + b_dec``
+    (6.18's inference decode divided instead: within 1 ulp of this)."""
     if rescale:
-        f = f / t["W_dec"].norm(dim=-1)
+        f = f * (1 / t["W_dec"].norm(dim=-1))
     return f @ t["W_dec"] + t["b_dec"]
 
 

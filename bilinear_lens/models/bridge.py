@@ -74,9 +74,12 @@ class BilinearMLPBridge(GatedMLPBridge):
         W_out, b_out = self._processed_projection("out")
         pre = self.gate.hook_out(torch.nn.functional.linear(x, W_gate, b_gate))
         pre_linear = getattr(self, "in").hook_out(torch.nn.functional.linear(x, W_in, b_in))
-        # The elementwise step of our module (the identity activation times the linear half).
-        post = self.out.hook_in(self.original_component.post_from_pre(pre, pre_linear))
+        post = self.out.hook_in(self.elementwise(pre, pre_linear))
         return self.hook_out(self.out.hook_out(torch.nn.functional.linear(post, W_out, b_out)))
+
+    def elementwise(self, pre: Tensor, pre_linear: Tensor) -> Tensor:
+        """The elementwise step of our module (the identity activation times the linear half)."""
+        return self.original_component.post_from_pre(pre, pre_linear)
 
 
 def _norm_bridge(name: str, cfg: Any) -> GeneralizedComponent:
@@ -244,9 +247,10 @@ def load_bridge(path: Union[str, Path], device: Union[str, torch.device] = "cpu"
     return to_bridge(BilinearTransformer.from_pretrained(path, device=device), copy_model=False)
 
 
-class HFGatedMLPBridge(GatedMLPBridge):
-    """``GatedMLPBridge`` whose processed-weights path (``enable_compatibility_mode``) applies
-    the wrapped Hugging Face MLP's own ``act_fn``: ``down(act_fn(gate x) * up x)``.
+class HFGatedMLPBridge(BilinearMLPBridge):
+    """:class:`BilinearMLPBridge`'s processed-weights path (``enable_compatibility_mode``) for
+    a wrapped Hugging Face gated MLP: ``down(act_fn(gate x) * up x)`` with the module's own
+    ``act_fn``.
 
     TransformerLens resolves the activation from the config's name and falls back to SiLU
     for names it does not know, among them ``"linear"`` (our bilinear export), so its
@@ -254,17 +258,8 @@ class HFGatedMLPBridge(GatedMLPBridge):
     itself and is unchanged.
     """
 
-    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
-        if not getattr(self, "_use_processed_weights", False):
-            return super().forward(*args, **kwargs)
-        x = self.hook_in(args[0])
-        W_gate, b_gate = self._processed_projection("gate")
-        W_in, b_in = self._processed_projection("in")
-        W_out, b_out = self._processed_projection("out")
-        pre = self.gate.hook_out(torch.nn.functional.linear(x, W_gate, b_gate))
-        pre_linear = getattr(self, "in").hook_out(torch.nn.functional.linear(x, W_in, b_in))
-        post = self.out.hook_in(self.original_component.act_fn(pre) * pre_linear)
-        return self.hook_out(self.out.hook_out(torch.nn.functional.linear(post, W_out, b_out)))
+    def elementwise(self, pre: Tensor, pre_linear: Tensor) -> Tensor:
+        return self.original_component.act_fn(pre) * pre_linear
 
 
 def boot_export(path: Union[str, Path], device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32,

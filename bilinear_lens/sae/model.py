@@ -10,7 +10,7 @@ reconstruction ``x_hat = f W_dec + b_dec``, ``SAE.forward(x) = decode(encode(x))
     x_hat = n^-1(f W_dec + b_dec)                 (hook_sae_recons before n^-1)
 
 With ``rescale_acts_by_decoder_norm`` (top-k only, SAELens' ``TopKSAE``) the top-k acts on
-``pre * |W_dec[i]|`` and decoding uses ``f / |W_dec[i]|``: the SAE behaves as if its decoder
+``pre * |W_dec[i]|`` and decoding uses ``f * (1 / |W_dec[i]|)``: the SAE behaves as if its decoder
 rows had unit norm (SAELens' trainer writes unfolded weights with it set mid-run).
 
 which is what SAELens computes for its ``standard`` and ``topk`` SAEs, so a directory
@@ -122,8 +122,8 @@ class SAE(HookedRootModule):
         """``f W_dec + b_dec``, un-normalised with ``norm_state`` (the second value of
         ``normalize_input(x)`` for the input ``x`` that gave ``f``; unused when
         ``normalize_activations="none"``)."""
-        if self.cfg.rescale_acts_by_decoder_norm:  # SAELens' TopKSAE.decode
-            feature_acts = feature_acts / self.decoder_norms()
+        if self.cfg.rescale_acts_by_decoder_norm:  # SAELens' _act_times_W_dec: times the reciprocal, bit for bit
+            feature_acts = feature_acts * (1 / self.decoder_norms())
         recons = self.hook_sae_recons(feature_acts @ self.W_dec + self.b_dec)
         return self._denormalize(recons, norm_state)
 
