@@ -60,6 +60,10 @@ from bilinear_lens.circuits.pairs import PairDecomposition, mlp_pair_decompositi
 from bilinear_lens.circuits.qk_pairs import QKPairs, qk_pair_attribution
 from bilinear_lens.circuits.path_interactions import PathInteractions, path_interactions
 from bilinear_lens.views.pair_view import pair_matrix_html, pair_matrix_figure
+# interop (issue #21): the export booted safely in TransformerLens; HF module names as our hooks
+from bilinear_lens.models.bridge import boot_export, HFGatedMLPBridge
+from bilinear_lens.models.hook_names import hf_hook_equivalent
+from bilinear_lens.sae.model import hf_hook_name_mapped
 
 __version__ = "0.1.0"
 

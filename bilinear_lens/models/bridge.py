@@ -74,9 +74,12 @@ class BilinearMLPBridge(GatedMLPBridge):
         W_out, b_out = self._processed_projection("out")
         pre = self.gate.hook_out(torch.nn.functional.linear(x, W_gate, b_gate))
         pre_linear = getattr(self, "in").hook_out(torch.nn.functional.linear(x, W_in, b_in))
-        # The elementwise step of our module (the identity activation times the linear half).
-        post = self.out.hook_in(self.original_component.post_from_pre(pre, pre_linear))
+        post = self.out.hook_in(self.elementwise(pre, pre_linear))
         return self.hook_out(self.out.hook_out(torch.nn.functional.linear(post, W_out, b_out)))
+
+    def elementwise(self, pre: Tensor, pre_linear: Tensor) -> Tensor:
+        """The elementwise step of our module (the identity activation times the linear half)."""
+        return self.original_component.post_from_pre(pre, pre_linear)
 
 
 def _norm_bridge(name: str, cfg: Any) -> GeneralizedComponent:
@@ -242,3 +245,39 @@ def to_bridge(model: BilinearTransformer, copy_model: bool = True, model_name: s
 def load_bridge(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> TransformerBridge:
     """Load a checkpoint directory (``save_pretrained`` format) straight into a bridge."""
     return to_bridge(BilinearTransformer.from_pretrained(path, device=device), copy_model=False)
+
+
+class HFGatedMLPBridge(BilinearMLPBridge):
+    """:class:`BilinearMLPBridge`'s processed-weights path (``enable_compatibility_mode``) for
+    a wrapped Hugging Face gated MLP: ``down(act_fn(gate x) * up x)`` with the module's own
+    ``act_fn``.
+
+    TransformerLens resolves the activation from the config's name and falls back to SiLU
+    for names it does not know, among them ``"linear"`` (our bilinear export), so its
+    processed path would silently compute SwiGLU. The default path runs the HF module
+    itself and is unchanged.
+    """
+
+    def elementwise(self, pre: Tensor, pre_linear: Tensor) -> Tensor:
+        return self.original_component.act_fn(pre) * pre_linear
+
+
+def boot_export(path: Union[str, Path], device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32,
+                **kwargs: Any) -> TransformerBridge:
+    """TransformerLens' ``TransformerBridge.boot_transformers(path)`` on an HF Llama export
+    (``save_pretrained(format="hf")``), made safe for ``enable_compatibility_mode()``: every
+    block's gated MLP bridge computes with the HF module's own activation
+    (:class:`HFGatedMLPBridge`; the identity for ``hidden_act: "linear"``), where
+    TransformerLens' would use SiLU. ``kwargs`` go to ``boot_transformers``.
+
+    Raises ``ValueError`` naming the field if the booted model's MLPs are not the gated
+    Hugging Face MLPs this fix is for (the bridge would otherwise be silently wrong).
+    """
+    bridge = TransformerBridge.boot_transformers(str(path), device=device, dtype=dtype, **kwargs)
+    for index, block in enumerate(bridge.blocks):
+        mlp = getattr(block, "mlp", None)
+        if not isinstance(mlp, GatedMLPBridge) or not callable(getattr(mlp.original_component, "act_fn", None)):
+            raise ValueError(f"boot_export({str(path)!r}): blocks.{index}.mlp is {type(mlp).__name__} without an act_fn; "
+                             "expected the gated MLP of an HF Llama export (config.json model_type 'llama')")
+        mlp.__class__ = HFGatedMLPBridge  # a subclass adding no state: only the processed forward differs
+    return bridge

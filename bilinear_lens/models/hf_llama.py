@@ -44,12 +44,17 @@ from bilinear_lens.models.checkpoint import (
     SAVED_CONFIG_KEY,
     WEIGHTS_FILE,
     CheckpointError,
+    read_json,
     saved_config_metadata,
+    write_json,
     write_tensors,
 )
 from bilinear_lens.models.config import ModelConfig
 
 LLAMA_ARCHITECTURE = "LlamaForCausalLM"
+# The tokenizer class the export names: transformers 5 writes "TokenizersBackend", which
+# AutoTokenizer < 5 cannot resolve (ValueError); every supported version reads this one.
+EXPORT_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
 # mlp_kind <-> Llama hidden_act
 HIDDEN_ACTS = {"bilinear": "linear", "swiglu": "silu"}
 MLP_KINDS_BY_ACT = {act: kind for kind, act in HIDDEN_ACTS.items()}
@@ -241,11 +246,20 @@ def write_llama_files(directory: Path, cfg: ModelConfig, state: Mapping[str, Ten
         f"{t}_token_id": getattr(tokenizer, f"{t}_token_id", None) for t in ("bos", "eos", "pad")
     }
     LlamaConfig(**llama_config_dict(cfg), **special).save_pretrained(str(directory))
+    # transformers 5 writes the RoPE base only inside rope_parameters; transformers < 5 reads
+    # the top-level rope_theta and, without it, silently uses 10000.
+    _update_json(directory / "config.json", rope_theta=float(cfg.rotary_base))
     GenerationConfig(do_sample=False, **special).save_pretrained(str(directory))
     metadata = {"format": "pt", **saved_config_metadata(cfg.to_dict())}  # transformers wants format "pt"
     write_tensors(directory / WEIGHTS_FILE, to_llama_state_dict(state, cfg), metadata=metadata)
     if tokenizer is not None:
         save_model_tokenizer(_export_tokenizer(tokenizer, cfg.n_ctx), directory, full=True)  # AutoTokenizer needs tokenizer_config.json
+        _update_json(directory / "tokenizer_config.json", tokenizer_class=EXPORT_TOKENIZER_CLASS)
+
+
+def _update_json(path: Path, **fields: Any) -> None:
+    """Set ``fields`` in the JSON object at ``path`` (a file of the directory being written)."""
+    write_json(path, {**read_json(path, what="exported JSON file"), **fields})
 
 
 def _export_tokenizer(tokenizer: Any, n_ctx: int) -> Any:

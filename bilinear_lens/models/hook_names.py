@@ -4,7 +4,7 @@ shared by our model and analysis code that runs on bridges."""
 from __future__ import annotations
 
 import difflib
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Optional
 
 from torch import Tensor
 from transformer_lens.ActivationCache import ActivationCache
@@ -105,3 +105,63 @@ def check_mlp_layer(model: HookedModel, layer: Any) -> int:
     if name not in model.hook_dict:
         raise ValueError(f"layer {layer} has no MLP (no hook {name!r}; attention-only model?)")
     return layer
+
+
+# Hugging Face Llama module names (the hook names SAELens uses on an ``AutoModelForCausalLM``:
+# a module's output, the first element of a tuple) -> ours, where the two tensors are equal on
+# our HF export (hf_llama's name map). ``{l}`` is the layer; ``"bilinear"`` entries hold only
+# when the MLP's activation is the identity; ``"RMSPre"`` only with weight-ones norms.
+_HF_EXACT = {
+    "model.embed_tokens": ("hook_embed", None),
+    "model.layers.{l}": ("blocks.{l}.hook_resid_post", None),
+    "model.layers.{l}.self_attn": ("blocks.{l}.hook_attn_out", None),
+    "model.layers.{l}.self_attn.o_proj": ("blocks.{l}.hook_attn_out", None),
+    "model.layers.{l}.post_attention_layernorm": ("blocks.{l}.mlp.hook_in", None),
+    "model.layers.{l}.mlp": ("blocks.{l}.hook_mlp_out", None),
+    "model.layers.{l}.mlp.down_proj": ("blocks.{l}.hook_mlp_out", None),
+    "model.layers.{l}.mlp.gate_proj": ("blocks.{l}.mlp.hook_pre", None),
+    "model.layers.{l}.mlp.up_proj": ("blocks.{l}.mlp.hook_pre_linear", None),
+    "model.layers.{l}.mlp.act_fn": ("blocks.{l}.mlp.hook_pre", "bilinear"),
+    "model.layers.{l}.input_layernorm": ("blocks.{l}.ln1.hook_normalized", "RMSPre"),
+    "model.norm": ("ln_final.hook_normalized", "RMSPre"),
+}
+# HF names with no equal tensor here, and what to use instead
+_HF_NEAREST = {
+    "model.layers.{l}.self_attn.q_proj": "blocks.{l}.attn.hook_q reshaped to [batch, pos, n_heads * d_head]",
+    "model.layers.{l}.self_attn.k_proj": "blocks.{l}.attn.hook_k reshaped to [batch, pos, n_heads * d_head]",
+    "model.layers.{l}.self_attn.v_proj": "blocks.{l}.attn.hook_v reshaped to [batch, pos, n_heads * d_head]",
+    "model.layers.{l}.mlp.act_fn": "act(blocks.{l}.mlp.hook_pre) (hook_post is act(pre) * pre_linear)",
+    "model.layers.{l}.input_layernorm": "blocks.{l}.ln1.hook_normalized times blocks.{l}.ln1.weight",
+    "model.norm": "ln_final.hook_normalized times ln_final.weight",
+    "lm_head": "the logits (no hook)",
+}
+
+
+def _hf_pattern(name: str) -> tuple[str, Optional[int]]:
+    """``name`` with its layer index replaced by ``{l}`` (``model.layers.3.mlp`` -> ..., 3)."""
+    parts = name.split(".")
+    if len(parts) >= 3 and parts[:2] == ["model", "layers"] and parts[2].isdigit():
+        return ".".join(["model", "layers", "{l}", *parts[3:]]), int(parts[2])
+    return name, None
+
+
+def hf_hook_equivalent(name: str, model: Any) -> tuple[Optional[str], Optional[str]]:
+    """``(ours, None)`` when the HF Llama module name ``name`` has an exactly equal hook on
+    ``model`` (same tensor on our HF export), else ``(None, advice)`` naming the nearest
+    thing, or ``(None, None)`` when ``name`` is not an HF Llama module name at all."""
+    pattern, layer = _hf_pattern(name)
+    fill = lambda text: text.replace("{l}", str(layer))  # noqa: E731
+    exact = _HF_EXACT.get(pattern)
+    if exact is not None:
+        ours, condition = exact
+        cfg = getattr(model, "cfg", None)
+        holds = (condition is None
+                 or (condition == "bilinear" and getattr(cfg, "mlp_kind", None) == "bilinear")
+                 or (condition == "RMSPre" and getattr(cfg, "normalization_type", None) == "RMSPre"))
+        if holds and fill(ours) in model.hook_dict:
+            return fill(ours), None
+    if pattern in _HF_NEAREST:
+        return None, f"no hook here equals it; the nearest is {fill(_HF_NEAREST[pattern])}"
+    if exact is not None:
+        return None, f"its equivalent {fill(exact[0])} is not a hook of this model"
+    return None, None

@@ -22,6 +22,11 @@ Two layouts exist; both are ``transformers`` ``PreTrainedModel`` directories
   tokenizer ``tdooms/TinyStories-{n_vocab}``): MLP output ``mlp.o``; ``Norm`` is an
   RMSNorm with a learned weight (``n1.norm.weight``) and a bias that stays zero (checked),
   ``eps = 1e-8``, or nothing at all (``normalization: false/null``); no attention scale.
+  The first June version's config says ``normalization: "rms" | "ln" | null`` with
+  ``norm_bias`` and ``mlp_bias``: ``"ln"`` is ``nn.LayerNorm(d_model, norm_bias)``, whose
+  second argument is *eps* (so eps = 0, or 1 with ``norm_bias: true``) with a learned weight
+  and bias, our ``LN``; ``mlp_bias`` puts a bias on ``mlp.w`` only (``mlp.o`` has none, our
+  out bias is zero); ``"rms"`` with a trained bias (``norm_bias: true``) is refused.
 
 Both: rotary with base 10000 on ``d_head`` dims, rotate-half convention, scores scaled by
 ``1/sqrt(d_head)``, causal; no attention biases. ``bilinear: true`` with no gate is our
@@ -47,6 +52,10 @@ from bilinear_lens.models.hub import resolve_model_dir
 from bilinear_lens.models.model import TORCH_DTYPES, BilinearTransformer, model_from_state_dict
 
 PAPER_EPS = 1e-8  # their RMSNorm's eps (shared/components.py)
+# Their "ln" norm has eps 0 (nn.LayerNorm's second positional argument is eps: norm_bias=False),
+# which ModelConfig refuses. In float32, var + 1e-12 == var for every var > 2e-5 (half an ulp
+# of var exceeds 1e-12), so this eps gives their outputs bit for bit on any real residual.
+PAPER_LN_ZERO_EPS = 1e-12
 PAPER_ROTARY_BASE = 10000.0
 # config.tokenizer (Oct-2024) -> (hub id, pad token), as their Transformer.get_tokenizer
 PAPER_TOKENIZERS = {
@@ -111,11 +120,7 @@ def paper_model_config(config: Mapping[str, Any], state: Mapping[str, Tensor], f
     if mlp is not None and mlp not in ("blp", "bilinear"):
         raise CheckpointError(f"{where}: mlp={mlp!r} is not supported; allowed: 'blp' (bilinear)")
     bilinear = True if mlp is not None else config.get("bilinear", True)
-    normalization = config.get("normalization", True)
-    if fmt == "oct2024":
-        norm = "RMSPre" if normalization else None
-    else:
-        norm = "RMS" if normalization else None
+    norm, eps = _norm_type(config, fmt, where)
     if "transformer.wte.weight" not in state:
         raise CheckpointError(f"{where}: the weights have no transformer.wte.weight")
     try:
@@ -130,8 +135,9 @@ def paper_model_config(config: Mapping[str, Any], state: Mapping[str, Tensor], f
             normalization_type=norm,
             positional_embedding_type="rotary",
             rotary_base=PAPER_ROTARY_BASE,
-            mlp_bias=bool(config.get("bias", False)),
-            eps=PAPER_EPS,
+            # Oct-2024 says "bias" (on mlp.w and mlp.p); June-2024 "mlp_bias" (on mlp.w only)
+            mlp_bias=bool(config.get("bias" if fmt == "oct2024" else "mlp_bias", False)),
+            eps=eps,
             dtype=_dtype_name(state["transformer.wte.weight"].dtype, where),
         )
     except CheckpointError:
@@ -140,6 +146,23 @@ def paper_model_config(config: Mapping[str, Any], state: Mapping[str, Tensor], f
         raise CheckpointError(f"{where}: {err}") from err
     _check_rotary(state, cfg.d_head, where)
     return cfg
+
+
+def _norm_type(config: Mapping[str, Any], fmt: str, where: str) -> tuple[Optional[str], float]:
+    """Our ``(normalization_type, eps)`` for their ``normalization`` (and ``norm_bias``) fields."""
+    value = config.get("normalization", True)
+    if value is None or value is False:
+        return None, PAPER_EPS
+    if fmt == "oct2024":
+        if value is not True:
+            raise CheckpointError(f"{where}: normalization={value!r} is not supported for an Oct-2024 checkpoint; allowed: true, false, null")
+        return "RMSPre", PAPER_EPS
+    if value is True or value == "rms":
+        return "RMS", PAPER_EPS
+    if value == "ln":
+        norm_bias = config.get("norm_bias", False)
+        return "LN", float(norm_bias) if norm_bias else PAPER_LN_ZERO_EPS  # nn.LayerNorm(d_model, eps=norm_bias)
+    raise CheckpointError(f"{where}: normalization={value!r} is not supported; allowed: true, false, null, 'rms', 'ln'")
 
 
 def _dtype_name(dtype: torch.dtype, where: str) -> str:
@@ -156,12 +179,16 @@ def _take(state: dict[str, Tensor], name: str, where: str) -> Tensor:
 
 
 def _convert_norm(state: dict[str, Tensor], prefix: str, cfg: ModelConfig, where: str) -> dict[str, Tensor]:
-    """June-2024 ``{prefix}.norm.weight`` -> ``{ours}.weight``; its bias must be zero."""
+    """June-2024 ``{prefix}.norm.weight`` -> ``{ours}.weight``; an RMSNorm's bias must be
+    zero, a LayerNorm's (``normalization: "ln"``) is ``{ours}.bias``."""
+    if cfg.normalization_type == "LN":
+        return {"weight": _take(state, f"{prefix}.norm.weight", where), "bias": _take(state, f"{prefix}.norm.bias", where)}
     if cfg.normalization_type != "RMS":
         return {}
     bias = state.pop(f"{prefix}.norm.bias", None)
     if bias is not None and bool(bias.any()):
-        raise CheckpointError(f"{where}: {prefix}.norm.bias is not zero; RMSNorm with a bias is not supported")
+        raise CheckpointError(f"{where}: {prefix}.norm.bias is not zero (a trained RMSNorm bias: config norm_bias=true); "
+                              "RMSNorm with a bias is not supported")
     return {"weight": _take(state, f"{prefix}.norm.weight", where)}
 
 
@@ -185,7 +212,10 @@ def _convert_layer(state: dict[str, Tensor], l: int, cfg: ModelConfig, fmt: str,
             out["mlp.gate.bias"], out["mlp.in.bias"] = b.chunk(2, dim=0)
         else:
             out["mlp.in.bias"] = b
-        out["mlp.out.bias"] = _take(state, f"{src}.mlp.{out_name}.bias", where)
+        if fmt == "oct2024":
+            out["mlp.out.bias"] = _take(state, f"{src}.mlp.{out_name}.bias", where)
+        else:  # June-2024 BLP: nn.Linear(d_hidden, d_model, bias=False) whatever mlp_bias says
+            out["mlp.out.bias"] = torch.zeros_like(p[:, 0])
     for ours, theirs in (("ln1", "n1"), ("ln2", "n2")):
         out.update({f"{ours}.{k}": t for k, t in _convert_norm(state, f"{src}.{theirs}", cfg, where).items()})
     return {f"blocks.{l}.{k}": t.contiguous() for k, t in out.items()}

@@ -18,10 +18,20 @@ picks the layout from ``sae_lens_version``, so we write ``metadata.sae_lens_vers
 defaults (``True``, ``"none"``, ``"standard"``); every other field is required.
 
 Supported: ``architecture`` ``"standard"`` (ReLU) and ``"topk"`` (top-``k`` pre-activations,
-then ReLU, as SAELens' ``TopKSAE``); ``normalize_activations`` ``"none"``,
+then ReLU, as SAELens' ``TopKSAE``, with its ``rescale_acts_by_decoder_norm``: pre-activations
+times ``|W_dec[i]|`` before the top-k, feature activations divided by it before decoding);
+``normalize_activations`` ``"none"``,
 ``"constant_norm_rescale"`` and ``"layer_norm"`` (applied at run time). Gated, JumpReLU,
 ``expected_average_only_in`` (a dataset scale that SAELens folds into the weights first),
 per-head hooks and ``hook_z`` reshaping are refused with an error naming the field.
+
+Every field SAELens 6.x writes (read from ``sae_lens/saes/*.py``, ``llm_sae_training_runner.py``
+and ``loading/pretrained_sae_loaders.py``, SAELens 6.18) is honoured, ignored because it
+cannot change ``encode``/``decode`` (:data:`IGNORED_FIELDS`, each with its reason), or
+refused naming it; in the >= 6 layout an unknown top-level field is refused too (it may be a
+new field that changes the computation). The pre-6 flat layout mixed the whole training
+runner's config into ``cfg.json``; there, as in SAELens' own ``handle_pre_6_0_config``, fields
+other than the SAE's are dropped, so we compute what SAELens 6 computes from the same file.
 """
 
 from __future__ import annotations
@@ -65,6 +75,7 @@ class SAEConfig:
     normalize_activations: str = "none"
     dtype: str = "float32"
     metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    rescale_acts_by_decoder_norm: bool = False
 
     def __post_init__(self) -> None:
         for name in ("d_in", "d_sae"):
@@ -80,6 +91,10 @@ class SAEConfig:
                 raise SAEConfigError(f"k must be an integer in [1, d_sae={self.d_sae}] for a topk SAE, got {self.k!r}")
         elif self.k is not None:
             raise SAEConfigError(f"k={self.k!r} is only meaningful for architecture='topk'")
+        if not isinstance(self.rescale_acts_by_decoder_norm, bool):
+            raise SAEConfigError(f"rescale_acts_by_decoder_norm must be true or false, got {self.rescale_acts_by_decoder_norm!r}")
+        if self.rescale_acts_by_decoder_norm and self.architecture != "topk":
+            raise SAEConfigError("rescale_acts_by_decoder_norm=true is only meaningful for architecture='topk'")
         if not isinstance(self.apply_b_dec_to_input, bool):
             raise SAEConfigError(f"apply_b_dec_to_input must be true or false, got {self.apply_b_dec_to_input!r}")
         if self.normalize_activations not in NORMALIZATIONS:
@@ -115,11 +130,38 @@ class SAEConfig:
         }
         if self.architecture == "topk":
             out["k"] = self.k
+            out["rescale_acts_by_decoder_norm"] = self.rescale_acts_by_decoder_norm
         return out
 
 
 _PRE_6_RENAMES = {"hook_point": "hook_name", "hook_point_head_index": "hook_head_index", "activation_fn_str": "activation_fn"}
-_KNOWN_METADATA = ("model_name", "context_size", "dataset_path", "prepend_bos")
+# SAELens metadata (``LLM_METADATA_KEYS`` and what ``_set_sae_metadata`` writes) kept verbatim in
+# SAEConfig.metadata: they describe the model and data the SAE was trained on, never enter
+# encode/decode. hook_name, hook_head_index and the version fields are read (or written) apart.
+_KNOWN_METADATA = (
+    "model_name", "model_class_name", "model_from_pretrained_kwargs", "context_size", "dataset_path",
+    "prepend_bos", "exclude_special_tokens", "seqpos_slice", "sequence_separator_token",
+    "disable_concat_sequences", "neuronpedia_id",
+    "hf_hook_name",  # ours: the HF module name an SAE was trained on (sae.model.hf_hook_name_mapped)
+)
+_STRUCTURAL = ("d_in", "d_sae", "hook_name", "dtype", "architecture", "k", "apply_b_dec_to_input",
+               "normalize_activations", "reshape_activations", "hook_head_index", "rescale_acts_by_decoder_norm",
+               "activation_fn", "activation_fn_kwargs")
+# Fields SAELens 6.x writes that cannot change encode/decode, with the reason.
+IGNORED_FIELDS: dict[str, str] = {
+    "device": "where SAELens puts the tensors; we load on CPU and the caller moves the module",
+    "sae_lens_version": "selects the layout, which _flatten reads either way",
+    "sae_lens_training_version": "the trainer's version, provenance only",
+    # TrainingSAEConfig fields, in the cfg.json of the trainer's mid-run checkpoints (save_model)
+    "decoder_init_norm": "initialisation only",
+    "l1_coefficient": "a loss coefficient (standard training)",
+    "lp_norm": "a loss norm (standard training)",
+    "l1_warm_up_steps": "a loss schedule (standard training)",
+    "aux_loss_coefficient": "a loss coefficient (top-k training)",
+    "use_sparse_activations": "sparse or dense storage of the same top-k activations",
+    # pre-6 defaults that SAELens' handle_pre_6_0_config adds, then drops
+    "dataset_trust_remote_code": "how the training data was downloaded",
+}
 
 
 def _flatten(raw: Mapping[str, Any]) -> dict[str, Any]:
@@ -150,11 +192,38 @@ def _architecture_and_k(flat: Mapping[str, Any]) -> tuple[str, Optional[int]]:
     return architecture, kwargs["k"]
 
 
+def _is_pre_6(raw: Mapping[str, Any]) -> bool:
+    """SAELens' own rule (``handle_config_defaulting``): the pre-6 layout unless a
+    ``sae_lens_version`` >= 6 is recorded (top level or in ``metadata``)."""
+    version = raw.get("sae_lens_version") or (raw.get("metadata") or {}).get("sae_lens_version")
+    try:
+        return not version or int(str(version).split(".")[0]) < 6
+    except ValueError:
+        return True
+
+
+def _check_fields(raw: Mapping[str, Any], flat: Mapping[str, Any]) -> None:
+    """Refuse what would change results and we do not compute (module docstring)."""
+    for name in ("hook_name_out", "hook_head_index_out"):
+        if flat.get(name) is not None:
+            raise SAEConfigError(f"{name}={flat[name]!r}: transcoders (an output hook) are not supported")
+    if flat.get("finetuning_scaling_factor"):
+        raise SAEConfigError("finetuning_scaling_factor=true is not supported (fold the scaling factor into W_dec first)")
+    if _is_pre_6(raw):
+        return  # SAELens itself drops the runner's other fields (handle_pre_6_0_config)
+    known = set(_STRUCTURAL) | set(_KNOWN_METADATA) | set(IGNORED_FIELDS) | {"finetuning_scaling_factor", "hook_name_out", "hook_head_index_out"}
+    unknown = sorted(k for k in raw if k != "metadata" and k not in known)
+    if unknown:
+        raise SAEConfigError(f"unknown field(s) {unknown}: not a field of SAELens' standard/topk SAE configs, "
+                             "so we cannot tell whether it changes encode/decode")
+
+
 def sae_config_from_dict(raw: Any) -> SAEConfig:
     """Parse a ``cfg.json`` object in either SAELens layout (see module docstring)."""
     if not isinstance(raw, Mapping):
         raise SAEConfigError(f"must be a JSON object, got {type(raw).__name__}")
     flat = _flatten(raw)
+    _check_fields(raw, flat)
     missing = [name for name in ("d_in", "d_sae", "hook_name", "dtype") if flat.get(name) is None]
     if missing:
         raise SAEConfigError(f"missing field(s) {missing}")
@@ -164,6 +233,9 @@ def sae_config_from_dict(raw: Any) -> SAEConfig:
         raise SAEConfigError(f"reshape_activations={flat['reshape_activations']!r} is not supported; allowed: 'none'")
     architecture, k = _architecture_and_k(flat)
     dtype = str(flat["dtype"]).removeprefix("torch.")
+    normalize = flat.get("normalize_activations", "none")
+    if isinstance(normalize, bool):  # pre-6: true meant the dataset-wide scale (SAELens' reading)
+        normalize = "expected_average_only_in" if normalize else "none"
     return SAEConfig(
         d_in=flat["d_in"],
         d_sae=flat["d_sae"],
@@ -171,9 +243,12 @@ def sae_config_from_dict(raw: Any) -> SAEConfig:
         architecture=architecture,
         k=k,
         apply_b_dec_to_input=flat.get("apply_b_dec_to_input", True),
-        normalize_activations=flat.get("normalize_activations", "none") or "none",
+        normalize_activations=normalize or "none",
         dtype=dtype,
         metadata={key: flat[key] for key in _KNOWN_METADATA if key in flat},
+        # SAELens' TopKSAEConfig default is false (its *training* config's is true, always written);
+        # true on a standard SAE is refused by SAEConfig
+        rescale_acts_by_decoder_norm=flat.get("rescale_acts_by_decoder_norm", False),
     )
 
 

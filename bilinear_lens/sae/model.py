@@ -9,6 +9,10 @@ reconstruction ``x_hat = f W_dec + b_dec``, ``SAE.forward(x) = decode(encode(x))
     f   = relu(pre)        | topk_k(pre) then relu (hook_sae_acts_post)
     x_hat = n^-1(f W_dec + b_dec)                 (hook_sae_recons before n^-1)
 
+With ``rescale_acts_by_decoder_norm`` (top-k only, SAELens' ``TopKSAE``) the top-k acts on
+``pre * |W_dec[i]|`` and decoding uses ``f * (1 / |W_dec[i]|)``: the SAE behaves as if its decoder
+rows had unit norm (SAELens' trainer writes unfolded weights with it set mid-run).
+
 which is what SAELens computes for its ``standard`` and ``topk`` SAEs, so a directory
 written by :func:`save_sae` loads in SAELens and vice versa (see
 :mod:`bilinear_lens.sae.config` for the fields).
@@ -103,14 +107,23 @@ class SAE(HookedRootModule):
         """The SAE's nonlinearity: ReLU or top-k then ReLU."""
         return topk_relu(pre, self.cfg.k) if self.cfg.architecture == "topk" else pre.relu()
 
+    def decoder_norms(self) -> Float[Tensor, "d_sae"]:
+        """``|W_dec[i]|`` per feature."""
+        return self.W_dec.norm(dim=-1)
+
     def encode(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_sae"]:
         """Feature activations ``f`` (sparse, >= 0)."""
-        return self.hook_sae_acts_post(self.activation(self.encode_pre(x)))
+        pre = self.encode_pre(x)
+        if self.cfg.rescale_acts_by_decoder_norm:  # after hook_sae_acts_pre, as SAELens' TopKSAE.encode
+            pre = pre * self.decoder_norms()
+        return self.hook_sae_acts_post(self.activation(pre))
 
     def decode(self, feature_acts: Float[Tensor, "... d_sae"], norm_state: Any = None) -> Float[Tensor, "... d_in"]:
         """``f W_dec + b_dec``, un-normalised with ``norm_state`` (the second value of
         ``normalize_input(x)`` for the input ``x`` that gave ``f``; unused when
         ``normalize_activations="none"``)."""
+        if self.cfg.rescale_acts_by_decoder_norm:  # SAELens' _act_times_W_dec: times the reciprocal, bit for bit
+            feature_acts = feature_acts * (1 / self.decoder_norms())
         recons = self.hook_sae_recons(feature_acts @ self.W_dec + self.b_dec)
         return self._denormalize(recons, norm_state)
 
@@ -169,8 +182,26 @@ def load_sae(path: PathLike, model: Any = None) -> SAE:
     check_finite(tensors, where=str(path / SAE_WEIGHTS_FILE))  # after the cast: an overflow to inf counts too
     sae.load_state_dict(tensors)
     if model is not None:
+        sae.cfg = hf_hook_name_mapped(sae.cfg, model)
         check_sae_fits_model(sae, model, where=str(path / SAE_CFG_FILE))
     return sae.eval()
+
+
+def hf_hook_name_mapped(cfg: SAEConfig, model: Any) -> SAEConfig:
+    """``cfg`` with an HF module name (an SAE SAELens trained on our HF export through
+    ``AutoModelForCausalLM``, e.g. ``model.layers.0.mlp``) replaced by ``model``'s exactly
+    equal hook (``blocks.0.hook_mlp_out``; :func:`~bilinear_lens.models.hook_names.hf_hook_equivalent`),
+    the original kept in ``metadata["hf_hook_name"]``. Other names are returned unchanged."""
+    import dataclasses
+
+    from bilinear_lens.models.hook_names import hf_hook_equivalent
+
+    if cfg.hook_name in model.hook_dict:
+        return cfg
+    ours, _ = hf_hook_equivalent(cfg.hook_name, model)
+    if ours is None:
+        return cfg
+    return dataclasses.replace(cfg, hook_name=ours, metadata={**dict(cfg.metadata), "hf_hook_name": cfg.hook_name})
 
 
 def hook_width(model: Any, hook_name: str) -> int:
@@ -192,6 +223,12 @@ def check_sae_fits_model(sae: SAE, model: Any, where: str = "SAE config") -> Non
     try:
         width = hook_width(model, sae.cfg.hook_name)
     except UnknownHookError as err:
+        from bilinear_lens.models.hook_names import hf_hook_equivalent
+
+        _, advice = hf_hook_equivalent(sae.cfg.hook_name, model)
+        if advice is not None:  # an HF module name without an exact counterpart: say what is nearest
+            raise SAEConfigError(f"{where}: field hook_name={sae.cfg.hook_name!r} is a Hugging Face Llama module name; "
+                                 f"{advice}") from None
         raise SAEConfigError(f"{where}: field hook_name={sae.cfg.hook_name!r}: {err}") from None
     if width != sae.cfg.d_in:
         raise SAEConfigError(

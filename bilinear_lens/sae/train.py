@@ -267,20 +267,32 @@ def _setup(model_path: Path, recipe: SAERecipe, device: torch.device, progress: 
     return model, train_blocks, val_blocks
 
 
-def _initial_sae(model: Any, train_blocks: Any, recipe: SAERecipe, ckpt: Optional[Path]) -> SAE:
+def sae_training_metadata(model_path: Path, model: Any, recipe: SAERecipe) -> dict[str, Any]:
+    """SAELens' metadata for an SAE trained here: ``model_name`` (the model checkpoint as
+    given), ``context_size``, ``dataset_path`` (``data.source``) and ``prepend_bos`` = false:
+    the trainer reads packed blocks (documents joined by the BOS/separator token), so a
+    context does not start with a BOS of its own (SAELens' ``prepend_bos`` means it does)."""
+    return {"model_name": str(model_path), "context_size": model.cfg.n_ctx,
+            "dataset_path": recipe.data.source, "prepend_bos": False}
+
+
+def _initial_sae(model: Any, train_blocks: Any, recipe: SAERecipe, ckpt: Optional[Path],
+                 model_path: Optional[Path] = None) -> SAE:
     """A fresh SAE (:func:`init_sae` on the first batch), or the checkpoint's (its config
-    must equal the recipe's)."""
+    must equal the recipe's except in metadata, which is descriptive and is renewed: runs
+    saved before the metadata grew resume too)."""
     spec, tc = recipe.sae, recipe.train
     d_in = hook_width(model, spec.hook)
-    sae_cfg = SAEConfig(d_in=d_in, d_sae=spec.expansion * d_in, hook_name=spec.hook, k=spec.k,
-                        metadata={"context_size": model.cfg.n_ctx})
+    metadata = sae_training_metadata(model_path, model, recipe) if model_path is not None else {"context_size": model.cfg.n_ctx}
+    sae_cfg = SAEConfig(d_in=d_in, d_sae=spec.expansion * d_in, hook_name=spec.hook, k=spec.k, metadata=metadata)
     if ckpt is None:
         first = hook_activations(model, train_blocks.batch(0, tc.batch_size, seed=tc.seed).to(model.W_E.device), spec.hook)
         return init_sae(sae_cfg, first.cpu(), spec, tc.seed).to(model.W_E.device)
     sae = load_sae(ckpt)
-    if sae.cfg != sae_cfg:
+    if dataclasses.replace(sae.cfg, metadata={}) != dataclasses.replace(sae_cfg, metadata={}):
         raise ValueError(f"cannot resume from {ckpt}: its SAE (saved) differs from the recipe's (given) in "
                          f"{format_differences(field_differences(sae.cfg, sae_cfg))}")
+    sae.cfg = sae_cfg
     return sae.to(model.W_E.device)
 
 
@@ -401,7 +413,7 @@ def _train_sae(checkpoint: Path, out_dir: Path, recipe: SAERecipe, ckpt: Optiona
                progress: bool, stop_at: Optional[int]) -> SAETrainResult:
     tc = recipe.train
     model, train_blocks, val_blocks = _setup(checkpoint, recipe, env.device, progress)
-    sae = _initial_sae(model, train_blocks, recipe, ckpt)
+    sae = _initial_sae(model, train_blocks, recipe, ckpt, model_path=checkpoint)
     training = SAETraining(model, sae, train_blocks, val_blocks, recipe)
     task = dataclasses.replace(training.task(), after_checkpoint=lambda path: _write_recipe(out_dir, checkpoint, recipe))
     trainer = Trainer(task, make_optimizer(sae, tc), tc, tc.steps, env, out_dir, ckpt, progress)
