@@ -13,11 +13,12 @@ from corrupted to clean is ``m(1) - m(0) = int_0^1 g(alpha) . D d alpha`` with
   quadratic along the path (a bilinear MLP followed by linear maps, e.g. the last layer's
   MLP input with no final norm), where ``atp`` misses ``D^T Q D``.
 - ``("gauss_legendre", k)`` or ``"gauss_legendre:k"``: ``sum_j w_j g(alpha_j) . D`` at the
-  ``k`` Gauss-Legendre nodes of ``[0, 1]``: exact for polynomials of degree ``2k - 1`` in
-  ``alpha``. With attention patterns and norm scales frozen
+  ``k`` Gauss-Legendre nodes of ``[0, 1]`` (integrated gradients): exact when the
+  integrand ``g(alpha) . D`` is a polynomial of degree ``<= 2k - 1`` in ``alpha``, i.e. when
+  the metric is one of degree ``<= 2k``. With attention patterns and norm scales frozen
   (:mod:`bilinear_lens.circuits.freezing`) a bilinear model is a polynomial of degree
-  ``2^n`` in an activation read by ``n`` later bilinear MLPs, so ``k = 2^(n-1) + 1``
-  points (2 for one MLP) are exact.
+  ``2^n`` in an activation read by ``n`` later bilinear MLPs, so ``k = 2^(n-1)`` points
+  are exact: 1 (the midpoint) for one MLP, 2 for two, 4 for three.
 - ``"exact"``: real activation patching, ``m(1) - m(0)`` (one forward per cell, batched).
 
 Every non-exact method is a weighted sum of gradients at path points; cells are stacked
