@@ -6,7 +6,8 @@ a chunk of ``n`` cells runs as one forward over ``n`` copies of the corrupted ba
 (rows ``c * batch + b``), each copy patched at its own cell, and the metric is applied
 to each copy's logits ``[batch, pos, d_vocab]`` exactly as TransformerLens applies it to
 one forward's, so the values are the same cell for cell. Chunks hold at most
-``max_batch`` rows (default: as many as ``memory_budget`` bytes of activations allow).
+``max_batch`` rows (default: as many as ``memory_budget`` bytes of activations allow). On
+our model the blocks before a chunk's first patched block run once, not once per copy.
 
 Results are TransformerLens' ``PatchingResult`` (per-example values, ``baseline``,
 ``effect()``, ``normalized()``, ``bootstrap_ci()``), extended with the clean run's metric
@@ -30,7 +31,10 @@ from bilinear_lens.circuits.prompts import Prompts, check_prompt_pair, prompt_to
 MetricFn = Callable[[Tensor], Tensor]
 FwdHook = tuple[str, Callable[..., Any]]
 REDUCE_MODES = ("scalar", "mean", "none")
-DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of activations per chunk (1 GiB)
+# Bytes of activations per chunk. Larger chunks do not run faster on CPU (measured on a
+# 4-layer d_model 64 model: 64-row chunks 1.2 s, 1024-row chunks 2.3 s for 1024 cells, as
+# the activations fall out of cache), so the default stays modest.
+DEFAULT_MEMORY_BUDGET = 1 << 27
 
 
 @dataclass
@@ -116,6 +120,39 @@ def _metric_values(metric: MetricFn, logits: Tensor, per_example: bool, batch: i
     return out.detach()
 
 
+def _hook_layer(name: str) -> Optional[int]:
+    """``l`` of a hook inside ``blocks.{l}``, ``None`` for ``hook_embed`` and the like."""
+    parts = name.split(".")
+    return int(parts[1]) if len(parts) > 2 and parts[0] == "blocks" and parts[1].isdigit() else None
+
+
+def shared_prefix_layer(model: Any, family: NodeFamily, cells: Sequence[Cell]) -> Optional[int]:
+    """The first block any of ``cells`` patches, when every copy can share the corrupted
+    run up to it (our model's ``stop_at_layer``/``start_at_layer``); ``None`` otherwise
+    (the bridge, a cell at ``hook_embed``, or block 0)."""
+    from bilinear_lens.models.model import BilinearTransformer
+
+    if not isinstance(model, BilinearTransformer):
+        return None
+    layers = [_hook_layer(family.hook(c)) for c in cells]
+    if any(layer is None for layer in layers):
+        return None
+    return min(layers) or None  # type: ignore[type-var]
+
+
+def stacked_forward(model: Any, corrupted_tokens: Tensor, copies: int, hooks: Sequence[FwdHook],
+                    extra_hooks: Sequence[FwdHook], start: Optional[int]) -> Tensor:
+    """Logits of ``copies`` stacked copies of the corrupted batch under ``hooks`` (and
+    ``extra_hooks``). With ``start``, blocks before it run once on the batch (they are the
+    same for every copy: no hook of ``hooks`` sits there) and the copies start at block
+    ``start`` from that residual stream."""
+    if start is None:
+        return model.run_with_hooks(corrupted_tokens.repeat(copies, 1), fwd_hooks=[*hooks, *extra_hooks])
+    with model.hooks(fwd_hooks=list(extra_hooks)):
+        resid = model(corrupted_tokens, stop_at_layer=start)
+    return model.run_with_hooks(resid.repeat(copies, 1, 1), start_at_layer=start, fwd_hooks=[*hooks, *extra_hooks])
+
+
 def run_cells(model: Any, corrupted_tokens: Tensor, clean_cache: Any, family: NodeFamily, cells: Sequence[Cell],
               metric: MetricFn, *, max_batch: Optional[int] = None, memory_budget: int = DEFAULT_MEMORY_BUDGET,
               extra_hooks: Sequence[FwdHook] = (), progress: bool = True, per_example: bool = True,
@@ -127,8 +164,9 @@ def run_cells(model: Any, corrupted_tokens: Tensor, clean_cache: Any, family: No
     for chunk in tqdm(chunks, desc=f"patching {family.name}", unit="forward", disable=not progress, leave=False):
         chunk_cells = [cells[i] for i in chunk]
         hooks = patch_hooks(family, chunk_cells, clean_cache, batch)
+        start = shared_prefix_layer(model, family, chunk_cells)
         with torch.no_grad():
-            logits = model.run_with_hooks(corrupted_tokens.repeat(len(chunk), 1), fwd_hooks=[*hooks, *extra_hooks])
+            logits = stacked_forward(model, corrupted_tokens, len(chunk), hooks, extra_hooks, start)
         for j, i in enumerate(chunk):
             yield i, _metric_values(metric, logits[j * batch : (j + 1) * batch], per_example, batch, reduce)
 
