@@ -55,6 +55,11 @@ from bilinear_lens.sae.features import input_feature_basis, feature_interaction_
 from bilinear_lens.sae.ablation import feature_ablation_sweep
 from bilinear_lens.sae.recipe import SAERecipe, SAESpec, load_sae_recipe
 from bilinear_lens.sae.train import train_sae, SAETrainResult, SAETraining, tangent_decoder_gradients
+from bilinear_lens.circuits.patching import batched_activation_patch, patch_grid, GridResult
+from bilinear_lens.circuits.patch_nodes import NodeFamily, EigenFamily, node_family, eigen_family
+from bilinear_lens.circuits.attribution_patching import attribution_patching, AttributionPatchingResult
+from bilinear_lens.circuits.freezing import freeze_hooks, frozen_hook_names
+from bilinear_lens.views.patching_view import PatchingHeatmap
 
 __version__ = "0.1.0"
 

@@ -1,6 +1,6 @@
 """``bilinear-lens circuit attribute``: attribution patching with exactness diagnostics.
 
-    bilinear-lens circuit attribute --checkpoint runs/tiny/final --clean " the cat was happy" \\
+    bilinear-lens circuit attribute --checkpoint runs/tiny/final --clean " the cat was very happy" \\
         --corrupt " the cat was not happy" --logit-diff " happy" " sad" --kind mlp_in \\
         --method two_point [--freeze-patterns --freeze-norm-scales] [--check-exact] [--json] [--out scores.html]
 

@@ -1,6 +1,6 @@
 """``bilinear-lens circuit patch``: a batched activation-patching grid.
 
-    bilinear-lens circuit patch --checkpoint runs/tiny/final --clean " the cat was happy" \\
+    bilinear-lens circuit patch --checkpoint runs/tiny/final --clean " the cat was very happy" \\
         --corrupt " the cat was not happy" --logit-diff " happy" " sad" --kind resid_pre [--json] [--out grid.html]
 
 Caches the clean run, patches each cell of ``--kind`` (``resid_pre``, ``attn_head_out_by_pos``,
@@ -50,9 +50,11 @@ COMMAND = "circuit patch"
 def add_kind_arguments(parser: argparse.ArgumentParser) -> None:
     from bilinear_lens.circuits.patch_nodes import FAMILY_NAMES
 
-    parser.add_argument("--kind", choices=FAMILY_NAMES, default="resid_pre", help="what each cell patches (default resid_pre)")
+    parser.add_argument("--kind", choices=FAMILY_NAMES, default="resid_pre", metavar="KIND",
+                        help=f"what each cell patches (default resid_pre): {', '.join(FAMILY_NAMES)}")
     parser.add_argument("--layer", type=int, default=None, help="the bilinear layer of --kind mlp_in_eigen")
-    parser.add_argument("--k", type=int, default=8, help="eigen-components of Q(u) for --kind mlp_in_eigen (default 8)")
+    parser.add_argument("--k", type=int, default=8,
+                        help="top eigen-components of Q(u), u the metric's residual direction, for --kind mlp_in_eigen (default 8)")
     parser.add_argument("--max-batch", type=int, default=None, help="batch rows per forward (default: a 1 GiB budget)")
     parser.add_argument("--top", type=int, default=10, help="cells to print (default 10)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")

@@ -233,3 +233,15 @@ def test_texts_of_different_token_lengths_are_refused_not_padded():
     assert same.shape[0] == 2
     with pytest.raises(ValueError, match=r"corrupted tokenize to different lengths \[\d+, \d+\]: patching needs prompts"):
         prompt_tokens(model, ["the cat", "the big happy dog ran home"], "corrupted")
+
+
+@pytest.mark.parametrize("on", ["model", "bridge"])
+def test_patching_benchmark_runs_at_toy_size_and_prints_ratio_and_difference(on, capsys):
+    from benchmarks import patching as bench
+
+    code = bench.main(["--n-layers", "2", "--pos", "4", "--d-model", "16", "--n-heads", "2", "--d-vocab", "32",
+                       "--max-batch", "5", "--on", on])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "= 16 cells" in out and "ratio (serial/batched):" in out
+    assert float(out.split("max |difference|: ")[1].split()[0]) <= bench.DISAGREE
