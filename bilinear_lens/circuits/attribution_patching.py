@@ -194,6 +194,8 @@ def attribution_patching(
     if freeze_at not in FREEZE_AT:
         raise ValueError(f"freeze_at={freeze_at!r} is invalid: allowed {list(FREEZE_AT)}")
     family = resolve_family(kind)
+    if freeze_patterns and "pattern" in family.name:
+        raise ValueError(f"kind={family.name!r} patches the attention patterns that freeze_patterns=True holds fixed")
     clean_tokens = prompt_tokens(model, clean, "clean")
     corrupted_tokens = prompt_tokens(model, corrupted, "corrupted")
     check_prompt_pair(clean_tokens, corrupted_tokens)
@@ -245,9 +247,13 @@ def attribution_patching(
             with torch.enable_grad(), model.hooks(fwd_hooks=[*hooks_c, *frozen]):
                 values = _metric_rows(metric, model(corrupted_tokens.repeat(len(rows), 1)), batch, len(rows))
                 names_c = list(path_captured)
-                grads_c = dict(zip(names_c, torch.autograd.grad(values.sum(), [path_captured[n] for n in names_c])))
+                grads_c = dict(zip(names_c, torch.autograd.grad(values.sum(), [path_captured[n] for n in names_c],
+                                                                allow_unused=True)))
             for r, (i, _, w) in enumerate(rows):
-                g = grads_c[family.hook(cells[i])].reshape(len(rows), batch, *base[family.hook(cells[i])].shape[1:])[r]
+                hook_name = family.hook(cells[i])
+                if grads_c[hook_name] is None:  # the metric does not depend on this hook at all
+                    continue
+                g = grads_c[hook_name].reshape(len(rows), batch, *base[hook_name].shape[1:])[r]
                 scores[i] += w * (g.detach() * diffs[i]).flatten(1).sum(-1)
 
     remainder = None

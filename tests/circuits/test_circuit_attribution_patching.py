@@ -198,5 +198,21 @@ def test_method_parsing_and_quadrature_rules():
         attribution_patching(model, clean, corrupted, logit_diff, freeze_at="both")
     with pytest.raises(ValueError, match=r"metric must return a \[batch\] tensor of length 2, got shape \(\)"):
         attribution_patching(model, clean, corrupted, lambda logits: logit_diff(logits).sum(), progress=False)
+    with pytest.raises(ValueError, match="kind='attn_head_pattern_by_pos' patches the attention patterns that freeze_patterns"):
+        attribution_patching(model, clean, corrupted, logit_diff, "attn_head_pattern_by_pos", freeze_patterns=True)
     with pytest.raises(ValueError, match=r"clean and corrupted prompts have different lengths \(5 and 3 tokens\)"):
         attribution_patching(model, clean, corrupted[:, :3], logit_diff)
+
+
+@pytest.mark.parametrize("kind", ["attn_head_pattern_all_pos", "attn_head_q_all_pos", "resid_mid"])
+def test_path_rules_run_on_every_family_and_converge_to_exact_with_more_points(kind):
+    # Without freezing, softmax and norms make nothing polynomial, but Gauss-Legendre still
+    # converges to the exact effect on these smooth paths (measured on resid_mid: 8 points
+    # 4e-2, 16: 5e-4, 32: 1e-7, 64: 3e-15, the norm's input dipping to a third of its length).
+    model = _model(init_range=0.1)
+    clean, corrupted = _prompts()
+    exact = attribution_patching(model, clean, corrupted, logit_diff, kind, "exact", progress=False)
+    atp = attribution_patching(model, clean, corrupted, logit_diff, kind, "atp", progress=False)
+    gl64 = attribution_patching(model, clean, corrupted, logit_diff, kind, "gauss_legendre:64", progress=False)
+    assert gl64.scores.shape == exact.scores.shape == atp.scores.shape
+    assert (gl64.scores - exact.scores).abs().max() < 1e-9 < 1e-3 < (atp.scores - exact.scores).abs().max()
