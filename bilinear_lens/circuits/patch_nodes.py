@@ -160,5 +160,5 @@ def eigen_family(model: Any, layer: int, u: Tensor, k: int = 8) -> EigenFamily:
     with torch.no_grad():
         eig = eigendecompose(interaction_matrix(mlp, u)).top(k)
     name = f"blocks.{layer}.mlp.hook_in"
-    return EigenFamily("mlp_in_eigen", ("component", "pos"), lambda cell: name, None, None,
-                       eig.eigenvalues.detach(), eig.eigenvectors.detach())
+    return EigenFamily(name="mlp_in_eigen", axes=("component", "pos"), hook_of=lambda cell: name,
+                       eigenvalues=eig.eigenvalues.detach(), eigenvectors=eig.eigenvectors.detach())
