@@ -55,7 +55,7 @@ def add_kind_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layer", type=int, default=None, help="the bilinear layer of --kind mlp_in_eigen")
     parser.add_argument("--k", type=int, default=8,
                         help="top eigen-components of Q(u), u the metric's residual direction, for --kind mlp_in_eigen (default 8)")
-    parser.add_argument("--max-batch", type=int, default=None, help="batch rows per forward (default: a 1 GiB budget)")
+    parser.add_argument("--max-batch", type=int, default=None, help="batch rows per forward (default: what 128 MiB of activations allow)")
     parser.add_argument("--top", type=int, default=10, help="cells to print (default 10)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--out", default=None, metavar="FILE", help="write .json (the result) or .html (a heatmap)")
