@@ -64,6 +64,11 @@ from bilinear_lens.views.pair_view import pair_matrix_html, pair_matrix_figure
 from bilinear_lens.models.bridge import boot_export, HFGatedMLPBridge
 from bilinear_lens.models.hook_names import hf_hook_equivalent
 from bilinear_lens.sae.model import hf_hook_name_mapped
+from bilinear_lens.circuits.patching import batched_activation_patch, patch_grid, GridResult
+from bilinear_lens.circuits.patch_nodes import NodeFamily, EigenFamily, node_family, eigen_family
+from bilinear_lens.circuits.attribution_patching import attribution_patching, AttributionPatchingResult
+from bilinear_lens.circuits.freezing import freeze_hooks, frozen_hook_names
+from bilinear_lens.views.patching_view import PatchingHeatmap
 
 __version__ = "0.1.0"
 

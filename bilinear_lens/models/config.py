@@ -114,6 +114,20 @@ class ModelConfig:
         if not is_int(self.seed):
             _fail("seed", self.seed, "must be an integer")
 
+    # ---- what TransformerLens' own ``transformer_lens.patching`` reads from ``model.cfg`` ----
+    @property
+    def device(self) -> None:
+        """``None``: the config does not track where the weights live. TransformerLens'
+        patching functions allocate their result buffer with ``device=model.cfg.device``;
+        ``None`` is torch's default device (results from another device are copied in)."""
+        return None
+
+    @property
+    def n_key_value_heads(self) -> None:
+        """``None``: every attention layer has ``n_heads`` key/value heads (no GQA), as
+        TransformerLens' patching functions expect from ``cfg.n_key_value_heads``."""
+        return None
+
     @property
     def attn_only(self) -> bool:
         return self.mlp_kind == ATTN_ONLY
