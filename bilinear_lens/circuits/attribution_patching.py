@@ -38,7 +38,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
+from bilinear_lens.progress import progress_bar
 
 from bilinear_lens.circuits.freezing import freeze_hooks
 from bilinear_lens.circuits.patch_nodes import Cell, NodeFamily
@@ -238,7 +238,7 @@ def attribution_patching(
     points = [(a, w) for a, w in zip(alphas, weights) if a != 0.0]
     if points:
         chunks = cell_chunks(cells, batch * len(points), max_batch, model, n_pos, memory_budget)
-        for chunk in tqdm(chunks, desc=f"attribution {label}", unit="forward", disable=not progress, leave=False):
+        for chunk in progress_bar(chunks, desc=f"attribution {label}", unit="forward", enabled=progress, leave=False):
             rows = [(i, a, w) for i in chunk for a, w in points]
             row_cells = [cells[i] for i, _, _ in rows]
             alpha_t = torch.tensor([a for _, a, _ in rows], dtype=torch.float64)

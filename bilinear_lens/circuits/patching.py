@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
+from bilinear_lens.progress import progress_bar
 from transformer_lens.patching import PatchingResult, make_df_from_ranges
 
 from bilinear_lens.circuits.patch_nodes import Cell, NodeFamily, node_family
@@ -161,7 +161,7 @@ def run_cells(model: Any, corrupted_tokens: Tensor, clean_cache: Any, family: No
     ``extra_hooks`` run in every forward (e.g. :func:`~bilinear_lens.circuits.freezing.freeze_hooks`)."""
     batch, n_pos = corrupted_tokens.shape
     chunks = cell_chunks(cells, batch, max_batch, model, n_pos, memory_budget)
-    for chunk in tqdm(chunks, desc=f"patching {family.name}", unit="forward", disable=not progress, leave=False):
+    for chunk in progress_bar(chunks, desc=f"patching {family.name}", unit="forward", enabled=progress, leave=False):
         chunk_cells = [cells[i] for i in chunk]
         hooks = patch_hooks(family, chunk_cells, clean_cache, batch)
         start = shared_prefix_layer(model, family, chunk_cells)
