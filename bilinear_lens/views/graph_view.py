@@ -43,9 +43,10 @@ _SCRIPT = r"""
   const KIND_ROW = {embedding: 0, bias: 0, logit: 2 * nL + 1};
   const COLOR = {embedding: "#9ca3af", bias: "#111827", head: "#f59e0b", mlp: "#10b981", neuron: "#10b981",
                  eigen: "#8b5cf6", mlp_rest: "#e5e7eb", mlp_residual: "#e5e7eb", logit: "#3b82f6"};
+  function esc(s) { return String(s).replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;"); }
   function row(n) { return n.kind in KIND_ROW ? KIND_ROW[n.kind] : (n.kind === "head" ? 1 + 2 * n.layer : 2 + 2 * n.layer); }
   const nCols = D.n_pos + 1, nRows = 2 * nL + 2;
-  const colW = Math.max(40, Math.min(120, 1400 / nCols)), rowH = 70, padL = 60, padT = 20;
+  const colW = Math.max(24, Math.min(90, 1100 / nCols)), rowH = 70, padL = 60, padT = 20;
   const W = padL + nCols * colW + 20, H = padT + nRows * rowH + 40;
   const cells = {};
   N.forEach((n, i) => { const key = row(n) + ":" + (n.pos + 1); (cells[key] = cells[key] || []).push(i); });
@@ -67,7 +68,7 @@ _SCRIPT = r"""
     parts.push('<text x="4" y="' + (padT + (nRows - 1 - r + 0.5) * rowH + 3) + '">' + label + "</text>");
   }
   for (let c = 0; c < nCols; c++) {
-    parts.push('<text x="' + (padL + (c + 0.2) * colW) + '" y="' + (H - 8) + '">' + (c === 0 ? "bias" : (c - 1)) + "</text>");
+    parts.push('<text x="' + (padL + (c + 0.2) * colW) + '" y="' + (H - 8) + '">' + (c === 0 ? "bias" : esc((c - 1) + " " + (D.tokens[c - 1] || "").slice(0, 8))) + "</text>");
   }
   parts.push("<g>");
   E.forEach((e, j) => {
