@@ -55,6 +55,11 @@ from bilinear_lens.sae.features import input_feature_basis, feature_interaction_
 from bilinear_lens.sae.ablation import feature_ablation_sweep
 from bilinear_lens.sae.recipe import SAERecipe, SAESpec, load_sae_recipe
 from bilinear_lens.sae.train import train_sae, SAETrainResult, SAETraining, tangent_decoder_gradients
+from bilinear_lens.circuits.linearized import linearized, linearization_hooks, record_frozen_values, FrozenValues, check_exact_mlps, gradient_times_input
+from bilinear_lens.circuits.graph import attribution_graph, AttributionGraph, GraphNode, GraphTarget, top_logit_targets, direction_target
+from bilinear_lens.circuits.graph_prune import prune_graph, prune_adjacency, PruneResult
+from bilinear_lens.circuits.graph_export import graph_to_json, write_graph_json
+from bilinear_lens.views.graph_view import GraphView, graph_html
 
 __version__ = "0.1.0"
 

@@ -509,13 +509,24 @@ def _source_maps(leaves: dict[str, Tensor], clean: _Clean, n_layers: int, split:
     return maps
 
 
-def _edges(maps: dict[str, Tensor], readers: list[_Reader], n_nodes: int) -> Tensor:
-    batch = next(iter(maps.values())).shape[0]
-    edges = torch.zeros(batch, n_nodes, dtype=torch.float64)
+def _gather_plan(readers: list[_Reader]) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
+    """Per leaf key, ``(items, nodes, weights)``: source node ``nodes[j]`` takes
+    ``weights[j] x M[:, items[j]]`` (one ``index_add`` per key instead of a loop over nodes)."""
+    plan: dict[str, tuple[list[int], list[int], list[float]]] = {}
     for s, reader in enumerate(readers):
         for key, items, weights in reader.sources:
-            m = maps[key][:, items].double().cpu()
-            edges[:, s] += (m * torch.tensor(weights, dtype=torch.float64)).sum(1)
+            entry = plan.setdefault(key, ([], [], []))
+            entry[0].extend(items)
+            entry[1].extend([s] * len(items))
+            entry[2].extend(weights)
+    return {k: (torch.tensor(i), torch.tensor(n), torch.tensor(w, dtype=torch.float64)) for k, (i, n, w) in plan.items()}
+
+
+def _edges(maps: dict[str, Tensor], plan: dict[str, tuple[Tensor, Tensor, Tensor]], n_nodes: int) -> Tensor:
+    batch = next(iter(maps.values())).shape[0]
+    edges = torch.zeros(batch, n_nodes, dtype=torch.float64)
+    for key, (items, nodes, weights) in plan.items():
+        edges.index_add_(1, nodes, maps[key].double().cpu()[:, items] * weights)
     return edges
 
 
@@ -568,6 +579,7 @@ def attribution_graph(
     n = len(nodes)
     adjacency = torch.zeros(n, n, dtype=torch.float64)
     rows = [i for i, r in enumerate(readers) if r.reads]
+    plan = _gather_plan(readers)
     scales = {t.position: _final_scale(frozen, t.position) for t in targets}
     chunks = [rows[i : i + chunk_size] for i in range(0, len(rows), chunk_size)]
     if progress:
@@ -580,7 +592,7 @@ def attribution_graph(
             leaves, live = _leaf_forward(model, frozen, clean, split, len(chunk), n_layers, zero=False)
             q = _read_out(live, chunk_readers, frozen, scales)
             q.sum().backward()
-        edges = _edges(_source_maps(leaves, clean, n_layers, split), readers, n)
+        edges = _edges(_source_maps(leaves, clean, n_layers, split), plan, n)
         with torch.no_grad():
             _, live0 = _leaf_forward(model, frozen, clean, split, len(chunk), n_layers, zero=True)
             edges[:, bias_index] += _read_out(live0, chunk_readers, frozen, scales).double().cpu()

@@ -86,7 +86,7 @@ def test_learned_final_norm_weight_is_in_the_edge():
     _, cache = model.run_with_cache(tokens)
     last = tokens.shape[1] - 1
     write = cache["blocks.1.hook_mlp_out"][0, last]
-    expected = float(write / cache["ln_final.hook_scale"][0, last] @ (model.ln_final.weight * model.W_U[:, 5]))
+    expected = float(write / cache["ln_final.hook_scale"][0, last] @ (model.ln_final.weight * model.W_U[:, 5]).detach())
     assert abs(float(graph.adjacency[graph.index(f"logit5@{last}"), graph.index(f"L1.mlp@{last}")]) - expected) < EXACT
 
 
