@@ -57,7 +57,7 @@ from bilinear_lens.circuits.linearized import (
     prompt_tokens,
     record_frozen_values,
 )
-from bilinear_lens.models.mlp_kinds import mlp_kind_spec
+from bilinear_lens.models.mlp_kinds import mlp_kind_spec, model_mlp_kind
 
 SPLITS = ("none", "neurons", "eigen")
 SOURCE_KINDS = ("embedding", "bias", "mlp_residual")  # nodes without incoming edges
@@ -290,8 +290,8 @@ def _clean_pass(model: Any, frozen: FrozenValues, targets: list[GraphTarget], n_
         if hasattr(model.blocks[l], "mlp"):
             hooks += [(f"blocks.{l}.mlp.hook_in", record(f"x{l}")), (f"blocks.{l}.mlp.hook_post", record(f"post{l}")),
                       (f"blocks.{l}.hook_mlp_out", probe(f"mlp{l}"))]  # fmt: skip
-    with torch.enable_grad(), model.hooks(fwd_hooks=linearization_hooks(model, frozen) + hooks):
-        resid = model(frozen.tokens, stop_at_layer=n_layers)[0]
+    with torch.enable_grad():
+        resid = _final_resid(model, frozen.tokens, linearization_hooks(model, frozen) + hooks)[0]
         values = [_read_target(model, frozen, t, resid) for t in targets]
         T = sum(t.weight * v for t, v in zip(targets, values))
         keys = list(probes)
@@ -310,6 +310,20 @@ def _clean_pass(model: Any, frozen: FrozenValues, targets: list[GraphTarget], n_
                   g_attn, g_mlp, [float(v.detach()) for v in values], float(T.detach()))  # fmt: skip
 
 
+def _final_resid(model: Any, tokens: Tensor, hooks: list) -> Tensor:
+    """``blocks.{L-1}.hook_resid_post`` of a forward with ``hooks`` (grad kept): the residual
+    stream the final norm reads, on our model and on a ``TransformerBridge`` alike."""
+    seen: dict[str, Tensor] = {}
+
+    def keep(act: Tensor, hook: Any) -> None:
+        seen["resid"] = act
+
+    name = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+    with model.hooks(fwd_hooks=hooks + [(name, keep)]):
+        model(tokens)
+    return seen["resid"]
+
+
 def _read_target(model: Any, frozen: FrozenValues, target: GraphTarget, resid: Tensor) -> Tensor:
     """``u . resid[P] / scale0[P]`` for ``resid`` ``[..., pos, d]``."""
     u = target.vector.to(resid.dtype)
@@ -320,8 +334,8 @@ def _zero_input_target(model: Any, frozen: FrozenValues, targets: list[GraphTarg
     """``T`` of the linearized model with every embedding zeroed: its constant part."""
     zero = lambda act, hook: torch.zeros_like(act)  # noqa: E731
     hooks = [(n, zero) for n in ("hook_embed", "hook_pos_embed") if n in model.hook_dict]
-    with torch.no_grad(), model.hooks(fwd_hooks=linearization_hooks(model, frozen) + hooks):
-        resid = model(frozen.tokens, stop_at_layer=n_layers)[0]
+    with torch.no_grad():
+        resid = _final_resid(model, frozen.tokens, linearization_hooks(model, frozen) + hooks)[0]
         return float(sum(t.weight * _read_target(model, frozen, t, resid) for t in targets))
 
 
@@ -470,8 +484,7 @@ def _leaf_forward(model: Any, frozen: FrozenValues, clean: _Clean, split: str, b
             fn = lambda x, b=b_out: x + (0 if b is None else b)  # noqa: E731
             hooks.append((f"blocks.{l}.hook_mlp_out", replace(f"mlp{l}", clean.mlp_out[l], fn)))
     tokens = frozen.tokens.expand(batch, pos)
-    with model.hooks(fwd_hooks=linearization_hooks(model, frozen) + hooks):
-        live["resid"] = model(tokens, stop_at_layer=n_layers)
+    live["resid"] = _final_resid(model, tokens, linearization_hooks(model, frozen) + hooks)
     return leaves, live
 
 
@@ -558,10 +571,11 @@ def attribution_graph(
             raise ValueError(f"{name}={value!r} must be an integer >= 1")
     if exact:
         check_exact_mlps(model, "an exact attribution graph")
-    if split == "eigen" and not model.cfg.attn_only:
-        if not mlp_kind_spec(model.cfg.mlp_kind).is_bilinear:
-            raise ValueError(f"split='eigen' needs bilinear MLPs, got mlp_kind={model.cfg.mlp_kind!r}")
-        if model.cfg.mlp_bias:
+    if split == "eigen" and model_mlp_kind(model) != "none":
+        if not mlp_kind_spec(model_mlp_kind(model)).is_bilinear:
+            raise ValueError(f"split='eigen' needs bilinear MLPs, got mlp_kind={model_mlp_kind(model)!r}")
+        if any(getattr(model.blocks[l].mlp, "b_out", None) is not None or getattr(model.blocks[l].mlp, "b_in", None) is not None
+               for l in range(model.cfg.n_layers)):
             raise ValueError("split='eigen' needs MLPs without biases (mlp_bias=True): Q(u) is then not the whole layer")
     tokens = prompt_tokens(model, tokens)
     n_pos = tokens.shape[1]

@@ -35,7 +35,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from bilinear_lens.models.mlp_kinds import mlp_kind_spec
+from bilinear_lens.models.mlp_kinds import mlp_kind_spec, model_mlp_kind
 
 Hook = tuple[str, Callable[..., Any]]
 
@@ -58,13 +58,13 @@ def prompt_tokens(model: Any, tokens: Union[str, Tensor, list[int]]) -> Int[Tens
 
 def mlp_kinds(model: Any) -> list[str]:
     """The MLP kind of every layer (one kind per model here; ``"none"`` without MLPs)."""
-    return [model.cfg.mlp_kind] * model.cfg.n_layers
+    return [model_mlp_kind(model)] * model.cfg.n_layers
 
 
 def check_exact_mlps(model: Any, what: str = "an exact attribution") -> None:
     """Refuse (one-line ``ValueError`` naming the layer and kind) a model with an MLP that is
     not bilinear: only a bilinear (degree-2 homogeneous) MLP splits exactly."""
-    if getattr(model.cfg, "attn_only", False):
+    if getattr(model.cfg, "attn_only", False) or model_mlp_kind(model) == "none":
         return
     for layer, kind in enumerate(mlp_kinds(model)):
         if not mlp_kind_spec(kind).is_bilinear:
@@ -79,7 +79,7 @@ def _has_mlp(model: Any, layer: int) -> bool:
 
 
 def _is_bilinear(model: Any, layer: int) -> bool:
-    return _has_mlp(model, layer) and mlp_kind_spec(model.cfg.mlp_kind).is_bilinear
+    return _has_mlp(model, layer) and mlp_kind_spec(model_mlp_kind(model)).is_bilinear
 
 
 def scale_hook_names(model: Any) -> list[str]:

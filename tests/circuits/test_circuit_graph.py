@@ -230,3 +230,16 @@ def test_bad_input_is_refused_in_one_line(text_model):
     word = next(w for w in (" was", " the", " Tom", ".") if len(text_model.tokenizer.encode(w, add_special_tokens=False)) == 1)
     graph = attribution_graph(text_model, "Tom was happy.", target=word)
     assert graph.targets[0].label == f"logit {word!r}" and graph.token_strings[0] == text_model.tokenizer.decode([graph.tokens[0]])
+
+
+@pytest.mark.filterwarnings("ignore:A forward hook edited hook_scale")  # the freezing does, on purpose
+@pytest.mark.parametrize("split", ["none", "neurons", "eigen"])
+def test_bridge_builds_the_same_graph(split):
+    from bilinear_lens.models.bridge import to_bridge
+
+    model, tokens = random_model(normalization_type="RMS"), prompt()
+    ours = attribution_graph(model, tokens, split=split, top_k=2)
+    bridge = attribution_graph(to_bridge(model), tokens, split=split, top_k=2)
+    assert [n.node_id for n in bridge.nodes] == [n.node_id for n in ours.nodes]
+    torch.testing.assert_close(bridge.adjacency, ours.adjacency, rtol=0, atol=EXACT)
+    assert bridge.completeness_error() < EXACT

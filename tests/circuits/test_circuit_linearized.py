@@ -124,3 +124,15 @@ def test_one_prompt_only():
     with pytest.raises(ValueError, match=r"^tokens must be one non-empty prompt \[1, pos\], got shape \(2, 4\)$"):
         prompt_tokens(model, torch.zeros(2, 4, dtype=torch.long))
     assert prompt_tokens(model, [1, 2, 3]).shape == (1, 3)
+
+
+@pytest.mark.filterwarnings("ignore:A forward hook edited hook_scale")  # the freezing does, on purpose
+def test_bridge_is_linearized_the_same_way():
+    """The hooks are TransformerLens hook names, so to_bridge(model) linearizes identically."""
+    from bilinear_lens.models.bridge import to_bridge
+
+    model, tokens = random_model(**CONFIGS["ln-biases"]), prompt()
+    ours = gradient_times_input(model, tokens, metric)
+    bridge = gradient_times_input(to_bridge(model), tokens, metric)
+    torch.testing.assert_close(bridge[0], ours[0], rtol=0, atol=EXACT)
+    assert abs(bridge[1] - ours[1]) < EXACT
