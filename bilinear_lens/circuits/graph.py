@@ -186,6 +186,7 @@ def _token_label(model: Any, token: int) -> str:
 
 
 def _centred(model: Any, u: Tensor) -> Tensor:
+    u = u.detach()
     return u - u.mean() if model.cfg.normalization_type in ("LN", "LNPre") else u
 
 

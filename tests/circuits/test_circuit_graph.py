@@ -125,7 +125,7 @@ def test_intervention_changes_nodes_as_edges_predict():
         for reader_head, q in [(1, position + 2), (3, last)]:
             t = graph.index(f"L1.H{reader_head}@{q}")
             g = _total_gradient_at_attn_out(model, tokens, graph, layer=1)[q]
-            write = lambda c: torch.einsum("k,kd->d", c["blocks.1.attn.hook_z"][0, q, reader_head], model.blocks[1].attn.W_O[reader_head])  # noqa: E731
+            write = lambda c: torch.einsum("k,kd->d", c["blocks.1.attn.hook_z"][0, q, reader_head], model.blocks[1].attn.W_O[reader_head].detach())  # noqa: E731
             change = float(g @ (write(held) - write(clean_cache)))
             assert abs(change - (alpha - 1) * float(graph.adjacency[t, source])) < EXACT
         # and on layer 0's MLP at the head's position (its only path is direct)
