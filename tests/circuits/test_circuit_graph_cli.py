@@ -85,3 +85,16 @@ def test_bad_input_is_one_line_exit_2(root, tmp_path, capsys):
     rc, stdout, _ = run(capsys, "--checkpoint", root / "swiglu", "--text", TEXT, "--quiet", "--allow-inexact", "--json")
     assert rc == 0 and json.loads(stdout)["exact"] is False
     assert not list(tmp_path.iterdir())
+
+
+def test_benchmark_runs_at_a_small_size(capsys):
+    """benchmarks.graph prints nodes, edges, seconds, nodes/s per split and dtype."""
+    from benchmarks import graph as bench
+
+    assert bench.main(["--positions", "4", "--repeats", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "nodes/s" in lines[1] and len(lines) == 8
+    for line in lines[2:]:
+        dtype, split, nodes, edges, seconds, rate, err, _ = line.split()
+        assert int(nodes) > 0 and int(edges) > 0 and float(seconds) > 0 and float(rate) > 0
+        assert float(err) < (1e-12 if dtype == "float64" else 1e-5)
