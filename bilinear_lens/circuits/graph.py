@@ -59,9 +59,9 @@ from bilinear_lens.circuits.linearized import (
 )
 from bilinear_lens.models.mlp_kinds import mlp_kind_spec, model_mlp_kind
 
-SPLITS = ("none", "neurons", "eigen")
+SPLITS = ("none", "neurons", "eigen", "sae")
 SOURCE_KINDS = ("embedding", "bias", "mlp_residual")  # nodes without incoming edges
-NODE_KINDS = ("embedding", "bias", "head", "mlp", "neuron", "eigen", "mlp_rest", "mlp_residual", "logit")
+NODE_KINDS = ("embedding", "bias", "head", "mlp", "neuron", "eigen", "sae_feature", "mlp_rest", "mlp_residual", "logit")
 
 
 @dataclass
@@ -104,8 +104,9 @@ class GraphNode:
             return f"logit{self.index}@{self.position}"
         if self.kind == "head":
             return f"L{self.layer}.H{self.index}@{self.position}"
-        if self.kind in ("neuron", "eigen"):
-            return f"L{self.layer}.{'n' if self.kind == 'neuron' else 'eig'}{self.index}@{self.position}"
+        if self.kind in ("neuron", "eigen", "sae_feature"):
+            short = {"neuron": "n", "eigen": "eig", "sae_feature": "f"}[self.kind]
+            return f"L{self.layer}.{short}{self.index}@{self.position}"
         return f"L{self.layer}.{self.kind}@{self.position}"
 
     @property
@@ -258,6 +259,7 @@ class _Clean:
     g_mlp: dict[int, Tensor]
     targets: list[float]
     T: float
+    sae: dict[int, tuple[Any, Tensor, Tensor]] = field(default_factory=dict)  # layer -> (SAE, acts [pos, d_sae], error [pos, d])
 
 
 def _bias(module: Any, name: str) -> Optional[Tensor]:
@@ -384,7 +386,9 @@ def _build_nodes(model: Any, clean: _Clean, targets: list[GraphTarget], tokens: 
             continue
         for p in range(last + 1):
             g, w = clean.g_mlp[l][p], clean.mlp_out[l][p]
-            if split == "none":
+            if split == "sae" and l in clean.sae:
+                _add_sae_nodes(add, l, p, g, clean.sae[l], top_k)
+            elif split in ("none", "sae"):
                 add(GraphNode("mlp", l, p, -1, float(g @ w), f"L{l} MLP", activation=float(w.norm())),
                     _Reader(sources=[(f"mlp{l}", [p], [1.0])], reads=[(f"mlp{l}", (p,), g)]))  # fmt: skip
             elif split == "neurons":
@@ -432,6 +436,33 @@ def _build_nodes(model: Any, clean: _Clean, targets: list[GraphTarget], tokens: 
     return nodes, readers, extra
 
 
+def _add_sae_nodes(add: Any, l: int, p: int, g: Tensor, sae_info: tuple[Any, Tensor, Tensor], top_k: int) -> None:
+    """SAE features of the MLP's output at (l, p): the top ``top_k`` active features, an
+    ``mlp_rest`` node for the other active ones and an ``mlp_residual`` error node (a source).
+    A feature's value is ``(g . d_f) a_f``, read with its active set frozen:
+    ``a_f = W_enc[:, f] . (out - b_dec) + b_enc[f]``, linear in the MLP output."""
+    sae, acts, err = sae_info
+    W_dec, W_enc = sae.W_dec.detach().to(g.dtype), sae.W_enc.detach().to(g.dtype)
+    shift = sae.b_enc.detach().to(g.dtype) - (sae.b_dec.detach().to(g.dtype) @ W_enc) * float(sae.cfg.apply_b_dec_to_input)
+    coef = W_dec @ g  # g . d_f
+    active = (acts[p] != 0).nonzero().flatten().tolist()
+    contrib = coef[active] * acts[p, active]
+    order = contrib.abs().argsort(descending=True).tolist()
+    groups = [([active[i]], f"feature {active[i]}") for i in order[:top_k]]
+    if len(order) > top_k:
+        groups.append(([active[i] for i in order[top_k:]], f"other {len(order) - top_k} active features"))
+    d_sae = acts.shape[1]
+    for features, label in groups:
+        read = (W_enc[:, features] * coef[features]).sum(1)  # on the live MLP output (with b_out)
+        const = (coef[features] * shift[features]).sum()
+        value = float((coef[features] * acts[p, features]).sum())
+        kind, index = ("sae_feature", features[0]) if len(features) == 1 else ("mlp_rest", -1)
+        add(GraphNode(kind, l, p, index, value, f"L{l} SAE {label}", activation=float(acts[p, features[0]]) if len(features) == 1 else None),
+            _Reader(sources=[(f"sae{l}", [p * d_sae + f for f in features], acts[p, features].tolist())],
+                    reads=[(f"out{l}", (p,), read), ("const", (), const)]))  # fmt: skip
+    add(GraphNode("mlp_residual", l, p, -1, float(g @ err[p]), f"L{l} SAE error"), _Reader(sources=[(f"saeerr{l}", [p], [1.0])]))
+
+
 # ---- the edge pass: batched backward injection ----
 
 
@@ -477,7 +508,14 @@ def _leaf_forward(model: Any, frozen: FrozenValues, clean: _Clean, split: str, b
         hooks.append((f"blocks.{l}.mlp.hook_in", record(f"x{l}")))
         hooks.append((f"blocks.{l}.mlp.hook_post", record(f"post{l}")))
         hooks.append((f"blocks.{l}.hook_mlp_out", record(f"mlp{l}", lambda o, b=b_out: o - (0 if b is None else b))))
-        if split == "neurons":
+        hooks.append((f"blocks.{l}.hook_mlp_out", record(f"out{l}")))
+        if split == "sae" and l in clean.sae:
+            sae, acts, err = clean.sae[l]
+            W_dec, b_dec = sae.W_dec.detach(), sae.b_dec.detach()
+            err_leaf = leaf(f"saeerr{l}", err)  # the error node's write: a leaf of its own
+            fn = lambda x, W=W_dec, b=b_dec, e=err_leaf: x @ W.to(x.dtype) + b.to(x.dtype) + e  # noqa: E731
+            hooks.append((f"blocks.{l}.hook_mlp_out", replace(f"sae{l}", acts, fn)))
+        elif split == "neurons":
             W_out = mlp.W_out.detach()
             fn = lambda x, W=W_out, b=b_out: x @ W + (0 if b is None else b)  # noqa: E731
             hooks.append((f"blocks.{l}.hook_mlp_out", replace(f"post{l}", clean.post[l], fn)))
@@ -495,7 +533,9 @@ def _read_out(live: dict[str, Tensor], rows: list[_Reader], frozen: FrozenValues
     for b, reader in enumerate(rows):
         total = torch.zeros((), dtype=live["resid"].dtype, device=live["resid"].device)
         for key, index, coef in reader.reads:
-            if key == "resid":
+            if key == "const":
+                total = total + coef.to(total.dtype)
+            elif key == "resid":
                 total = total + live["resid"][b, index[0]] @ coef.to(total.dtype) / targets_pos_scale[index[0]].to(total.dtype)
             else:
                 total = total + (live[key][b][index] * coef.to(total.dtype)).sum()
@@ -516,6 +556,9 @@ def _source_maps(leaves: dict[str, Tensor], clean: _Clean, n_layers: int, split:
         maps[f"head{l}"] = (grad[f"head{l}"] * clean.heads[l]).sum(-1).flatten(1)
         if f"post{l}" in grad:
             maps[f"post{l}"] = grad[f"post{l}"].flatten(1)  # weights hold the clean post
+        if f"sae{l}" in grad:
+            maps[f"sae{l}"] = grad[f"sae{l}"].flatten(1)  # weights hold the clean activations
+            maps[f"saeerr{l}"] = (grad[f"saeerr{l}"] * clean.sae[l][2]).sum(-1)
         if f"mlp{l}" in grad:
             maps[f"mlp{l}"] = (grad[f"mlp{l}"] * clean.mlp_out[l]).sum(-1)
             if split == "eigen":
@@ -544,6 +587,23 @@ def _edges(maps: dict[str, Tensor], plan: dict[str, tuple[Tensor, Tensor, Tensor
     return edges
 
 
+def _check_saes(model: Any, split: str, saes: Optional[dict[int, Any]]) -> None:
+    """SAEs only with ``split="sae"``, each on its layer's ``hook_mlp_out``, as wide as the
+    residual stream, without input normalisation (so features are linear with frozen gates)."""
+    if (split == "sae") != bool(saes):
+        raise ValueError("split='sae' and saes={layer: SAE} go together")
+    for layer, sae in (saes or {}).items():
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < model.cfg.n_layers:
+            raise ValueError(f"saes: layer {layer!r} is out of range [0, {model.cfg.n_layers})")
+        hook = f"blocks.{layer}.hook_mlp_out"
+        if sae.cfg.hook_name != hook:
+            raise ValueError(f"saes[{layer}] reads {sae.cfg.hook_name!r}, not {hook!r}")
+        if sae.cfg.d_in != model.cfg.d_model:
+            raise ValueError(f"saes[{layer}] has d_in={sae.cfg.d_in}, but {hook} is {model.cfg.d_model} wide")
+        if sae.cfg.normalize_activations != "none":
+            raise ValueError(f"saes[{layer}] has normalize_activations={sae.cfg.normalize_activations!r}: only 'none' is linear with frozen gates")
+
+
 def attribution_graph(
     model: Any,
     tokens: Union[str, Tensor, list[int]],
@@ -557,6 +617,7 @@ def attribution_graph(
     exact: bool = True,
     chunk_size: int = 64,
     progress: bool = False,
+    saes: Optional[dict[int, Any]] = None,
 ) -> AttributionGraph:
     """The attribution graph of ``model`` on one prompt (see module docstring).
 
@@ -564,7 +625,10 @@ def attribution_graph(
     most ``max_targets``), or a direction spec / :class:`GraphTarget` / list of them.
     ``split``: ``"none"`` (one node per MLP and position), ``"neurons"`` or ``"eigen"`` (the
     top ``top_k`` per MLP and position plus remainder nodes). ``chunk_size``: target nodes per
-    backward (memory ~ chunk_size copies of the prompt's activations)."""
+    backward (memory ~ chunk_size copies of the prompt's activations). ``split="sae"``:
+    ``saes`` maps layers to SAEs on ``blocks.{l}.hook_mlp_out``; each such MLP becomes its top
+    ``top_k`` active features, a remainder node and an explicit error node (layers without an
+    SAE keep one MLP node)."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r}; allowed: {', '.join(SPLITS)}")
     for name, value in (("top_k", top_k), ("chunk_size", chunk_size)):
@@ -578,6 +642,7 @@ def attribution_graph(
         if any(getattr(model.blocks[l].mlp, "b_out", None) is not None or getattr(model.blocks[l].mlp, "b_in", None) is not None
                for l in range(model.cfg.n_layers)):
             raise ValueError("split='eigen' needs MLPs without biases (mlp_bias=True): Q(u) is then not the whole layer")
+    _check_saes(model, split, saes)
     tokens = prompt_tokens(model, tokens)
     n_pos = tokens.shape[1]
     _check_position(position, n_pos)
@@ -586,6 +651,13 @@ def attribution_graph(
     last = max(t.position for t in targets)
     frozen = record_frozen_values(model, tokens)
     clean = _clean_pass(model, frozen, targets, n_layers)
+    for l, sae in (saes or {}).items():
+        out = clean.mlp_out[l] + (0 if _bias(model.blocks[l].mlp, "b_out") is None else _bias(model.blocks[l].mlp, "b_out"))
+        with torch.no_grad():
+            # encoded in the model's dtype, so the frozen-gate read-out reproduces it exactly
+            W_enc, b_enc, b_dec = (t.detach().to(out.dtype) for t in (sae.W_enc, sae.b_enc, sae.b_dec))
+            acts = sae.activation((out - b_dec * float(sae.cfg.apply_b_dec_to_input)) @ W_enc + b_enc)
+            clean.sae[l] = (sae, acts, out - (acts @ sae.W_dec.detach().to(out.dtype) + sae.b_dec.detach().to(out.dtype)))
     token_list = tokens[0].tolist()
     nodes, readers, extra = _build_nodes(model, clean, targets, token_list, n_layers, split, top_k, last)
     bias_index = next(i for i, n in enumerate(nodes) if n.kind == "bias")

@@ -15,10 +15,10 @@ What we write (circuit-tracer's ``frontend/graph_models.py`` fields; schema_vers
 Ids follow circuit-tracer: ``E_{token}_{pos}`` for embeddings (layer ``"E"``),
 ``{n_layers + 1}_{token}_{pos}`` for logits, ``{layer}_{feature}_{pos}`` otherwise, with
 ``feature`` = head index for heads, ``n_heads`` for an unsplit MLP, ``n_heads + 1 + i`` for
-neuron / eigen-component ``i``, ``-1`` / ``-2`` for the remainder / residual nodes. Feature
+neuron / eigen-component / SAE feature ``i``, ``-1`` / ``-2`` for the remainder / residual nodes. Feature
 types: ``embedding``, ``logit``, ``mlp reconstruction error`` (remainder and residual nodes,
 drawn as circuit-tracer's error nodes), and ours for the rest: ``attention head``, ``mlp``,
-``mlp neuron``, ``mlp eigen-component``, ``bias`` (id ``B_0_0``, layer ``"E"``, ctx 0).
+``mlp neuron``, ``mlp eigen-component``, ``sae feature``, ``bias`` (id ``B_0_0``, layer ``"E"``, ctx 0).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ FEATURE_TYPES = {
     "mlp": "mlp",
     "neuron": "mlp neuron",
     "eigen": "mlp eigen-component",
+    "sae_feature": "sae feature",
     "mlp_rest": "mlp reconstruction error",
     "mlp_residual": "mlp reconstruction error",
 }
@@ -47,7 +48,7 @@ NODE_FIELDS = ("node_id", "jsNodeId", "feature", "layer", "ctx_idx", "feature_ty
 
 def _feature(node: Any, n_heads: int) -> int:
     return {"head": node.index, "mlp": n_heads, "neuron": n_heads + 1 + node.index, "eigen": n_heads + 1 + node.index,
-            "mlp_rest": -1, "mlp_residual": -2, "embedding": node.position, "logit": node.index, "bias": 0}[node.kind]  # fmt: skip
+            "sae_feature": n_heads + 1 + node.index, "mlp_rest": -1, "mlp_residual": -2, "embedding": node.position, "logit": node.index, "bias": 0}[node.kind]  # fmt: skip
 
 
 def export_node_id(node: Any, n_layers: int, n_heads: int) -> str:

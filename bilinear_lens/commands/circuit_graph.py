@@ -48,8 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="without a direction: top next tokens until their probability reaches this (default 0.95)")
     p.add_argument("--max-logits", type=int, default=10, help="at most this many logit targets (default 10)")
     p.add_argument("--position", type=int, default=-1, help="position whose output is the target (default -1, the last)")
-    p.add_argument("--split", choices=("none", "eigen", "neurons"), default="none",
-                   help="MLP nodes: one per position (none), top eigen-components of Q(g), or top neurons")
+    p.add_argument("--split", choices=("none", "eigen", "neurons", "sae"), default="none",
+                   help="MLP nodes: one per position (none), top eigen-components of Q(g), top neurons, or top SAE features")
+    p.add_argument("--mlp-sae", action="append", default=[], metavar="DIR",
+                   help="with --split sae: an SAE on blocks.L.hook_mlp_out (repeatable, one per layer)")
     p.add_argument("--top-k", type=int, default=4, help="components / neurons per MLP and position with --split (default 4)")
     p.add_argument("--node-threshold", type=float, default=0.8, help="cumulative node influence kept (default 0.8)")
     p.add_argument("--edge-threshold", type=float, default=0.98, help="cumulative edge score kept (default 0.98)")
@@ -92,6 +94,26 @@ def _load(args: argparse.Namespace) -> Any:
     return place_model(model, args)
 
 
+def _mlp_saes(args: argparse.Namespace, model: Any) -> Optional[dict[int, Any]]:
+    """``{layer: SAE}`` from ``--mlp-sae`` (layer read from each SAE's hook name)."""
+    import re
+
+    from bilinear_lens.commands.common import load_sae_argument
+
+    if (args.split == "sae") != bool(args.mlp_sae):
+        raise UsageError("--split sae and --mlp-sae go together: SAEs on blocks.L.hook_mlp_out")
+    saes: dict[int, Any] = {}
+    for path in args.mlp_sae:
+        sae = load_sae_argument(path, model, flag="--mlp-sae")
+        match = re.fullmatch(r"blocks\.(\d+)\.hook_mlp_out", sae.cfg.hook_name)
+        if match is None:
+            raise UsageError(f"--mlp-sae {path}: it reads {sae.cfg.hook_name!r}, not a blocks.L.hook_mlp_out")
+        if int(match.group(1)) in saes:
+            raise UsageError(f"--mlp-sae {path}: a second SAE for layer {match.group(1)}")
+        saes[int(match.group(1))] = sae
+    return saes or None
+
+
 def summary(graph: Any, pruned: Any, seconds: float, out: Optional[str]) -> dict[str, Any]:
     """What ``--json`` prints."""
     kinds: dict[str, int] = {}
@@ -116,6 +138,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         _check_args(args)
         model = _load(args)
         found = resolve_direction_arguments(args, model, required=False)
+        saes = _mlp_saes(args, model)
         tokens = model.to_tokens(args.text) if args.text is not None else args.ids
         n_pos = len(tokens[0]) if args.text is not None else len(tokens)
         if not -n_pos <= args.position < n_pos:
@@ -123,7 +146,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         start = time.perf_counter()
         graph = attribution_graph(model, tokens, found[0][1] if found else None, cumulative_prob=args.cumulative_prob,
                                   max_targets=args.max_logits, position=args.position, split=args.split, top_k=args.top_k,
-                                  exact=not args.allow_inexact, chunk_size=args.chunk_size, progress=not args.quiet)  # fmt: skip
+                                  exact=not args.allow_inexact, chunk_size=args.chunk_size, progress=not args.quiet, saes=saes)  # fmt: skip
         pruned = prune_graph(graph, args.node_threshold, args.edge_threshold)
         seconds = time.perf_counter() - start
     except (UsageError, ValueError, TypeError) as err:

@@ -42,7 +42,7 @@ _SCRIPT = r"""
   const N = D.nodes, E = D.edges, nL = D.n_layers;
   const KIND_ROW = {embedding: 0, bias: 0, logit: 2 * nL + 1};
   const COLOR = {embedding: "#9ca3af", bias: "#111827", head: "#f59e0b", mlp: "#10b981", neuron: "#10b981",
-                 eigen: "#8b5cf6", mlp_rest: "#e5e7eb", mlp_residual: "#e5e7eb", logit: "#3b82f6"};
+                 eigen: "#8b5cf6", sae_feature: "#ec4899", mlp_rest: "#e5e7eb", mlp_residual: "#e5e7eb", logit: "#3b82f6"};
   function esc(s) { return String(s).replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;"); }
   function row(n) { return n.kind in KIND_ROW ? KIND_ROW[n.kind] : (n.kind === "head" ? 1 + 2 * n.layer : 2 + 2 * n.layer); }
   const nCols = D.n_pos + 1, nRows = 2 * nL + 2;

@@ -215,7 +215,7 @@ def test_bad_input_is_refused_in_one_line(text_model):
         attribution_graph(model, tokens, position=9)
     with pytest.raises(ValueError, match=r"^position=-10 is out of range for a prompt of 9 tokens$"):
         attribution_graph(model, tokens, target=GraphTarget("t", torch.ones(32, dtype=torch.float64), position=-10))
-    with pytest.raises(ValueError, match=r"^split='heads'; allowed: none, neurons, eigen$"):
+    with pytest.raises(ValueError, match=r"^split='heads'; allowed: none, neurons, eigen, sae$"):
         attribution_graph(model, tokens, split="heads")
     with pytest.raises(ValueError, match=r"^top_k=0 must be an integer >= 1$"):
         attribution_graph(model, tokens, split="neurons", top_k=0)
@@ -243,3 +243,46 @@ def test_bridge_builds_the_same_graph(split):
     assert [n.node_id for n in bridge.nodes] == [n.node_id for n in ours.nodes]
     torch.testing.assert_close(bridge.adjacency, ours.adjacency, rtol=0, atol=EXACT)
     assert bridge.completeness_error() < EXACT
+
+
+def random_sae(d_in: int, hook: str, seed: int, **overrides):
+    from bilinear_lens.sae.config import SAEConfig
+    from bilinear_lens.sae.model import SAE
+
+    sae = SAE(SAEConfig(d_in=d_in, d_sae=40, hook_name=hook, dtype="float64", **({"architecture": "topk", "k": 5} | overrides)))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return sae
+
+
+@pytest.mark.parametrize("architecture", [dict(architecture="standard", k=None), dict(architecture="topk", k=5)])
+def test_sae_split_is_exact_with_an_error_node(architecture):
+    """SAE features on hook_mlp_out (active set frozen) plus an explicit error node: values
+    are sums of incoming edges, and features + remainder + error + the decoder bias's share
+    equal the unsplit MLP node's value."""
+    model, tokens = random_model(normalization_type="LN", attn_bias=True, mlp_bias=True), prompt()
+    saes = {l: random_sae(32, f"blocks.{l}.hook_mlp_out", l, **architecture) for l in (0, 1)}
+    graph = attribution_graph(model, tokens, split="sae", saes=saes, top_k=3)
+    assert graph.completeness_error() < EXACT
+    for i, node in enumerate(graph.nodes):
+        if not node.is_source:
+            assert abs(float(graph.adjacency[i].sum()) - node.value) < EXACT, node.node_id
+    whole = attribution_graph(model, tokens)
+    g = _total_gradient_at(model, tokens, whole, "blocks.0.hook_mlp_out")
+    for p in (0, tokens.shape[1] - 1):
+        parts = [n for n in graph.nodes if n.layer == 0 and n.position == p and n.kind in ("sae_feature", "mlp_rest", "mlp_residual")]
+        assert 1 <= sum(n.kind == "sae_feature" for n in parts) <= 3 and parts[-1].kind == "mlp_residual"
+        b_shift = float(g[p] @ (saes[0].b_dec - model.blocks[0].mlp.b_out).detach())
+        assert abs(sum(n.value for n in parts) + b_shift - whole.nodes[whole.index(f"L0.mlp@{p}")].value) < EXACT
+
+
+def test_sae_split_refuses_bad_saes():
+    model, tokens = random_model(), prompt()
+    with pytest.raises(ValueError, match=r"^saes\[0\] has d_in=16, but blocks.0.hook_mlp_out is 32 wide$"):
+        attribution_graph(model, tokens, split="sae", saes={0: random_sae(16, "blocks.0.hook_mlp_out", 0)})
+    with pytest.raises(ValueError, match=r"^saes\[1\] reads 'blocks.1.hook_resid_post', not 'blocks.1.hook_mlp_out'$"):
+        attribution_graph(model, tokens, split="sae", saes={1: random_sae(32, "blocks.1.hook_resid_post", 0)})
+    with pytest.raises(ValueError, match=r"^split='sae' and saes=\{layer: SAE\} go together$"):
+        attribution_graph(model, tokens, split="sae")

@@ -98,3 +98,25 @@ def test_benchmark_runs_at_a_small_size(capsys):
         dtype, split, nodes, edges, seconds, rate, err, _ = line.split()
         assert int(nodes) > 0 and int(edges) > 0 and float(seconds) > 0 and float(rate) > 0
         assert float(err) < (1e-12 if dtype == "float64" else 1e-5)
+
+
+def test_sae_split_from_the_command_line(root, tmp_path, capsys):
+    from bilinear_lens.sae.config import SAEConfig
+    from bilinear_lens.sae.model import SAE, save_sae
+
+    for name, hook in (("l0", "blocks.0.hook_mlp_out"), ("resid", "blocks.0.hook_resid_post")):
+        sae = SAE(SAEConfig(d_in=32, d_sae=40, hook_name=hook, architecture="topk", k=4))
+        with torch.no_grad():
+            for p in sae.parameters():
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+        save_sae(sae, tmp_path / name)
+    ckpt = root / "bilinear"
+    rc, stdout, err = run(capsys, "--checkpoint", ckpt, "--text", TEXT, "--split", "sae", "--mlp-sae", tmp_path / "l0",
+                          "--json", "--quiet", "--dtype", "float64")  # fmt: skip
+    assert rc == 0, err
+    info = json.loads(stdout)
+    assert info["completeness_error"] < 1e-10 and info["split"] == "sae"
+    rc, _, err = run(capsys, "--checkpoint", ckpt, "--text", TEXT, "--split", "sae", "--mlp-sae", tmp_path / "resid", "--quiet")
+    assert rc == 2 and "reads 'blocks.0.hook_resid_post', not a blocks.L.hook_mlp_out" in err
+    rc, _, err = run(capsys, "--checkpoint", ckpt, "--text", TEXT, "--split", "sae", "--quiet")
+    assert rc == 2 and "--split sae and --mlp-sae go together" in err
