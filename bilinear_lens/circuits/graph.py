@@ -186,6 +186,10 @@ def _token_label(model: Any, token: int) -> str:
     return tok.decode([token]) if tok is not None else str(token)
 
 
+def _pair_label(model: Any, token: Any) -> str:
+    return _token_label(model, token) if isinstance(token, int) and not isinstance(token, bool) else str(token)
+
+
 def _centred(model: Any, u: Tensor) -> Tensor:
     u = u.detach()
     return u - u.mean() if model.cfg.normalization_type in ("LN", "LNPre") else u
@@ -227,7 +231,7 @@ def direction_target(model: Any, spec: Any, position: int = -1, label: Optional[
     tid = token_id(model, spec) if isinstance(spec, (int, str)) and not isinstance(spec, bool) else None
     if label is None:
         label = (f"logit {_token_label(model, tid)!r}" if tid is not None else
-                 f"logit[{spec[0]!r}] - logit[{spec[1]!r}]" if isinstance(spec, tuple) else
+                 f"logit[{_pair_label(model, spec[0])!r}] - logit[{_pair_label(model, spec[1])!r}]" if isinstance(spec, tuple) else
                  getattr(spec, "label", "direction"))  # fmt: skip
     return GraphTarget(label, u, position, token_id=tid)
 

@@ -131,7 +131,7 @@ def summary(graph: Any, pruned: Any, seconds: float, out: Optional[str]) -> dict
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from bilinear_lens.circuits.graph import attribution_graph
+    from bilinear_lens.circuits.graph import attribution_graph, direction_target
     from bilinear_lens.circuits.graph_prune import prune_graph
 
     try:
@@ -144,7 +144,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not -n_pos <= args.position < n_pos:
             raise UsageError(f"--position {args.position} is out of range for a prompt of {n_pos} tokens")
         start = time.perf_counter()
-        graph = attribution_graph(model, tokens, found[0][1] if found else None, cumulative_prob=args.cumulative_prob,
+        target = direction_target(model, found[0][1], args.position) if found else None
+        graph = attribution_graph(model, tokens, target, cumulative_prob=args.cumulative_prob,
                                   max_targets=args.max_logits, position=args.position, split=args.split, top_k=args.top_k,
                                   exact=not args.allow_inexact, chunk_size=args.chunk_size, progress=not args.quiet, saes=saes)  # fmt: skip
         pruned = prune_graph(graph, args.node_threshold, args.edge_threshold)

@@ -63,7 +63,8 @@ def test_html_out_with_direction_and_split(root, tmp_path, capsys):
     assert page.startswith("<!DOCTYPE html>") and "http" not in page
     ids = model.to_tokens(TEXT)[0].tolist()
     rc, stdout, _ = run(capsys, "--checkpoint", root / "bilinear", "--ids", *ids, "--logit-diff-id", 3, 4, "--json", "--quiet")
-    assert rc == 0 and json.loads(stdout)["targets"][0]["label"] == "logit[3] - logit[4]"
+    decoded = [model.tokenizer.decode([i]) for i in (3, 4)]
+    assert rc == 0 and json.loads(stdout)["targets"][0]["label"] == f"logit[{decoded[0]!r}] - logit[{decoded[1]!r}]"
 
 
 def test_bad_input_is_one_line_exit_2(root, tmp_path, capsys):
