@@ -9,7 +9,9 @@ its residual writers. The graph's **nodes** are those writers, per position:
 - ``mlp``: an MLP's write (no ``b_out``), or with ``split="neurons"`` its top-``k`` neurons
   ``post_h W_out[h]`` plus a ``mlp_rest`` node (the other neurons), or with ``split="eigen"``
   its top-``k`` eigen-components of ``Q(g)`` (below) plus ``mlp_rest`` and an
-  ``mlp_residual`` node (the part of the write that does not reach the target);
+  ``mlp_residual`` node (the part of the write that does not reach the target), or with
+  ``split="sae"`` its top-``k`` active features of an SAE on ``hook_mlp_out`` (active set
+  frozen) plus ``mlp_rest`` and an explicit ``mlp_residual`` error node;
 - ``bias``: every constant (attention/MLP biases, LayerNorm biases, the constant part of a
   split MLP with biases), one node;
 - ``logit``: the targets, each reading ``u_k . resid[P_k] / scale0[P_k]`` (``u_k`` a residual
