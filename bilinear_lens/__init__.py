@@ -69,6 +69,11 @@ from bilinear_lens.circuits.patch_nodes import NodeFamily, EigenFamily, node_fam
 from bilinear_lens.circuits.attribution_patching import attribution_patching, AttributionPatchingResult
 from bilinear_lens.circuits.freezing import freeze_hooks, frozen_hook_names
 from bilinear_lens.views.patching_view import PatchingHeatmap
+from bilinear_lens.circuits.linearized import linearized, linearization_hooks, record_frozen_values, FrozenValues, check_exact_mlps, gradient_times_input
+from bilinear_lens.circuits.graph import attribution_graph, AttributionGraph, GraphNode, GraphTarget, top_logit_targets, direction_target
+from bilinear_lens.circuits.graph_prune import prune_graph, prune_adjacency, PruneResult
+from bilinear_lens.circuits.graph_export import graph_to_json, write_graph_json
+from bilinear_lens.views.graph_view import GraphView, graph_html
 
 __version__ = "0.1.0"
 

@@ -1,0 +1,117 @@
+"""Attribution graphs as Neuronpedia / circuit-tracer graph JSON, so they open in those
+frontends from another environment.
+
+What we write (circuit-tracer's ``frontend/graph_models.py`` fields; schema_version 1):
+
+- ``metadata``: ``slug``, ``scan``, ``transcoder_list`` (``[]``: no transcoders),
+  ``prompt_tokens`` (decoded tokens), ``prompt`` (their concatenation), ``node_threshold``,
+  ``schema_version``, and ``info`` (ours: generator, split, exactness, target value).
+- ``qParams``: ``pinnedIds``, ``supernodes``, ``linkType``, ``clickedId``, ``sg_pos`` (empty).
+- ``nodes``: ``node_id``, ``jsNodeId`` (= ``node_id``), ``feature``, ``layer`` (a string),
+  ``ctx_idx``, ``feature_type``, ``token_prob``, ``is_target_logit``, ``run_idx``,
+  ``reverse_ctx_idx``, ``clerp`` (our label), ``influence``, ``activation``.
+- ``links``: ``source``, ``target``, ``weight`` (the edge ``A[target, source]``).
+
+Ids follow circuit-tracer: ``E_{token}_{pos}`` for embeddings (layer ``"E"``),
+``{n_layers + 1}_{token}_{pos}`` for logits, ``{layer}_{feature}_{pos}`` otherwise, with
+``feature`` = head index for heads, ``n_heads`` for an unsplit MLP, ``n_heads + 1 + i`` for
+neuron / eigen-component / SAE feature ``i``, ``-1`` / ``-2`` for the remainder / residual nodes. Feature
+types: ``embedding``, ``logit``, ``mlp reconstruction error`` (remainder and residual nodes,
+drawn as circuit-tracer's error nodes), and ours for the rest: ``attention head``, ``mlp``,
+``mlp neuron``, ``mlp eigen-component``, ``sae feature``, ``bias`` (id ``B_0_0``, layer ``"E"``, ctx 0).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+SCHEMA_VERSION = 1
+FEATURE_TYPES = {
+    "embedding": "embedding",
+    "logit": "logit",
+    "bias": "bias",
+    "head": "attention head",
+    "mlp": "mlp",
+    "neuron": "mlp neuron",
+    "eigen": "mlp eigen-component",
+    "sae_feature": "sae feature",
+    "mlp_rest": "mlp reconstruction error",
+    "mlp_residual": "mlp reconstruction error",
+}
+NODE_FIELDS = ("node_id", "jsNodeId", "feature", "layer", "ctx_idx", "feature_type", "token_prob", "is_target_logit",
+               "run_idx", "reverse_ctx_idx", "clerp", "influence", "activation")  # fmt: skip
+
+
+def _feature(node: Any, n_heads: int) -> int:
+    return {"head": node.index, "mlp": n_heads, "neuron": n_heads + 1 + node.index, "eigen": n_heads + 1 + node.index,
+            "sae_feature": n_heads + 1 + node.index, "mlp_rest": -1, "mlp_residual": -2, "embedding": node.position, "logit": node.index, "bias": 0}[node.kind]  # fmt: skip
+
+
+def export_node_id(node: Any, n_layers: int, n_heads: int) -> str:
+    """The circuit-tracer style id of ``node`` (see module docstring)."""
+    if node.kind == "embedding":
+        return f"E_{node.index}_{node.position}"
+    if node.kind == "bias":
+        return "B_0_0"
+    if node.kind == "logit":
+        return f"{n_layers + 1}_{node.index}_{node.position}"
+    return f"{node.layer}_{_feature(node, n_heads)}_{node.position}"
+
+
+def graph_to_json(graph: Any, slug: str = "bilinear-lens-graph", scan: str = "bilinear-lens", n_heads: Optional[int] = None) -> dict[str, Any]:
+    """The graph as a Neuronpedia / circuit-tracer JSON object (a dict; see module docstring).
+    ``influence``: from pruning when the graph was pruned, else its own influence."""
+    from bilinear_lens.circuits.graph_prune import influence, normalize_rows
+
+    if n_heads is None:
+        n_heads = 1 + max((n.index for n in graph.nodes if n.kind == "head"), default=-1)
+    influences = graph.meta.get("influence")
+    if influences is None:
+        influences = influence(normalize_rows(graph.adjacency), graph.target_weights).tolist()
+    ids = [export_node_id(n, graph.n_layers, n_heads) for n in graph.nodes]
+    top_logit = max((i for i, n in enumerate(graph.nodes) if n.kind == "logit"),
+                    key=lambda i: graph.nodes[i].activation or 0.0, default=None)  # fmt: skip
+    nodes = []
+    for i, (node, node_id) in enumerate(zip(graph.nodes, ids)):
+        nodes.append({
+            "node_id": node_id, "jsNodeId": node_id, "feature": _feature(node, n_heads),
+            "layer": "E" if node.kind in ("embedding", "bias") else str(graph.n_layers + 1) if node.kind == "logit" else str(node.layer),
+            "ctx_idx": max(node.position, 0), "feature_type": FEATURE_TYPES[node.kind],
+            "token_prob": float(node.activation or 0.0) if node.kind == "logit" else 0.0,
+            "is_target_logit": i == top_logit, "run_idx": 0, "reverse_ctx_idx": 0,
+            "clerp": node.label, "influence": float(influences[i]),
+            "activation": None if node.activation is None else float(node.activation),
+            "value": float(node.value),  # ours: the node's exact share of the target
+        })  # fmt: skip
+    A = graph.adjacency
+    links = [{"source": ids[s], "target": ids[t], "weight": float(A[t, s])} for t, s in (A != 0).nonzero().tolist()]
+    metadata = {
+        "slug": slug, "scan": scan, "transcoder_list": [], "prompt_tokens": list(graph.token_strings),
+        "prompt": "".join(graph.token_strings), "node_threshold": graph.meta.get("node_threshold"),
+        "schema_version": SCHEMA_VERSION,
+        "info": {"generator": "bilinear-lens", "split": graph.split, "exact": graph.exact,
+                 "target_value": graph.target_value, "edge_threshold": graph.meta.get("edge_threshold")},
+    }  # fmt: skip
+    qparams = {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""}
+    return {"metadata": metadata, "qParams": qparams, "nodes": nodes, "links": links}
+
+
+def write_graph_json(graph: Any, path: Union[str, Path], **kwargs: Any) -> Path:
+    """:func:`graph_to_json` written to ``path`` atomically (temp file + rename)."""
+    from bilinear_lens.models.checkpoint import atomic_write_text
+
+    return atomic_write_text(path, json.dumps(graph_to_json(graph, **kwargs)))
+
+
+def adjacency_from_json(data: dict[str, Any]) -> tuple[list[str], torch.Tensor]:
+    """Node ids and the ``[n, n]`` adjacency (``A[target, source]``) read back from graph JSON."""
+    ids = [n["node_id"] for n in data["nodes"]]
+    ix = {node_id: i for i, node_id in enumerate(ids)}
+    A = torch.zeros(len(ids), len(ids), dtype=torch.float64)
+    for link in data["links"]:
+        A[ix[link["target"]], ix[link["source"]]] = link["weight"]
+    return ids, A

@@ -1,0 +1,65 @@
+"""Neuronpedia / circuit-tracer graph JSON: every field of the schema (metadata, qParams,
+nodes, links) with its type, ids unique and consistent, and the adjacency round-trips."""
+
+import json
+
+import pytest
+import torch
+
+from bilinear_lens.circuits.graph import attribution_graph
+from bilinear_lens.circuits.graph_export import FEATURE_TYPES, NODE_FIELDS, adjacency_from_json, graph_to_json, write_graph_json
+from bilinear_lens.circuits.graph_prune import prune_graph
+from test_circuit_linearized import prompt, random_model
+
+METADATA = {"slug": str, "scan": str, "transcoder_list": list, "prompt_tokens": list, "prompt": str, "schema_version": int}
+QPARAMS = {"pinnedIds": list, "supernodes": list, "linkType": str, "clickedId": str, "sg_pos": str}
+NODE_TYPES = {"node_id": str, "jsNodeId": str, "feature": int, "layer": str, "ctx_idx": int, "feature_type": str,
+              "token_prob": float, "is_target_logit": bool, "run_idx": int, "reverse_ctx_idx": int, "clerp": str,
+              "influence": float}  # fmt: skip
+
+
+@pytest.mark.parametrize("split", ["none", "neurons", "eigen"])
+def test_exported_json_has_every_field(split, tmp_path):
+    model, tokens = random_model(), prompt()
+    graph = prune_graph(attribution_graph(model, tokens, split=split, top_k=2), node_threshold=0.7, edge_threshold=0.95)
+    path = write_graph_json(graph, tmp_path / "graph.json", slug="fixture")
+    data = json.loads(path.read_text())
+    assert set(data) == {"metadata", "qParams", "nodes", "links"}
+    for fields, obj in ((METADATA, data["metadata"]), (QPARAMS, data["qParams"])):
+        for name, kind in fields.items():
+            assert isinstance(obj[name], kind), name
+    assert data["metadata"]["slug"] == "fixture" and data["metadata"]["node_threshold"] == 0.7
+    assert data["metadata"]["prompt_tokens"] == graph.token_strings and data["metadata"]["schema_version"] == 1
+    assert set(NODE_TYPES) <= set(NODE_FIELDS)
+    for node in data["nodes"]:
+        assert set(NODE_FIELDS) <= set(node), node
+        for name, kind in NODE_TYPES.items():
+            assert isinstance(node[name], kind), (name, node)
+        assert node["feature_type"] in FEATURE_TYPES.values()
+        assert node["activation"] is None or isinstance(node["activation"], float)
+    ids = [n["node_id"] for n in data["nodes"]]
+    assert len(set(ids)) == len(ids)
+    assert sum(n["is_target_logit"] for n in data["nodes"]) == 1
+    by_type = {n["feature_type"] for n in data["nodes"]}
+    assert {"embedding", "logit"} <= by_type
+    for node in data["nodes"]:
+        if node["feature_type"] == "embedding":
+            assert node["layer"] == "E" and node["node_id"] == f"E_{int(tokens[0, node['ctx_idx']])}_{node['ctx_idx']}"
+        if node["feature_type"] == "logit":
+            assert node["layer"] == str(graph.n_layers + 1) and 0 < node["token_prob"] <= 1
+    for link in data["links"]:
+        assert set(link) == {"source", "target", "weight"} and isinstance(link["weight"], float)
+    read_ids, A = adjacency_from_json(data)
+    assert read_ids == ids
+    torch.testing.assert_close(A, graph.adjacency, rtol=0, atol=0)
+    assert len(data["links"]) == graph.n_edges
+
+
+def test_influence_of_an_unpruned_graph_is_computed():
+    model, tokens = random_model(), prompt()
+    graph = attribution_graph(model, tokens, target=(5, 7))
+    data = graph_to_json(graph)
+    assert data["metadata"]["node_threshold"] is None
+    influences = [n["influence"] for n in data["nodes"] if n["feature_type"] == "embedding"]
+    assert all(i >= 0 for i in influences) and any(i > 0 for i in influences)
+    assert data["metadata"]["info"]["exact"] is True
