@@ -24,7 +24,7 @@ __version__ = "0.1.0"
 
 # module -> the public names it provides; the one table behind __all__, __getattr__ and __dir__
 _MODULES: dict[str, tuple[str, ...]] = {
-    "bilinear_lens.models.checkpoint": ("CheckpointError",),
+    "bilinear_lens.files.serialized": ("CheckpointError",),
     "bilinear_lens.models.hf_llama": (
         "check_llama_expressible", "llama_config_dict", "model_config_from_llama", "to_llama_state_dict",
         "from_llama_state_dict",

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from bilinear_lens import cli
-from bilinear_lens.models.checkpoint import read_tensors, write_tensors
+from bilinear_lens.files.serialized import read_tensors, write_tensors
 from bilinear_lens.training.state import (
     TrainState,
     capture_rng_state,

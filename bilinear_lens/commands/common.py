@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from bilinear_lens.models.checkpoint import CheckpointError
+from bilinear_lens.files.serialized import CheckpointError
 from bilinear_lens.models.config import DTYPES
 from bilinear_lens.models.model import TORCH_DTYPES
 from bilinear_lens.weights.tensor import EIGH_DTYPES as TENSOR_EIGH_DTYPES

@@ -28,7 +28,7 @@ from bilinear_lens.commands.common import (
     resolve_device,
     resolve_direction_arguments,
 )
-from bilinear_lens.models.checkpoint import CheckpointError
+from bilinear_lens.files.serialized import CheckpointError
 from bilinear_lens.weights.eigen import METHODS, EigenConvergenceError, choose_method
 
 

@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 
 from bilinear_lens.data.synthetic import iter_synthetic_stories
 from bilinear_lens.locking import exclusive_lock
-from bilinear_lens.models.checkpoint import atomic_write_text, remove_stale_temporaries
+from bilinear_lens.files.atomic import atomic_write_text, remove_stale_temporaries
 from bilinear_lens.data.tokenizer import (
     DEFAULT_VOCAB_SIZE,
     SEPARATOR_ID,

@@ -30,12 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
-from bilinear_lens.models.checkpoint import CheckpointError, read_json
+from bilinear_lens.files.names import SAE_RECIPE_FILE as RECIPE_FILE
+from bilinear_lens.files.serialized import CheckpointError, read_json
 from bilinear_lens.models.config import config_error, is_int
 from bilinear_lens.training.config import DataConfig, TrainConfig, parse_override, read_toml, toml_value
 from bilinear_lens.training.resume_rule import section_differences
 
-RECIPE_FILE = "sae_recipe.json"
 DEFAULT_HOOK = "blocks.0.hook_resid_mid"
 SAE_TRAIN_DEFAULTS: dict[str, Any] = {
     "steps": 1000, "batch_size": 64, "lr": 1e-4, "min_lr": 2e-5, "warmup_steps": 0, "schedule": "cosine",

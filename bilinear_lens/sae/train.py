@@ -68,7 +68,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from bilinear_lens.models.checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, atomic_write_text
+from bilinear_lens.files.atomic import atomic_write_text
+from bilinear_lens.files.names import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
+from bilinear_lens.files.serialized import CheckpointError
 from bilinear_lens.sae.config import SAEConfig
 from bilinear_lens.sae.model import SAE, hook_width, load_sae, write_sae_files
 from bilinear_lens.sae.recipe import (
@@ -253,7 +255,7 @@ def _setup(model_path: Path, recipe: SAERecipe, device: torch.device, progress: 
 
     model = BilinearTransformer.from_pretrained(model_path, device=device).eval().requires_grad_(False)
     hook_width(model, recipe.sae.hook)  # an unknown hook fails here, before any data is read
-    tokenizer_file = model_path / "tokenizer.json"
+    tokenizer_file = model_path / TOKENIZER_FILE
     if not tokenizer_file.is_file():
         raise FileNotFoundError(f"{model_path} has no tokenizer.json: the SAE trainer reads the model's corpus")
     dc = recipe.data

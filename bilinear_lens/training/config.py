@@ -270,7 +270,7 @@ class RunConfig:
 
     def save_toml(self, path: str | Path) -> None:
         """Write :meth:`to_toml` to ``path`` atomically (temporary sibling + rename)."""
-        from bilinear_lens.models.checkpoint import atomic_write_text
+        from bilinear_lens.files.atomic import atomic_write_text
 
         atomic_write_text(path, self.to_toml())
 

@@ -69,7 +69,9 @@ from tqdm.auto import tqdm
 
 from bilinear_lens.data.corpus import TokenBlocks, prepare_data
 from bilinear_lens.data.tokenizer import to_hf_tokenizer
-from bilinear_lens.models.checkpoint import atomic_write_text, write_model_dir
+from bilinear_lens.files.atomic import atomic_write_text
+from bilinear_lens.files.names import TOKENIZER_FILE
+from bilinear_lens.models.checkpoint import write_model_dir
 from bilinear_lens.models.model import BilinearTransformer, load_config, load_model
 from bilinear_lens.training.config import RunConfig, TrainConfig, load_run_config
 from bilinear_lens.training.distributed import DistEnv, read_environment
@@ -484,7 +486,7 @@ def _prepare_data(
     """Tokenizer and blocks; rank 0 tokenizes (and fills the cache) first, the others then
     read it. A resumed run continues with exactly the checkpoint's tokenizer."""
     dc = run_config.data
-    tokenizer_arg: Any = ckpt_path / "tokenizer.json" if ckpt_path is not None else (dc.tokenizer or None)
+    tokenizer_arg: Any = ckpt_path / TOKENIZER_FILE if ckpt_path is not None else (dc.tokenizer or None)
     if not env.is_main:
         env.barrier()
     data = prepare_data(

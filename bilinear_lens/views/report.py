@@ -41,7 +41,7 @@ from bilinear_lens.activations.eigen_readings import (
 )
 from bilinear_lens.activations.polytope import embedding_path_profile
 from bilinear_lens.data.synthetic import synthetic_stories
-from bilinear_lens.models.checkpoint import atomic_write_text
+from bilinear_lens.files.atomic import atomic_write_text
 from bilinear_lens.models.hook_names import check_layer
 from bilinear_lens.models.mlp_kinds import ATTN_ONLY, mlp_kind_spec
 from bilinear_lens.models.protocol import HookedModel
