@@ -163,11 +163,10 @@ def resolve_device(args: Any) -> tuple[Any, Any]:
     :func:`bilinear_lens.distributed.resolve_device` (under torchrun ``cuda`` is each rank's
     own GPU); bad values are a one-line :class:`UsageError` naming the flag, the value and
     what is allowed."""
-    from bilinear_lens.distributed import env_ranks
     from bilinear_lens.distributed import resolve_device as resolve_device_name
 
     try:
-        device = resolve_device_name(args.device, env_ranks().local_rank, what="--device")
+        device = resolve_device_name(args.device, what="--device")
     except ValueError as err:
         raise UsageError(str(err)) from None
     if args.dtype not in TORCH_DTYPES:

@@ -81,7 +81,7 @@ from bilinear_lens.sae.recipe import (
     recipe_differences,
     saved_model_checkpoint,
 )
-from bilinear_lens.training.distributed import DistEnv, read_environment
+from bilinear_lens.distributed import DistEnv, read_environment
 from bilinear_lens.training.loop import TrainTask, Trainer, apply_recipe_hyperparameters, make_optimizer
 from bilinear_lens.training.metrics import read_metrics
 from bilinear_lens.training.resume_rule import (

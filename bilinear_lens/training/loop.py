@@ -74,7 +74,7 @@ from bilinear_lens.files.names import TOKENIZER_FILE
 from bilinear_lens.models.checkpoint import write_model_dir
 from bilinear_lens.models.model import BilinearTransformer, load_config, load_model
 from bilinear_lens.training.config import RunConfig, TrainConfig, load_run_config
-from bilinear_lens.training.distributed import DistEnv, read_environment
+from bilinear_lens.distributed import DistEnv, read_environment
 from bilinear_lens.training.guard import DivergenceGuard, NonFiniteLossError
 from bilinear_lens.training.metrics import IntervalMeter, MetricsLog, make_record, read_metrics
 from bilinear_lens.training.resume_rule import check_steps_reach, format_differences, refused_differences

@@ -37,7 +37,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from bilinear_lens.distributed import barrier, current_ranks
+from bilinear_lens.distributed import barrier, current_ranks, resolve_device
 from bilinear_lens.weights.atlas_store import (
     INDEX_FILE,
     AtlasError,
@@ -61,7 +61,6 @@ from bilinear_lens.weights.tensor import (
     check_eigh_dtype,
     check_finite,
     iter_interaction_matrices,
-    resolve_compute_device,
 )
 
 ROUTES = ("auto", "dense_b", "factored")
@@ -249,7 +248,7 @@ def build_atlas(
         raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
     if not layers:
         raise ValueError("layers is empty: give at least one {layer: mlp}")
-    device = resolve_compute_device(device, "device (--device)")
+    device = None if device is None else resolve_device(device, what="device (--device)")
     check_eigh_dtype(dtype, "dtype (--dtype)")
     weights = {layer: BilinearWeights.from_module(mlp) for layer, mlp in sorted(layers.items())}
     for layer, w in weights.items():
