@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from bilinear_lens.data.packing import stream_rows as pack_rows
+from bilinear_lens.data.packing import text_documents
 from bilinear_lens.files.serialized import CheckpointError
 from bilinear_lens.models.config import DTYPES
 from bilinear_lens.models.model import TORCH_DTYPES
@@ -98,42 +100,19 @@ def read_text_file(path: str) -> str:
 def read_documents(path: str, limit: Optional[int] = None) -> list[str]:
     """The first ``limit`` (``None``: all) documents of ``path`` (separated by blank lines,
     stripped, empty ones dropped); a file without any is a :class:`UsageError`."""
-    documents = [doc.strip() for doc in read_text_file(path).split("\n\n")]
-    documents = [doc for doc in documents if doc]
+    documents = text_documents(read_text_file(path))
     if not documents:
         raise UsageError(f"text file {path} holds no text (documents are separated by blank lines)")
     return documents[:limit]
 
 
-def document_stream(tokenizer: Any, documents: Sequence[str]) -> list[int]:
-    """The token stream of ``documents``, the way training packs its corpus
-    (:mod:`bilinear_lens.data.corpus`): each document's tokens (no special tokens added),
-    preceded by the BOS token when the tokenizer has one. Every token of every document is
-    in it."""
-    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
-    stream: list[int] = []
-    for text in documents:
-        stream.extend(bos)
-        stream.extend(tokenizer.encode(text, add_special_tokens=False))
-    return stream
-
-
 def stream_rows(stream: Sequence[int], length: int, flag: str = "--seq-len") -> tuple[Any, int]:
-    """``(rows [n_rows, length], overlap)``: ``stream`` cut into consecutive rows of
-    ``length`` tokens, none padded and none dropped. When ``length`` does not divide the
-    stream, the last row is the stream's final ``length`` tokens, so it repeats ``overlap``
-    tokens of the row before (0 when it divides). A stream shorter than one row is a
-    :class:`UsageError` naming ``flag``."""
-    import torch
-
-    if len(stream) < length:
-        raise UsageError(f"the texts hold {len(stream)} tokens, fewer than one row of {flag} {length}")
-    n_full, rest = divmod(len(stream), length)
-    ids = torch.tensor(list(stream), dtype=torch.long)
-    rows = ids[: n_full * length].view(n_full, length)
-    if rest:
-        rows = torch.cat([rows, ids[-length:][None]])
-    return rows, (length - rest) % length
+    """:func:`bilinear_lens.data.packing.stream_rows` for a command: a stream shorter than one
+    row is a :class:`UsageError` naming ``flag``."""
+    try:
+        return pack_rows(stream, length, flag)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 # ---- --device / --dtype / --quiet: shared by the analysis commands (eigen, ablate, polytope, report)
