@@ -73,9 +73,9 @@ _MODULES: dict[str, tuple[str, ...]] = {
         "token_direction", "token_directions", "logit_diff_direction", "vector_direction",
         "feature_direction", "resolve_direction", "FeatureDirection", "sae_feature_direction",
     ),
+    "bilinear_lens.weights.layer_eigen": ("layer_eigendecomposition", "top_tokens_for_eigenvectors", "LayerEigen",),
     "bilinear_lens.activations.eigen_readings": (
-        "layer_eigendecomposition", "eigenvector_activations_on_tokens", "rank_k_correlation_on_tokens",
-        "top_tokens_for_eigenvectors", "mlp_inputs", "LayerEigen",
+        "eigenvector_activations_on_tokens", "rank_k_correlation_on_tokens", "mlp_inputs",
     ),
     "bilinear_lens.activations.capture": ("capture_activations", "run_capturing",),
     "bilinear_lens.activations.ablation": (

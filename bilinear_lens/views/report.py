@@ -32,11 +32,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from bilinear_lens.activations.ablation import ablation_sweep
-from bilinear_lens.activations.eigen_readings import (
-    eigenvector_activations_on_tokens,
+from bilinear_lens.activations.eigen_readings import eigenvector_activations_on_tokens, rank_k_correlation_on_tokens
+from bilinear_lens.weights.layer_eigen import (
     layer_eigendecomposition,
     normalized_embeddings,
-    rank_k_correlation_on_tokens,
     top_tokens_for_eigenvectors,
 )
 from bilinear_lens.activations.polytope import embedding_path_profile
