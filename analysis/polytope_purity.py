@@ -3,7 +3,8 @@
     python -m analysis.polytope_purity --checkpoint DIR --out analysis/out/polytope_purity
 
 For each MLP layer of the checkpoint, streams text (``--text-file``, or synthetic stories)
-through the model, and compares the word-class purity of the layer's polytope regions with
+through the model, packed as training and ``bilinear-lens polytope`` pack it
+(:func:`bilinear_lens.data.packing.pack_documents`), and compares the word-class purity of the layer's polytope regions with
 that of k-means clusters of its (unit-normalised) inputs with the same k, next to the
 label-shuffled baselines and the size-weighted purity of clusters with >= ``--min-size``
 tokens (:func:`bilinear_lens.activations.polytope.compare_purity`). Also profiles boundary density
@@ -32,10 +33,11 @@ from bilinear_lens.activations.polytope import (  # noqa: E402
     compare_purity,
     embedding_path_profile,
     residual_path_profile,
-    token_blocks,
     track_regions,
     word_class_labels,
 )
+from bilinear_lens.data.documents import split_text  # noqa: E402
+from bilinear_lens.data.packing import PackedText, pack_documents  # noqa: E402
 from bilinear_lens.data.synthetic import synthetic_stories  # noqa: E402
 
 
@@ -45,7 +47,9 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--out", default="analysis/out/polytope_purity")
     parser.add_argument("--text-file", help="text to analyse (default: synthetic stories)")
     parser.add_argument("--layers", type=int, nargs="+", help="default: every layer")
-    parser.add_argument("--max-tokens", type=int, default=20_000)
+    parser.add_argument("--max-tokens", type=int, default=20_000, help="text tokens run (BOS not counted)")
+    parser.add_argument("--warmup", type=int, default=8,
+                        help="positions not counted at the start of rows that start mid-document (as the polytope CLI)")
     parser.add_argument("--purity-tokens", type=int, default=2000, help="tokens sampled for k-means")
     parser.add_argument("--min-size", type=int, default=5)
     parser.add_argument("--n-paths", type=int, default=4)
@@ -54,19 +58,28 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _read_text(args: argparse.Namespace) -> str:
+def _read_documents(args: argparse.Namespace) -> list[str]:
+    """The documents (blank-line separated, as the polytope CLI reads a text file)."""
     if args.text_file:
-        return Path(args.text_file).read_text(encoding="utf-8")
-    return "\n".join(synthetic_stories(2000, seed=f"polytope-purity-{args.seed}"))
+        return split_text(Path(args.text_file).read_text(encoding="utf-8"))  # training's document rule
+    return synthetic_stories(2000, seed=f"polytope-purity-{args.seed}")
 
 
-def _layer_purity(model: Any, blocks: torch.Tensor, layer: int, labels: np.ndarray, args: argparse.Namespace) -> dict[str, Any]:
+def pack_text(model: Any, documents: list[str], args: argparse.Namespace) -> PackedText:
+    """The documents packed as training and the polytope CLI pack them (one rule,
+    :func:`~bilinear_lens.data.packing.pack_documents`): BOS per document, no BOS per row,
+    context-less row starts not counted."""
+    return pack_documents(model.tokenizer, documents, model.cfg.n_ctx, args.max_tokens, args.warmup)
+
+
+def _layer_purity(model: Any, packed: PackedText, layer: int, labels: np.ndarray, args: argparse.Namespace) -> dict[str, Any]:
     tok = model.tokenizer
     special = sorted({i for i in (tok.bos_token_id, tok.pad_token_id) if i is not None})
     tracker, sample = track_regions(
         model,
-        blocks.split(16),
+        packed.rows.split(16),
         layer,
+        masks=packed.mask.split(16),
         ignore_tokens=special,
         token_labels=labels,
         examples_per_region=0,
@@ -152,13 +165,12 @@ def main(argv: Optional[list[str]] = None) -> None:
         raise SystemExit(f"{args.checkpoint} has no tokenizer")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    ids = model.tokenizer.encode(_read_text(args), add_special_tokens=False)[: args.max_tokens]
-    blocks = token_blocks(ids, model.cfg.n_ctx, model.tokenizer.bos_token_id, model.tokenizer.pad_token_id or 0)
+    packed = pack_text(model, _read_documents(args), args)
     labels, names = word_class_labels(model.tokenizer, model.cfg.d_vocab)
     layers = args.layers if args.layers is not None else list(range(model.cfg.n_layers))
     with torch.no_grad():
-        results = [_layer_purity(model, blocks, layer, labels, args) for layer in layers]
-        paths = {layer: _paths(model, blocks, layer, labels, names, args) for layer in layers}
+        results = [_layer_purity(model, packed, layer, labels, args) for layer in layers]
+        paths = {layer: _paths(model, packed.rows, layer, labels, names, args) for layer in layers}
     (out / "purity.md").write_text(_markdown(results, model.cfg.mlp_kind, args.min_size), encoding="utf-8")
     _plot(paths, out / "boundary_density.png")
     summary = {

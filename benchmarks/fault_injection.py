@@ -32,13 +32,14 @@ from typing import Optional
 
 import torch
 
-from bilinear_lens.models.checkpoint import CheckpointError, read_tensors
+from bilinear_lens.files.serialized import CheckpointError, read_tensors
 from bilinear_lens.models.model import load_model
 from bilinear_lens.training.config import load_run_config
 from bilinear_lens.training.loop import train
 from bilinear_lens.training.metrics import read_metrics
 from bilinear_lens.training.run_dir import FINAL_DIR, METRICS_FILE, list_checkpoints
-from bilinear_lens.training.state import TRAIN_STATE_TENSORS_FILE, read_train_state
+from bilinear_lens.files.names import TRAIN_STATE_TENSORS_FILE
+from bilinear_lens.training.state import read_train_state
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_RECIPE = REPO / "training" / "configs" / "tiny.toml"

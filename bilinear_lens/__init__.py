@@ -10,75 +10,140 @@ loop, training state), ``weights`` (weight-only analysis: the bilinear tensor, e
 directions), ``activations`` (hook-based analysis: eigen readings, ablation, spline codes,
 polytopes), ``views`` (circuitsvis, figures, the HTML report), ``sae`` (SAELens-format sparse
 autoencoders, their features as directions and bases, a top-k trainer), ``commands`` (the CLI).
-Everything public is importable from the top level. (Importing the package costs what
-importing TransformerLens costs, which the model needs anyway.)
+Everything public is importable from the top level, lazily (PEP 562): ``_PUBLIC`` maps each
+public name to its module, which is imported on first access, so ``import bilinear_lens`` and
+the CLI's ``--help``/``--version`` do not pay for torch and TransformerLens.
 """
 
 from __future__ import annotations
 
-from bilinear_lens.models.checkpoint import CheckpointError
-from bilinear_lens.models.hf_llama import check_llama_expressible, llama_config_dict, model_config_from_llama, to_llama_state_dict, from_llama_state_dict
-from bilinear_lens.models.hub import resolve_model_dir, push_model_dir
-from bilinear_lens.models.paper_checkpoints import load_paper_checkpoint, convert_paper_state_dict, paper_model_config, detect_paper_format
-from bilinear_lens.models.sampling import sample_next_token, filter_logits
-from bilinear_lens.models.config import ModelConfig
-from bilinear_lens.models.hook_names import UnknownHookError
-from bilinear_lens.models.mlp import MLP, BilinearMLP, GatedMLP, make_mlp
-from bilinear_lens.models.mlp_kinds import MLP_KINDS, MLPKind, mlp_kind_spec
-from bilinear_lens.models.protocol import HookedModel
-from bilinear_lens.models.model import BilinearTransformer, build_model, load_model, next_token_loss, save_model, model_from_state_dict
-from bilinear_lens.models.bridge import to_bridge, load_bridge, BilinearLensArchitectureAdapter, ARCHITECTURE_NAME
-from bilinear_lens.training.config import DataConfig, TrainConfig, RunConfig, load_run_config
-from bilinear_lens.training.loop import train, TrainResult, NonFiniteLossError, Trainer, TrainTask
-from bilinear_lens.locking import LockHeldError
-from bilinear_lens.data.corpus import prepare_data, TokenBlocks, load_texts
-from bilinear_lens.data.synthetic import synthetic_stories, word_class
-from bilinear_lens.data.tokenizer import train_tokenizer, load_tokenizer, save_tokenizer, to_hf_tokenizer, load_model_tokenizer
-from bilinear_lens.weights.tensor import BilinearWeights, bilinear_tensor, bilinear_output, interaction_matrix, interaction_matrices, iter_interaction_matrices, interaction, quadratic_form, augment_input
-from bilinear_lens.weights.packed_tensor import PackedSymmetricTensor, packed_size
-from bilinear_lens.weights.eigen import EigenConvergenceError, choose_method, Eigendecomposition, eigendecompose, eigendecompose_directions, top_eigenvectors, interaction_operator, low_rank_approximation, low_rank_error, low_rank_output, low_rank_correlation, eigenvector_activations
-from bilinear_lens.weights.batched_eigen import batched_top_eigenpairs, BatchedTopK
-from bilinear_lens.weights.atlas import build_atlas, model_atlas
-from bilinear_lens.weights.atlas_store import EigenAtlas, AtlasEntry, AtlasError
-from bilinear_lens.weights.directions import token_direction, token_directions, logit_diff_direction, vector_direction, feature_direction, resolve_direction, FeatureDirection, sae_feature_direction
-from bilinear_lens.activations.eigen_readings import layer_eigendecomposition, eigenvector_activations_on_tokens, rank_k_correlation_on_tokens, top_tokens_for_eigenvectors, mlp_inputs, LayerEigen
-from bilinear_lens.activations.capture import capture_activations, run_capturing
-from bilinear_lens.activations.ablation import ablate_neurons, neuron_ablation_hook, ablate_direction, direction_ablation_hook, ablate_eigencomponents, eigen_ablation_hooks, ablation_sweep, patch_neurons, NeuronTable
-from bilinear_lens.activations.spline_codes import spline_codes, pack_bits, pack_signs, unpack_bits, hamming, region_ids, residual_codes
-from bilinear_lens.activations.region_counts import RegionCounts
-from bilinear_lens.activations.polytope import RegionTracker, track_regions, region_summary, embedding_path_profile, residual_path_profile, purity, purity_report, compare_purity, kmeans
-from bilinear_lens.toy import ToyConfig, ToyModel, train_toy_model, random_rotation, rotation_invariance, alignment_score, model_alignment_score
-from bilinear_lens.views.report import build_report, write_report
-from bilinear_lens.sae.config import SAEConfig, SAEConfigError
-from bilinear_lens.sae.model import SAE, load_sae, save_sae, check_sae_fits_model
-from bilinear_lens.sae.features import input_feature_basis, feature_interaction_matrix, eigenvector_input_features, FeatureInteractions, EigenvectorFeatures
-from bilinear_lens.sae.ablation import feature_ablation_sweep
-from bilinear_lens.sae.recipe import SAERecipe, SAESpec, load_sae_recipe
-from bilinear_lens.sae.train import train_sae, SAETrainResult, SAETraining, tangent_decoder_gradients
-from bilinear_lens.circuits.writers import ResidualWriters, residual_writers, sae_writers
-from bilinear_lens.circuits.pairs import PairDecomposition, mlp_pair_decomposition
-from bilinear_lens.circuits.qk_pairs import QKPairs, qk_pair_attribution
-from bilinear_lens.circuits.path_interactions import PathInteractions, path_interactions
-from bilinear_lens.views.pair_view import pair_matrix_html, pair_matrix_figure
-# interop (issue #21): the export booted safely in TransformerLens; HF module names as our hooks
-from bilinear_lens.models.bridge import boot_export, HFGatedMLPBridge
-from bilinear_lens.models.hook_names import hf_hook_equivalent
-from bilinear_lens.sae.model import hf_hook_name_mapped
-from bilinear_lens.circuits.patching import batched_activation_patch, patch_grid, GridResult
-from bilinear_lens.circuits.patch_nodes import NodeFamily, EigenFamily, node_family, eigen_family
-from bilinear_lens.circuits.attribution_patching import attribution_patching, AttributionPatchingResult
-from bilinear_lens.circuits.freezing import freeze_hooks, frozen_hook_names
-from bilinear_lens.views.patching_view import PatchingHeatmap
-from bilinear_lens.circuits.linearized import linearized, linearization_hooks, record_frozen_values, FrozenValues, check_exact_mlps, gradient_times_input
-from bilinear_lens.circuits.graph import attribution_graph, AttributionGraph, GraphNode, GraphTarget, top_logit_targets, direction_target
-from bilinear_lens.circuits.graph_prune import prune_graph, prune_adjacency, PruneResult
-from bilinear_lens.circuits.graph_export import graph_to_json, write_graph_json
-from bilinear_lens.views.graph_view import GraphView, graph_html
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = sorted(
-    name
-    for name, value in globals().items()
-    if not name.startswith("_") and getattr(value, "__module__", "").startswith("bilinear_lens")
-) + ["ARCHITECTURE_NAME", "MLP_KINDS"]
+# module -> the public names it provides; the one table behind __all__, __getattr__ and __dir__
+_MODULES: dict[str, tuple[str, ...]] = {
+    "bilinear_lens.files.serialized": ("CheckpointError",),
+    "bilinear_lens.models.hf_llama": (
+        "check_llama_expressible", "llama_config_dict", "model_config_from_llama", "to_llama_state_dict",
+        "from_llama_state_dict",
+    ),
+    "bilinear_lens.models.hub": ("resolve_model_dir", "push_model_dir",),
+    "bilinear_lens.models.paper_checkpoints": (
+        "load_paper_checkpoint", "convert_paper_state_dict", "paper_model_config", "detect_paper_format",
+    ),
+    "bilinear_lens.models.sampling": ("sample_next_token", "filter_logits",),
+    "bilinear_lens.models.config": ("ModelConfig",),
+    "bilinear_lens.models.hook_names": ("UnknownHookError", "hf_hook_equivalent"),
+    "bilinear_lens.models.mlp": ("MLP", "BilinearMLP", "GatedMLP", "make_mlp",),
+    "bilinear_lens.models.mlp_kinds": ("MLP_KINDS", "MLPKind", "mlp_kind_spec",),
+    "bilinear_lens.models.protocol": ("HookedModel",),
+    "bilinear_lens.models.model": (
+        "BilinearTransformer", "build_model", "load_model", "next_token_loss", "save_model",
+        "model_from_state_dict",
+    ),
+    "bilinear_lens.models.bridge": (
+        "to_bridge", "load_bridge", "BilinearLensArchitectureAdapter", "ARCHITECTURE_NAME", "boot_export",
+        "HFGatedMLPBridge",
+    ),
+    "bilinear_lens.training.config": ("DataConfig", "TrainConfig", "RunConfig", "load_run_config",),
+    "bilinear_lens.training.loop": ("train", "TrainResult", "NonFiniteLossError", "Trainer", "TrainTask",),
+    "bilinear_lens.locking": ("LockHeldError",),
+    "bilinear_lens.data.corpus": ("prepare_data", "TokenBlocks", "load_texts",),
+    "bilinear_lens.data.synthetic": ("synthetic_stories", "word_class",),
+    "bilinear_lens.data.documents": ("split_text", "DOCUMENT_RULES"),
+    "bilinear_lens.data.tokenizer": (
+        "train_tokenizer", "load_tokenizer", "save_tokenizer", "to_hf_tokenizer", "load_model_tokenizer",
+    ),
+    "bilinear_lens.weights.tensor": (
+        "BilinearWeights", "bilinear_tensor", "bilinear_output", "interaction_matrix",
+        "interaction_matrices", "iter_interaction_matrices", "interaction", "quadratic_form",
+        "augment_input",
+    ),
+    "bilinear_lens.weights.packed_tensor": ("PackedSymmetricTensor", "packed_size",),
+    "bilinear_lens.weights.eigen": (
+        "EigenConvergenceError", "choose_method", "Eigendecomposition", "eigendecompose",
+        "eigendecompose_directions", "top_eigenvectors", "interaction_operator",
+        "low_rank_approximation", "low_rank_error", "low_rank_output", "low_rank_correlation",
+        "eigenvector_activations",
+    ),
+    "bilinear_lens.weights.batched_eigen": ("batched_top_eigenpairs", "BatchedTopK",),
+    "bilinear_lens.weights.atlas": ("build_atlas", "model_atlas",),
+    "bilinear_lens.weights.atlas_store": ("EigenAtlas", "AtlasEntry", "AtlasError",),
+    "bilinear_lens.weights.directions": (
+        "token_direction", "token_directions", "logit_diff_direction", "vector_direction",
+        "feature_direction", "resolve_direction", "FeatureDirection", "sae_feature_direction",
+    ),
+    "bilinear_lens.weights.layer_eigen": ("layer_eigendecomposition", "top_tokens_for_eigenvectors", "LayerEigen",),
+    "bilinear_lens.activations.eigen_readings": (
+        "eigenvector_activations_on_tokens", "rank_k_correlation_on_tokens", "mlp_inputs",
+    ),
+    "bilinear_lens.activations.capture": ("capture_activations", "run_capturing",),
+    "bilinear_lens.activations.ablation": (
+        "ablate_neurons", "neuron_ablation_hook", "ablate_direction", "direction_ablation_hook",
+        "ablate_eigencomponents", "eigen_ablation_hooks", "ablation_sweep", "patch_neurons",
+        "NeuronTable",
+    ),
+    "bilinear_lens.activations.spline_codes": (
+        "spline_codes", "pack_bits", "pack_signs", "unpack_bits", "hamming", "region_ids",
+        "residual_codes",
+    ),
+    "bilinear_lens.activations.region_counts": ("RegionCounts",),
+    "bilinear_lens.activations.polytope": (
+        "RegionTracker", "track_regions", "region_summary", "embedding_path_profile",
+        "residual_path_profile", "purity", "purity_report", "compare_purity", "kmeans",
+    ),
+    "bilinear_lens.toy": (
+        "ToyConfig", "ToyModel", "train_toy_model", "random_rotation", "rotation_invariance",
+        "alignment_score", "model_alignment_score",
+    ),
+    "bilinear_lens.views.report": ("build_report", "write_report",),
+    "bilinear_lens.sae.config": ("SAEConfig", "SAEConfigError",),
+    "bilinear_lens.sae.model": ("SAE", "load_sae", "save_sae", "check_sae_fits_model", "hf_hook_name_mapped"),
+    "bilinear_lens.sae.features": (
+        "input_feature_basis", "feature_interaction_matrix", "eigenvector_input_features",
+        "FeatureInteractions", "EigenvectorFeatures",
+    ),
+    "bilinear_lens.sae.ablation": ("feature_ablation_sweep",),
+    "bilinear_lens.sae.recipe": ("SAERecipe", "SAESpec", "load_sae_recipe",),
+    "bilinear_lens.sae.train": ("train_sae", "SAETrainResult", "SAETraining", "tangent_decoder_gradients",),
+    # circuits across the whole model (issue 20)
+    "bilinear_lens.circuits.writers": ("ResidualWriters", "residual_writers", "sae_writers"),
+    "bilinear_lens.circuits.pairs": ("PairDecomposition", "mlp_pair_decomposition"),
+    "bilinear_lens.circuits.qk_pairs": ("QKPairs", "qk_pair_attribution"),
+    "bilinear_lens.circuits.path_interactions": ("PathInteractions", "path_interactions"),
+    "bilinear_lens.circuits.patching": ("batched_activation_patch", "patch_grid", "GridResult"),
+    "bilinear_lens.circuits.patch_nodes": ("NodeFamily", "EigenFamily", "node_family", "eigen_family"),
+    "bilinear_lens.circuits.attribution_patching": ("attribution_patching", "AttributionPatchingResult"),
+    "bilinear_lens.circuits.freezing": ("freeze_hooks", "frozen_hook_names"),
+    "bilinear_lens.circuits.linearized": (
+        "linearized", "linearization_hooks", "record_frozen_values", "FrozenValues", "check_exact_mlps",
+        "gradient_times_input",
+    ),
+    "bilinear_lens.circuits.graph": (
+        "attribution_graph", "AttributionGraph", "GraphNode", "GraphTarget", "top_logit_targets", "direction_target",
+    ),
+    "bilinear_lens.circuits.graph_prune": ("prune_graph", "prune_adjacency", "PruneResult"),
+    "bilinear_lens.circuits.graph_export": ("graph_to_json", "write_graph_json"),
+    "bilinear_lens.views.pair_view": ("pair_matrix_html", "pair_matrix_figure"),
+    "bilinear_lens.views.patching_view": ("PatchingHeatmap",),
+    "bilinear_lens.views.graph_view": ("GraphView", "graph_html"),
+}
+
+_PUBLIC: dict[str, str] = {name: module for module, names in _MODULES.items() for name in names}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str) -> Any:
+    """Import the public name's module on first access and cache the value in the package."""
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,10 +1,14 @@
-"""Process groups for analysis launched with ``torchrun`` (as training is) and the
-collectives analysis needs: which rank owns which work item, and gathering arrays.
+"""The runtime of every process, training and analysis alike: torchrun's rank record, the
+device rule, the process group and the collectives.
 
-``torchrun --nproc_per_node N -m bilinear_lens.cli eigen ...`` sets ``RANK``, ``WORLD_SIZE``
-and ``LOCAL_RANK``; :func:`process_group` joins the group (gloo on CPU, nccl on CUDA)
-for the duration of a command. Library functions ask :func:`current_ranks`, which is
-``Ranks(0, 1)`` in a plain single process, so the same code runs either way.
+``torchrun --nproc_per_node N -m bilinear_lens.cli eigen ...`` (or ``... train ...``) sets
+``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` (:func:`env_ranks`; a plain process is
+``Ranks(0, 1)``). One device rule (:func:`resolve_device`) serves ``train.device``, the
+commands' ``--device`` and the library's ``device=`` arguments. One backend rule
+(:func:`backend_for`: nccl on CUDA, gloo otherwise) serves both ways of joining the group:
+:func:`process_group` for the duration of an analysis command, :class:`DistEnv` for a
+training run (read once by :func:`read_environment`). Library functions ask
+:func:`current_ranks`, so the same code runs with or without a group.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -55,14 +59,28 @@ def current_ranks() -> Ranks:
     return Ranks()
 
 
-def resolve_device(name: str, local_rank: int = 0, what: str = "device") -> torch.device:
-    """The one rule for device names (training's ``train.device`` and the analysis
-    commands' ``--device``): ``"auto"``: CUDA if available, else CPU; ``"cuda"``: this
-    rank's GPU (``cuda:<local_rank>``, so torchrun ranks do not share one); ``"cuda:N"``,
-    ``"cpu"``: as named. Anything else, or CUDA on a machine without it, is a
-    ``ValueError`` whose message starts with ``what`` (e.g. ``"train.device"``,
-    ``"--device"``) and the value."""
-    if not isinstance(name, str) or not (name in ("auto", "cpu", "cuda") or (name.startswith("cuda:") and name[5:].isdigit())):
+DEVICE_NAMES = ("auto", "cpu", "cuda")  # and "cuda:N"
+
+
+def is_device_name(name: object) -> bool:
+    """Whether ``name`` is in the device grammar: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
+    return isinstance(name, str) and (name in DEVICE_NAMES or (name.startswith("cuda:") and name[5:].isdigit()))
+
+
+def resolve_device(
+    name: Union[str, torch.device], local_rank: Optional[int] = None, what: str = "device"
+) -> torch.device:
+    """The one rule for devices (training's ``train.device``, the analysis commands'
+    ``--device``, the library's ``device=``): ``"auto"``: CUDA if available, else CPU;
+    ``"cuda"``: this rank's GPU (``cuda:<local_rank>``, so torchrun ranks do not share one;
+    ``local_rank`` defaults to ``LOCAL_RANK``); ``"cuda:N"``, ``"cpu"`` or a ``torch.device``
+    of those: as named. Anything else, or CUDA on a machine without it, is a ``ValueError``
+    whose message starts with ``what`` (e.g. ``"train.device"``, ``"--device"``) and the value."""
+    if local_rank is None:  # read even where unused: a malformed torchrun environment is named, not ignored
+        local_rank = env_ranks().local_rank
+    if isinstance(name, torch.device):
+        name = name.type if name.index is None or name.type == "cpu" else f"{name.type}:{name.index}"
+    if not is_device_name(name):
         raise ValueError(f"{what} {name!r} is not one of auto, cpu, cuda, cuda:N")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -71,6 +89,11 @@ def resolve_device(name: str, local_rank: int = 0, what: str = "device") -> torc
             raise ValueError(f"{what} {name!r}: CUDA is not available on this machine; use auto or cpu")
         return torch.device(name if ":" in name else f"cuda:{local_rank}")
     return torch.device(name)
+
+
+def backend_for(device: torch.device) -> str:
+    """The process-group backend for ranks computing on ``device``: nccl on CUDA, else gloo."""
+    return "nccl" if device.type == "cuda" else "gloo"
 
 
 @contextlib.contextmanager
@@ -83,7 +106,7 @@ def process_group(device: torch.device) -> Iterator[Ranks]:
     ranks = env_ranks()
     created = ranks.world_size > 1 and not dist.is_initialized()
     if created:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend=backend_for(device))
     try:
         yield current_ranks()
     finally:
@@ -119,4 +142,54 @@ def all_gather_int64(array: Int[np.ndarray, "n"]) -> list[Int[np.ndarray, "m"]]:
     return [g[: int(n.item())].cpu().numpy() for g, n in zip(gathered, lengths)]
 
 
-__all__ = ["Ranks", "all_gather_int64", "barrier", "current_ranks", "env_ranks", "process_group", "resolve_device"]
+# ---- a training run's environment: rank, world size, device, its own group ----
+
+
+@dataclass
+class DistEnv:
+    """Where this process stands: ``rank`` of ``world_size`` processes, ``local_rank`` on
+    its host, the ``device`` it trains on, and whether it created the process group (then
+    :meth:`close` destroys it)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    created_group: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that writes files and shows progress."""
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        """More than one process: gradients and metrics are all-reduced."""
+        return self.world_size > 1
+
+    def init_group(self) -> None:
+        """Join the process group (gloo on CPU, nccl on CUDA) when there are several ranks."""
+        if self.enabled and not dist.is_initialized():
+            dist.init_process_group(backend=backend_for(self.device))
+            self.created_group = True
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.created_group:
+            dist.destroy_process_group()
+            self.created_group = False
+
+
+def read_environment(device: str = "cpu") -> DistEnv:
+    """Rank and world size from torchrun's variables, and the device ``device`` resolves to
+    for this rank (see :func:`resolve_device`). Does not join the process group."""
+    ranks = env_ranks()
+    return DistEnv(rank=ranks.rank, local_rank=ranks.local_rank, world_size=ranks.world_size,
+                   device=resolve_device(device, ranks.local_rank, what="train.device"))
+
+
+__all__ = ["DEVICE_NAMES", "DistEnv", "Ranks", "all_gather_int64", "backend_for", "barrier", "current_ranks", "env_ranks",
+           "is_device_name", "process_group", "read_environment", "resolve_device"]

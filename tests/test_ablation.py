@@ -634,7 +634,7 @@ def test_cli_json_lists_the_top_neurons(saved_model, capsys):
 
 def test_cli_counts_the_whole_text_file(saved_model, tmp_path, capsys):
     """Before: a document longer than one row gave one row, its tail dropped."""
-    from bilinear_lens.commands.common import document_stream
+    from bilinear_lens.data.packing import document_stream
     from bilinear_lens.data.synthetic import synthetic_stories
     from bilinear_lens.models.model import BilinearTransformer
 

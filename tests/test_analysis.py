@@ -40,7 +40,8 @@ def test_sae_low_rank_matches_the_per_direction_reading(tmp_path):
     import torch
 
     from analysis import sae_low_rank
-    from bilinear_lens.activations.eigen_readings import layer_eigendecomposition, rank_k_correlation_on_tokens
+    from bilinear_lens.activations.eigen_readings import rank_k_correlation_on_tokens
+    from bilinear_lens.weights.layer_eigen import layer_eigendecomposition
     from bilinear_lens.sae.config import SAEConfig
     from bilinear_lens.sae.model import SAE, save_sae
     from bilinear_lens.weights.directions import FeatureDirection

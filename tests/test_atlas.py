@@ -401,3 +401,21 @@ def test_two_process_atlas_matches_one_process(checkpoint, tmp_path) -> None:
         for name in ("eigenvalues", "eigenvectors", "frobenius_norm", "captured_energy"):
             # same seeds per shard; only thread counts differ (float32 rounding)
             torch.testing.assert_close(two.layer_tensors(layer, name), one.layer_tensors(layer, name), rtol=1e-5, atol=1e-6)
+
+
+def test_model_atlas_takes_any_direction_set(tmp_path):
+    """Issue #22 item 3: model_atlas builds an atlas of given directions (e.g. SAE features)
+    as build_atlas does, so the CLI no longer assembles feature atlases itself."""
+    from bilinear_lens.weights.layer_eigen import bilinear_layer
+
+    model = build_model(tiny_config(n_layers=1))
+    directions = torch.randn(5, model.cfg.d_model, generator=torch.Generator().manual_seed(3))
+    ours = model_atlas(model, tmp_path / "a", directions=directions, labels=[7, 1, 4, 2, 9], label_name="feature",
+                       k=3, progress=False)
+    theirs = build_atlas({0: bilinear_layer(model, 0)}, directions, tmp_path / "b", labels=[7, 1, 4, 2, 9],
+                         label_name="feature", k=3, progress=False)
+    assert ours.n_dirs == theirs.n_dirs == 5
+    for label in (7, 9):
+        assert torch.equal(ours.entry(0, token=label).eig.eigenvalues, theirs.entry(0, token=label).eig.eigenvalues)
+    with pytest.raises(ValueError, match="give tokens or directions, not both"):
+        model_atlas(model, tmp_path / "c", tokens=[1], directions=directions)

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from bilinear_lens.models.checkpoint import CheckpointError, atomic_directory
+from bilinear_lens.files.atomic import atomic_directory
+from bilinear_lens.files.serialized import CheckpointError
 from bilinear_lens.models.model import load_model
 from bilinear_lens.models.model import BilinearTransformer, build_model
 from bilinear_lens.data.synthetic import synthetic_stories
@@ -102,7 +103,7 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, tokens):
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from bilinear_lens.models.checkpoint import read_tensor_metadata  # noqa: E402
+from bilinear_lens.files.serialized import read_tensor_metadata  # noqa: E402
 
 from bilinear_lens.cli import main as cli_main  # noqa: E402
 

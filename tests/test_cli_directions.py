@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from bilinear_lens.activations.eigen_readings import layer_eigendecomposition
+from bilinear_lens.weights.layer_eigen import layer_eigendecomposition
 from bilinear_lens.cli import main
 from bilinear_lens.data.synthetic import synthetic_stories
 from bilinear_lens.data.tokenizer import to_hf_tokenizer, train_tokenizer

@@ -5,9 +5,9 @@ import re
 
 import pytest
 
+from bilinear_lens.data.packing import document_stream
 from bilinear_lens.commands.common import (
     UsageError,
-    document_stream,
     plain_text,
     read_documents,
     read_text_file,

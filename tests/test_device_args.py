@@ -153,3 +153,25 @@ def test_training_names_its_setting_when_cuda_is_missing() -> None:
 
     with pytest.raises(ValueError, match="train.device 'cuda:1': CUDA is not available on this machine; use auto or cpu"):
         distributed.resolve_device("cuda:1", what="train.device")
+
+
+def test_one_runtime_module_one_device_grammar() -> None:
+    """Issue #22 item 5: the training environment, the backend rule and the device rule live
+    in bilinear_lens.distributed; the recipe's grammar and the library's device= are that rule."""
+    import importlib.util
+
+    from bilinear_lens import distributed
+    from bilinear_lens.training.config import TrainConfig
+
+    assert importlib.util.find_spec("bilinear_lens.training.distributed") is None
+    assert distributed.backend_for(torch.device("cpu")) == "gloo"
+    assert distributed.backend_for(torch.device("cuda", 0)) == "nccl"
+    for name in ("auto", "cpu", "cuda", "cuda:3"):
+        assert distributed.is_device_name(name) and TrainConfig(device=name).device == name
+    for name in ("gpu", "cuda:", "cuda:x", "CPU", 0):
+        assert not distributed.is_device_name(name)
+        with pytest.raises(ValueError, match="allowed values are"):
+            TrainConfig(device=name)
+    assert distributed.resolve_device(torch.device("cpu"), what="device") == torch.device("cpu")
+    with pytest.raises(ValueError, match="device 'gpu' is not one of auto, cpu, cuda, cuda:N"):
+        eigendecompose_directions(build_model(tiny_config()).blocks[0].mlp, torch.randn(2, 32), k=2, device="gpu")

@@ -7,11 +7,10 @@ from bilinear_lens.models.bridge import to_bridge
 from bilinear_lens.weights.directions import token_direction
 from bilinear_lens.activations.eigen_readings import (
     eigenvector_activations_on_tokens,
-    layer_eigendecomposition,
     mlp_inputs,
     rank_k_correlation_on_tokens,
-    top_tokens_for_eigenvectors,
 )
+from bilinear_lens.weights.layer_eigen import layer_eigendecomposition, top_tokens_for_eigenvectors
 from bilinear_lens.models.model import build_model
 from conftest import tiny_config
 

@@ -11,7 +11,7 @@ import torch
 
 from bilinear_lens.weights import batched_eigen
 from bilinear_lens.weights.atlas import build_atlas
-from bilinear_lens.models.checkpoint import read_tensors
+from bilinear_lens.files.serialized import read_tensors
 from bilinear_lens.weights.atlas_store import SHARD_RECORD, SHARD_TENSORS, EigenAtlas, ShardSpec, write_shard
 from bilinear_lens.weights.batched_eigen import batched_top_eigenpairs
 from bilinear_lens.weights.eigen import (

@@ -15,7 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from bilinear_lens.data.synthetic import synthetic_stories
 from bilinear_lens.data.tokenizer import to_hf_tokenizer, train_tokenizer
-from bilinear_lens.models.checkpoint import CheckpointError
+from bilinear_lens.files.serialized import CheckpointError
 from bilinear_lens.models.model import BilinearTransformer, build_model
 from conftest import tiny_config
 

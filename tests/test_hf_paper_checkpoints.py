@@ -16,7 +16,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from bilinear_lens.cli import main as cli_main
-from bilinear_lens.models.checkpoint import CheckpointError
+from bilinear_lens.files.serialized import CheckpointError
 from bilinear_lens.models.model import BilinearTransformer
 from bilinear_lens.models.paper_checkpoints import load_paper_checkpoint
 from bilinear_lens.weights.tensor import interaction_matrix

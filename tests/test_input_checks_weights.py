@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bilinear_lens import cli
-from bilinear_lens.models.checkpoint import CheckpointError
+from bilinear_lens.files.serialized import CheckpointError
 from bilinear_lens.models.model import build_model
 from bilinear_lens.sae.config import SAEConfig
 from bilinear_lens.sae.model import SAE, load_sae, save_sae

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from bilinear_lens.models.checkpoint import CheckpointError
+from bilinear_lens.files.serialized import CheckpointError
 from bilinear_lens.models.paper_checkpoints import load_paper_checkpoint
 from test_hf_paper_checkpoints import D_HIDDEN, D_MODEL, N_CTX, N_HEAD, N_LAYER, N_VOCAB, write_checkpoint
 

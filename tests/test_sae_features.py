@@ -4,7 +4,7 @@ against brute force through the MLP itself (polarization identity)."""
 import pytest
 import torch
 
-from bilinear_lens.activations.eigen_readings import layer_eigendecomposition
+from bilinear_lens.weights.layer_eigen import layer_eigendecomposition
 from bilinear_lens.models.model import build_model
 from bilinear_lens.sae.config import SAEConfig
 from bilinear_lens.sae.features import eigenvector_input_features, feature_interaction_matrix, input_feature_basis

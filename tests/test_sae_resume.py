@@ -26,9 +26,9 @@ from bilinear_lens.sae.recipe import (
     load_sae_recipe,
     load_saved_recipe,
     recipe_differences,
-    resume_may_change,
 )
 from bilinear_lens.sae.train import train_sae
+from bilinear_lens.training.resume_rule import resume_may_change
 from bilinear_lens.training.state import read_train_state
 from conftest import tiny_config
 

@@ -26,11 +26,7 @@ from bilinear_lens import cli
 from bilinear_lens.data.corpus import iter_texts
 from bilinear_lens.data.synthetic import synthetic_stories
 from bilinear_lens.data.tokenizer import to_hf_tokenizer, train_tokenizer
-from bilinear_lens.models.checkpoint import (
-    OverwriteRefusedError,
-    atomic_directory,
-    check_replaceable,
-)
+from bilinear_lens.files.atomic import OverwriteRefusedError, atomic_directory, check_replaceable
 from bilinear_lens.models.model import BilinearTransformer, build_model
 from bilinear_lens.training.config import (
     SCHEDULES,

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from bilinear_lens import cli
-from bilinear_lens.models.checkpoint import read_tensors, write_tensors
+from bilinear_lens.files.serialized import read_tensors, write_tensors
 from bilinear_lens.training.state import (
     TrainState,
     capture_rng_state,
@@ -29,7 +29,7 @@ from bilinear_lens.training.state import (
 from bilinear_lens.training.config import RunConfig, TrainConfig, load_run_config
 from bilinear_lens.data.corpus import prepare_data
 from bilinear_lens.models.model import BilinearTransformer
-from bilinear_lens.training.distributed import read_environment
+from bilinear_lens.distributed import read_environment
 from bilinear_lens.training.loop import (
     CHECKPOINTS_DIR,
     FINAL_DIR,

@@ -23,7 +23,8 @@ from bilinear_lens import cli
 from bilinear_lens.data.synthetic import synthetic_stories
 from bilinear_lens.data.tokenizer import to_hf_tokenizer, train_tokenizer
 from bilinear_lens.locking import LockHeldError
-from bilinear_lens.models.checkpoint import atomic_write_text, read_tensors
+from bilinear_lens.files.atomic import atomic_write_text
+from bilinear_lens.files.serialized import read_tensors
 from bilinear_lens.models.model import BilinearTransformer, build_model
 from bilinear_lens.training.guard import DivergenceGuard
 from bilinear_lens.training.loop import CHECKPOINTS_DIR, FINAL_DIR, METRICS_FILE, NonFiniteLossError, train

@@ -318,7 +318,7 @@ def track_regions(
 
     Tokens in ``ignore_tokens`` (e.g. BOS/padding, whose codes would pile into one
     region) are skipped, and so are positions where ``masks`` (one bool tensor per batch,
-    its shape; e.g. :func:`count_mask`) is False. ``token_labels`` maps token id to label (``-1``: unlabelled).
+    its shape; e.g. :func:`~bilinear_lens.data.packing.count_mask`) is False. ``token_labels`` maps token id to label (``-1``: unlabelled).
     With ``sample_hook`` and ``sample_size > 0`` the activations at that hook of the
     first ``sample_size`` kept tokens are returned too, with their region ids. Batches
     go to the model's device; ``progress`` shows a progress bar. Under ``torchrun`` rank ``r``
@@ -387,50 +387,6 @@ def _merge_counts_across_ranks(tracker: RegionTracker) -> None:
     for region, label, count in gathered:
         tracker.label_counts.update(dict(zip(zip(region.view(np.uint64).tolist(), label.tolist()), count.tolist())))
     tracker.n_tokens = int(sum(int(n[0]) for n in all_gather_int64(np.array([tracker.n_tokens]))))
-
-
-def token_blocks(
-    token_ids: Sequence[int], n_ctx: int, bos_token_id: Optional[int], pad_token_id: int
-) -> Int[Tensor, "n_blocks pos"]:
-    """Cut a token stream into rows of ``n_ctx`` tokens, each starting with BOS (when
-    given); the last row is padded with ``pad_token_id``."""
-    body = n_ctx - (bos_token_id is not None)
-    if body < 1:
-        raise ValueError(f"n_ctx={n_ctx} leaves no room for tokens after BOS")
-    ids = np.asarray(token_ids, dtype=np.int64)
-    n_blocks = -(-ids.size // body)
-    rows = np.full((n_blocks, body), pad_token_id, dtype=np.int64)
-    rows.reshape(-1)[: ids.size] = ids
-    if bos_token_id is not None:
-        rows = np.concatenate([np.full((n_blocks, 1), bos_token_id, dtype=np.int64), rows], axis=1)
-    return torch.from_numpy(rows)
-
-
-def count_mask(
-    rows: Int[Tensor, "n_rows pos"], bos_token_id: Optional[int], warmup: int, overlap: int = 0
-) -> Tensor:
-    """Which positions of packed ``rows`` (:func:`~bilinear_lens.commands.common.stream_rows`
-    of a :func:`~bilinear_lens.commands.common.document_stream`) to count as region tokens.
-
-    A row that starts mid-document (not row 0, first token not BOS) lacks the context of
-    its first tokens: its positions before ``warmup`` (or before its first BOS, if earlier)
-    are False, so row-start tokens with no context do not pile into shared regions. When
-    ``stream_rows`` made the last row repeat ``overlap`` tokens of the row before, those
-    are False too (counted once). BOS itself is left to ``ignore_tokens``."""
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
-    ids = _numpy(rows).astype(np.int64)
-    n_rows, n_pos = ids.shape
-    mask = np.ones((n_rows, n_pos), dtype=bool)
-    is_bos = ids == bos_token_id if bos_token_id is not None else np.zeros_like(mask)
-    first_bos = np.where(is_bos.any(axis=1), is_bos.argmax(axis=1), n_pos)
-    mid_document = ~is_bos[:, 0]
-    mid_document[0] = False
-    stop = np.where(mid_document, np.minimum(first_bos, warmup), 0)
-    mask &= np.arange(n_pos)[None, :] >= stop[:, None]
-    if overlap and n_rows > 1:
-        mask[-1, :overlap] = False
-    return torch.from_numpy(mask)
 
 
 # ---- boundary density along a path ---------------------------------------------------------

@@ -148,7 +148,7 @@ def _remainders(model: Any, family: NodeFamily, cells: Sequence[Cell], diffs: di
                 u_grads: dict[int, Tensor]) -> Optional[Tensor]:
     """``D^T Q(u) D`` per ``mlp_in`` cell ``(layer, pos)`` and example, or ``None`` when the
     family is not ``mlp_in`` or a layer is not bilinear."""
-    from bilinear_lens.activations.eigen_readings import bilinear_layer
+    from bilinear_lens.weights.layer_eigen import bilinear_layer
     from bilinear_lens.weights.tensor import interaction_matrices
 
     if family.name != "mlp_in":

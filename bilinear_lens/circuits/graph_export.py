@@ -102,7 +102,7 @@ def graph_to_json(graph: Any, slug: str = "bilinear-lens-graph", scan: str = "bi
 
 def write_graph_json(graph: Any, path: Union[str, Path], **kwargs: Any) -> Path:
     """:func:`graph_to_json` written to ``path`` atomically (temp file + rename)."""
-    from bilinear_lens.models.checkpoint import atomic_write_text
+    from bilinear_lens.files.atomic import atomic_write_text
 
     return atomic_write_text(path, json.dumps(graph_to_json(graph, **kwargs)))
 

@@ -37,7 +37,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from bilinear_lens.activations.eigen_readings import bilinear_layer
+from bilinear_lens.weights.layer_eigen import bilinear_layer
 from bilinear_lens.circuits.writers import (
     ResidualWriters,
     TokensLike,

@@ -148,7 +148,7 @@ def eigen_family(model: Any, layer: int, u: Tensor, k: int = 8) -> EigenFamily:
     from :func:`~bilinear_lens.weights.directions.resolve_direction`), top ``k`` components
     of ``Q(u)`` by ``|lambda|`` (:func:`~bilinear_lens.weights.eigen.eigendecompose`, dense).
     A layer that is not bilinear is refused naming its kind."""
-    from bilinear_lens.activations.eigen_readings import bilinear_layer
+    from bilinear_lens.weights.layer_eigen import bilinear_layer
     from bilinear_lens.weights.eigen import eigendecompose
     from bilinear_lens.weights.tensor import interaction_matrix
 

@@ -35,7 +35,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from bilinear_lens.activations.eigen_readings import bilinear_layer
+from bilinear_lens.weights.layer_eigen import bilinear_layer
 from bilinear_lens.circuits.pairs import CENTRING_NORMS, WEIGHTED_NORMS
 from bilinear_lens.weights.directions import DirectionLike, resolve_direction
 from bilinear_lens.weights.tensor import interaction_matrix

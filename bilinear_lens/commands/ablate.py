@@ -39,12 +39,12 @@ from typing import Any, Optional
 import torch
 
 from bilinear_lens.activations.ablation import METHODS, NEURON_HOOKS, NeuronTable, ablation_sweep
+from bilinear_lens.data.packing import document_stream
 from bilinear_lens.commands.common import (
     UsageError,
     add_device_args,
     add_direction_arguments,
     analysis_parser,
-    document_stream,
     load_model_with_tokenizer,
     place_model,
     add_documents_argument,

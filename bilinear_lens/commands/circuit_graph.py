@@ -81,7 +81,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def _load(args: argparse.Namespace) -> Any:
     from bilinear_lens.commands.common import load_model_with_tokenizer
-    from bilinear_lens.models.checkpoint import CheckpointError
+    from bilinear_lens.files.serialized import CheckpointError
     from bilinear_lens.models.model import BilinearTransformer
 
     if args.text is not None:

@@ -37,7 +37,7 @@ from bilinear_lens.commands.common import (
     require_positive,
     resolve_direction_arguments,
 )
-from bilinear_lens.models.checkpoint import CheckpointError
+from bilinear_lens.files.serialized import CheckpointError
 
 COMMAND = "circuit pairs"
 OUT_SUFFIXES = (".html", ".json")
@@ -90,7 +90,7 @@ def _prompt(model: Any, args: argparse.Namespace) -> Any:
 
 
 def _check_layer(model: Any, layer: int) -> None:
-    from bilinear_lens.activations.eigen_readings import bilinear_layer
+    from bilinear_lens.weights.layer_eigen import bilinear_layer
 
     try:
         bilinear_layer(model, layer)

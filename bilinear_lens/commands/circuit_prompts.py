@@ -83,7 +83,7 @@ def check_out(path: Any) -> None:
 
 def write_output(path: str, payload: dict, heatmap: Any) -> None:
     """``--out``: ``.json`` (the payload) or ``.html`` (the heatmap page), written atomically."""
-    from bilinear_lens.models.checkpoint import atomic_write_text
+    from bilinear_lens.files.atomic import atomic_write_text
 
     check_out(path)
     text = json.dumps(payload, indent=1) + "\n" if Path(path).suffix == ".json" else heatmap.to_html(full_page=True)

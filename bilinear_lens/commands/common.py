@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from bilinear_lens.models.checkpoint import CheckpointError
+from bilinear_lens.data.packing import stream_rows as pack_rows
+from bilinear_lens.files.serialized import CheckpointError
 from bilinear_lens.models.config import DTYPES
 from bilinear_lens.models.model import TORCH_DTYPES
 from bilinear_lens.weights.tensor import EIGH_DTYPES as TENSOR_EIGH_DTYPES
@@ -124,35 +125,13 @@ def add_documents_argument(parser: argparse.ArgumentParser) -> None:
                              "(default auto, as training)")
 
 
-def document_stream(tokenizer: Any, documents: Sequence[str]) -> list[int]:
-    """The token stream of ``documents``, the way training packs its corpus
-    (:mod:`bilinear_lens.data.corpus`): each document's tokens (no special tokens added),
-    preceded by the BOS token when the tokenizer has one. Every token of every document is
-    in it."""
-    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
-    stream: list[int] = []
-    for text in documents:
-        stream.extend(bos)
-        stream.extend(tokenizer.encode(text, add_special_tokens=False))
-    return stream
-
-
 def stream_rows(stream: Sequence[int], length: int, flag: str = "--seq-len") -> tuple[Any, int]:
-    """``(rows [n_rows, length], overlap)``: ``stream`` cut into consecutive rows of
-    ``length`` tokens, none padded and none dropped. When ``length`` does not divide the
-    stream, the last row is the stream's final ``length`` tokens, so it repeats ``overlap``
-    tokens of the row before (0 when it divides). A stream shorter than one row is a
-    :class:`UsageError` naming ``flag``."""
-    import torch
-
-    if len(stream) < length:
-        raise UsageError(f"the texts hold {len(stream)} tokens, fewer than one row of {flag} {length}")
-    n_full, rest = divmod(len(stream), length)
-    ids = torch.tensor(list(stream), dtype=torch.long)
-    rows = ids[: n_full * length].view(n_full, length)
-    if rest:
-        rows = torch.cat([rows, ids[-length:][None]])
-    return rows, (length - rest) % length
+    """:func:`bilinear_lens.data.packing.stream_rows` for a command: a stream shorter than one
+    row is a :class:`UsageError` naming ``flag``."""
+    try:
+        return pack_rows(stream, length, flag)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 # ---- --device / --dtype / --quiet: shared by the analysis commands (eigen, ablate, polytope, report)
@@ -182,11 +161,10 @@ def resolve_device(args: Any) -> tuple[Any, Any]:
     :func:`bilinear_lens.distributed.resolve_device` (under torchrun ``cuda`` is each rank's
     own GPU); bad values are a one-line :class:`UsageError` naming the flag, the value and
     what is allowed."""
-    from bilinear_lens.distributed import env_ranks
     from bilinear_lens.distributed import resolve_device as resolve_device_name
 
     try:
-        device = resolve_device_name(args.device, env_ranks().local_rank, what="--device")
+        device = resolve_device_name(args.device, what="--device")
     except ValueError as err:
         raise UsageError(str(err)) from None
     if args.dtype not in TORCH_DTYPES:

@@ -23,7 +23,9 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from bilinear_lens.models.checkpoint import CheckpointError, check_replaceable
+from bilinear_lens.files.atomic import check_replaceable
+from bilinear_lens.files.names import MODEL_DIR_FILES
+from bilinear_lens.files.serialized import CheckpointError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +49,7 @@ def check_output(source: str, out: str) -> None:
     """Refuse an ``--out`` that converting would destroy (module docstring), before any work."""
     if Path(source).exists() and Path(out).resolve() == Path(source).resolve():
         raise ValueError(f"--out {out} is the source model directory {source}: write the conversion to another directory")
-    check_replaceable(out, what="a model directory (--out)")
+    check_replaceable(out, MODEL_DIR_FILES, what="a model directory (--out)")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -28,7 +28,7 @@ from bilinear_lens.commands.common import (
     resolve_device,
     resolve_direction_arguments,
 )
-from bilinear_lens.models.checkpoint import CheckpointError
+from bilinear_lens.files.serialized import CheckpointError
 from bilinear_lens.weights.eigen import METHODS, EigenConvergenceError, choose_method
 
 
@@ -72,10 +72,9 @@ def _atlas_directions(args: argparse.Namespace, model: Any) -> dict[str, Any]:
 
 def _run_atlas(args: argparse.Namespace) -> dict:
     """Build (or resume) the atlas; returns a summary. Under torchrun, each rank does its shards."""
-    from bilinear_lens.activations.eigen_readings import bilinear_layer
     from bilinear_lens.distributed import process_group
     from bilinear_lens.models.model import BilinearTransformer
-    from bilinear_lens.weights.atlas import build_atlas, model_atlas
+    from bilinear_lens.weights.atlas import model_atlas
 
     if not args.out:
         raise UsageError("--all-tokens writes an atlas: give --out DIR")
@@ -86,12 +85,7 @@ def _run_atlas(args: argparse.Namespace) -> dict:
     options = dict(k=args.top, shard_size=args.shard_size, device=device, dtype=dtype,
                    resume=args.resume, progress=not args.quiet)
     with process_group(device) as ranks:
-        if "tokens" in what:
-            atlas = model_atlas(model, args.out, tokens=what["tokens"], layers=layers, **options)
-        else:
-            mlps = {layer: bilinear_layer(model, layer) for layer in layers}
-            atlas = build_atlas(mlps, what["directions"], args.out, labels=what["labels"],
-                                label_name=what["label_name"], **options)
+        atlas = model_atlas(model, args.out, layers=layers, **what, **options)
     return {"atlas": str(atlas.path), "layers": atlas.layers, "n_dirs": atlas.n_dirs, "k": atlas.k, "is_main": ranks.is_main}
 
 
@@ -117,7 +111,7 @@ def _direction_fields(model: Any, label: str, spec: Any, sae_dir: Optional[str])
 
 
 def _rows(model: Any, le: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
-    from bilinear_lens.activations.eigen_readings import top_tokens_for_eigenvectors
+    from bilinear_lens.weights.layer_eigen import top_tokens_for_eigenvectors
     from bilinear_lens.sae.features import eigenvector_input_features
 
     tops = top_tokens_for_eigenvectors(model, le, n_vectors=args.top, n_tokens=args.n_tokens)
@@ -171,7 +165,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return _main_atlas(args)
     args.layer = 0 if args.layer is None else args.layer
     args.top = 5 if args.top is None else args.top
-    from bilinear_lens.activations.eigen_readings import layer_eigendecomposition
+    from bilinear_lens.weights.layer_eigen import layer_eigendecomposition
     from bilinear_lens.models.model import BilinearTransformer
     from bilinear_lens.weights.eigen import low_rank_error
 

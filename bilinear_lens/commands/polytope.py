@@ -42,7 +42,6 @@ from bilinear_lens.commands.common import (
     UsageError,
     add_device_args,
     analysis_parser,
-    document_stream,
     load_model_with_tokenizer,
     place_model,
     add_documents_argument,
@@ -50,12 +49,11 @@ from bilinear_lens.commands.common import (
     report_error,
     require_non_negative,
     require_positive,
-    stream_rows,
 )
+from bilinear_lens.data.packing import pack_documents
 from bilinear_lens.models.hook_names import mlp_hook_name
 from bilinear_lens.activations.polytope import (
     compare_purity,
-    count_mask,
     decode_context,
     region_summary,
     track_regions,
@@ -107,32 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
 def _token_rows(
     model: HookedModel, path: str, max_tokens: int, warmup: int, rule: str = "auto"
 ) -> tuple[Any, Any, dict[str, int]]:
-    """``(rows, mask, counts)``: the documents of ``path`` packed into rows of n_ctx tokens
-    (:func:`document_stream` + :func:`stream_rows`; one shorter row if the text is
-    shorter), the :func:`count_mask` of positions to count, and how many text tokens were
-    read, cut by ``max_tokens``, skipped at row starts and counted."""
-    import torch
-
-    bos = model.tokenizer.bos_token_id
-    stream = np.asarray(document_stream(model.tokenizer, read_documents(path, rule=rule)), dtype=np.int64)
-    is_text = stream != bos if bos is not None else np.ones(stream.size, dtype=bool)
-    n_read = int(is_text.sum())
-    if n_read == 0:
-        raise UsageError(f"text file {path} has no tokens")
-    if n_read > max_tokens:
-        stream = stream[: int(np.flatnonzero(is_text)[max_tokens - 1]) + 1]
-    n_ctx = model.cfg.n_ctx
-    if stream.size < n_ctx:
-        rows, overlap = torch.from_numpy(stream)[None], 0
-    else:
-        rows, overlap = stream_rows(stream.tolist(), n_ctx)
-    mask = count_mask(rows, bos, warmup, overlap)
-    n_run = min(n_read, max_tokens)
-    counted = mask & (rows != bos) if bos is not None else mask
-    n_counted = int(counted.sum())
-    counts = {"tokens_read": n_read, "max_tokens": max_tokens, "tokens_beyond_max": n_read - n_run,
-              "warmup": warmup, "tokens_skipped_row_start": n_run - n_counted}
-    return rows, mask, counts
+    """``(rows, mask, counts)``: the documents of ``path`` (document ``rule``) packed by the
+    one packing rule (:func:`~bilinear_lens.data.packing.pack_documents`: rows of n_ctx
+    tokens, one shorter row if the text is shorter), the mask of positions to count, and how
+    many text tokens were read, cut by ``max_tokens``, skipped at row starts and counted."""
+    documents = read_documents(path, rule=rule)
+    try:
+        packed = pack_documents(model.tokenizer, documents, model.cfg.n_ctx, max_tokens, warmup)
+    except ValueError as err:
+        raise UsageError(f"text file {path} has no tokens") from err
+    return packed.rows, packed.mask, packed.counts
 
 
 def resolve_label_kind(kind: str, checkpoint: str) -> str:

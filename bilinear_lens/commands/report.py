@@ -30,7 +30,7 @@ from bilinear_lens.commands.common import (
     resolve_input_token_arguments,
 )
 from bilinear_lens.commands.measured_text import measured_text
-from bilinear_lens.models.checkpoint import CheckpointError
+from bilinear_lens.files.serialized import CheckpointError
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -86,7 +86,7 @@ def _saved_checkpoint(out: Path, resume: object) -> Path:
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from bilinear_lens.locking import LockHeldError
-    from bilinear_lens.models.checkpoint import CheckpointError
+    from bilinear_lens.files.serialized import CheckpointError
     from bilinear_lens.models.hook_names import UnknownHookError
     from bilinear_lens.sae.recipe import load_sae_recipe, load_saved_recipe
     from bilinear_lens.sae.train import train_sae

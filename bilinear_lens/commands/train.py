@@ -89,7 +89,7 @@ def load_recipe(config: Path, overrides: list[str]) -> "RunConfig":
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from bilinear_lens.locking import LockHeldError
-    from bilinear_lens.training.distributed import read_environment
+    from bilinear_lens.distributed import read_environment
     from bilinear_lens.training.loop import RUN_CONFIG_FILE, NonFiniteLossError, train
 
     try:

@@ -51,7 +51,7 @@ from bilinear_lens.progress import progress_bar
 from bilinear_lens.data.documents import ENDOFTEXT, check_document_rule, split_text, tail_split
 from bilinear_lens.data.synthetic import iter_synthetic_stories
 from bilinear_lens.locking import exclusive_lock
-from bilinear_lens.models.checkpoint import atomic_write_text, remove_stale_temporaries
+from bilinear_lens.files.atomic import atomic_write_text, remove_stale_temporaries
 from bilinear_lens.data.tokenizer import (
     DEFAULT_VOCAB_SIZE,
     SEPARATOR_ID,

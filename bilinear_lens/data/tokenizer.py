@@ -16,7 +16,8 @@ from typing import Iterable, Optional
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from bilinear_lens.models.checkpoint import CheckpointError
+from bilinear_lens.files.names import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
+from bilinear_lens.files.serialized import CheckpointError
 
 __all__ = [
     "SPECIAL_TOKEN",
@@ -99,7 +100,7 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
     """
     path = Path(path)
     if path.is_dir():
-        path = path / "tokenizer.json"
+        path = path / TOKENIZER_FILE
     tokenizer = read_tokenizer_file(path)
     _check_special_token(tokenizer, str(path))
     return tokenizer
@@ -126,11 +127,11 @@ def load_model_tokenizer(directory: str | os.PathLike[str]) -> Optional[PreTrain
     :class:`CheckpointError` naming the file.
     """
     directory = Path(directory)
-    path = directory / "tokenizer.json"
+    path = directory / TOKENIZER_FILE
     if not path.is_file():
         return None
     backend = read_tokenizer_file(path)  # one-line error for a corrupt file, before transformers parses it
-    config_path = directory / "tokenizer_config.json"
+    config_path = directory / TOKENIZER_CONFIG_FILE
     if not config_path.is_file():
         _check_special_token(backend, str(path))
         return to_hf_tokenizer(backend)
@@ -151,7 +152,7 @@ def save_model_tokenizer(tokenizer: object, directory: str | os.PathLike[str], f
     if full or not _is_ours(tokenizer):
         tokenizer.save_pretrained(str(directory))  # type: ignore[attr-defined]
     else:
-        getattr(tokenizer, "backend_tokenizer", tokenizer).save(str(directory / "tokenizer.json"))
+        getattr(tokenizer, "backend_tokenizer", tokenizer).save(str(directory / TOKENIZER_FILE))
 
 
 def _is_ours(tokenizer: object) -> bool:

@@ -40,15 +40,9 @@ import torch
 from torch import Tensor
 
 from bilinear_lens.data.tokenizer import save_model_tokenizer
-from bilinear_lens.models.checkpoint import (
-    SAVED_CONFIG_KEY,
-    WEIGHTS_FILE,
-    CheckpointError,
-    read_json,
-    saved_config_metadata,
-    write_json,
-    write_tensors,
-)
+from bilinear_lens.files.names import WEIGHTS_FILE
+from bilinear_lens.files.serialized import CheckpointError, read_json, write_json, write_tensors
+from bilinear_lens.models.checkpoint import SAVED_CONFIG_KEY, saved_config_metadata
 from bilinear_lens.models.config import ModelConfig
 
 LLAMA_ARCHITECTURE = "LlamaForCausalLM"

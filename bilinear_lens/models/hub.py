@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-from bilinear_lens.models.checkpoint import CheckpointError
+from bilinear_lens.files.serialized import CheckpointError
 
 # What a model directory needs (weights, configs, tokenizer); never pickles.
 HUB_FILE_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt"]

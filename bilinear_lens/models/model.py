@@ -37,19 +37,15 @@ from transformer_lens.hook_points import HookPoint
 from transformer_lens.HookedRootModule import HookedRootModule
 
 from bilinear_lens.data.tokenizer import load_model_tokenizer
+from bilinear_lens.files.atomic import atomic_directory
+from bilinear_lens.files.names import CONFIG_FILE, MODEL_DIR_FILES, WEIGHTS_FILE
+from bilinear_lens.files.serialized import CheckpointError, read_json, read_tensor_metadata, read_tensors
 from bilinear_lens.models.checkpoint import (
-    CONFIG_FILE,
     FORMAT_NAME,
-    WEIGHTS_FILE,
-    CheckpointError,
-    atomic_directory,
     check_finite,
     check_saved_config,
     check_state_dict,
-    read_json,
     read_model_config,
-    read_tensor_metadata,
-    read_tensors,
     write_model_dir,
 )
 from bilinear_lens.models.config import ModelConfig
@@ -678,7 +674,7 @@ def save_model(model: BilinearTransformer, path: Union[str, Path], format: str =
         from bilinear_lens.models.hf_llama import check_llama_expressible
 
         check_llama_expressible(model.cfg)  # before anything touches the disk
-    with atomic_directory(path) as tmp:
+    with atomic_directory(path, replaces=MODEL_DIR_FILES, what="a model directory") as tmp:
         if format == "hf":
             write_llama_files(tmp, model.cfg, model.state_dict(), tokenizer)
         else:

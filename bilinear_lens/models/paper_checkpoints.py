@@ -46,7 +46,8 @@ import torch
 from torch import Tensor
 
 from bilinear_lens.data.tokenizer import load_model_tokenizer
-from bilinear_lens.models.checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, read_json, read_tensors
+from bilinear_lens.files.names import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
+from bilinear_lens.files.serialized import CheckpointError, read_json, read_tensors
 from bilinear_lens.models.config import ModelConfig
 from bilinear_lens.models.hub import resolve_model_dir
 from bilinear_lens.models.model import TORCH_DTYPES, BilinearTransformer, model_from_state_dict
@@ -262,7 +263,7 @@ def load_paper_checkpoint(
     tok = None
     if with_tokenizer:
         hub_id, pad = paper_tokenizer_id(config, fmt)
-        tok_source = tokenizer or (path if (path / "tokenizer.json").is_file() else hub_id)
+        tok_source = tokenizer or (path if (path / TOKENIZER_FILE).is_file() else hub_id)
         if tok_source is None:
             raise CheckpointError(f"{config_path}: tokenizer={config.get('tokenizer')!r} is not a known tokenizer; pass one")
         tok = load_model_tokenizer(resolve_model_dir(tok_source))

@@ -43,10 +43,9 @@ from typing import Any, Mapping, Optional
 
 import torch
 
+from bilinear_lens.files.names import SAE_CFG_FILE
 from bilinear_lens.models.model import TORCH_DTYPES
 
-SAE_CFG_FILE = "cfg.json"
-SAE_WEIGHTS_FILE = "sae_weights.safetensors"
 SAE_LENS_FORMAT_VERSION = "6.0.0"
 ARCHITECTURES = ("standard", "topk")
 NORMALIZATIONS = ("none", "constant_norm_rescale", "layer_norm")
@@ -254,7 +253,7 @@ def sae_config_from_dict(raw: Any) -> SAEConfig:
 
 def read_sae_config(directory: str | Path) -> SAEConfig:
     """Read ``directory/cfg.json``; every problem names the file and the field."""
-    from bilinear_lens.models.checkpoint import read_json
+    from bilinear_lens.files.serialized import read_json
 
     path = Path(directory) / SAE_CFG_FILE
     raw = read_json(path, what="SAE config")

@@ -11,7 +11,7 @@ diagonal: a feature's own effect). :func:`feature_interaction_matrix` returns ``
 restricted to the input features that interact most (largest row norm of the full ``M``);
 :func:`eigenvector_input_features` names each eigenvector of ``Q(u)`` by the input features
 it is most aligned with (cosine, both poles, as tokens are named in
-:func:`~bilinear_lens.activations.eigen_readings.top_tokens_for_eigenvectors`).
+:func:`~bilinear_lens.weights.layer_eigen.top_tokens_for_eigenvectors`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from bilinear_lens.activations.eigen_readings import LayerEigen, bilinear_layer
+from bilinear_lens.weights.layer_eigen import LayerEigen, bilinear_layer
 from bilinear_lens.weights.directions import DirectionLike, is_residual_hook, resolve_direction
 from bilinear_lens.weights.tensor import interaction_matrix
 
@@ -38,7 +38,7 @@ def input_feature_basis(model: Any, layer: int, sae: Any) -> Float[Tensor, "d_sa
     lives there: its rows are used as they are. An SAE on the residual stream (e.g.
     ``blocks.{layer}.hook_resid_mid``, the paper's choice) is mapped through the layer's
     ``ln2`` row by row: ``f_i = ln2(W_dec[i])``, the MLP input when the residual holds the
-    feature alone (as :func:`~bilinear_lens.activations.eigen_readings.normalized_embeddings`
+    feature alone (as :func:`~bilinear_lens.weights.layer_eigen.normalized_embeddings`
     does for tokens). Other hooks are refused.
     """
     bilinear_layer(model, layer)

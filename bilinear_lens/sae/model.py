@@ -29,15 +29,11 @@ from torch import Tensor, nn
 from transformer_lens.HookedRootModule import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
-from bilinear_lens.models.checkpoint import (
-    atomic_directory,
-    check_finite,
-    check_state_dict,
-    read_tensors,
-    write_json,
-    write_tensors,
-)
-from bilinear_lens.sae.config import SAE_CFG_FILE, SAE_WEIGHTS_FILE, SAEConfig, SAEConfigError, read_sae_config
+from bilinear_lens.files.atomic import atomic_directory
+from bilinear_lens.files.names import SAE_CFG_FILE, SAE_WEIGHTS_FILE
+from bilinear_lens.files.serialized import read_tensors, write_json, write_tensors
+from bilinear_lens.models.checkpoint import check_finite, check_state_dict
+from bilinear_lens.sae.config import SAEConfig, SAEConfigError, read_sae_config
 
 PathLike = Union[str, Path]
 _LN_EPS = 1e-5  # SAELens' layer_norm epsilon
@@ -150,7 +146,7 @@ class SAE(HookedRootModule):
 
 def write_sae_files(directory: Path, sae: SAE) -> None:
     """``cfg.json`` and ``sae_weights.safetensors`` into an existing ``directory`` (callers
-    wrap it in :func:`~bilinear_lens.models.checkpoint.atomic_directory`)."""
+    wrap it in :func:`~bilinear_lens.files.atomic.atomic_directory`)."""
     write_json(directory / SAE_CFG_FILE, sae.cfg.to_sae_lens_dict())
     write_tensors(directory / SAE_WEIGHTS_FILE, {k: v.detach().cpu() for k, v in sae.state_dict().items()})
 
@@ -168,7 +164,7 @@ def load_sae(path: PathLike, model: Any = None) -> SAE:
     (:func:`~bilinear_lens.sae.train.train_sae`'s ``out``, no ``cfg.json`` of its own) means
     its ``final/`` SAE. With ``model``, also check that the SAE fits it
     (:func:`check_sae_fits_model`). Weights holding NaN or inf are refused, as a model's
-    are (:class:`~bilinear_lens.models.checkpoint.CheckpointError` naming the file and tensor)."""
+    are (:class:`~bilinear_lens.files.serialized.CheckpointError` naming the file and tensor)."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"SAE directory not found: {path}")

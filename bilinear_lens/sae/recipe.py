@@ -18,9 +18,9 @@ initialised as the decoder's transpose, 4096 activations per step (64 blocks of 
 A run directory keeps the recipe it trains with in ``sae_recipe.json`` (:data:`RECIPE_FILE`;
 the three tables plus ``"checkpoint"``, the model it reads). A resumed run reuses that
 recipe (:func:`load_saved_recipe`); a recipe given on resume may differ from it only where
-:func:`resume_may_change` allows, the model trainer's rule: the architecture (``[sae]``)
-and the activations it is fit to (``[data]``, except where the token cache lives) stay,
-``[train]`` values (more steps, another lr, ...) may change.
+:func:`~bilinear_lens.training.resume_rule.resume_may_change` allows, the rule both trainers
+share: the architecture (``[sae]``) and the activations it is fit to (``[data]``, except
+where the token cache lives) stay, ``[train]`` values (more steps, another lr, ...) may change.
 """
 
 from __future__ import annotations
@@ -30,11 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
-from bilinear_lens.models.checkpoint import CheckpointError, read_json
+from bilinear_lens.files.names import SAE_RECIPE_FILE as RECIPE_FILE
+from bilinear_lens.files.serialized import CheckpointError, read_json
 from bilinear_lens.models.config import config_error, is_int
 from bilinear_lens.training.config import DataConfig, TrainConfig, parse_override, read_toml, toml_value
+from bilinear_lens.training.resume_rule import section_differences
 
-RECIPE_FILE = "sae_recipe.json"
 DEFAULT_HOOK = "blocks.0.hook_resid_mid"
 SAE_TRAIN_DEFAULTS: dict[str, Any] = {
     "steps": 1000, "batch_size": 64, "lr": 1e-4, "min_lr": 2e-5, "warmup_steps": 0, "schedule": "cosine",
@@ -43,8 +44,6 @@ SAE_TRAIN_DEFAULTS: dict[str, Any] = {
 }
 # TrainConfig keys with no meaning for the SAE trainer: a recipe must leave them at their defaults
 UNSUPPORTED_TRAIN_KEYS = ("epochs", "grad_accum", "eval_batch_size", "autocast")
-# [data] keys a resumed run may change: where the token cache lives does not change its tokens
-RESUME_SAFE_DATA_KEYS = ("cache_dir",)
 
 
 @dataclass
@@ -172,27 +171,6 @@ def saved_model_checkpoint(run_dir: Union[str, Path]) -> Optional[str]:
     return value if isinstance(value, str) else None
 
 
-def field_differences(saved: Any, given: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
-    """``(prefix + field, saved value, given value)`` for each field where two instances of
-    one dataclass differ, in field order."""
-    return [(prefix + f.name, getattr(saved, f.name), getattr(given, f.name)) for f in dataclasses.fields(saved)
-            if getattr(saved, f.name) != getattr(given, f.name)]
-
-
 def recipe_differences(saved: SAERecipe, given: SAERecipe) -> list[tuple[str, Any, Any]]:
     """``("section.key", saved value, given value)`` for each recipe value that differs."""
-    return [d for section in _SECTIONS
-            for d in field_differences(getattr(saved, section), getattr(given, section), prefix=f"{section}.")]
-
-
-def resume_may_change(name: str) -> bool:
-    """Whether a resumed run may take a recipe value ``"section.key"`` other than the saved
-    one: any ``[train]`` value (as the model trainer, whose ``[train]`` may change on resume),
-    and ``data.cache_dir``; not the SAE (``[sae]``) nor its corpus (the rest of ``[data]``)."""
-    section, _, key = name.partition(".")
-    return section == "train" or (section == "data" and key in RESUME_SAFE_DATA_KEYS)
-
-
-def format_differences(differences: list[tuple[str, Any, Any]]) -> str:
-    """``"name: a (saved) != b (given); ..."`` on one line."""
-    return "; ".join(f"{name}: {a!r} (saved) != {b!r} (given)" for name, a, b in differences)
+    return section_differences(saved, given, _SECTIONS)

@@ -22,7 +22,7 @@ activations (:func:`init_sae`).
 
 Resume (:func:`train_sae` with ``resume``): without a recipe the run's saved
 ``sae_recipe.json`` is used; a recipe that is given must equal it except where
-:func:`~bilinear_lens.sae.recipe.resume_may_change` allows (``[train]`` values, e.g. more
+:func:`~bilinear_lens.training.resume_rule.resume_may_change` allows (``[train]`` values, e.g. more
 steps; ``data.cache_dir``), else the run is refused with one line naming each differing
 value. A run whose checkpoint is already at ``train.steps`` with ``final/`` written is
 finished: resuming it trains nothing and writes nothing (:attr:`SAETrainResult.already_finished`).
@@ -68,23 +68,28 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from bilinear_lens.models.checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, atomic_write_text
+from bilinear_lens.files.atomic import atomic_write_text
+from bilinear_lens.files.names import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
+from bilinear_lens.files.serialized import CheckpointError
 from bilinear_lens.sae.config import SAEConfig
 from bilinear_lens.sae.model import SAE, hook_width, load_sae, write_sae_files
 from bilinear_lens.sae.recipe import (
     RECIPE_FILE,
     SAERecipe,
     SAESpec,
-    field_differences,
-    format_differences,
     load_saved_recipe,
     recipe_differences,
-    resume_may_change,
     saved_model_checkpoint,
 )
-from bilinear_lens.training.distributed import DistEnv, read_environment
+from bilinear_lens.distributed import DistEnv, read_environment
 from bilinear_lens.training.loop import TrainTask, Trainer, apply_recipe_hyperparameters, make_optimizer
 from bilinear_lens.training.metrics import read_metrics
+from bilinear_lens.training.resume_rule import (
+    check_steps_reach,
+    field_differences,
+    format_differences,
+    resume_may_change,
+)
 from bilinear_lens.training.run_dir import FINAL_DIR, METRICS_FILE, claim_run_dir, resolve_resume
 from bilinear_lens.training.state import read_train_state
 
@@ -250,7 +255,7 @@ def _setup(model_path: Path, recipe: SAERecipe, device: torch.device, progress: 
 
     model = BilinearTransformer.from_pretrained(model_path, device=device).eval().requires_grad_(False)
     hook_width(model, recipe.sae.hook)  # an unknown hook fails here, before any data is read
-    tokenizer_file = model_path / "tokenizer.json"
+    tokenizer_file = model_path / TOKENIZER_FILE
     if not tokenizer_file.is_file():
         raise FileNotFoundError(f"{model_path} has no tokenizer.json: the SAE trainer reads the model's corpus")
     dc = recipe.data
@@ -316,7 +321,7 @@ def _same_model(saved: Path, given: Path) -> bool:
 def resume_recipe(out_dir: Path, checkpoint: Path, recipe: Optional[SAERecipe]) -> SAERecipe:
     """The recipe a resumed run in ``out_dir`` trains with: the saved ``sae_recipe.json``
     where ``recipe`` is ``None``, else ``recipe`` once checked against it (only values that
-    :func:`~bilinear_lens.sae.recipe.resume_may_change` allows may differ). ``checkpoint``
+    :func:`~bilinear_lens.training.resume_rule.resume_may_change` allows may differ). ``checkpoint``
     must be the model the run was trained on. Raises ``ValueError`` naming every differing
     value with both its saved and its given value, ``FileNotFoundError`` where there is no
     saved recipe and none is given."""
@@ -344,9 +349,7 @@ def _finished_result(out_dir: Path, ckpt: Path, recipe: SAERecipe) -> Optional[S
     step is a ``ValueError``. Warns where a finished run is about to be extended."""
     step = read_train_state(ckpt).step
     steps = recipe.train.steps
-    if steps < step:
-        raise ValueError(f"train.steps={steps} in {recipe.source} is below step {step} of {ckpt}: a resumed run "
-                         "trains on from its checkpoint (raise train.steps, or resume from an earlier checkpoint)")
+    check_steps_reach(steps, step, recipe.source, ckpt)
     final = out_dir / FINAL_DIR
     final_step = read_train_state(final).step if final.is_dir() else None
     if final_step is not None and final_step == step == steps:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from bilinear_lens.distributed import DEVICE_NAMES, is_device_name
 from bilinear_lens.models.config import NO_NORM_NAME, ModelConfig, config_error, is_int, is_number
 from bilinear_lens.data.documents import DOCUMENT_RULES
 
@@ -32,7 +33,6 @@ from bilinear_lens.data.documents import DOCUMENT_RULES
 # overrides and validates everything; every error names the key, the section and the file.
 
 SCHEDULES = ("cosine", "linear", "constant")
-DEVICES = ("auto", "cpu", "cuda")
 AUTOCAST_DTYPES = ("none", "bfloat16")  # float16 would need a GradScaler
 
 
@@ -184,8 +184,8 @@ class TrainConfig:
         for key in ("weight_decay", "grad_clip", "max_abs_weight"):
             if not is_number(getattr(self, key)) or getattr(self, key) < 0:
                 raise config_error(name, key, getattr(self, key), "must be a non-negative number")
-        if self.device not in DEVICES and not (isinstance(self.device, str) and self.device.startswith("cuda:")):
-            raise config_error(name, "device", self.device, f"allowed values are {list(DEVICES)} or 'cuda:N'")
+        if not is_device_name(self.device):  # the one device grammar; CUDA's presence is checked at run time
+            raise config_error(name, "device", self.device, f"allowed values are {list(DEVICE_NAMES)} or 'cuda:N'")
         if self.autocast not in AUTOCAST_DTYPES:
             raise config_error(name, "autocast", self.autocast, f"allowed values are {list(AUTOCAST_DTYPES)}")
 
@@ -277,7 +277,7 @@ class RunConfig:
 
     def save_toml(self, path: str | Path) -> None:
         """Write :meth:`to_toml` to ``path`` atomically (temporary sibling + rename)."""
-        from bilinear_lens.models.checkpoint import atomic_write_text
+        from bilinear_lens.files.atomic import atomic_write_text
 
         atomic_write_text(path, self.to_toml())
 

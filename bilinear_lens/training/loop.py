@@ -69,12 +69,15 @@ from torch import Tensor
 from bilinear_lens.progress import progress_bar
 from bilinear_lens.data.corpus import TokenBlocks, prepare_data
 from bilinear_lens.data.tokenizer import to_hf_tokenizer
-from bilinear_lens.models.checkpoint import atomic_write_text, write_model_dir
+from bilinear_lens.files.atomic import atomic_write_text
+from bilinear_lens.files.names import TOKENIZER_FILE
+from bilinear_lens.models.checkpoint import write_model_dir
 from bilinear_lens.models.model import BilinearTransformer, load_config, load_model
-from bilinear_lens.training.config import RunConfig, TrainConfig
-from bilinear_lens.training.distributed import DistEnv, read_environment
+from bilinear_lens.training.config import RunConfig, TrainConfig, load_run_config
+from bilinear_lens.distributed import DistEnv, read_environment
 from bilinear_lens.training.guard import DivergenceGuard, NonFiniteLossError
 from bilinear_lens.training.metrics import IntervalMeter, MetricsLog, make_record, read_metrics
+from bilinear_lens.training.resume_rule import check_steps_reach, format_differences, refused_differences
 from bilinear_lens.training.run_dir import (
     CHECKPOINTS_DIR,
     FINAL_DIR,
@@ -439,8 +442,10 @@ def train(
             gets :class:`~bilinear_lens.locking.LockHeldError` naming the holder).
         resume: ``False``: start fresh (refused if ``out_dir`` already has checkpoints);
             ``True``: continue from the newest checkpoint in ``out_dir``; a path: continue
-            from that checkpoint. The model config must match the checkpoint's; the
-            ``[train]`` section may change (e.g. more steps). Resuming a finished run (the
+            from that checkpoint. The recipe may differ from the checkpoint's only where
+            :mod:`~bilinear_lens.training.resume_rule` allows: ``[model]`` and ``[data]``
+            (but ``data.cache_dir``) stay, ``[train]`` may change (e.g. more steps, but not
+            fewer than the checkpoint's step). Resuming a finished run (the
             checkpoint's step is the schedule's last and ``final/`` holds that step) trains,
             evaluates and writes nothing: the result has ``already_finished`` set.
         progress: show progress on rank 0 (a bar on a terminal, periodic lines otherwise: :mod:`bilinear_lens.progress`).
@@ -481,7 +486,7 @@ def _prepare_data(
     """Tokenizer and blocks; rank 0 tokenizes (and fills the cache) first, the others then
     read it. A resumed run continues with exactly the checkpoint's tokenizer."""
     dc = run_config.data
-    tokenizer_arg: Any = ckpt_path / "tokenizer.json" if ckpt_path is not None else (dc.tokenizer or None)
+    tokenizer_arg: Any = ckpt_path / TOKENIZER_FILE if ckpt_path is not None else (dc.tokenizer or None)
     if not env.is_main:
         env.barrier()
     data = prepare_data(
@@ -494,6 +499,22 @@ def _prepare_data(
     if env.is_main:
         env.barrier()
     return data
+
+
+def _check_resume_recipe(run_config: RunConfig, ckpt_path: Path) -> None:
+    """Refuse a recipe whose ``[data]`` differs from the one the checkpoint was trained with
+    (its ``run_config.toml``) where :func:`~bilinear_lens.training.resume_rule.resume_may_change`
+    does not allow it: other data means other batches. ``[model]`` is checked against the
+    checkpoint's ``config.json`` (:func:`_load_or_build_model`). A checkpoint without the
+    file (written before it existed) has nothing to check against."""
+    saved_file = ckpt_path / RUN_CONFIG_FILE
+    if not saved_file.is_file():
+        return
+    refused = refused_differences(load_run_config(saved_file), run_config, ("data",))
+    if refused:
+        raise ValueError(f"cannot resume from {ckpt_path}: the recipe ({run_config.source}) differs from the "
+                         f"checkpoint's ({saved_file}) in {format_differences(refused)}; on resume only [train] "
+                         "values and data.cache_dir may change")
 
 
 def _load_or_build_model(run_config: RunConfig, ckpt_path: Optional[Path], device: torch.device) -> BilinearTransformer:
@@ -563,12 +584,16 @@ def _train(
     stop_at: Optional[int], env: DistEnv,
 ) -> TrainResult:
     tc = run_config.train
+    if ckpt_path is not None:
+        _check_resume_recipe(run_config, ckpt_path)
     tokenizer, train_blocks, val_blocks = _prepare_data(run_config, ckpt_path, env, progress)
     run_config = run_config.with_vocab_size(tokenizer.get_vocab_size())
     batches_per_epoch = train_blocks.batches_per_epoch(tc.batch_size)  # raises if batch > data
     total_steps = tc.steps or math.ceil(tc.epochs * batches_per_epoch)
     entropy_tokens = val_blocks.tokens if val_blocks is not None else train_blocks.tokens
     if ckpt_path is not None:
+        setting = None if tc.steps else f"train.epochs={tc.epochs} ({total_steps} steps)"
+        check_steps_reach(total_steps, read_train_state(ckpt_path).step, run_config.source, ckpt_path, setting)
         done = _finished_result(out_dir, ckpt_path, total_steps)
         if done is not None:
             if env.is_main:

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from bilinear_lens.models.checkpoint import atomic_write_text
+from bilinear_lens.files.atomic import atomic_write_text
 
 __all__ = ["IntervalMeter", "MetricsLog", "make_record", "read_metrics"]
 

@@ -21,8 +21,15 @@ from pathlib import Path
 from typing import Iterator, Optional, Union
 
 from bilinear_lens.locking import exclusive_lock
-from bilinear_lens.models.checkpoint import remove_stale_temporaries
-from bilinear_lens.training.state import TRAIN_STATE_JSON_FILE
+from bilinear_lens.files.atomic import remove_stale_temporaries
+from bilinear_lens.files.names import (
+    CHECKPOINTS_DIR,
+    FINAL_DIR,
+    LOCK_FILE,
+    METRICS_FILE,
+    RUN_CONFIG_FILE,
+    TRAIN_STATE_JSON_FILE,
+)
 
 __all__ = [
     "CHECKPOINTS_DIR", "FINAL_DIR", "METRICS_FILE", "RUN_CONFIG_FILE", "LOCK_FILE",
@@ -30,11 +37,6 @@ __all__ = [
     "resolve_resume", "claim_run_dir",
 ]
 
-CHECKPOINTS_DIR = "checkpoints"
-FINAL_DIR = "final"
-METRICS_FILE = "metrics.jsonl"
-RUN_CONFIG_FILE = "run_config.toml"
-LOCK_FILE = ".lock"
 _STEP_PREFIX = "step_"
 
 

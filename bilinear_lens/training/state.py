@@ -1,6 +1,7 @@
 """Pickle-free training state: optimizer, schedule, data position, metrics and RNG states,
 written next to the model files of a training checkpoint (see
-:mod:`bilinear_lens.models.checkpoint` for the atomic directory and the model files).
+:mod:`bilinear_lens.files.atomic` for the atomic directory, :mod:`bilinear_lens.models.checkpoint`
+for the model files).
 
 Resume has one home: :func:`save_trainer_state` writes a whole training checkpoint and
 :func:`load_trainer_state`, right below it, restores what it wrote (the caller loads the
@@ -18,16 +19,9 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 from torch import Tensor
 
-from bilinear_lens.models.checkpoint import (
-    MODEL_DIR_FILES,
-    CheckpointError,
-    PathLike,
-    atomic_directory,
-    read_json,
-    read_tensors,
-    write_json,
-    write_tensors,
-)
+from bilinear_lens.files.atomic import PathLike, atomic_directory
+from bilinear_lens.files.names import CHECKPOINT_DIR_FILES, TRAIN_STATE_JSON_FILE, TRAIN_STATE_TENSORS_FILE
+from bilinear_lens.files.serialized import CheckpointError, read_json, read_tensors, write_json, write_tensors
 
 # A training checkpoint directory holds the model files above plus
 #
@@ -40,13 +34,10 @@ from bilinear_lens.models.checkpoint import (
 #
 # Both are plain data (no pickle), so a checkpoint can be inspected and can run no code.
 
-TRAIN_STATE_TENSORS_FILE = "train_state.safetensors"
-TRAIN_STATE_JSON_FILE = "train_state.json"
 TRAIN_STATE_FORMAT = "bilinear-lens-train-state"
 TRAIN_STATE_VERSION = 1
-# What a previous training checkpoint at the same path may hold (it is replaced; anything
-# else there is refused, see atomic_directory): model files, train state, the recipe.
-CHECKPOINT_DIR_FILES = MODEL_DIR_FILES | {TRAIN_STATE_TENSORS_FILE, TRAIN_STATE_JSON_FILE, "run_config.toml"}
+# (file names, and CHECKPOINT_DIR_FILES: what a previous checkpoint at the same path may hold,
+# in bilinear_lens.files.names)
 
 
 @dataclass

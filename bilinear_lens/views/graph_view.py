@@ -173,6 +173,6 @@ class GraphView:
 
     def save(self, path: Union[str, Path]) -> Path:
         """The standalone page written atomically."""
-        from bilinear_lens.models.checkpoint import atomic_write_text
+        from bilinear_lens.files.atomic import atomic_write_text
 
         return atomic_write_text(path, graph_html(self.graph, standalone=True, title=self.title))

@@ -31,16 +31,15 @@ from jaxtyping import Int
 from torch import Tensor
 
 from bilinear_lens.activations.ablation import ablation_sweep
-from bilinear_lens.activations.eigen_readings import (
-    eigenvector_activations_on_tokens,
+from bilinear_lens.activations.eigen_readings import eigenvector_activations_on_tokens, rank_k_correlation_on_tokens
+from bilinear_lens.weights.layer_eigen import (
     layer_eigendecomposition,
     normalized_embeddings,
-    rank_k_correlation_on_tokens,
     top_tokens_for_eigenvectors,
 )
 from bilinear_lens.activations.polytope import embedding_path_profile
 from bilinear_lens.data.synthetic import synthetic_stories
-from bilinear_lens.models.checkpoint import atomic_write_text
+from bilinear_lens.files.atomic import atomic_write_text
 from bilinear_lens.models.hook_names import check_layer
 from bilinear_lens.models.mlp_kinds import ATTN_ONLY, mlp_kind_spec
 from bilinear_lens.models.protocol import HookedModel

@@ -36,8 +36,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from bilinear_lens.distributed import barrier, current_ranks, resolve_device
 from bilinear_lens.progress import progress_bar
-from bilinear_lens.distributed import barrier, current_ranks
 from bilinear_lens.weights.atlas_store import (
     INDEX_FILE,
     AtlasError,
@@ -52,6 +52,7 @@ from bilinear_lens.weights.atlas_store import (
 )
 from bilinear_lens.weights.batched_eigen import batched_top_eigenpairs
 from bilinear_lens.weights.directions import TokenLike, token_directions, token_id
+from bilinear_lens.weights.layer_eigen import bilinear_layer
 from bilinear_lens.weights.packed_tensor import PackedSymmetricTensor, packed_size
 from bilinear_lens.weights.eigen import check_weights_finite
 from bilinear_lens.weights.tensor import (
@@ -61,7 +62,6 @@ from bilinear_lens.weights.tensor import (
     check_eigh_dtype,
     check_finite,
     iter_interaction_matrices,
-    resolve_compute_device,
 )
 
 ROUTES = ("auto", "dense_b", "factored")
@@ -249,7 +249,7 @@ def build_atlas(
         raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
     if not layers:
         raise ValueError("layers is empty: give at least one {layer: mlp}")
-    device = resolve_compute_device(device, "device (--device)")
+    device = None if device is None else resolve_device(device, what="device (--device)")
     check_eigh_dtype(dtype, "dtype (--dtype)")
     weights = {layer: BilinearWeights.from_module(mlp) for layer, mlp in sorted(layers.items())}
     for layer, w in weights.items():
@@ -322,19 +322,26 @@ def model_atlas(
     out: Union[str, Path],
     tokens: Optional[Sequence[TokenLike]] = None,
     layers: Optional[Sequence[int]] = None,
+    directions: Optional[Tensor] = None,
+    labels: Optional[Sequence[int]] = None,
+    label_name: str = "token",
     **kwargs: Any,
 ) -> EigenAtlas:
-    """:func:`build_atlas` of a model's output-token directions (through the final norm,
-    :func:`~bilinear_lens.weights.directions.token_directions`) for ``tokens`` (ids or
-    one-token strings; all of the vocabulary if ``None``) at ``layers`` (all if ``None``).
-    Rows are labelled by token id. ``kwargs`` go to :func:`build_atlas`.
+    """:func:`build_atlas` of a model's bilinear layers ``layers`` (all if ``None``; each
+    checked to be a bilinear MLP) for a direction set: by default the output-token
+    directions (through the final norm, :func:`~bilinear_lens.weights.directions.token_directions`)
+    of ``tokens`` (ids or one-token strings; all of the vocabulary if ``None``), labelled by
+    token id; or any ``directions [n_dirs, d_model]`` (e.g. SAE features) with their
+    ``labels`` and ``label_name``. ``kwargs`` go to :func:`build_atlas`.
     """
-    from bilinear_lens.activations.eigen_readings import bilinear_layer  # checks range and MLP kind
-
-    ids = list(range(model.cfg.d_vocab)) if tokens is None else [token_id(model, t) for t in tokens]
+    if directions is not None and tokens is not None:
+        raise ValueError("give tokens or directions, not both")
     layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
     mlps = {layer: bilinear_layer(model, layer) for layer in layers}
-    return build_atlas(mlps, token_directions(model, ids), out, labels=ids, label_name="token", **kwargs)
+    if directions is None:
+        ids = list(range(model.cfg.d_vocab)) if tokens is None else [token_id(model, t) for t in tokens]
+        directions, labels, label_name = token_directions(model, ids), ids, "token"
+    return build_atlas(mlps, directions, out, labels=labels, label_name=label_name, **kwargs)
 
 
 def _weight_tensors(w: BilinearWeights) -> list[Tensor]:

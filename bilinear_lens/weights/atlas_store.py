@@ -7,7 +7,7 @@ Layout of an atlas directory::
                                        frobenius_norm [n], captured_energy [n]
     layer00-0000000/shard.json         fingerprint, layer, start, stop, sha256 of the tensors
 
-Each shard directory is written with :func:`~bilinear_lens.models.checkpoint.atomic_directory`,
+Each shard directory is written with :func:`~bilinear_lens.files.atomic.atomic_directory`,
 so it exists complete or not at all; ``shard.json`` records the sha256 of its tensors, so a
 shard truncated or replaced afterwards is detected. The ``fingerprint`` (sha256 of the
 weights, the directions and the settings) is in the index and in every shard, so an atlas
@@ -27,14 +27,15 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from bilinear_lens.models.checkpoint import CheckpointError, PathLike, atomic_directory, read_json, read_tensors, write_json, write_tensors
+from bilinear_lens.files.atomic import PathLike, atomic_directory
+from bilinear_lens.files.names import ATLAS_INDEX_FILE as INDEX_FILE
+from bilinear_lens.files.names import ATLAS_SHARD_RECORD as SHARD_RECORD
+from bilinear_lens.files.names import ATLAS_SHARD_TENSORS as SHARD_TENSORS
+from bilinear_lens.files.serialized import CheckpointError, read_json, read_tensors, write_json, write_tensors
 from bilinear_lens.weights.eigen import Eigendecomposition, canonical_signs
 
 FORMAT_NAME = "bilinear-lens-eigen-atlas"
 FORMAT_VERSION = 1
-INDEX_FILE = "index.json"
-SHARD_TENSORS = "eigen.safetensors"
-SHARD_RECORD = "shard.json"
 
 
 class AtlasError(CheckpointError):

@@ -19,6 +19,7 @@ from jaxtyping import Float
 from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, LinearOperator, eigsh
 from torch import Tensor
 
+from bilinear_lens.distributed import resolve_device
 from bilinear_lens.weights.tensor import (
     BilinearWeights,
     MLPLike,
@@ -31,7 +32,6 @@ from bilinear_lens.weights.tensor import (
     input_factors,
     interaction_matrix,
     iter_interaction_matrices,
-    resolve_compute_device,
 )
 
 METHODS = ("auto", "lanczos", "block", "dense")
@@ -182,7 +182,7 @@ def eigendecompose_directions(
     ``torch.device``), ``dtype`` must be float32 or float64, and ``U`` and the weights must
     be finite: anything else is a one-line ``ValueError`` naming the argument and value.
     """
-    device = resolve_compute_device(device, "device")
+    device = None if device is None else resolve_device(device, what="device")
     w = BilinearWeights.from_module(mlp)
     check_eigh_dtype(w.dtype if dtype is None else dtype, "dtype", weights=dtype is None)
     check_weights_finite(w)

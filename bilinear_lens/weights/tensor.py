@@ -207,21 +207,6 @@ def check_eigh_dtype(dtype: Any, what: Optional[str], weights: bool = False) -> 
     return dtype
 
 
-def resolve_compute_device(device: Union[str, torch.device, None], what: str = "device") -> Optional[torch.device]:
-    """``device`` (a name or a ``torch.device``; ``None``: keep the weights' device) by the
-    project's one device rule, :func:`bilinear_lens.distributed.resolve_device` (``auto``,
-    ``cpu``, ``cuda`` (this rank's GPU), ``cuda:N``). Anything else, or CUDA on a machine
-    without it, is a one-line ``ValueError`` naming ``what`` and the value."""
-    from bilinear_lens.distributed import env_ranks, resolve_device
-
-    if device is None:
-        return None
-    name = device
-    if isinstance(device, torch.device):
-        name = device.type if device.index is None or device.type == "cpu" else f"{device.type}:{device.index}"
-    return resolve_device(name, env_ranks().local_rank, what=what)
-
-
 def _listed(indices: list, total: int, noun: str) -> str:
     shown = ", ".join(str(i) for i in indices[:_SHOWN]) + (", ..." if len(indices) > _SHOWN else "")
     return f"{noun} [{shown}] ({len(indices)} of {total})"
@@ -456,5 +441,4 @@ __all__ = [
     "interaction_matrix",
     "iter_interaction_matrices",
     "quadratic_form",
-    "resolve_compute_device",
 ]

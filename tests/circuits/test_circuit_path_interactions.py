@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bilinear_lens import build_model
-from bilinear_lens.activations.eigen_readings import normalized_embeddings
+from bilinear_lens.weights.layer_eigen import normalized_embeddings
 from bilinear_lens.circuits.pairs import mlp_pair_decomposition
 from bilinear_lens.circuits.path_interactions import path_interactions
 from bilinear_lens.weights.directions import resolve_direction
