@@ -164,7 +164,10 @@ def low_rank_logits(
     h = hs[-2]  # the last MLP's input
     f = x if eig.space == "pixels" else h
     f = augment_input(f) if eig.include_bias else f
-    logits = eigenvector_activations(eig.decomposition, f.to(eig.eigenvalues.dtype), k).sum(-1).to(x.dtype)
+    if k == 0:  # eigenvector_activations cannot reshape an empty set of components
+        logits = torch.zeros(len(x), eig.eigenvalues.shape[0], dtype=x.dtype, device=x.device)
+    else:
+        logits = eigenvector_activations(eig.decomposition, f.to(eig.eigenvalues.dtype), k).sum(-1).to(x.dtype)
     if model.cfg.residual:
         logits = logits + h @ model.W_U
     return logits
