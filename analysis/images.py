@@ -8,7 +8,8 @@ Trains the shipped ``training/configs/digits-*.toml`` recipes (or resumes finish
 - ``images.md``: held-out accuracy of bilinear vs ReLU (matched parameters) vs SwiGLU; top-k
   eigenvector accuracy of the bilinear models; adversarial-mask flip rates (eigenvector vs
   gradient vs random masks at equal L2 norm); spectrum concentration, effective rank and
-  eigenvector total variation with and without input noise and for the overfit model;
+  eigenvector total variation, pixel participation and neighbour
+  correlation (of each class's top-4 eigenvectors) with and without input noise and for the overfit model;
 - ``eigenvectors_<run>.png`` (top positive / negative eigenvector of each class),
   ``spectra.png`` (class-averaged |eigenvalue| spectra of the three bilinear runs);
 - ``results.json`` (every number above).
@@ -93,10 +94,10 @@ def markdown(r: dict) -> str:
     lines += [f"| {n} | {row['eps']} | {row['eigen']:.3f} | {row['gradient']:.3f} | {row['random']:.3f} |"
               for n, rows in r["adversarial"].items() for row in rows]
     lines += ["", "## spectra (class means)", "",
-              "| run | concentration@4 | effective rank | top |λ| | total variation of top-4 eigenvectors |",
-              "|---|---|---|---|---|"]
+              "| run | concentration@4 | effective rank | top |λ| | total variation | pixel participation | "
+              "neighbour correlation |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {n} | {s['concentration@4']:.3f} | {s['effective_rank']:.2f} | {s['top_eigenvalue']:.3f} | "
-              f"{s['total_variation']:.2f} |" for n, s in r["spectra"].items()]
+              f"{s['total_variation']:.2f} | {s['pixel_participation']:.3f} | {s['neighbour_correlation']:.3f} |" for n, s in r["spectra"].items()]
     return "\n".join(lines) + "\n"
 
 

@@ -58,7 +58,7 @@ from bilinear_lens.sae.train import train_sae, SAETrainResult, SAETraining, tang
 from bilinear_lens.models.image_classifier import ImageClassifier, ImageClassifierConfig, save_image_classifier, load_image_classifier
 from bilinear_lens.data.images import ImageData, load_image_dataset, read_idx, write_idx, check_images
 from bilinear_lens.training.image_train import ImageRecipe, ImageDataSpec, ImageTraining, ImageTrainResult, load_image_recipe, train_image_classifier
-from bilinear_lens.weights.image_eigen import ClassEigen, class_eigendecomposition, pixel_interaction_matrices, last_layer_eigendecomposition, low_rank_logits, low_rank_accuracy, spectral_concentration, effective_rank, total_variation, eigen_summary
+from bilinear_lens.weights.image_eigen import ClassEigen, class_eigendecomposition, pixel_interaction_matrices, last_layer_eigendecomposition, low_rank_logits, low_rank_accuracy, spectral_concentration, effective_rank, total_variation, eigen_summary, pixel_participation, neighbour_correlation
 from bilinear_lens.weights.adversarial_masks import PairEigen, pair_eigen, eigen_masks, gradient_masks, random_masks, flip_rate, compare_attacks
 from bilinear_lens.views.image_plots import plot_class_eigenvectors, plot_eigen_grid, plot_class_spectra, image_report, write_image_report
 

@@ -18,7 +18,9 @@ from bilinear_lens.weights.image_eigen import (
     last_layer_eigendecomposition,
     low_rank_accuracy,
     low_rank_logits,
+    neighbour_correlation,
     pixel_interaction_matrices,
+    pixel_participation,
     spectral_concentration,
     total_variation,
 )
@@ -119,6 +121,18 @@ def test_total_variation_formula_and_scale_invariance():
     assert float(total_variation(ramp)) == pytest.approx(2 / math.sqrt(5))
 
 
+def test_sparsity_and_smoothness_match_their_formulas():
+    one_pixel = torch.zeros(4, 4)
+    one_pixel[1, 2] = -3.0
+    assert float(pixel_participation(one_pixel)) == pytest.approx(1 / 16)
+    assert float(pixel_participation(torch.full((4, 4), 0.5))) == pytest.approx(1.0)
+    assert float(neighbour_correlation(one_pixel)) == 0.0
+    flat = torch.ones(2, 3)  # unit norm: entries 1/sqrt(6); 4 horizontal + 3 vertical neighbour pairs
+    assert float(neighbour_correlation(flat)) == pytest.approx(7 / 6)
+    checker = torch.tensor([[1.0, -1.0], [-1.0, 1.0]])
+    assert float(neighbour_correlation(checker)) == pytest.approx(-1.0)
+
+
 def test_trained_model_low_rank_accuracy_converges_to_the_model():
     model = trained_digits_model().double()
     data = digits()
@@ -129,6 +143,6 @@ def test_trained_model_low_rank_accuracy_converges_to_the_model():
     assert acc[4] > 0.8 > acc[1]  # a few eigenvectors per class carry the classifier (paper §3)
     summary = eigen_summary(eig, k=4)
     assert 0 < summary["concentration@4"] <= 1 and 1 <= summary["effective_rank"] <= 64
-    assert summary["total_variation"] > 0
+    assert summary["total_variation"] > 0 and 0 < summary["pixel_participation"] <= 1
     # the eigenvalues are those of the explicit matrix
     torch.testing.assert_close(eig.eigenvalues, eigendecompose(pixel_interaction_matrices(model)).eigenvalues)

@@ -213,10 +213,26 @@ def total_variation(images: Float[Tensor, "*batch h w"]) -> Float[Tensor, "*batc
     return (v.diff(dim=-2).abs().flatten(-2).sum(-1) + v.diff(dim=-1).abs().flatten(-2).sum(-1))
 
 
+def pixel_participation(images: Float[Tensor, "*batch h w"]) -> Float[Tensor, "*batch"]:
+    """``(sum v^2)^2 / (sum v^4) / (h w)``: the fraction of pixels an image's energy is spread
+    over (1: all pixels equal in magnitude, ``1 / (h w)``: one pixel). Lower is sparser."""
+    v2 = images.flatten(-2) ** 2
+    return v2.sum(-1) ** 2 / (v2**2).sum(-1).clamp_min(torch.finfo(images.dtype).tiny) / v2.shape[-1]
+
+
+def neighbour_correlation(images: Float[Tensor, "*batch h w"]) -> Float[Tensor, "*batch"]:
+    """``sum_{adjacent (p, q)} v_p v_q`` of each image scaled to unit L2 norm (horizontal and
+    vertical neighbours): high for smooth patterns, about 0 for pixel noise."""
+    norm = images.flatten(-2).norm(dim=-1).clamp_min(torch.finfo(images.dtype).tiny)[..., None, None]
+    v = images / norm
+    return (v[..., 1:, :] * v[..., :-1, :]).flatten(-2).sum(-1) + (v[..., :, 1:] * v[..., :, :-1]).flatten(-2).sum(-1)
+
+
 def eigen_summary(eig: ClassEigen, k: int = 4, top_images: int = 4) -> dict[str, float]:
     """Class-averaged ``concentration@k``, ``effective_rank``, ``top_eigenvalue`` (largest
     ``|lambda|``) and, in pixel space, ``total_variation`` of each class's ``top_images``
-    largest-``|lambda|`` eigenvectors."""
+    largest-``|lambda|`` eigenvectors, with their ``pixel_participation`` and
+    ``neighbour_correlation``."""
     out = {f"concentration@{k}": float(spectral_concentration(eig.eigenvalues, k).mean()),
            "effective_rank": float(effective_rank(eig.eigenvalues).mean()),
            "top_eigenvalue": float(eig.eigenvalues.abs().amax(-1).mean())}
@@ -224,6 +240,8 @@ def eigen_summary(eig: ClassEigen, k: int = 4, top_images: int = 4) -> dict[str,
         h, w = eig.image_shape
         vectors = eig.eigenvectors[:, : h * w, :top_images].transpose(-1, -2).reshape(-1, h, w)
         out["total_variation"] = float(total_variation(vectors).mean())
+        out["pixel_participation"] = float(pixel_participation(vectors).mean())
+        out["neighbour_correlation"] = float(neighbour_correlation(vectors).mean())
     return out
 
 
@@ -236,6 +254,8 @@ __all__ = [
     "last_layer_eigendecomposition",
     "low_rank_accuracy",
     "low_rank_logits",
+    "neighbour_correlation",
+    "pixel_participation",
     "pixel_interaction_matrices",
     "spectral_concentration",
     "total_variation",
