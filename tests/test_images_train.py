@@ -131,3 +131,23 @@ def test_cli_trains_and_reports_errors_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: <defaults> with overrides") and "ImageDataSpec.dataset='cifar'" in err
     assert "\n" not in err
+
+
+@pytest.mark.slow
+def test_analysis_script_trains_the_recipes_and_writes_its_table(tmp_path):
+    # ~45 s on one thread: the five shipped digits recipes, then every reading
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # analysis/ lives at the repo root
+    from analysis import images
+
+    results = images.analyse(tmp_path / "runs", tmp_path / "out")
+    assert set(results["accuracy"]) == set(images.RUNS)
+    for name in images.BILINEAR:  # all eigenvectors per class: the model itself
+        assert results["low_rank"][name][64] == results["accuracy"][name]
+    assert results["accuracy"]["digits-bilinear"] > 0.95
+    assert results["train_accuracy"]["digits-overfit"] > results["accuracy"]["digits-overfit"]
+    assert len({results["params"][n] for n in ("digits-bilinear", "digits-relu", "digits-swiglu")}) == 1
+    table = (tmp_path / "out" / "images.md").read_text()
+    assert "| digits-relu | 12928 |" in table
+    assert all((tmp_path / "out" / f"eigenvectors_{n}.png").is_file() for n in images.BILINEAR)
