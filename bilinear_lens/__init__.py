@@ -129,6 +129,26 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "bilinear_lens.views.pair_view": ("pair_matrix_html", "pair_matrix_figure"),
     "bilinear_lens.views.patching_view": ("PatchingHeatmap",),
     "bilinear_lens.views.graph_view": ("GraphView", "graph_html"),
+    # image classifiers (issue 23)
+    "bilinear_lens.models.image_classifier": (
+        "ImageClassifier", "ImageClassifierConfig", "save_image_classifier", "load_image_classifier",
+    ),
+    "bilinear_lens.data.images": ("ImageData", "load_image_dataset", "read_idx", "write_idx", "check_images"),
+    "bilinear_lens.training.image_train": (
+        "ImageRecipe", "ImageDataSpec", "ImageTraining", "ImageTrainResult", "load_image_recipe",
+        "train_image_classifier",
+    ),
+    "bilinear_lens.weights.image_eigen": (
+        "ClassEigen", "class_eigendecomposition", "pixel_interaction_matrices", "last_layer_eigendecomposition",
+        "low_rank_logits", "low_rank_accuracy", "spectral_concentration", "effective_rank", "total_variation",
+        "eigen_summary", "pixel_participation", "neighbour_correlation",
+    ),
+    "bilinear_lens.weights.adversarial_masks": (
+        "PairEigen", "pair_eigen", "eigen_masks", "gradient_masks", "random_masks", "flip_rate", "compare_attacks",
+    ),
+    "bilinear_lens.views.image_plots": (
+        "plot_class_eigenvectors", "plot_eigen_grid", "plot_class_spectra", "image_report", "write_image_report",
+    ),
 }
 
 _PUBLIC: dict[str, str] = {name: module for module, names in _MODULES.items() for name in names}

@@ -8,14 +8,17 @@ import pytest
 
 from bilinear_lens.sae.recipe import load_sae_recipe
 from bilinear_lens.training.config import load_run_config
+from bilinear_lens.training.image_train import load_image_recipe
 
 CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"
 
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in CONFIGS.glob("*.toml")))
 def test_every_recipe_validates(recipe: str) -> None:
-    # raises naming the key, section and file on a bad value; sae-* recipes have an [sae] table
-    (load_sae_recipe if recipe.startswith("sae-") else load_run_config)(CONFIGS / recipe)
+    # raises naming the key, section and file on a bad value; sae-* recipes have an [sae] table,
+    # digits-* recipes are image classifiers (training/image_train.py)
+    loader = load_sae_recipe if recipe.startswith("sae-") else load_image_recipe if recipe.startswith("digits-") else load_run_config
+    loader(CONFIGS / recipe)
 
 
 def test_there_are_recipes_to_check() -> None:
