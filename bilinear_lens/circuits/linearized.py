@@ -35,25 +35,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from bilinear_lens.circuits.prompts import TokensLike, one_prompt_tokens
 from bilinear_lens.models.mlp_kinds import mlp_kind_spec, model_mlp_kind
 
 Hook = tuple[str, Callable[..., Any]]
-
-
-def prompt_tokens(model: Any, tokens: Union[str, Tensor, list[int]]) -> Int[Tensor, "1 pos"]:
-    """One prompt as ``[1, pos]`` token ids: text (tokenized by the model), a list of ids, a
-    ``[pos]`` or ``[1, pos]`` tensor. Several prompts are refused (one line)."""
-    if isinstance(tokens, str):
-        tokens = model.to_tokens(tokens)
-    elif isinstance(tokens, (list, tuple)):
-        tokens = torch.tensor(list(tokens), dtype=torch.long)
-    if not isinstance(tokens, Tensor):
-        raise ValueError(f"tokens must be text, a list of ids or a [1, pos] tensor, got {type(tokens).__name__}")
-    if tokens.dim() == 1:
-        tokens = tokens[None]
-    if tokens.dim() != 2 or tokens.shape[0] != 1 or tokens.shape[1] == 0:
-        raise ValueError(f"tokens must be one non-empty prompt [1, pos], got shape {tuple(tokens.shape)}")
-    return tokens.to(device=model.W_E.device, dtype=torch.long)
 
 
 def mlp_kinds(model: Any) -> list[str]:
@@ -102,9 +87,9 @@ class FrozenValues:
     exact: bool = True
 
 
-def record_frozen_values(model: Any, tokens: Union[str, Tensor, list[int]]) -> FrozenValues:
+def record_frozen_values(model: Any, tokens: TokensLike) -> FrozenValues:
     """Run the clean forward once and record what :func:`linearization_hooks` freezes."""
-    tokens = prompt_tokens(model, tokens)
+    tokens = one_prompt_tokens(model, tokens)
     n_layers = model.cfg.n_layers
     names = {f"blocks.{l}.attn.hook_pattern" for l in range(n_layers)} | set(scale_hook_names(model))
     for l in range(n_layers):
@@ -163,7 +148,7 @@ def linearization_hooks(model: Any, frozen: FrozenValues) -> list[Hook]:
 
 
 @contextlib.contextmanager
-def linearized(model: Any, tokens: Union[str, Tensor, list[int], FrozenValues], exact: bool = True) -> Iterator[FrozenValues]:
+def linearized(model: Any, tokens: Union[TokensLike, FrozenValues], exact: bool = True) -> Iterator[FrozenValues]:
     """Within the block, ``model``'s forwards are the linearized model at ``tokens`` (patterns
     and scales frozen, bilinear MLPs split symmetrically); yields the :class:`FrozenValues`.
     ``exact=True`` refuses non-bilinear MLPs (:func:`check_exact_mlps`)."""
@@ -175,7 +160,7 @@ def linearized(model: Any, tokens: Union[str, Tensor, list[int], FrozenValues], 
 
 
 def gradient_times_input(
-    model: Any, tokens: Union[str, Tensor, list[int]], metric: Callable[[Tensor], Tensor], exact: bool = True
+    model: Any, tokens: TokensLike, metric: Callable[[Tensor], Tensor], exact: bool = True
 ) -> tuple[Float[Tensor, "pos"], float]:
     """Per-position attribution of ``metric(logits)`` (a scalar) to the token embeddings
     (``hook_embed`` plus ``hook_pos_embed`` if any) in the linearized model, and the metric's

@@ -1,6 +1,8 @@
-"""Clean/corrupted prompt pairs for patching: token tensors of one length, no padding.
+"""Prompts to token ids: one prompt (``[1, pos]``) for the per-prompt decompositions, and
+clean/corrupted batches for patching (token tensors of one length, no padding).
 
-Patching aligns activations position by position, so a clean and a corrupted prompt must
+:func:`one_prompt_tokens` is the single-prompt form used by the writers, pair, QK-pair,
+linearized-model and graph code. :func:`prompt_tokens` is the batch form: patching aligns activations position by position, so a clean and a corrupted prompt must
 tokenize to the same number of tokens, and a batch of prompts must not need padding (a
 pad position would be patched like a real token). Both are refused with one-line errors.
 """
@@ -13,6 +15,24 @@ import torch
 from torch import Tensor
 
 Prompts = Union[str, Sequence[str], Tensor]
+TokensLike = Union[str, Tensor, Sequence[int]]
+
+
+def one_prompt_tokens(model: Any, tokens: TokensLike) -> Tensor:
+    """One prompt as ``[1, pos]`` int64 ids on the model's device: text (tokenised as
+    ``model.to_tokens`` does), a list/tuple of ids, or a ``[pos]`` or ``[1, pos]`` tensor. A
+    batch of several prompts is refused (the decompositions are per prompt)."""
+    if isinstance(tokens, str):
+        tokens = model.to_tokens(tokens)
+    elif isinstance(tokens, Sequence):
+        tokens = torch.tensor(list(tokens), dtype=torch.long)
+    if not isinstance(tokens, Tensor):
+        raise ValueError(f"tokens must be text, a list of ids or a [1, pos] tensor, got {type(tokens).__name__}")
+    if tokens.dim() == 1:
+        tokens = tokens[None]
+    if tokens.dim() != 2 or tokens.shape[0] != 1 or tokens.shape[1] == 0:
+        raise ValueError(f"tokens must be one prompt ([pos] or [1, pos] ids, or text), got shape {tuple(tokens.shape)}")
+    return tokens.to(device=model.W_E.device, dtype=torch.long)
 
 
 def prompt_tokens(model: Any, prompts: Prompts, name: str = "prompts", prepend_bos: Optional[bool] = None) -> Tensor:
