@@ -21,8 +21,12 @@ their own (non-linear) forward and attributions are flagged as approximate.
 
 Shapes: ``hook_pattern`` ``[batch, head, query_pos, key_pos]``, ``hook_scale``
 ``[batch, pos, 1]``, ``mlp.hook_pre/hook_pre_linear/hook_post`` ``[batch, pos, d_mlp]``.
-The frozen values are recorded with batch 1 and broadcast to the batch of the hooked
-forward (many copies of the prompt on the batch axis, as graph building uses).
+The frozen values are recorded with batch 1 and tiled to the batch of the hooked
+forward (many copies of the prompt on the batch axis, as graph building uses). Patterns and
+scales are frozen by :mod:`bilinear_lens.circuits.freezing` (the same hook names,
+:func:`~bilinear_lens.circuits.freezing.frozen_hook_names`, and the same replacement hook,
+:func:`~bilinear_lens.circuits.freezing.constant_hook`, as attribution patching uses); the
+symmetric bilinear split is this module's own.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from bilinear_lens.circuits.freezing import constant_hook, frozen_hook_names
 from bilinear_lens.circuits.prompts import TokensLike, one_prompt_tokens
 from bilinear_lens.models.mlp_kinds import mlp_kind_spec, model_mlp_kind
 
@@ -67,11 +72,6 @@ def _is_bilinear(model: Any, layer: int) -> bool:
     return _has_mlp(model, layer) and mlp_kind_spec(model_mlp_kind(model)).is_bilinear
 
 
-def scale_hook_names(model: Any) -> list[str]:
-    """Every norm's ``hook_scale`` (``[]`` for a model without norms)."""
-    return [name for name in model.hook_dict if name.endswith("hook_scale")]
-
-
 @dataclass
 class FrozenValues:
     """The clean values a linearized forward holds fixed (batch 1).
@@ -91,7 +91,7 @@ def record_frozen_values(model: Any, tokens: TokensLike) -> FrozenValues:
     """Run the clean forward once and record what :func:`linearization_hooks` freezes."""
     tokens = one_prompt_tokens(model, tokens)
     n_layers = model.cfg.n_layers
-    names = {f"blocks.{l}.attn.hook_pattern" for l in range(n_layers)} | set(scale_hook_names(model))
+    names = set(frozen_hook_names(model))
     for l in range(n_layers):
         if _is_bilinear(model, l):
             names |= {f"blocks.{l}.mlp.hook_pre", f"blocks.{l}.mlp.hook_pre_linear"}
@@ -102,18 +102,9 @@ def record_frozen_values(model: Any, tokens: TokensLike) -> FrozenValues:
         frozen.patterns[l] = cache[f"blocks.{l}.attn.hook_pattern"].detach()
         if _is_bilinear(model, l):
             frozen.gates[l] = (cache[f"blocks.{l}.mlp.hook_pre"].detach(), cache[f"blocks.{l}.mlp.hook_pre_linear"].detach())
-    for name in scale_hook_names(model):
+    for name in frozen_hook_names(model, patterns=False):
         frozen.scales[name] = cache[name].detach()
     return frozen
-
-
-def _constant(value: Tensor) -> Callable[..., Tensor]:
-    """A hook returning ``value`` (batch 1) broadcast to the activation's batch: a constant."""
-
-    def hook(activation: Tensor, hook: Any) -> Tensor:
-        return value.to(activation.dtype).expand(activation.shape)
-
-    return hook
 
 
 def _symmetric_bilinear_hooks(layer: int, gate0: Tensor, linear0: Tensor) -> list[Hook]:
@@ -140,8 +131,8 @@ def _symmetric_bilinear_hooks(layer: int, gate0: Tensor, linear0: Tensor) -> lis
 def linearization_hooks(model: Any, frozen: FrozenValues) -> list[Hook]:
     """Forward hooks making ``model`` affine in its residual writers at ``frozen.tokens``:
     frozen patterns, frozen norm scales, symmetric bilinear splits (see module docstring)."""
-    hooks: list[Hook] = [(f"blocks.{l}.attn.hook_pattern", _constant(p)) for l, p in frozen.patterns.items()]
-    hooks += [(name, _constant(scale)) for name, scale in frozen.scales.items()]
+    frozen_values = {f"blocks.{l}.attn.hook_pattern": p for l, p in frozen.patterns.items()} | frozen.scales
+    hooks: list[Hook] = [(name, constant_hook(name, value)) for name, value in frozen_values.items()]
     for layer, (gate0, linear0) in frozen.gates.items():
         hooks += _symmetric_bilinear_hooks(layer, gate0, linear0)
     return hooks
