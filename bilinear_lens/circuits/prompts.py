@@ -70,6 +70,17 @@ def check_prompt_pair(clean: Tensor, corrupted: Tensor) -> None:
         raise ValueError(f"clean has {clean.shape[0]} prompts and corrupted {corrupted.shape[0]}: give them in pairs")
 
 
+def prompt_pair_tokens(
+    model: Any, clean: Prompts, corrupted: Prompts, names: tuple[str, str] = ("clean", "corrupted")
+) -> tuple[Tensor, Tensor]:
+    """``(clean, corrupted)`` as ``[batch, pos]`` ids of one shape: :func:`prompt_tokens` of
+    each (errors naming ``names``), then :func:`check_prompt_pair`."""
+    clean_tokens = prompt_tokens(model, clean, names[0])
+    corrupted_tokens = prompt_tokens(model, corrupted, names[1])
+    check_prompt_pair(clean_tokens, corrupted_tokens)
+    return clean_tokens, corrupted_tokens
+
+
 def check_no_padding(attention_mask: Optional[Tensor]) -> None:
     """Refuse an attention mask with any zero (a padded batch)."""
     if attention_mask is not None and not bool(attention_mask.bool().all()):
