@@ -9,7 +9,7 @@ pad position would be patched like a real token). Both are refused with one-line
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -20,11 +20,11 @@ TokensLike = Union[str, Tensor, Sequence[int]]
 
 def one_prompt_tokens(model: Any, tokens: TokensLike) -> Tensor:
     """One prompt as ``[1, pos]`` int64 ids on the model's device: text (tokenised as
-    ``model.to_tokens`` does), a list/tuple of ids, or a ``[pos]`` or ``[1, pos]`` tensor. A
+    ``model.to_tokens`` does), a list (any iterable) of ids, or a ``[pos]`` or ``[1, pos]`` tensor. A
     batch of several prompts is refused (the decompositions are per prompt)."""
     if isinstance(tokens, str):
         tokens = model.to_tokens(tokens)
-    elif isinstance(tokens, Sequence):
+    elif not isinstance(tokens, Tensor) and isinstance(tokens, Iterable):  # a list, tuple, range or array of ids
         tokens = torch.tensor(list(tokens), dtype=torch.long)
     if not isinstance(tokens, Tensor):
         raise ValueError(f"tokens must be text, a list of ids or a [1, pos] tensor, got {type(tokens).__name__}")
