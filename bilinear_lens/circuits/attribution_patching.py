@@ -52,7 +52,7 @@ from bilinear_lens.circuits.patching import (
     resolve_family,
     run_cells,
 )
-from bilinear_lens.circuits.prompts import Prompts, check_prompt_pair, prompt_tokens
+from bilinear_lens.circuits.prompts import Prompts, prompt_pair_tokens
 
 METHODS = ("atp", "two_point", "gauss_legendre", "exact")
 FREEZE_AT = ("corrupted", "clean")
@@ -196,9 +196,7 @@ def attribution_patching(
     family = resolve_family(kind)
     if freeze_patterns and "pattern" in family.name:
         raise ValueError(f"kind={family.name!r} patches the attention patterns that freeze_patterns=True holds fixed")
-    clean_tokens = prompt_tokens(model, clean, "clean")
-    corrupted_tokens = prompt_tokens(model, corrupted, "corrupted")
-    check_prompt_pair(clean_tokens, corrupted_tokens)
+    clean_tokens, corrupted_tokens = prompt_pair_tokens(model, clean, corrupted)
     batch, n_pos = corrupted_tokens.shape
     with torch.no_grad():
         _, clean_cache = model.run_with_cache(clean_tokens)

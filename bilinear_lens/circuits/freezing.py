@@ -11,7 +11,9 @@ norms.
 
 The replacement values are detached, so no gradient flows through a frozen pattern or
 scale. Used by :mod:`bilinear_lens.circuits.attribution_patching` and reusable by any
-caller (the attribution graph): ``model.hooks(fwd_hooks=freeze_hooks(model, cache))``.
+caller: ``model.hooks(fwd_hooks=freeze_hooks(model, cache))``. The linearized model
+(:mod:`bilinear_lens.circuits.linearized`, under the attribution graph) records and
+replaces the same :func:`frozen_hook_names` with the same :func:`constant_hook`.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def frozen_hook_names(model: Any, patterns: bool = True, norm_scales: bool = Tru
     return [name for name in names if name in model.hook_dict]
 
 
-def _constant_hook(name: str, value: Tensor) -> Callable[..., Tensor]:
+def constant_hook(name: str, value: Tensor) -> Callable[..., Tensor]:
     """Replace the activation by ``value`` (``[batch, ...]``), tiled along the batch axis
     when the forward stacks ``k`` copies of that batch (``[k * batch, ...]``, copy-major:
     rows ``c * batch + b``, the layout of the batched patching grids)."""
@@ -74,5 +76,5 @@ def freeze_hooks(
             value = cache[name]
         except KeyError:
             raise KeyError(f"freeze_hooks: the cache has no {name!r}; cache the run with every hook (no names_filter)") from None
-        hooks.append((name, _constant_hook(name, value)))
+        hooks.append((name, constant_hook(name, value)))
     return hooks

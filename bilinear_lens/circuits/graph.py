@@ -46,7 +46,7 @@ gradients and :attr:`AttributionGraph.exact` is False (values no longer sum).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional
 
 import torch
 from jaxtyping import Float
@@ -57,9 +57,9 @@ from bilinear_lens.circuits.linearized import (
     FrozenValues,
     check_exact_mlps,
     linearization_hooks,
-    prompt_tokens,
     record_frozen_values,
 )
+from bilinear_lens.circuits.prompts import TokensLike, one_prompt_tokens
 from bilinear_lens.models.mlp_kinds import mlp_kind_spec, model_mlp_kind
 
 SPLITS = ("none", "neurons", "eigen", "sae")
@@ -209,7 +209,7 @@ def top_logit_targets(
         raise ValueError(f"cumulative_prob={cumulative_prob!r} must lie in (0, 1]")
     if max_targets < 1:
         raise ValueError(f"max_targets={max_targets!r} must be >= 1")
-    tokens = prompt_tokens(model, tokens)
+    tokens = one_prompt_tokens(model, tokens)
     position = _check_position(position, tokens.shape[1])
     with torch.no_grad():
         probs = model(tokens)[0, position].double().softmax(-1)
@@ -613,7 +613,7 @@ def _check_saes(model: Any, split: str, saes: Optional[dict[int, Any]]) -> None:
 
 def attribution_graph(
     model: Any,
-    tokens: Union[str, Tensor, list[int]],
+    tokens: TokensLike,
     target: Any = None,
     *,
     cumulative_prob: float = 0.95,
@@ -650,7 +650,7 @@ def attribution_graph(
                for l in range(model.cfg.n_layers)):
             raise ValueError("split='eigen' needs MLPs without biases (mlp_bias=True): Q(u) is then not the whole layer")
     _check_saes(model, split, saes)
-    tokens = prompt_tokens(model, tokens)
+    tokens = one_prompt_tokens(model, tokens)
     n_pos = tokens.shape[1]
     _check_position(position, n_pos)
     targets = _as_targets(model, tokens, target, cumulative_prob, max_targets, position)

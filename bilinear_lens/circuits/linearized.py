@@ -21,8 +21,12 @@ their own (non-linear) forward and attributions are flagged as approximate.
 
 Shapes: ``hook_pattern`` ``[batch, head, query_pos, key_pos]``, ``hook_scale``
 ``[batch, pos, 1]``, ``mlp.hook_pre/hook_pre_linear/hook_post`` ``[batch, pos, d_mlp]``.
-The frozen values are recorded with batch 1 and broadcast to the batch of the hooked
-forward (many copies of the prompt on the batch axis, as graph building uses).
+The frozen values are recorded with batch 1 and tiled to the batch of the hooked
+forward (many copies of the prompt on the batch axis, as graph building uses). Patterns and
+scales are frozen by :mod:`bilinear_lens.circuits.freezing` (the same hook names,
+:func:`~bilinear_lens.circuits.freezing.frozen_hook_names`, and the same replacement hook,
+:func:`~bilinear_lens.circuits.freezing.constant_hook`, as attribution patching uses); the
+symmetric bilinear split is this module's own.
 """
 
 from __future__ import annotations
@@ -35,25 +39,11 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from bilinear_lens.circuits.freezing import constant_hook, frozen_hook_names
+from bilinear_lens.circuits.prompts import TokensLike, one_prompt_tokens
 from bilinear_lens.models.mlp_kinds import mlp_kind_spec, model_mlp_kind
 
 Hook = tuple[str, Callable[..., Any]]
-
-
-def prompt_tokens(model: Any, tokens: Union[str, Tensor, list[int]]) -> Int[Tensor, "1 pos"]:
-    """One prompt as ``[1, pos]`` token ids: text (tokenized by the model), a list of ids, a
-    ``[pos]`` or ``[1, pos]`` tensor. Several prompts are refused (one line)."""
-    if isinstance(tokens, str):
-        tokens = model.to_tokens(tokens)
-    elif isinstance(tokens, (list, tuple)):
-        tokens = torch.tensor(list(tokens), dtype=torch.long)
-    if not isinstance(tokens, Tensor):
-        raise ValueError(f"tokens must be text, a list of ids or a [1, pos] tensor, got {type(tokens).__name__}")
-    if tokens.dim() == 1:
-        tokens = tokens[None]
-    if tokens.dim() != 2 or tokens.shape[0] != 1 or tokens.shape[1] == 0:
-        raise ValueError(f"tokens must be one non-empty prompt [1, pos], got shape {tuple(tokens.shape)}")
-    return tokens.to(device=model.W_E.device, dtype=torch.long)
 
 
 def mlp_kinds(model: Any) -> list[str]:
@@ -82,11 +72,6 @@ def _is_bilinear(model: Any, layer: int) -> bool:
     return _has_mlp(model, layer) and mlp_kind_spec(model_mlp_kind(model)).is_bilinear
 
 
-def scale_hook_names(model: Any) -> list[str]:
-    """Every norm's ``hook_scale`` (``[]`` for a model without norms)."""
-    return [name for name in model.hook_dict if name.endswith("hook_scale")]
-
-
 @dataclass
 class FrozenValues:
     """The clean values a linearized forward holds fixed (batch 1).
@@ -102,11 +87,11 @@ class FrozenValues:
     exact: bool = True
 
 
-def record_frozen_values(model: Any, tokens: Union[str, Tensor, list[int]]) -> FrozenValues:
+def record_frozen_values(model: Any, tokens: TokensLike) -> FrozenValues:
     """Run the clean forward once and record what :func:`linearization_hooks` freezes."""
-    tokens = prompt_tokens(model, tokens)
+    tokens = one_prompt_tokens(model, tokens)
     n_layers = model.cfg.n_layers
-    names = {f"blocks.{l}.attn.hook_pattern" for l in range(n_layers)} | set(scale_hook_names(model))
+    names = set(frozen_hook_names(model))
     for l in range(n_layers):
         if _is_bilinear(model, l):
             names |= {f"blocks.{l}.mlp.hook_pre", f"blocks.{l}.mlp.hook_pre_linear"}
@@ -117,18 +102,9 @@ def record_frozen_values(model: Any, tokens: Union[str, Tensor, list[int]]) -> F
         frozen.patterns[l] = cache[f"blocks.{l}.attn.hook_pattern"].detach()
         if _is_bilinear(model, l):
             frozen.gates[l] = (cache[f"blocks.{l}.mlp.hook_pre"].detach(), cache[f"blocks.{l}.mlp.hook_pre_linear"].detach())
-    for name in scale_hook_names(model):
+    for name in frozen_hook_names(model, patterns=False):
         frozen.scales[name] = cache[name].detach()
     return frozen
-
-
-def _constant(value: Tensor) -> Callable[..., Tensor]:
-    """A hook returning ``value`` (batch 1) broadcast to the activation's batch: a constant."""
-
-    def hook(activation: Tensor, hook: Any) -> Tensor:
-        return value.to(activation.dtype).expand(activation.shape)
-
-    return hook
 
 
 def _symmetric_bilinear_hooks(layer: int, gate0: Tensor, linear0: Tensor) -> list[Hook]:
@@ -155,15 +131,15 @@ def _symmetric_bilinear_hooks(layer: int, gate0: Tensor, linear0: Tensor) -> lis
 def linearization_hooks(model: Any, frozen: FrozenValues) -> list[Hook]:
     """Forward hooks making ``model`` affine in its residual writers at ``frozen.tokens``:
     frozen patterns, frozen norm scales, symmetric bilinear splits (see module docstring)."""
-    hooks: list[Hook] = [(f"blocks.{l}.attn.hook_pattern", _constant(p)) for l, p in frozen.patterns.items()]
-    hooks += [(name, _constant(scale)) for name, scale in frozen.scales.items()]
+    frozen_values = {f"blocks.{l}.attn.hook_pattern": p for l, p in frozen.patterns.items()} | frozen.scales
+    hooks: list[Hook] = [(name, constant_hook(name, value)) for name, value in frozen_values.items()]
     for layer, (gate0, linear0) in frozen.gates.items():
         hooks += _symmetric_bilinear_hooks(layer, gate0, linear0)
     return hooks
 
 
 @contextlib.contextmanager
-def linearized(model: Any, tokens: Union[str, Tensor, list[int], FrozenValues], exact: bool = True) -> Iterator[FrozenValues]:
+def linearized(model: Any, tokens: Union[TokensLike, FrozenValues], exact: bool = True) -> Iterator[FrozenValues]:
     """Within the block, ``model``'s forwards are the linearized model at ``tokens`` (patterns
     and scales frozen, bilinear MLPs split symmetrically); yields the :class:`FrozenValues`.
     ``exact=True`` refuses non-bilinear MLPs (:func:`check_exact_mlps`)."""
@@ -175,7 +151,7 @@ def linearized(model: Any, tokens: Union[str, Tensor, list[int], FrozenValues], 
 
 
 def gradient_times_input(
-    model: Any, tokens: Union[str, Tensor, list[int]], metric: Callable[[Tensor], Tensor], exact: bool = True
+    model: Any, tokens: TokensLike, metric: Callable[[Tensor], Tensor], exact: bool = True
 ) -> tuple[Float[Tensor, "pos"], float]:
     """Per-position attribution of ``metric(logits)`` (a scalar) to the token embeddings
     (``hook_embed`` plus ``hook_pos_embed`` if any) in the linearized model, and the metric's

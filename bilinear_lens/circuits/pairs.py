@@ -37,11 +37,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from bilinear_lens.circuits.prompts import TokensLike, one_prompt_tokens
 from bilinear_lens.weights.layer_eigen import bilinear_layer
 from bilinear_lens.circuits.writers import (
     ResidualWriters,
-    TokensLike,
-    prompt_tokens,
     resolve_positions,
     sae_basis_space,
     sae_writers,
@@ -191,7 +190,7 @@ def mlp_pair_decomposition(
     """
     mlp = bilinear_layer(model, layer)
     u = resolve_direction(model, direction)
-    tokens = prompt_tokens(model, tokens)
+    tokens = one_prompt_tokens(model, tokens)
     (p,) = resolve_positions(position, tokens.shape[1], "position")
     resid_hook = f"blocks.{layer}.hook_resid_mid"
     norm_kind = model.cfg.normalization_type

@@ -26,7 +26,7 @@ from bilinear_lens.progress import progress_bar
 from transformer_lens.patching import PatchingResult, make_df_from_ranges
 
 from bilinear_lens.circuits.patch_nodes import Cell, NodeFamily, node_family
-from bilinear_lens.circuits.prompts import Prompts, check_prompt_pair, prompt_tokens
+from bilinear_lens.circuits.prompts import Prompts, prompt_pair_tokens
 
 MetricFn = Callable[[Tensor], Tensor]
 FwdHook = tuple[str, Callable[..., Any]]
@@ -264,9 +264,7 @@ def patch_grid(
     :func:`batched_activation_patch`'s result; with ``baseline`` the :class:`GridResult`
     also carries the clean metric (``clean_baseline``, for :meth:`GridResult.recovery`).
     """
-    clean_tokens = prompt_tokens(model, clean, "clean")
-    corrupted_tokens = prompt_tokens(model, corrupted, "corrupted")
-    check_prompt_pair(clean_tokens, corrupted_tokens)
+    clean_tokens, corrupted_tokens = prompt_pair_tokens(model, clean, corrupted)
     with torch.no_grad():
         clean_logits, cache = model.run_with_cache(clean_tokens)
     result = batched_activation_patch(model, corrupted_tokens, cache, metric, kind, reduce=reduce, baseline=baseline,

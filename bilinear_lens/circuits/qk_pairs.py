@@ -28,7 +28,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from bilinear_lens.circuits.pairs import frozen_norm_inputs
-from bilinear_lens.circuits.writers import TokensLike, prompt_tokens, resolve_positions, writer_hook_names, writers_from_cache
+from bilinear_lens.circuits.prompts import TokensLike, one_prompt_tokens
+from bilinear_lens.circuits.writers import resolve_positions, writer_hook_names, writers_from_cache
 from bilinear_lens.models.hook_names import check_layer
 
 
@@ -102,7 +103,7 @@ def qk_pair_attribution(
     n_heads = model.cfg.n_heads
     if isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < n_heads:
         raise ValueError(f"head={head!r} is out of range [0, {n_heads})")
-    tokens = prompt_tokens(model, tokens)
+    tokens = one_prompt_tokens(model, tokens)
     n_pos = tokens.shape[1]
     (p,) = resolve_positions(query_position, n_pos, "query_position")
     hook = f"blocks.{layer}.hook_resid_pre"

@@ -32,8 +32,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from bilinear_lens.circuits.prompts import TokensLike, one_prompt_tokens
+
 RESID_HOOK = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|mid|post)$")
-TokensLike = Union[str, Tensor, Sequence[int]]
 WRITER_KINDS = ("embed", "pos_embed", "head", "mlp", "bias", "sae_feature", "sae_bias", "sae_error")
 
 
@@ -66,21 +67,6 @@ class ResidualWriters:
 
     def __len__(self) -> int:
         return len(self.labels)
-
-
-def prompt_tokens(model: Any, tokens: TokensLike) -> Tensor:
-    """One prompt as ``[1, pos]`` ids: text (tokenised as ``model.to_tokens`` does), a
-    ``[pos]`` or ``[1, pos]`` tensor, or a list of ids. A batch of several prompts is refused
-    (the decompositions are per prompt)."""
-    if isinstance(tokens, str):
-        tokens = model.to_tokens(tokens)
-    elif not isinstance(tokens, Tensor):
-        tokens = torch.tensor(list(tokens), dtype=torch.long)
-    if tokens.dim() == 1:
-        tokens = tokens[None]
-    if tokens.dim() != 2 or tokens.shape[0] != 1 or tokens.shape[1] == 0:
-        raise ValueError(f"tokens must be one prompt ([pos] or [1, pos] ids, or text), got shape {tuple(tokens.shape)}")
-    return tokens.to(model.W_E.device)
 
 
 def resolve_positions(positions: Union[int, Sequence[int], None], n_pos: int, name: str = "position") -> list[int]:
@@ -172,7 +158,7 @@ def residual_writers(
     cached ``hook`` activation (module docstring). Works on our model and on
     ``to_bridge(model)``."""
     layer, where = parse_resid_hook(model, hook)
-    tokens = prompt_tokens(model, tokens)
+    tokens = one_prompt_tokens(model, tokens)
     pos = resolve_positions(positions, tokens.shape[1], "positions")
     names = writer_hook_names(model, layer, where) + [hook]
     _, cache = model.run_with_cache(tokens, names_filter=names)
@@ -229,7 +215,7 @@ def sae_writers(
         )
     if unit_activations and include_error:
         raise ValueError("unit_activations=True has no error writer (x - x_hat is not defined): pass include_error=False")
-    tokens = prompt_tokens(model, tokens)
+    tokens = one_prompt_tokens(model, tokens)
     pos = resolve_positions(positions, tokens.shape[1], "positions")
     hook = sae.cfg.hook_name
     _, cache = model.run_with_cache(tokens, names_filter=[hook])

@@ -20,7 +20,6 @@ are those of ``circuit patch``. Errors exit with code 2.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Optional
 
@@ -28,8 +27,8 @@ from bilinear_lens.commands.circuit_patch import add_kind_arguments, print_table
 from bilinear_lens.commands.circuit_prompts import (
     add_prompt_arguments,
     check_out,
-    resolve_metric,
-    resolve_prompts,
+    load_patching_inputs,
+    run_command,
     to_list,
     write_output,
 )
@@ -38,9 +37,6 @@ from bilinear_lens.commands.common import (
     add_device_args,
     add_direction_arguments,
     analysis_parser,
-    load_model_with_tokenizer,
-    place_model,
-    report_error,
     require_positive,
 )
 
@@ -72,14 +68,11 @@ def run(args: argparse.Namespace) -> dict:
         parse_method(args.method)
     except ValueError as err:
         raise UsageError(f"--method {args.method!r}: {err}") from None
-    model = place_model(load_model_with_tokenizer(args.checkpoint, COMMAND), args)
-    clean, corrupted = resolve_prompts(args, model)
-    device = model.embed.weight.device
-    label, metric, spec = resolve_metric(args, model)
+    model, clean, corrupted, label, metric, spec = load_patching_inputs(args, COMMAND)
     kind = resolve_kind(args, model, spec)
     common = dict(freeze_patterns=args.freeze_patterns, freeze_norm_scales=args.freeze_norm_scales,
                   freeze_at=args.freeze_at, max_batch=args.max_batch, progress=sys.stderr.isatty() and not args.quiet)
-    result = attribution_patching(model, clean.to(device), corrupted.to(device), metric, kind, args.method, **common)
+    result = attribution_patching(model, clean, corrupted, metric, kind, args.method, **common)
     mean = result.mean()
     payload = {
         "kind": result.kind, "method": result.method, "metric": label, "position": args.position,
@@ -90,7 +83,7 @@ def run(args: argparse.Namespace) -> dict:
         "remainder": to_list(result.remainder),
     }
     if args.check_exact:
-        exact = attribution_patching(model, clean.to(device), corrupted.to(device), metric, kind, "exact", **common)
+        exact = attribution_patching(model, clean, corrupted, metric, kind, "exact", **common)
         payload["exact_scores"] = to_list(exact.scores)
         payload["max_abs_gap_to_exact"] = float((result.scores - exact.scores).abs().max())
     if args.out:
@@ -98,16 +91,11 @@ def run(args: argparse.Namespace) -> dict:
     return payload
 
 
+def _print_text(args: argparse.Namespace, payload: dict) -> None:
+    print_table(f"{payload['kind']}: {payload['method']} scores on {payload['metric']}, top {args.top}", payload["top"])
+    if "max_abs_gap_to_exact" in payload:
+        print(f"max |{payload['method']} - exact| = {payload['max_abs_gap_to_exact']:.3g}")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        payload = run(args)
-    except (UsageError, ValueError) as err:
-        return report_error(COMMAND, err)
-    if args.json:
-        print(json.dumps(payload))
-    else:
-        print_table(f"{payload['kind']}: {payload['method']} scores on {payload['metric']}, top {args.top}", payload["top"])
-        if "max_abs_gap_to_exact" in payload:
-            print(f"max |{payload['method']} - exact| = {payload['max_abs_gap_to_exact']:.3g}")
-    return 0
+    return run_command(argv, build_parser(), run, COMMAND, _print_text)

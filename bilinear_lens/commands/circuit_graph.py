@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from bilinear_lens.commands.circuit_prompts import add_one_prompt_arguments
 from bilinear_lens.commands.common import (
     UsageError,
     add_device_args,
@@ -40,9 +41,7 @@ OUT_SUFFIXES = (".html", ".json")
 
 def build_parser() -> argparse.ArgumentParser:
     p = analysis_parser(COMMAND, __doc__)
-    prompt = p.add_mutually_exclusive_group(required=True)
-    prompt.add_argument("--text", help="the prompt as text (tokenized with the checkpoint's tokenizer)")
-    prompt.add_argument("--ids", type=int, nargs="+", metavar="ID", help="the prompt as token ids")
+    add_one_prompt_arguments(p, "the prompt as text (tokenized with the checkpoint's tokenizer)")
     add_direction_arguments(p)
     p.add_argument("--cumulative-prob", type=float, default=0.95,
                    help="without a direction: top next tokens until their probability reaches this (default 0.95)")

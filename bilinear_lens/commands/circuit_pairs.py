@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
+from bilinear_lens.commands.circuit_prompts import add_one_prompt_arguments
 from bilinear_lens.commands.common import (
     UsageError,
     add_device_args,
@@ -45,9 +46,7 @@ OUT_SUFFIXES = (".html", ".json")
 
 def build_parser() -> argparse.ArgumentParser:
     p = analysis_parser(COMMAND, __doc__)
-    prompt = p.add_mutually_exclusive_group(required=True)
-    prompt.add_argument("--text", help="the prompt as text (tokenised as model.to_tokens does: BOS first if the tokenizer has one)")
-    prompt.add_argument("--ids", type=int, nargs="+", metavar="ID", help="the prompt as token ids")
+    add_one_prompt_arguments(p, "the prompt as text (tokenised as model.to_tokens does: BOS first if the tokenizer has one)")
     p.add_argument("--layer", type=int, required=True, help="block whose (bilinear) MLP is decomposed")
     p.add_argument("--position", type=int, default=-1, help="token position (negative counts from the end; default -1, the last)")
     add_direction_arguments(p)

@@ -19,7 +19,6 @@ Errors exit with code 2.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any, Optional
 
@@ -28,8 +27,8 @@ import torch
 from bilinear_lens.commands.circuit_prompts import (
     add_prompt_arguments,
     check_out,
-    resolve_metric,
-    resolve_prompts,
+    load_patching_inputs,
+    run_command,
     to_list,
     write_output,
 )
@@ -38,9 +37,6 @@ from bilinear_lens.commands.common import (
     add_device_args,
     add_direction_arguments,
     analysis_parser,
-    load_model_with_tokenizer,
-    place_model,
-    report_error,
     require_positive,
 )
 
@@ -112,13 +108,10 @@ def run(args: argparse.Namespace) -> dict:
 
     require_positive(args, "top", "max_batch", "k")
     check_out(args.out)
-    model = place_model(load_model_with_tokenizer(args.checkpoint, COMMAND), args)
-    clean, corrupted = resolve_prompts(args, model)
-    device = model.embed.weight.device
-    label, metric, spec = resolve_metric(args, model)
+    model, clean, corrupted, label, metric, spec = load_patching_inputs(args, COMMAND)
     kind = resolve_kind(args, model, spec)
     progress = sys.stderr.isatty() and not args.quiet
-    grid = patch_grid(model, clean.to(device), corrupted.to(device), metric, kind, max_batch=args.max_batch,
+    grid = patch_grid(model, clean, corrupted, metric, kind, max_batch=args.max_batch,
                       progress=progress)
     effect = grid.effect().mean(-1)
     name = kind if isinstance(kind, str) else kind.name
@@ -136,15 +129,10 @@ def run(args: argparse.Namespace) -> dict:
     return payload
 
 
+def _print_text(args: argparse.Namespace, payload: dict) -> None:
+    print_table(f"{payload['kind']}: mean effect on {payload['metric']} (corrupted -> clean), top {args.top}",
+                payload["top"])
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        payload = run(args)
-    except (UsageError, ValueError) as err:
-        return report_error(COMMAND, err)
-    if args.json:
-        print(json.dumps(payload))
-    else:
-        print_table(f"{payload['kind']}: mean effect on {payload['metric']} (corrupted -> clean), top {args.top}",
-                    payload["top"])
-    return 0
+    return run_command(argv, build_parser(), run, COMMAND, _print_text)

@@ -1,5 +1,7 @@
-"""What ``circuit patch`` and ``circuit attribute`` share: the clean/corrupted prompt flags,
-the metric from the output-direction flags, and writing results (JSON or an HTML heatmap)."""
+"""What the ``circuit`` commands share. ``circuit patch`` and ``circuit attribute``: the
+clean/corrupted prompt flags, loading the model with those prompts and the metric from the
+output-direction flags (:func:`load_patching_inputs`), and writing results (JSON or an HTML
+heatmap), and their ``main`` (:func:`run_command`). ``circuit graph`` and ``circuit pairs``: the one-prompt ``--text``/``--ids`` flags."""
 
 from __future__ import annotations
 
@@ -9,7 +11,20 @@ from typing import Any, Callable
 
 import torch
 
-from bilinear_lens.commands.common import UsageError, resolve_direction_arguments
+from bilinear_lens.commands.common import (
+    UsageError,
+    load_model_with_tokenizer,
+    place_model,
+    report_error,
+    resolve_direction_arguments,
+)
+
+
+def add_one_prompt_arguments(parser: Any, text_help: str) -> None:
+    """``--text`` or ``--ids`` (exactly one): the single prompt of ``circuit graph``/``circuit pairs``."""
+    prompt = parser.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--text", help=text_help)
+    prompt.add_argument("--ids", type=int, nargs="+", metavar="ID", help="the prompt as token ids")
 
 
 def add_prompt_arguments(parser: Any) -> None:
@@ -34,7 +49,7 @@ def _ids(flag: str, rows: list[str]) -> torch.Tensor:
 
 def resolve_prompts(args: Any, model: Any) -> tuple[Any, Any]:
     """``(clean, corrupted)``: texts or id tensors, one kind each, the same count."""
-    from bilinear_lens.circuits.prompts import check_prompt_pair, prompt_tokens
+    from bilinear_lens.circuits.prompts import prompt_pair_tokens
 
     pairs = []
     for name, texts, ids in (("clean", args.clean, args.clean_ids), ("corrupt", args.corrupt, args.corrupt_ids)):
@@ -42,9 +57,7 @@ def resolve_prompts(args: Any, model: Any) -> tuple[Any, Any]:
             raise UsageError(f"give --{name} (texts) or --{name}-ids (token ids), exactly one of them")
         pairs.append(texts if texts else _ids(f"--{name}-ids", ids))
     try:
-        clean = prompt_tokens(model, pairs[0], "--clean")
-        corrupted = prompt_tokens(model, pairs[1], "--corrupt")
-        check_prompt_pair(clean, corrupted)
+        clean, corrupted = prompt_pair_tokens(model, pairs[0], pairs[1], ("--clean", "--corrupt"))
         for tokens in (clean, corrupted):
             model._check_tokens(tokens)  # ids in the vocabulary, at most n_ctx positions
     except ValueError as err:
@@ -68,6 +81,17 @@ def resolve_metric(args: Any, model: Any) -> tuple[str, Callable[[torch.Tensor],
     return label, (lambda logits: logits[:, pos, spec]), spec
 
 
+def load_patching_inputs(args: Any, command: str) -> tuple[Any, torch.Tensor, torch.Tensor, str, Callable, Any]:
+    """``(model, clean, corrupted, label, metric, spec)`` for ``circuit patch``/``attribute``:
+    the placed model, the prompt ids on its device (:func:`resolve_prompts`) and the metric
+    (:func:`resolve_metric`)."""
+    model = place_model(load_model_with_tokenizer(args.checkpoint, command), args)
+    clean, corrupted = resolve_prompts(args, model)
+    device = model.embed.weight.device
+    label, metric, spec = resolve_metric(args, model)
+    return model, clean.to(device), corrupted.to(device), label, metric, spec
+
+
 def to_list(t: Any) -> Any:
     return t.detach().cpu().tolist() if isinstance(t, torch.Tensor) else t
 
@@ -88,3 +112,20 @@ def write_output(path: str, payload: dict, heatmap: Any) -> None:
     check_out(path)
     text = json.dumps(payload, indent=1) + "\n" if Path(path).suffix == ".json" else heatmap.to_html(full_page=True)
     atomic_write_text(path, text)
+
+
+def run_command(argv: Any, parser: Any, run: Callable[[Any], dict], command: str,
+                print_text: Callable[[Any, dict], None]) -> int:
+    """A patching command's ``main``: parse ``argv``, ``run`` it (a ``UsageError`` or
+    ``ValueError`` exits with code 2, one line), then print the payload as one JSON object
+    (``--json``) or as ``print_text(args, payload)``; 0 on success."""
+    args = parser.parse_args(argv)
+    try:
+        payload = run(args)
+    except (UsageError, ValueError) as err:
+        return report_error(command, err)
+    if args.json:
+        print(json.dumps(payload))
+    else:
+        print_text(args, payload)
+    return 0

@@ -13,9 +13,9 @@ from bilinear_lens.circuits.linearized import (
     gradient_times_input,
     linearization_hooks,
     linearized,
-    prompt_tokens,
     record_frozen_values,
 )
+from bilinear_lens.circuits.prompts import one_prompt_tokens
 from bilinear_lens.models.model import build_model
 from conftest import tiny_config
 
@@ -121,9 +121,9 @@ def test_non_bilinear_flagged_inexact(kind):
 
 def test_one_prompt_only():
     model = random_model()
-    with pytest.raises(ValueError, match=r"^tokens must be one non-empty prompt \[1, pos\], got shape \(2, 4\)$"):
-        prompt_tokens(model, torch.zeros(2, 4, dtype=torch.long))
-    assert prompt_tokens(model, [1, 2, 3]).shape == (1, 3)
+    with pytest.raises(ValueError, match=r"^tokens must be one prompt \(\[pos\] or \[1, pos\] ids, or text\), got shape \(2, 4\)$"):
+        one_prompt_tokens(model, torch.zeros(2, 4, dtype=torch.long))
+    assert one_prompt_tokens(model, [1, 2, 3]).shape == (1, 3)
 
 
 @pytest.mark.filterwarnings("ignore:A forward hook edited hook_scale")  # the freezing does, on purpose
