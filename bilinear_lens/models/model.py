@@ -56,6 +56,7 @@ from bilinear_lens.models.config import ModelConfig
 from bilinear_lens.models.hf_llama import model_config_from_llama, from_llama_state_dict, write_llama_files
 from bilinear_lens.models.hook_names import CheckedActivationCache, check_hook_names
 from bilinear_lens.models.hub import resolve_model_dir
+from bilinear_lens.output_locks import claim_export_dir
 from bilinear_lens.models.mlp import make_mlp
 from bilinear_lens.models.sampling import check_sampling_args, sample_next_token
 from bilinear_lens.models.weight_views import AttentionWeightViews, StackedWeightViews
@@ -678,7 +679,9 @@ def save_model(model: BilinearTransformer, path: Union[str, Path], format: str =
         from bilinear_lens.models.hf_llama import check_llama_expressible
 
         check_llama_expressible(model.cfg)  # before anything touches the disk
-    with atomic_directory(path) as tmp:
+    # One writer per directory (a second is refused naming the holder); a replace a killed
+    # writer left half done is finished first (bilinear_lens.output_locks).
+    with claim_export_dir(path), atomic_directory(path) as tmp:
         if format == "hf":
             write_llama_files(tmp, model.cfg, model.state_dict(), tokenizer)
         else:
