@@ -51,6 +51,7 @@ from bilinear_lens.commands.common import (
     require_positive,
     resolve_direction_arguments,
     stream_rows,
+    warn_special_token_text,
 )
 from bilinear_lens.models.hook_names import UnknownHookError, mlp_hook_name
 from bilinear_lens.models.protocol import HookedModel
@@ -229,6 +230,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         model = place_model(load_model_with_tokenizer(args.checkpoint, "ablate"), args)
         seq_len = _seq_len(args, model)
         texts, documents_in_file = _read_texts(args.text_file, args.n_texts, args.seed)
+        warn_special_token_text(model.tokenizer, args.text_file, "ablate")
         stream, n_documents, capped = _capped_stream(model.tokenizer, texts, args.max_tokens,
                                                      progress=sys.stderr.isatty() and not args.quiet)
         tokens, stream_tokens, overlap = _rows(stream, seq_len)

@@ -132,7 +132,12 @@ def _local_dataset(path: Path, split: str, hf_cache_dir: Optional[str]) -> Any:
 def _hub_dataset(name: str, split: str, streaming: bool, hf_cache_dir: Optional[str]) -> Any:
     import datasets
 
-    return datasets.load_dataset(name, split=split, streaming=streaming, cache_dir=hf_cache_dir)
+    try:
+        return datasets.load_dataset(name, split=split, streaming=streaming, cache_dir=hf_cache_dir)
+    except Exception as err:  # offline, unknown name, network: a data error (exit 2), one line
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"corpus {name!r} is not a local file and the hub dataset cannot be loaded "
+                         f"(split {split!r}): {type(err).__name__}: {reason}") from None
 
 
 def _dataset_texts(dataset: Any, text_column: str, source: str) -> Iterator[str]:

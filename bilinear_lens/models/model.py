@@ -697,14 +697,19 @@ def load_config(path: Union[str, Path]) -> ModelConfig:
 def _read_config_and_weights(path: Path, raw: Any) -> tuple[ModelConfig, dict[str, Tensor]]:
     """Our format (``"format": "bilinear-lens"``) or the HF Llama format (``"model_type"``);
     ``raw`` is the parsed ``config.json``."""
+    from bilinear_lens.tensor_checksum import verify_tensors_checksum
+
     config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
     if isinstance(raw, dict) and "model_type" in raw and "format" not in raw:
         cfg = model_config_from_llama(raw, where=str(config_path))
         weights = read_tensors(weights_path, device="cpu", what="model weights")
+        verify_tensors_checksum(weights, read_tensor_metadata(weights_path), where=str(weights_path))
         return cfg, from_llama_state_dict(weights, cfg, where=str(weights_path))
     if isinstance(raw, dict) and "format" not in raw:
         raise CheckpointError(f"{config_path} has neither 'format' (bilinear-lens) nor 'model_type' (Hugging Face); cannot tell its format")
-    return load_config(path), read_tensors(weights_path, device="cpu", what="model weights")
+    cfg, weights = load_config(path), read_tensors(weights_path, device="cpu", what="model weights")
+    verify_tensors_checksum(weights, read_tensor_metadata(weights_path), where=str(weights_path))
+    return cfg, weights
 
 
 def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> BilinearTransformer:
@@ -715,7 +720,11 @@ def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu")
     The paper's released checkpoints are converted on the fly (:func:`load_paper_checkpoint`)."""
     # imported here: paper_checkpoints builds models with this module
     from bilinear_lens.models.paper_checkpoints import is_paper_config, load_paper_checkpoint
+    from bilinear_lens.weights.tensor import resolve_compute_device
 
+    # the project's one device rule, before any file is read: "bogus" or CUDA on a machine
+    # without it is a one-line ValueError naming device=, not torch's RuntimeError
+    device = resolve_compute_device(device, "device")
     path = resolve_model_dir(path)
     raw = read_json(path / CONFIG_FILE, what="model config")
     if is_paper_config(raw):
