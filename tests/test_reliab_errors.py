@@ -97,8 +97,10 @@ def test_garbled_finite_weights_are_refused_by_checksum(tmp_path) -> None:
         weights = out / "model.safetensors"
         data = bytearray(weights.read_bytes())
         header = 8 + int.from_bytes(data[:8], "little")
-        assert CHECKSUM_KEY in data[8:header].decode()
-        data[-4] ^= 1  # the last float32's lowest mantissa bit: still finite and plausible
+        entries = json.loads(data[8:header].decode())
+        assert CHECKSUM_KEY in entries["__metadata__"]
+        name = "embed.weight" if fmt == "bilinear-lens" else "model.embed_tokens.weight"
+        data[header + entries[name]["data_offsets"][0]] ^= 1  # an embedding's lowest mantissa bit: finite, plausible
         weights.write_bytes(bytes(data))
         with pytest.raises(CheckpointError, match=r"model.safetensors: the tensors do not match the checksum recorded when they were saved"):
             BilinearTransformer.from_pretrained(out)

@@ -694,22 +694,19 @@ def load_config(path: Union[str, Path]) -> ModelConfig:
     return ModelConfig.from_dict(read_model_config(path), where=str(Path(path) / CONFIG_FILE))
 
 
-def _read_config_and_weights(path: Path, raw: Any) -> tuple[ModelConfig, dict[str, Tensor]]:
-    """Our format (``"format": "bilinear-lens"``) or the HF Llama format (``"model_type"``);
-    ``raw`` is the parsed ``config.json``."""
-    from bilinear_lens.tensor_checksum import verify_tensors_checksum
-
+def _read_config_and_weights(path: Path, raw: Any) -> tuple[ModelConfig, dict[str, Tensor], dict[str, Tensor]]:
+    """``(config, our state dict, the tensors as read)``: our format (``"format":
+    "bilinear-lens"``) or the HF Llama format (``"model_type"``); ``raw`` is the parsed
+    ``config.json``. The tensors as read are what the file's checksum covers."""
     config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
     if isinstance(raw, dict) and "model_type" in raw and "format" not in raw:
         cfg = model_config_from_llama(raw, where=str(config_path))
         weights = read_tensors(weights_path, device="cpu", what="model weights")
-        verify_tensors_checksum(weights, read_tensor_metadata(weights_path), where=str(weights_path))
-        return cfg, from_llama_state_dict(weights, cfg, where=str(weights_path))
+        return cfg, from_llama_state_dict(weights, cfg, where=str(weights_path)), weights
     if isinstance(raw, dict) and "format" not in raw:
         raise CheckpointError(f"{config_path} has neither 'format' (bilinear-lens) nor 'model_type' (Hugging Face); cannot tell its format")
     cfg, weights = load_config(path), read_tensors(weights_path, device="cpu", what="model weights")
-    verify_tensors_checksum(weights, read_tensor_metadata(weights_path), where=str(weights_path))
-    return cfg, weights
+    return cfg, weights, weights
 
 
 def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> BilinearTransformer:
@@ -729,11 +726,16 @@ def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu")
     raw = read_json(path / CONFIG_FILE, what="model config")
     if is_paper_config(raw):
         return load_paper_checkpoint(path).to(device)
-    cfg, state = _read_config_and_weights(path, raw)
+    cfg, state, as_read = _read_config_and_weights(path, raw)
     weights_path = path / WEIGHTS_FILE
     model = model_from_state_dict(cfg, state, load_model_tokenizer(path), where=str(weights_path))
     # after the shape check: shape-changing edits get its more specific message
-    check_saved_config(cfg.to_dict(), read_tensor_metadata(weights_path), where=str(path / CONFIG_FILE))
+    metadata = read_tensor_metadata(weights_path)
+    check_saved_config(cfg.to_dict(), metadata, where=str(path / CONFIG_FILE))
+    # last, after the checks that name what is wrong: garbled but finite bytes (tensor_checksum)
+    from bilinear_lens.tensor_checksum import verify_tensors_checksum
+
+    verify_tensors_checksum(as_read, metadata, where=str(weights_path))
     return model.to(device)
 
 
