@@ -113,8 +113,14 @@ def export_trials(root: Path, old: Path, new: Path, n: int, rng: random.Random) 
                 load_model(out)
             except (CheckpointError, FileNotFoundError, ValueError):
                 corrupt += 1
+        state = "present" if out.exists() else "missing"
+        hidden = sorted(p.name for p in parent.iterdir() if p.name != "out")
         finish("convert", str(new), "--out", str(out))
-        identical += digest(out) == reference
+        got = digest(out)
+        identical += got == reference
+        if got != reference:
+            print(f"export trial {trial}: out {state} after the kill, beside it {hidden}; differing files "
+                  f"{sorted(k for k in set(got) | set(reference) if got.get(k) != reference.get(k))}")
         left += len(leftovers(parent))
     return kills, identical, corrupt, left
 
@@ -123,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=3, help="kills of each writer (atlas, export)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--export-only", action="store_true", help="skip the atlas trials")
     args = parser.parse_args(argv)
     from bilinear_lens.models.config import ModelConfig
     from bilinear_lens.models.model import build_model
@@ -135,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         big = ModelConfig(d_vocab=8000, d_model=256, n_layers=2, n_heads=4, d_mlp=512, n_ctx=64, seed=1)
         build_model(big).save_pretrained(root / "old")
         build_model(big.replace(seed=2)).save_pretrained(root / "new")
-        a = atlas_trials(root, root / "atlas_model", args.kills, rng)
+        a = atlas_trials(root, root / "atlas_model", args.kills, rng) if not args.export_only else (0, 0, 0, 0)
         e = export_trials(root, root / "old", root / "new", args.kills, rng)
     print(f"atlas: {a[0]} kills, {a[1]} byte-identical resumes, {a[2]} corrupt, {a[3]} leftovers")
     print(f"export: {e[0]} kills, {e[1]} byte-identical resumes, {e[2]} corrupt, {e[3]} leftovers")

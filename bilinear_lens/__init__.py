@@ -55,6 +55,9 @@ from bilinear_lens.sae.features import input_feature_basis, feature_interaction_
 from bilinear_lens.sae.ablation import feature_ablation_sweep
 from bilinear_lens.sae.recipe import SAERecipe, SAESpec, load_sae_recipe
 from bilinear_lens.sae.train import train_sae, SAETrainResult, SAETraining, tangent_decoder_gradients
+from bilinear_lens.disk_errors import DiskWriteError, disk_write_error
+from bilinear_lens.output_locks import claim_atlas_dir, claim_export_dir, finish_interrupted_replace
+from bilinear_lens.tensor_checksum import tensors_sha256
 
 __version__ = "0.1.0"
 
