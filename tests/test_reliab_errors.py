@@ -146,3 +146,17 @@ def test_unreachable_hub_dataset_is_a_data_error(monkeypatch) -> None:
     with pytest.raises(ValueError, match=r"^corpus 'someone/absent' is not a local file and the hub dataset cannot be loaded "
                                          r"\(split 'train'\): ConnectionError: Couldn't reach"):
         load_texts("someone/absent", max_docs=2)
+
+
+def test_sae_train_into_a_model_run_says_what_the_directory_holds(tmp_path) -> None:
+    from bilinear_lens.sae.train import train_sae
+    from test_sae_train import recipe
+
+    model_dir = tmp_path / "m"
+    build_model(tiny_config(d_vocab=300, n_layers=1)).save_pretrained(model_dir)
+    run = tmp_path / "model_run"  # a model training run's layout: run_config.toml and a checkpoint
+    (run / "checkpoints" / "step_000002").mkdir(parents=True)
+    (run / "checkpoints" / "step_000002" / "train_state.json").write_text("{}")
+    (run / "run_config.toml").write_text("# a model run\n")
+    with pytest.raises(FileExistsError, match=r"model_run already holds a model training run, not an SAE run \(latest step_000002\)"):
+        train_sae(model_dir, run, recipe(tmp_path, steps=2), progress=False)
