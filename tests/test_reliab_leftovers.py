@@ -34,6 +34,12 @@ def tree_digest(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def content_digest(root: Path) -> dict[str, object]:
+    from benchmarks.fault_injection_outputs import content_digest as digest
+
+    return digest(root)
+
+
 def hidden(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
 
@@ -117,4 +123,6 @@ def test_convert_killed_between_renames_is_finished_at_the_next_start(tmp_path, 
     assert not out.exists() and len(hidden(tmp_path)) == 2  # the issue's state: only hidden copies
     assert cli.main(["convert", str(second), "--out", str(out)]) == 0
     assert hidden(tmp_path) == []
-    assert tree_digest(out) == tree_digest(second)
+    # same files; model.safetensors' header compared parsed: safetensors orders metadata keys
+    # at random (a Rust HashMap), so only the header's byte order may differ between saves
+    assert content_digest(out) == content_digest(second)
