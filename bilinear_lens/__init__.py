@@ -129,6 +129,10 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "bilinear_lens.views.pair_view": ("pair_matrix_html", "pair_matrix_figure"),
     "bilinear_lens.views.patching_view": ("PatchingHeatmap",),
     "bilinear_lens.views.graph_view": ("GraphView", "graph_html"),
+    # reliability (issue 24)
+    "bilinear_lens.disk_errors": ("DiskWriteError", "disk_write_error"),
+    "bilinear_lens.output_locks": ("claim_atlas_dir", "claim_export_dir", "finish_interrupted_replace"),
+    "bilinear_lens.tensor_checksum": ("tensors_sha256",),
     # image classifiers (issue 23)
     "bilinear_lens.models.image_classifier": (
         "ImageClassifier", "ImageClassifierConfig", "save_image_classifier", "load_image_classifier",

@@ -87,7 +87,7 @@ def test_cli_marks_effects_within_two_standard_errors(checkpoint, capsys):
 
 
 def test_cli_json_has_null_se_for_one_row(checkpoint, tmp_path, capsys):
-    from bilinear_lens.commands.common import document_stream
+    from bilinear_lens.data.packing import document_stream
     from bilinear_lens.models.model import BilinearTransformer
 
     text = tmp_path / "one.txt"

@@ -105,6 +105,8 @@ def test_hub_names_go_to_load_dataset(monkeypatch: pytest.MonkeyPatch) -> None:
         return datasets.Dataset.from_dict({"text": DOCS, "label": [0, 1, 2]})
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    # the reachability probe needs the network; its own tests are in test_corpus_access.py
+    monkeypatch.setattr(data, "check_hub_reachable", lambda name: None)
     assert load_texts("roneneldan/TinyStories", "validation", streaming=True, max_docs=2) == DOCS[:2]
     assert calls == [("roneneldan/TinyStories", {"split": "validation", "streaming": True, "cache_dir": None})]
     with pytest.raises(ValueError, match="no text column 'story'.*label"):

@@ -14,6 +14,11 @@ model's n_ctx: a longer one is refused). Every token of those documents counts a
 is padded: when the stream does not divide into rows, the last row is its final
 ``--seq-len`` tokens, re-reading ``overlap`` tokens of the row before (the JSON's
 ``stream_tokens``, ``overlap``, ``n_documents`` and ``documents_in_file``).
+Documents are read and tokenized one at a time, and only the first ``--max-tokens`` text
+tokens (default 16384; BOS not counted, as in ``polytope``) are used: reading stops there,
+so a huge document or ``--n-texts`` costs no more than the cap (the JSON's ``max_tokens``
+and ``capped``; the table's header says when the cap cut the text). Running out of memory
+anyway is a one-line error (exit 1) saying to lower ``--max-tokens``.
 
 Every neuron is ablated on its own and the ``--top`` neurons by the magnitude
 ``|delta_loss|`` (either sign) are printed, or one JSON object with ``--json``
@@ -34,13 +39,13 @@ import argparse
 import json
 import math
 import sys
-from typing import Any, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
 
 from bilinear_lens.activations.ablation import METHODS, NEURON_HOOKS, NeuronTable, ablation_sweep
-from bilinear_lens.data.packing import document_stream
 from bilinear_lens.commands.common import (
+    EXIT_FAILURE,
     UsageError,
     add_device_args,
     add_direction_arguments,
@@ -52,12 +57,17 @@ from bilinear_lens.commands.common import (
     require_positive,
     resolve_direction_arguments,
     stream_rows,
+    warn_special_token_text,
 )
 from bilinear_lens.commands.measured_text import measured_text
 from bilinear_lens.models.hook_names import UnknownHookError, mlp_hook_name
 from bilinear_lens.models.protocol import HookedModel
+from bilinear_lens.progress import progress_bar
 
 DEFAULT_SEQ_LEN = 64  # capped at the model's n_ctx when --seq-len is not given
+# Text tokens read at most: one sweep runs every neuron's ablation over every row, so time
+# and memory grow with the text; the default 32 synthetic stories hold ~2-4k tokens.
+DEFAULT_MAX_TOKENS = 16_384
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "data as its checkpoint records it; synthetic stories when it records none)")
     add_documents_argument(parser)
     parser.add_argument("--n-texts", type=int, default=32, help="documents to use (default 32)")
+    parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                        help=f"use at most this many text tokens of those documents (default {DEFAULT_MAX_TOKENS}; BOS not counted)")
     parser.add_argument("--seq-len", type=int, default=None,
                         help=f"tokens per row, at most the model's n_ctx (default {DEFAULT_SEQ_LEN}, or n_ctx if smaller)")
     parser.add_argument("--seed", type=int, default=0, help="synthetic-story and resample seed (default 0)")
@@ -109,7 +121,7 @@ def _sweep(args: argparse.Namespace, model: Any, tokens: torch.Tensor) -> tuple[
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    require_positive(args, "top", "n_texts", "ablations_per_pass")
+    require_positive(args, "top", "n_texts", "ablations_per_pass", "max_tokens")
     if args.seq_len is not None and args.seq_len < 2:
         raise UsageError(f"--seq-len must be >= 2 (the loss needs a next token), got {args.seq_len}")
 
@@ -125,11 +137,39 @@ def _seq_len(args: argparse.Namespace, model: HookedModel) -> int:
     return args.seq_len
 
 
-def _pack_tokens(model: HookedModel, texts: list[str], seq_len: int) -> tuple[torch.Tensor, int, int]:
+def _capped_stream(tokenizer: Any, texts: Iterator[str], max_tokens: int, progress: bool) -> tuple[list[int], int, bool]:
+    """``(stream, n_documents, capped)``: :func:`document_stream` of ``texts``, tokenized one
+    document at a time and cut after its ``max_tokens``-th text token (BOS not counted);
+    ``n_documents`` documents were read, ``capped``: the cut dropped text."""
+    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    stream: list[int] = []
+    n_text = n_documents = 0
+    capped = False
+    with progress_bar(total=max_tokens, desc="ablate: tokenizing", unit="tok", enabled=progress) as bar:
+        for text in texts:
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            n_documents += 1
+            take = min(len(ids), max_tokens - n_text)
+            stream.extend(bos + ids[:take])
+            n_text += take
+            bar.update(take)
+            if n_text >= max_tokens:
+                capped = take < len(ids) or next(texts, None) is not None
+                break
+    return stream, n_documents, capped
+
+
+def _pack_tokens(model: HookedModel, texts: Iterable[str], seq_len: int,
+                 max_tokens: Optional[int] = None) -> tuple[torch.Tensor, int, int]:
     """``(rows [n_rows, seq_len], stream_tokens, overlap)``: the texts' token stream (BOS
-    before each document, ``stream_tokens`` in all) cut into rows covering every token of
-    it, the last row repeating ``overlap`` tokens of the one before (see module docstring)."""
-    stream = document_stream(model.tokenizer, texts)
+    before each document, ``stream_tokens`` in all; at most ``max_tokens`` text tokens,
+    :func:`_capped_stream`) cut into rows covering every token of it, the last row
+    repeating ``overlap`` tokens of the one before (see module docstring)."""
+    stream = _capped_stream(model.tokenizer, iter(texts), max_tokens or DEFAULT_MAX_TOKENS, progress=False)[0]
+    return _rows(stream, seq_len)
+
+
+def _rows(stream: list[int], seq_len: int) -> tuple[torch.Tensor, int, int]:
     rows, overlap = stream_rows(stream, seq_len, "--seq-len")
     return rows, len(stream), overlap
 
@@ -170,11 +210,14 @@ def _report(args: argparse.Namespace, tokens: torch.Tensor, stream_tokens: int, 
 
 def _documents(report: dict[str, Any]) -> str:
     """``"32 of the file's 40 documents (--n-texts 32)"``, ``"all 5 documents of the file"``
-    or ``"32 synthetic stories"``."""
+    or ``"32 synthetic stories"``, then whether ``--max-tokens`` cut the text."""
     n, in_file = report["n_documents"], report["documents_in_file"]
+    cap = f", capped at --max-tokens {report['max_tokens']} text tokens" if report.get("capped") else ""
     if in_file is None:
-        return f"{n} documents"
-    return f"all {n} documents of the file" if n == in_file else f"{n} of the file's {in_file} documents (--n-texts {n})"
+        return f"{n} documents{cap}"
+    if n == in_file and not report.get("capped"):
+        return f"all {n} documents of the file"
+    return f"{n} of the file's {in_file} documents (--n-texts {report['n_texts']}){cap}"
 
 
 def _print_table(report: dict[str, Any]) -> None:
@@ -205,15 +248,21 @@ def main(argv: Optional[list[str]] = None) -> int:
         model = place_model(load_model_with_tokenizer(args.checkpoint, "ablate"), args)
         seq_len = _seq_len(args, model)
         measured = measured_text(args.text_file, args.checkpoint, args.n_texts, args.seed, args.documents)
-        texts, documents_in_file = measured.texts, measured.documents_in_source
-        tokens, stream_tokens, overlap = _pack_tokens(model, texts, seq_len)
+        documents_in_file = measured.documents_in_source
+        warn_special_token_text(model.tokenizer, args.text_file, "ablate")
+        stream, n_documents, capped = _capped_stream(model.tokenizer, iter(measured.texts), args.max_tokens,
+                                                     progress=not args.quiet)
+        tokens, stream_tokens, overlap = _rows(stream, seq_len)
         tokens = tokens.to(model.W_U.device)
         table, by = _sweep(args, model, tokens)
     except (UsageError, UnknownHookError, ValueError, TypeError) as err:
         return report_error("ablate", err)
+    except MemoryError:  # valid inputs, too large for this machine
+        return report_error("ablate", f"out of memory ablating {args.max_tokens} tokens (--max-tokens) of "
+                            f"--n-texts {args.n_texts} documents; lower --max-tokens or --ablations-per-pass", EXIT_FAILURE)
     report = _report(args, tokens, stream_tokens, overlap, table, by)
-    report.update(n_documents=len(texts), documents_in_file=documents_in_file, text=measured.to_dict(),
-                  measured_on=measured.describe())
+    report.update(n_documents=n_documents, documents_in_file=documents_in_file, n_texts=args.n_texts,
+                  max_tokens=args.max_tokens, capped=capped, text=measured.to_dict(), measured_on=measured.describe())
     if args.json:
         print(json.dumps(report, indent=2))
     else:

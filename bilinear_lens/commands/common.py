@@ -288,3 +288,18 @@ def resolve_input_token_arguments(args: Any, model: Any) -> Optional[list[int]]:
     if not args.input_token and not args.input_token_id:
         return None
     return _token_ids(model, "input-token", args.input_token, args.input_token_id)
+
+
+def warn_special_token_text(tokenizer: Any, path: Optional[str], command: str) -> None:
+    """One ``warning:`` line on stderr per special token (``<|endoftext|>``...) whose text
+    occurs literally in text file ``path``: the tokenizer reads it as that special token
+    (one id), not as the characters (documented behaviour: the text is not escaped)."""
+    if path is None:
+        return
+    text = read_text_file(path)
+    for token in getattr(tokenizer, "all_special_tokens", []) or []:
+        count = text.count(token) if token else 0
+        if count:
+            print(f"bilinear-lens {command}: warning: text file {path} holds the literal {token!r} {count} time(s); "
+                  f"it is read as the special token (id {tokenizer.convert_tokens_to_ids(token)}), not as text",
+                  file=sys.stderr)

@@ -23,9 +23,11 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from bilinear_lens.disk_errors import DiskWriteError, disk_errors_as_one_line
 from bilinear_lens.files.atomic import check_replaceable
 from bilinear_lens.files.names import MODEL_DIR_FILES
 from bilinear_lens.files.serialized import CheckpointError
+from bilinear_lens.locking import LockHeldError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,10 +67,14 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise ValueError("--tokenizer / --no-tokenizer apply only with --from tdooms")
         else:
             model = BilinearTransformer.from_pretrained(args.source)
-        out = model.save_pretrained(args.out, format=args.target_format)
-    except (FileNotFoundError, FileExistsError, CheckpointError, ValueError) as err:
+        with disk_errors_as_one_line(args.out, "model directory (--out)"):  # full / read-only disk: exit 1
+            out = model.save_pretrained(args.out, format=args.target_format)
+    except (FileNotFoundError, FileExistsError, CheckpointError, ValueError, LockHeldError) as err:
         print(f"bilinear-lens convert: error: {err}", file=sys.stderr)
         return 2
+    except DiskWriteError as err:  # valid inputs; the disk failed
+        print(f"bilinear-lens convert: error: {err}", file=sys.stderr)
+        return 1
     cfg = model.cfg
     print(f"wrote {out} ({args.target_format}): {cfg.n_layers} layers, d_model {cfg.d_model}, "
           f"mlp {cfg.mlp_kind}, norm {cfg.normalization_type}, tokenizer {'yes' if model.tokenizer is not None else 'no'}")

@@ -141,14 +141,20 @@ def _print_rows(args: argparse.Namespace, label: str, rows: list[dict[str, Any]]
 
 
 def _main_atlas(args: argparse.Namespace) -> int:
+    from bilinear_lens.disk_errors import DiskWriteError, disk_errors_as_one_line
+    from bilinear_lens.locking import LockHeldError
     from bilinear_lens.weights.atlas_store import AtlasError
 
     try:
         require_positive(args, "top", "shard_size")
-        summary = _run_atlas(args)
-    except (UsageError, FileNotFoundError, CheckpointError, AtlasError, ValueError, TypeError) as err:
+        with disk_errors_as_one_line(args.out or "", "atlas dir"):  # full / read-only disk: one line, exit 1
+            summary = _run_atlas(args)
+    except (UsageError, FileNotFoundError, CheckpointError, AtlasError, ValueError, TypeError, LockHeldError) as err:
         print(f"bilinear-lens eigen: error: {err}", file=sys.stderr)
         return 2
+    except DiskWriteError as err:  # valid inputs; the disk failed
+        print(f"bilinear-lens eigen: error: {err}", file=sys.stderr)
+        return 1
     if summary.pop("is_main"):
         print(json.dumps(summary) if args.json else
               f"atlas: {summary['atlas']} ({summary['n_dirs']} directions x layers {summary['layers']}, top {summary['k']})")

@@ -49,6 +49,7 @@ from bilinear_lens.commands.common import (
     report_error,
     require_non_negative,
     require_positive,
+    warn_special_token_text,
 )
 from bilinear_lens.data.packing import pack_documents
 from bilinear_lens.models.hook_names import mlp_hook_name
@@ -140,13 +141,16 @@ def _token_labels(model: HookedModel, kind: str) -> tuple[Optional[np.ndarray], 
 def analyse(args: argparse.Namespace) -> dict[str, Any]:
     """Run the analysis; everything the command prints, as a JSON-ready dict."""
     require_positive(args, "max_tokens", "batch_size", "context", "top", "k", "purity_tokens", "min_size")
-    require_non_negative(args, "examples", "warmup")
+    require_non_negative(args, "examples", "warmup", "seed")
+    if args.seed >= 2**32:  # numpy's generators (samples, k-means) take seeds below 2**32
+        raise UsageError(f"--seed must be < 2**32 = {2**32}, got {args.seed}")
     model = place_model(load_model_with_tokenizer(args.checkpoint, "polytope"), args)
     try:
         layout = code_layout(model, args.layer, args.factors)
     except (ValueError, KeyError) as err:  # bad layer, MLP kind without units, factor the kind lacks
         raise UsageError(str(err)) from err
     rows, mask, counts = _token_rows(model, args.text_file, args.max_tokens, args.warmup, args.documents)
+    warn_special_token_text(model.tokenizer, args.text_file, "polytope")
     args.labels = resolve_label_kind(args.labels, args.checkpoint)
     tok = model.tokenizer
     special = {i for i in (tok.bos_token_id, tok.pad_token_id) if i is not None}

@@ -85,6 +85,7 @@ def _saved_checkpoint(out: Path, resume: object) -> Path:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    from bilinear_lens.disk_errors import DiskWriteError, disk_errors_as_one_line
     from bilinear_lens.locking import LockHeldError
     from bilinear_lens.files.serialized import CheckpointError
     from bilinear_lens.models.hook_names import UnknownHookError
@@ -101,12 +102,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             recipe = load_saved_recipe(args.out, overrides)  # train_sae checks it against the file again, locked
         else:
             recipe = load_sae_recipe(args.config, overrides)
-        result = train_sae(checkpoint, args.out, recipe, resume=args.resume,
-                           progress=not args.no_progress, stop_at=args.stop_at)
+        with disk_errors_as_one_line(args.out, "run directory"):  # full / read-only disk: one line, exit 1
+            result = train_sae(checkpoint, args.out, recipe, resume=args.resume,
+                               progress=not args.no_progress, stop_at=args.stop_at)
     except (ValueError, FileNotFoundError, FileExistsError, CheckpointError, UnknownHookError, LockHeldError) as err:
         print(f"bilinear-lens sae: error: {err}", file=sys.stderr)
         return 2
-    except NonFiniteLossError as err:  # the run failed (its checkpoints stay): not a usage error
+    except (NonFiniteLossError, DiskWriteError) as err:  # the run failed (its checkpoints stay): not a usage error
         print(f"bilinear-lens sae: error: {err}", file=sys.stderr)
         return 1
     val = result.val_metrics

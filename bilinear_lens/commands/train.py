@@ -105,12 +105,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.resume is False:
             return report_error("train", f"--config is required (unless resuming a run that has a {RUN_CONFIG_FILE})")
         config = args.out / RUN_CONFIG_FILE
+    from bilinear_lens.disk_errors import DiskWriteError, disk_errors_as_one_line
+
     try:
         run_config = load_recipe(config, args.overrides)
-        result = train(run_config, args.out, resume=args.resume, progress=not args.no_progress, stop_at=args.stop_at)
+        with disk_errors_as_one_line(args.out, "run directory"):  # full / read-only disk: one line, exit 1
+            result = train(run_config, args.out, resume=args.resume, progress=not args.no_progress, stop_at=args.stop_at)
     except (ValueError, FileNotFoundError, FileExistsError, LockHeldError) as err:  # before any step
         return report_error("train", err, EXIT_USAGE)
-    except (NonFiniteLossError, OSError) as err:  # the run itself failed
+    except (NonFiniteLossError, DiskWriteError, OSError) as err:  # the run itself failed
         return report_error("train", err, EXIT_FAILURE)
     if is_main:
         if result.already_finished:

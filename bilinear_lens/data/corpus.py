@@ -235,13 +235,14 @@ def _hub_dataset(name: str, split: str, streaming: bool, hf_cache_dir: Optional[
     check_hub_reachable(name)
     try:
         return datasets.load_dataset(name, split=split, streaming=streaming, cache_dir=hf_cache_dir)
-    except (ConnectionError, FileNotFoundError) as err:
-        if not _offline_mode():
-            raise
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CorpusUnavailableError(
-            f"dataset {name!r} (data.source) is not in the cache and offline mode is on ({first}); "
-            f"{_LOCAL_ROUTE}") from None
+    except Exception as err:  # offline, unknown name, network: a data error (exit 2), one line
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if _offline_mode() and isinstance(err, (ConnectionError, FileNotFoundError)):
+            raise CorpusUnavailableError(
+                f"dataset {name!r} (data.source) is not in the cache and offline mode is on ({reason}); "
+                f"{_LOCAL_ROUTE}") from None
+        raise CorpusUnavailableError(f"corpus {name!r} is not a local file and the hub dataset cannot be loaded "
+                                     f"(split {split!r}): {type(err).__name__}: {reason}") from None
 
 
 def _dataset_texts(dataset: Any, text_column: str, source: str) -> Iterator[str]:

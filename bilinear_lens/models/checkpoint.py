@@ -57,7 +57,10 @@ def write_model_dir(
     :func:`atomic_directory`). ``tokenizer``: a HF fast tokenizer or a ``tokenizers.Tokenizer``.
     The weights' safetensors metadata records ``config`` (see :func:`check_saved_config`)."""
     write_json(directory / CONFIG_FILE, {**config, "format": FORMAT_NAME, "format_version": FORMAT_VERSION})
-    write_tensors(directory / WEIGHTS_FILE, state_dict, metadata={"format": FORMAT_NAME, **saved_config_metadata(config)})
+    from bilinear_lens.tensor_checksum import checksum_metadata  # verified by load_model
+
+    write_tensors(directory / WEIGHTS_FILE, state_dict,
+                  metadata={"format": FORMAT_NAME, **saved_config_metadata(config), **checksum_metadata(state_dict)})
     if tokenizer is not None:
         save_model_tokenizer(tokenizer, directory)
 

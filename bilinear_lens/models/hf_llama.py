@@ -32,6 +32,7 @@ Our own export also writes our full config under :data:`SAVED_CONFIG_KEY` in
 from __future__ import annotations
 
 import copy
+import math
 
 from pathlib import Path
 from typing import Any, Mapping
@@ -170,12 +171,33 @@ def _get(hf: Mapping[str, Any], key: str, where: str) -> Any:
     return hf[key]
 
 
+# Llama fields that must be integers >= 1 (checked before any arithmetic on them).
+_LLAMA_COUNTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "max_position_embeddings")
+
+
+def _check_counts(hf: Mapping[str, Any], where: str) -> None:
+    """A one-line :class:`CheckpointError` naming the first of :data:`_LLAMA_COUNTS` (or a
+    given ``num_key_value_heads`` / ``head_dim``) that is not an integer >= 1."""
+    for key in _LLAMA_COUNTS + tuple(k for k in ("num_key_value_heads", "head_dim") if hf.get(k) is not None):
+        value = _get(hf, key, where)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CheckpointError(f"{where}: {key}={value!r} must be an integer >= 1")
+
+
 def _rope_theta(hf: Mapping[str, Any], where: str) -> float:
+    for key in ("rope_parameters", "rope_scaling"):
+        if hf.get(key) is not None and not isinstance(hf[key], dict):
+            raise CheckpointError(f"{where}: {key}={hf[key]!r} must be an object (e.g. {{\"rope_type\": \"default\", "
+                                  f"\"rope_theta\": 10000.0}}) or null")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
         raise CheckpointError(f"{where}: rope type {rope_type!r} is not supported; allowed: 'default'")
+    field = "rope_parameters.rope_theta" if "rope_theta" in rope else "rope_theta"
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 0:
+        raise CheckpointError(f"{where}: {field}={theta!r} must be a positive number")
     return float(theta)
 
 
@@ -192,6 +214,7 @@ def model_config_from_llama(hf: Mapping[str, Any], where: str) -> ModelConfig:
     act = _get(hf, "hidden_act", where)
     if act not in MLP_KINDS_BY_ACT:
         raise CheckpointError(f"{where}: hidden_act={act!r} is not supported; allowed: {sorted(MLP_KINDS_BY_ACT)}")
+    _check_counts(hf, where)
     n_heads = _get(hf, "num_attention_heads", where)
     d_model = _get(hf, "hidden_size", where)
     if hf.get("num_key_value_heads", n_heads) != n_heads:
@@ -244,8 +267,11 @@ def write_llama_files(directory: Path, cfg: ModelConfig, state: Mapping[str, Ten
     # the top-level rope_theta and, without it, silently uses 10000.
     _update_json(directory / "config.json", rope_theta=float(cfg.rotary_base))
     GenerationConfig(do_sample=False, **special).save_pretrained(str(directory))
-    metadata = {"format": "pt", **saved_config_metadata(cfg.to_dict())}  # transformers wants format "pt"
-    write_tensors(directory / WEIGHTS_FILE, to_llama_state_dict(state, cfg), metadata=metadata)
+    from bilinear_lens.tensor_checksum import checksum_metadata  # verified by load_model
+
+    llama_state = to_llama_state_dict(state, cfg)
+    metadata = {"format": "pt", **saved_config_metadata(cfg.to_dict()), **checksum_metadata(llama_state)}  # transformers wants format "pt"
+    write_tensors(directory / WEIGHTS_FILE, llama_state, metadata=metadata)
     if tokenizer is not None:
         save_model_tokenizer(_export_tokenizer(tokenizer, cfg.n_ctx), directory, full=True)  # AutoTokenizer needs tokenizer_config.json
         _update_json(directory / "tokenizer_config.json", tokenizer_class=EXPORT_TOKENIZER_CLASS)

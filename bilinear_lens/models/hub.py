@@ -33,8 +33,13 @@ def resolve_model_dir(name_or_path: Union[str, Path], revision: Optional[str] = 
     path = Path(name_or_path)
     if path.is_dir():
         return path
+    if path.exists():  # a regular file is a local path, never a hub id
+        raise FileNotFoundError(f"checkpoint {path} is a file, not a model directory")
     if isinstance(name_or_path, Path) or not is_hub_id(str(name_or_path)):
         raise FileNotFoundError(f"checkpoint directory not found: {path}")
+    if path.parent.is_dir() and str(path.parent) not in ("", "."):  # owner/ exists here: a local path
+        raise FileNotFoundError(f"checkpoint directory not found: {path} (no such directory in {path.parent}; "
+                                "not looked up on the hub because that directory exists locally)")
     from huggingface_hub import constants, snapshot_download
 
     try:
@@ -43,7 +48,8 @@ def resolve_model_dir(name_or_path: Union[str, Path], revision: Optional[str] = 
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
         raise CheckpointError(
-            f"{name_or_path!r} is not a local directory and the hub model cannot be fetched{offline}: "
+            f"no such directory {str(name_or_path)!r} here; as a hub id, {name_or_path!r} is not a local directory "
+            f"and the hub model cannot be fetched{offline}: "
             f"{type(err).__name__}: {reason}; to work offline pass a local directory or fill the "
             f"cache ({constants.HF_HUB_CACHE}) once online"
         ) from None

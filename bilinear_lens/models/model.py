@@ -40,18 +40,12 @@ from bilinear_lens.data.tokenizer import load_model_tokenizer
 from bilinear_lens.files.atomic import atomic_directory
 from bilinear_lens.files.names import CONFIG_FILE, MODEL_DIR_FILES, WEIGHTS_FILE
 from bilinear_lens.files.serialized import CheckpointError, read_json, read_tensor_metadata, read_tensors
-from bilinear_lens.models.checkpoint import (
-    FORMAT_NAME,
-    check_finite,
-    check_saved_config,
-    check_state_dict,
-    read_model_config,
-    write_model_dir,
-)
+from bilinear_lens.models.checkpoint import FORMAT_NAME, check_finite, check_saved_config, check_state_dict, read_model_config, write_model_dir
 from bilinear_lens.models.config import ModelConfig
 from bilinear_lens.models.hf_llama import model_config_from_llama, from_llama_state_dict, write_llama_files
 from bilinear_lens.models.hook_names import CheckedActivationCache, check_hook_names
 from bilinear_lens.models.hub import resolve_model_dir
+from bilinear_lens.output_locks import claim_export_dir
 from bilinear_lens.models.mlp import make_mlp
 from bilinear_lens.models.sampling import check_sampling_args, sample_next_token
 from bilinear_lens.models.weight_views import AttentionWeightViews, StackedWeightViews
@@ -674,7 +668,9 @@ def save_model(model: BilinearTransformer, path: Union[str, Path], format: str =
         from bilinear_lens.models.hf_llama import check_llama_expressible
 
         check_llama_expressible(model.cfg)  # before anything touches the disk
-    with atomic_directory(path, replaces=MODEL_DIR_FILES, what="a model directory") as tmp:
+    # One writer per directory (a second is refused naming the holder); a replace a killed
+    # writer left half done is finished first (bilinear_lens.output_locks).
+    with claim_export_dir(path), atomic_directory(path, replaces=MODEL_DIR_FILES, what="a model directory") as tmp:
         if format == "hf":
             write_llama_files(tmp, model.cfg, model.state_dict(), tokenizer)
         else:
@@ -687,17 +683,19 @@ def load_config(path: Union[str, Path]) -> ModelConfig:
     return ModelConfig.from_dict(read_model_config(path), where=str(Path(path) / CONFIG_FILE))
 
 
-def _read_config_and_weights(path: Path, raw: Any) -> tuple[ModelConfig, dict[str, Tensor]]:
-    """Our format (``"format": "bilinear-lens"``) or the HF Llama format (``"model_type"``);
-    ``raw`` is the parsed ``config.json``."""
+def _read_config_and_weights(path: Path, raw: Any) -> tuple[ModelConfig, dict[str, Tensor], dict[str, Tensor]]:
+    """``(config, our state dict, the tensors as read)``: our format (``"format":
+    "bilinear-lens"``) or the HF Llama format (``"model_type"``); ``raw`` is the parsed
+    ``config.json``. The tensors as read are what the file's checksum covers."""
     config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
     if isinstance(raw, dict) and "model_type" in raw and "format" not in raw:
         cfg = model_config_from_llama(raw, where=str(config_path))
         weights = read_tensors(weights_path, device="cpu", what="model weights")
-        return cfg, from_llama_state_dict(weights, cfg, where=str(weights_path))
+        return cfg, from_llama_state_dict(weights, cfg, where=str(weights_path)), weights
     if isinstance(raw, dict) and "format" not in raw:
         raise CheckpointError(f"{config_path} has neither 'format' (bilinear-lens) nor 'model_type' (Hugging Face); cannot tell its format")
-    return load_config(path), read_tensors(weights_path, device="cpu", what="model weights")
+    cfg, weights = load_config(path), read_tensors(weights_path, device="cpu", what="model weights")
+    return cfg, weights, weights
 
 
 def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> BilinearTransformer:
@@ -708,16 +706,25 @@ def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu")
     The paper's released checkpoints are converted on the fly (:func:`load_paper_checkpoint`)."""
     # imported here: paper_checkpoints builds models with this module
     from bilinear_lens.models.paper_checkpoints import is_paper_config, load_paper_checkpoint
+    from bilinear_lens.distributed import resolve_device
 
+    # the project's one device rule, before any file is read: "bogus" or CUDA on a machine
+    # without it is a one-line ValueError naming device=, not torch's RuntimeError
+    device = resolve_device(device, what="device")
     path = resolve_model_dir(path)
     raw = read_json(path / CONFIG_FILE, what="model config")
     if is_paper_config(raw):
         return load_paper_checkpoint(path).to(device)
-    cfg, state = _read_config_and_weights(path, raw)
+    cfg, state, as_read = _read_config_and_weights(path, raw)
     weights_path = path / WEIGHTS_FILE
     model = model_from_state_dict(cfg, state, load_model_tokenizer(path), where=str(weights_path))
     # after the shape check: shape-changing edits get its more specific message
-    check_saved_config(cfg.to_dict(), read_tensor_metadata(weights_path), where=str(path / CONFIG_FILE))
+    metadata = read_tensor_metadata(weights_path)
+    check_saved_config(cfg.to_dict(), metadata, where=str(path / CONFIG_FILE))
+    # last, after the checks that name what is wrong: garbled but finite bytes (tensor_checksum)
+    from bilinear_lens.tensor_checksum import verify_tensors_checksum
+
+    verify_tensors_checksum(as_read, metadata, where=str(weights_path))
     return model.to(device)
 
 

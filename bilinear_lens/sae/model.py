@@ -174,6 +174,12 @@ def load_sae(path: PathLike, model: Any = None) -> SAE:
     sae = SAE(cfg)
     tensors = read_tensors(path / SAE_WEIGHTS_FILE, what="SAE weights")
     check_state_dict(sae.state_dict(), tensors, where=str(path / SAE_WEIGHTS_FILE))
+    for key, tensor in tensors.items():  # a cast would silently change integer or garbled weights
+        if not tensor.is_floating_point():
+            from bilinear_lens.files.serialized import CheckpointError
+
+            raise CheckpointError(f"{path / SAE_WEIGHTS_FILE}: {key} has dtype {tensor.dtype}; SAE weights must be floating point "
+                                  f"(cfg.json dtype {cfg.torch_dtype})")
     tensors = {k: v.to(cfg.torch_dtype) for k, v in tensors.items()}
     check_finite(tensors, where=str(path / SAE_WEIGHTS_FILE))  # after the cast: an overflow to inf counts too
     sae.load_state_dict(tensors)

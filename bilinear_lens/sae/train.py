@@ -393,7 +393,10 @@ def train_sae(
     threads_before = torch.get_num_threads()
     try:
         with claim_run_dir(out_dir, writer=True):
-            ckpt = resolve_resume(resume, out_dir, holds="an SAE run")
+            # a model training run (run_config.toml, no sae_recipe.json) is named as what it is
+            holds = ("a model training run, not an SAE run" if (out_dir / "run_config.toml").is_file()
+                     and not (out_dir / "sae_recipe.json").is_file() else "an SAE run")
+            ckpt = resolve_resume(resume, out_dir, holds=holds)
             if ckpt is None:
                 if (out_dir / FINAL_DIR).exists():
                     raise FileExistsError(f"{out_dir} already holds a finished SAE ({out_dir / FINAL_DIR}); resume it "

@@ -314,6 +314,14 @@ class Trainer:
         self.elapsed_before = float(state.metrics.get("elapsed_s", 0.0))
         self.tokens_seen = int(state.metrics.get("tokens", state.step * self.task.tokens_per_step))
         self.meter = IntervalMeter.from_state(state.metrics.get("interval"))
+        # The last validation, as an uninterrupted run still holds it (checkpoints and the
+        # final report record it until the next evaluation).
+        val_loss = state.metrics.get("val_loss")
+        if val_loss is not None and (isinstance(val_loss, bool) or not isinstance(val_loss, (int, float))):
+            from bilinear_lens.files.serialized import CheckpointError
+
+            raise CheckpointError(f"{self.resume_from}: metrics.val_loss = {val_loss!r} must be a number or null")
+        self.last_val = None if val_loss is None else float(val_loss)
         self.task.load_data_state(state.data)
 
     @property

@@ -37,6 +37,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from bilinear_lens.distributed import barrier, current_ranks, resolve_device
+from bilinear_lens.output_locks import ATLAS_LOCK_FILE, claim_atlas_dir
 from bilinear_lens.progress import progress_bar
 from bilinear_lens.weights.atlas_store import (
     INDEX_FILE,
@@ -196,9 +197,14 @@ def _check_out_dir(path: Path, index: dict, resume: bool) -> Optional[dict]:
             )
         return found
     _check_directory_path(path)
-    if path.exists() and any(path.iterdir()):
+    if path.exists() and any(not _is_bookkeeping(child.name) for child in path.iterdir()):
         raise AtlasError(f"{path} exists and is not an atlas directory (no index.json); use a new --out")
     return None
+
+
+def _is_bookkeeping(name: str) -> bool:
+    """The lock file, or a writer's temporary (``.NAME.tmp-PID...``): not atlas content."""
+    return name == ATLAS_LOCK_FILE or (name.startswith(".") and ".tmp-" in name)
 
 
 def _check_directory_path(path: Path) -> None:
@@ -278,22 +284,26 @@ def build_atlas(
     index = {"fingerprint": tag, "layers": list(weights), "k": k, "d": d, "n_dirs": U.shape[0], "shard_size": shard_size,
              "dtype": str(dtype).removeprefix("torch."), "include_bias": include_bias, "tol": tol,
              "labels": None if labels is None else [int(x) for x in labels], "label_name": label_name}
-    found = _check_out_dir(path, index, resume)
-    index["shard_size"] = found["shard_size"] if found is not None else shard_size or DEFAULT_SHARD_SIZE
-    shards = plan_shards(list(weights), U.shape[0], index["shard_size"])
-    barrier()  # every rank has checked the directory before rank 0 writes to it
-    if found is None and current_ranks().is_main:
-        path.mkdir(parents=True, exist_ok=True)
-        write_index(path, index)
-    barrier()  # rank 0 wrote the index
-    _compute_shards(path, weights, U, shards, k, include_bias, tol, route, tag, progress)
-    barrier()
+    _check_directory_path(path)
+    # One writer per atlas (rank 0 holds the lock for the whole build; a second build is
+    # refused naming the holder), and dead writers' temporaries removed (output_locks).
+    with claim_atlas_dir(path, writer=current_ranks().is_main):
+        found = _check_out_dir(path, index, resume)
+        index["shard_size"] = found["shard_size"] if found is not None else shard_size or DEFAULT_SHARD_SIZE
+        shards = plan_shards(list(weights), U.shape[0], index["shard_size"])
+        barrier()  # every rank has checked the directory before rank 0 writes to it
+        if found is None and current_ranks().is_main:
+            path.mkdir(parents=True, exist_ok=True)
+            write_index(path, index)
+        barrier()  # rank 0 wrote the index
+        _compute_shards(path, weights, U, shards, k, include_bias, tol, route, tag, progress, index["labels"])
+        barrier()
     return EigenAtlas(path)
 
 
 def _compute_shards(
     path: Path, weights: dict[int, BilinearWeights], U: Tensor, shards: list[ShardSpec], k: int,
-    include_bias: bool, tol: float, route: str, tag: str, progress: bool,
+    include_bias: bool, tol: float, route: str, tag: str, progress: bool, labels: Optional[list[int]] = None,
 ) -> None:
     """Compute this rank's missing shards, layer by layer (``B`` built once per layer)."""
     ranks = current_ranks()
@@ -310,7 +320,7 @@ def _compute_shards(
         B = PackedSymmetricTensor.build(w, include_bias) if chosen == "dense_b" else None
         for i, spec in todo:
             tensors, exact_rows = _shard_tensors(w, U[spec.start : spec.stop], B, k, include_bias, tol, seed=i)
-            write_shard(path, spec, tensors, tag, exact_rows)
+            write_shard(path, spec, tensors, tag, exact_rows, labels)
             bar.set_postfix(layer=layer, route=chosen)
             bar.update()
         del B

@@ -85,8 +85,12 @@ def plan_shards(layers: Sequence[int], n_dirs: int, shard_size: int) -> list[Sha
 def write_index(path: Path, index: dict[str, Any]) -> None:
     """Write ``index.json`` via a temporary file and a rename (never half-written)."""
     tmp = path / f".{INDEX_FILE}.tmp-{os.getpid()}"
-    write_json(tmp, {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **index})
-    os.replace(tmp, path / INDEX_FILE)
+    try:
+        write_json(tmp, {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **index})
+        os.replace(tmp, path / INDEX_FILE)
+    except BaseException:  # a full disk leaves no half-written temporary behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_index(path: Path) -> dict[str, Any]:
@@ -108,12 +112,19 @@ def _sha256(file: Path) -> str:
     return digest.hexdigest()
 
 
-def write_shard(root: Path, spec: ShardSpec, tensors: dict[str, Tensor], fingerprint_: str, exact_rows: int) -> None:
-    """Write one shard directory atomically: tensors, then the record with their sha256."""
+def write_shard(
+    root: Path, spec: ShardSpec, tensors: dict[str, Tensor], fingerprint_: str, exact_rows: int,
+    labels: Optional[Sequence[int]] = None,
+) -> None:
+    """Write one shard directory atomically: tensors, then the record with their sha256 and
+    (``labels``: the whole atlas' row labels) the labels of its own rows, so a reader can
+    tell an index whose labels were edited from the one the shard was written for."""
     with atomic_directory(root / spec.name) as tmp:
         write_tensors(tmp / SHARD_TENSORS, {k: v.cpu() for k, v in tensors.items()}, {"fingerprint": fingerprint_})
         record = {"fingerprint": fingerprint_, "layer": spec.layer, "start": spec.start, "stop": spec.stop,
                   "sha256": _sha256(tmp / SHARD_TENSORS), "exact_rows": exact_rows}
+        if labels is not None:
+            record["labels"] = [int(x) for x in labels[spec.start : spec.stop]]
         write_json(tmp / SHARD_RECORD, record)
 
 
@@ -140,6 +151,67 @@ def shard_is_done(root: Path, spec: ShardSpec, fingerprint_: str) -> bool:
     return True
 
 
+def _is_count(value: Any, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def check_index_fields(path: Path, index: dict[str, Any]) -> None:
+    """:class:`AtlasError` (one line naming ``path/index.json``, the field and its value)
+    unless the fields a reader relies on have their types and ranges: ``layers`` a
+    non-empty list of distinct ints, ``k``, ``d``, ``n_dirs``, ``shard_size`` ints >= 1,
+    ``fingerprint`` a string, ``labels`` null or ``n_dirs`` distinct ints."""
+    where = path / INDEX_FILE
+
+    def bad(field: str, why: str) -> AtlasError:
+        value = index.get(field)
+        shown = f"{value!r}" if not isinstance(value, list) or len(value) <= 8 else f"a list of {len(value)}"
+        return AtlasError(f"atlas index {where}: {field} = {shown} {why}; the index was edited or damaged "
+                          "(restore it or rebuild the atlas)")
+
+    layers = index.get("layers")
+    if not (isinstance(layers, list) and layers and all(_is_count(x, 0) for x in layers) and len(set(layers)) == len(layers)):
+        raise bad("layers", "must be a non-empty list of distinct layer indices")
+    for field in ("k", "d", "n_dirs", "shard_size"):
+        if not _is_count(index.get(field), 1):
+            raise bad(field, "must be an integer >= 1")
+    if not isinstance(index.get("fingerprint"), str):
+        raise bad("fingerprint", "must be a string")
+    labels = index.get("labels")
+    if labels is not None:
+        if not (isinstance(labels, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in labels)):
+            raise bad("labels", "must be null or a list of integers")
+        if len(labels) != index["n_dirs"]:
+            raise bad("labels", f"must hold n_dirs = {index['n_dirs']} labels, one per row, not {len(labels)}")
+        if len(set(labels)) != len(labels):
+            raise bad("labels", "must not repeat a label")
+
+
+def check_shard_matches_index(path: Path, spec: ShardSpec, index: dict[str, Any], tensors: dict[str, Tensor]) -> None:
+    """:class:`AtlasError` unless shard ``spec``'s tensors have the index' ``k`` and ``d``
+    and its record's labels (atlases that record them) equal the index' labels of its rows."""
+    directory = path / spec.name
+    n = spec.stop - spec.start
+    expected = {"eigenvalues": (n, index["k"]), "eigenvectors": (n, index["d"], index["k"]),
+                "frobenius_norm": (n,), "captured_energy": (n,)}
+    for name, shape in expected.items():
+        found = tuple(tensors[name].shape) if name in tensors else None
+        if found != shape:
+            raise AtlasError(f"shard {directory} holds {name} of shape {found}, but {path / INDEX_FILE} "
+                             f"(k = {index['k']}, d = {index['d']}) says {shape}; the index was edited or belongs to another atlas")
+    recorded = read_json(directory / SHARD_RECORD, what="atlas shard record").get("labels")
+    labels = index.get("labels")
+    if recorded is not None and (labels is None or labels[spec.start : spec.stop] != recorded):
+        shown = None if labels is None else labels[spec.start : spec.stop]
+        raise AtlasError(f"{path / INDEX_FILE} labels rows {spec.start}:{spec.stop} as {_short(shown)}, but shard "
+                         f"{directory} was written for labels {_short(recorded)}; the index was edited or belongs to another atlas")
+
+
+def _short(values: Optional[list]) -> str:
+    if values is None or len(values) <= 6:
+        return str(values)
+    return "[" + ", ".join(map(str, values[:3])) + f", ... ({len(values)} in all)]"
+
+
 class EigenAtlas:
     """Read an atlas lazily: ``atlas.entry(layer, token=t)`` loads only the shard holding ``t``.
 
@@ -153,6 +225,7 @@ class EigenAtlas:
     def __init__(self, path: PathLike, cache_shards: int = 4, device: Union[str, torch.device] = "cpu"):
         self.path = Path(path)
         self.index = read_index(self.path)
+        check_index_fields(self.path, self.index)  # an edited index: one line, never a raw TypeError
         self.layers: list[int] = list(self.index["layers"])
         self.k: int = self.index["k"]
         self.n_dirs: int = self.index["n_dirs"]
@@ -212,6 +285,7 @@ class EigenAtlas:
             if not shard_is_done(self.path, spec, self.index["fingerprint"]):
                 raise AtlasError(f"atlas {self.path} is incomplete: shard {spec.name} is missing; resume building it")
             tensors = read_tensors(self.path / spec.name / SHARD_TENSORS, self.device, what="atlas shard")
+            check_shard_matches_index(self.path, spec, self.index, tensors)
             # Written with the sign convention already; re-applied (idempotent, O(n d k)) so that
             # atlases written before it existed read the same as new ones.
             tensors["eigenvectors"] = canonical_signs(tensors["eigenvectors"])
@@ -222,4 +296,5 @@ class EigenAtlas:
         return self._cache[spec]
 
 
-__all__ = ["AtlasEntry", "AtlasError", "EigenAtlas", "ShardSpec", "fingerprint", "plan_shards", "read_index"]
+__all__ = ["AtlasEntry", "AtlasError", "EigenAtlas", "ShardSpec", "check_index_fields", "check_shard_matches_index",
+           "fingerprint", "plan_shards", "read_index"]

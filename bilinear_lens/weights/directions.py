@@ -58,6 +58,13 @@ def token_id(model: HookedModel, token: TokenLike) -> int:
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
         raise ValueError(f"cannot look up token {token!r}: the model has no tokenizer; pass an id")
+    try:  # a command-line argument with invalid UTF-8 arrives with lone surrogates
+        token.encode("utf-8")
+    except UnicodeEncodeError as err:
+        code = ord(err.object[err.start])
+        what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"lone surrogate U+{code:04X}"
+        raise ValueError(f"token {token!r} is not valid UTF-8 text ({what} at character {err.start}); "
+                         "give the token as UTF-8 text or by id") from None
     ids = tokenizer.encode(token, add_special_tokens=False)
     if len(ids) != 1:
         pieces = [tokenizer.decode([i]) for i in ids]
