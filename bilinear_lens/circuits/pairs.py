@@ -31,7 +31,7 @@ naming the kind.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import torch
 from jaxtyping import Float

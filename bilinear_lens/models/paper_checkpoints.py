@@ -196,7 +196,7 @@ def _convert_norm(state: dict[str, Tensor], prefix: str, cfg: ModelConfig, where
 def _convert_layer(state: dict[str, Tensor], l: int, cfg: ModelConfig, fmt: str, where: str) -> dict[str, Tensor]:
     src, out = f"transformer.h.{l}", {}
     q, k, v = _take(state, f"{src}.attn.qkv.weight", where).chunk(3, dim=0)  # '(n n_head d_head)', n outermost
-    out.update({f"attn.q.weight": q, "attn.k.weight": k, "attn.v.weight": v})
+    out.update({"attn.q.weight": q, "attn.k.weight": k, "attn.v.weight": v})
     o = _take(state, f"{src}.attn.o.weight", where)
     out["attn.o.weight"] = o / math.sqrt(2 * cfg.n_layers) if fmt == "oct2024" else o  # their attention-output scale
     state.pop(f"{src}.attn.rotary.inv_freq", None)  # checked in paper_model_config

@@ -32,7 +32,6 @@ from jaxtyping import Float
 from torch import Tensor
 
 from bilinear_lens.models.image_classifier import ImageClassifier
-from bilinear_lens.weights.eigen import eigendecompose
 from bilinear_lens.weights.image_eigen import class_directions, pixel_interaction_matrices
 
 

@@ -28,7 +28,7 @@ paper's regularisation and overfitting comparisons.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from jaxtyping import Float
