@@ -153,6 +153,9 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "bilinear_lens.views.image_plots": (
         "plot_class_eigenvectors", "plot_eigen_grid", "plot_class_spectra", "image_report", "write_image_report",
     ),
+    "bilinear_lens.activations.code_subsets": (
+        "choose_units", "subset_codes", "subset_layout", "nearest_neighbour_hamming",
+    ),
 }
 
 _PUBLIC: dict[str, str] = {name: module for module, names in _MODULES.items() for name in names}

@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import asdict, dataclass
 from itertools import repeat
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ from jaxtyping import Float, Int, UInt8
 from torch import Tensor
 
 from bilinear_lens.activations.capture import capture_activations
+from bilinear_lens.activations.code_subsets import subset_codes, subset_layout
 from bilinear_lens.activations.region_counts import RegionCounts
 from bilinear_lens.activations.spline_codes import (
     Layers,
@@ -313,6 +314,7 @@ def track_regions(
     seed: int = 0,
     progress: bool = True,
     masks: Optional[Iterable[Tensor]] = None,
+    code_units: Optional[Mapping[str, np.ndarray]] = None,
 ) -> tuple[RegionTracker, Optional[ActivationSample]]:
     """Stream ``batches`` of tokens through ``model`` into a :class:`RegionTracker`.
 
@@ -325,13 +327,17 @@ def track_regions(
     runs batches ``i % world_size == r`` and all ranks end with the merged region, label
     and token counts (``RegionCounts.merge``), equal to one process'; example contexts and
     the code and activation samples are reservoirs over the rank's own batches.
+    ``code_units`` (``{hook_name: unit indices}`` for every hook of the code, e.g. from
+    :func:`~bilinear_lens.activations.code_subsets.choose_units`) restricts the code to those
+    units (:func:`~bilinear_lens.activations.code_subsets.subset_codes`): coarser regions.
     """
     token_labels = _checked_token_labels(token_labels, model.cfg.d_vocab)
     _check_counts(examples_per_region=examples_per_region, hamming_sample=hamming_sample, sample_size=sample_size)
     if isinstance(context_width, bool) or not isinstance(context_width, int) or context_width < 1:
         raise ValueError(f"context_width must be an int >= 1 (tokens per example context), got {context_width!r}")
     layout = code_layout(model, layers, factors)
-    tracker = RegionTracker(examples_per_region, hamming_sample, n_units=layout.n_units, seed=seed)
+    kept_layout = layout if code_units is None else subset_layout(layout, code_units)
+    tracker = RegionTracker(examples_per_region, hamming_sample, n_units=kept_layout.n_units, seed=seed)
     names = layout.hook_names + ([sample_hook] if sample_hook and sample_hook not in layout.hook_names else [])
     ignore = np.asarray(list(ignore_tokens), dtype=np.int64)
     sampled: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
@@ -353,7 +359,10 @@ def track_regions(
                 raise ValueError(f"mask of batch {i} has shape {tuple(mask.shape)}, its tokens {tuple(tokens.shape)}")
             counted &= _numpy(mask).reshape(-1).astype(bool)
         keep = np.flatnonzero(counted)
-        codes = codes_from_activations(cache, layout).numpy().reshape(token_ids.size, -1)[keep]
+        full_codes = codes_from_activations(cache, layout)
+        if code_units is not None:
+            full_codes = subset_codes(full_codes, layout, code_units)
+        codes = full_codes.numpy().reshape(token_ids.size, -1)[keep]
         contexts = context_windows(tokens, context_width)[keep] if examples_per_region > 0 else None
         labels = token_labels[token_ids[keep]] if token_labels is not None else None
         tracker.update(codes, contexts, labels)

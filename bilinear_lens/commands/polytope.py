@@ -60,10 +60,16 @@ from bilinear_lens.activations.polytope import (
     track_regions,
     word_class_labels,
 )
+from bilinear_lens.activations.code_subsets import choose_units, default_radius, nearest_neighbour_hamming, subset_layout
 from bilinear_lens.activations.spline_codes import CODE_FACTORS, code_layout
 from bilinear_lens.models.protocol import HookedModel
 
 LABEL_KINDS = ("auto", "word-class", "token", "none")
+
+# Regions >= this fraction of counted tokens: (nearly) every token is its own region, so the
+# region counts measure the text's length rather than the layer's partition. 0.9 leaves room
+# for the few repeated contexts (a token after the same n-gram) that share a region at any width.
+DEGENERATE_REGION_FRACTION = 0.9
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "labelled tokens)")
     parser.add_argument("--min-size", type=int, default=5,
                         help="clusters of at least this many tokens count in weighted purity (default 5)")
+    parser.add_argument("--units", type=int, default=None,
+                        help="make codes from a seeded random subset of this many units of EACH layer (the same "
+                        "units for each factor of a layer; default: all d_mlp units); coarser regions, so counts stay "
+                        "meaningful at realistic width; the JSON lists the units")
+    parser.add_argument("--hamming-radius", type=int, default=None,
+                        help="Hamming radius of a 'neighbour' for the nearest-neighbour measure (default: 1%% of the "
+                        "code's units, at least 1)")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
     parser.add_argument("--seed", type=int, default=0, help="seed of the samples, k-means and label shuffles (default 0)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
@@ -141,7 +154,7 @@ def _token_labels(model: HookedModel, kind: str) -> tuple[Optional[np.ndarray], 
 def analyse(args: argparse.Namespace) -> dict[str, Any]:
     """Run the analysis; everything the command prints, as a JSON-ready dict."""
     require_positive(args, "max_tokens", "batch_size", "context", "top", "k", "purity_tokens", "min_size")
-    require_non_negative(args, "examples", "warmup", "seed")
+    require_non_negative(args, "examples", "warmup", "seed", "hamming_radius")
     if args.seed >= 2**32:  # numpy's generators (samples, k-means) take seeds below 2**32
         raise UsageError(f"--seed must be < 2**32 = {2**32}, got {args.seed}")
     model = place_model(load_model_with_tokenizer(args.checkpoint, "polytope"), args)
@@ -149,6 +162,9 @@ def analyse(args: argparse.Namespace) -> dict[str, Any]:
         layout = code_layout(model, args.layer, args.factors)
     except (ValueError, KeyError) as err:  # bad layer, MLP kind without units, factor the kind lacks
         raise UsageError(str(err)) from err
+    chosen_units = _chosen_units(args, model)
+    code_units = None if chosen_units is None else {name: chosen_units[_hook_layer(name)] for name in layout.hook_names}
+    kept_layout = layout if code_units is None else subset_layout(layout, code_units)
     rows, mask, counts = _token_rows(model, args.text_file, args.max_tokens, args.warmup, args.documents)
     warn_special_token_text(model.tokenizer, args.text_file, "polytope")
     args.labels = resolve_label_kind(args.labels, args.checkpoint)
@@ -170,6 +186,7 @@ def analyse(args: argparse.Namespace) -> dict[str, Any]:
         seed=args.seed,
         progress=not args.quiet,
         masks=mask.split(args.batch_size),
+        code_units=code_units,
     )
     result: dict[str, Any] = {
         "checkpoint": str(args.checkpoint),
@@ -177,13 +194,72 @@ def analyse(args: argparse.Namespace) -> dict[str, Any]:
         "mlp_kind": model.cfg.mlp_kind,
         "layers": list(args.layer),
         "hooks": layout.hook_names,
-        "n_units": layout.n_units,
-        "code_bytes": layout.n_bytes,
+        "n_units": kept_layout.n_units,
+        "code_bytes": kept_layout.n_bytes,
+        "units": None if code_units is None else {
+            "per_layer": args.units, "seed": args.seed,
+            "layers": {str(layer): units.tolist() for layer, units in chosen_units.items()},
+        },
         **counts,
     }
     result.update(region_summary(tracker, args.top, render=lambda w: decode_context(tok, w)))
-    result["purity"] = _purity(args, tracker, sample, labels, label_names, sample_hook)
+    radius = args.hamming_radius if args.hamming_radius is not None else default_radius(kept_layout.n_units)
+    result["hamming_neighbours"] = nearest_neighbour_hamming(tracker.code_sample(), radius, kept_layout.n_units)
+    degenerate = is_degenerate(result["distinct_regions"], result["tokens"], kept_layout.n_units)
+    result["warnings"] = region_warnings(
+        result["distinct_regions"], result["tokens"], kept_layout.n_units, counts["tokens_beyond_max"])
+    result["purity"] = _purity(args, tracker, sample, labels, label_names, sample_hook, counts, degenerate)
     return result
+
+
+def _chosen_units(args: argparse.Namespace, model: HookedModel) -> Optional[dict[int, np.ndarray]]:
+    """``--units``: ``{layer: units}`` (:func:`~bilinear_lens.activations.code_subsets.choose_units`,
+    ``--seed``); every factor of a layer uses its layer's units. ``None`` without ``--units``."""
+    if args.units is None:
+        return None
+    try:
+        return choose_units(args.layer, model.cfg.d_mlp, args.units, seed=args.seed)
+    except ValueError:
+        raise UsageError(f"--units must be between 1 and d_mlp={model.cfg.d_mlp}, got {args.units}") from None
+
+
+def _hook_layer(hook_name: str) -> int:
+    """The layer of ``blocks.{layer}.mlp.hook_*``."""
+    return int(hook_name.split(".")[1])
+
+
+def is_degenerate(n_regions: int, n_tokens: int, n_units: int) -> bool:
+    """(Nearly) every token its own region *because of the width*: regions >=
+    :data:`DEGENERATE_REGION_FRACTION` x tokens while the code could give each token its own
+    region (``2^n_units > n_tokens``; otherwise the regions are few and the text is short)."""
+    if n_tokens <= 0 or n_regions < DEGENERATE_REGION_FRACTION * n_tokens:
+        return False
+    return 2**n_units > n_tokens
+
+
+def more_text_advice(tokens_beyond_max: int) -> str:
+    """What to do when a count needs more text: raise the cap when it cut the text, else a longer file."""
+    if tokens_beyond_max > 0:
+        return f"raise --max-tokens ({tokens_beyond_max} tokens were cut)"
+    return "give a longer --text-file"
+
+
+WIDTH_ADVICE = (
+    "more text will not change this; measures that stay meaningful: --units K (codes on K random units per layer, "
+    "coarser regions), the Hamming neighbourhoods (nearest sampled code, --hamming-radius) and the k-means "
+    "purity comparison (--labels)")
+
+
+def region_warnings(n_regions: int, n_tokens: int, n_units: int, tokens_beyond_max: int) -> list[str]:
+    """Warnings about the region counts themselves (see :func:`is_degenerate`)."""
+    if not (n_tokens > 0 and n_regions >= DEGENERATE_REGION_FRACTION * n_tokens):
+        return []
+    share = f"{n_regions} regions for {n_tokens} counted tokens"
+    if is_degenerate(n_regions, n_tokens, n_units):
+        return [f"every token is (nearly) its own region ({share}): the code has {n_units} units (2^{n_units} "
+                f"possible regions), so {WIDTH_ADVICE}"]
+    return [f"nearly every token is its own region ({share}) because the text is short for the "
+            f"2^{n_units} possible regions; {more_text_advice(tokens_beyond_max)}"]
 
 
 def default_k(n_labelled: int, n_regions: int, min_size: int) -> int:
@@ -193,7 +269,10 @@ def default_k(n_labelled: int, n_regions: int, min_size: int) -> int:
     return max(1, min(n_regions, n_labelled // min_size))
 
 
-def _purity(args: argparse.Namespace, tracker: Any, sample: Any, labels: Any, label_names: list[str], hook: str) -> Optional[dict[str, Any]]:
+def _purity(
+    args: argparse.Namespace, tracker: Any, sample: Any, labels: Any, label_names: list[str], hook: str,
+    counts: dict[str, int], degenerate: bool = False,
+) -> Optional[dict[str, Any]]:
     """Purity of the labelled tokens (see module docstring); ``None`` without labelled tokens."""
     if labels is None or not tracker.label_counts:
         return None
@@ -214,11 +293,14 @@ def _purity(args: argparse.Namespace, tracker: Any, sample: Any, labels: Any, la
         out["warnings"].append(
             f"no region holds --min-size {args.min_size} or more labelled tokens ({all_labelled.n_tokens} labelled "
             f"tokens in {all_labelled.n_clusters} regions): region purity is inflated by tiny regions, not evidence "
-            "(compare 'shuffled'); give a longer --text-file")
+            "(compare 'shuffled'); "
+            + ("at this width every token is nearly its own region: use --units K" if degenerate
+               else more_text_advice(counts["tokens_beyond_max"])))
     if n_sample < 2 * args.min_size:
         out["warnings"].append(
             f"k-means comparison skipped: the sample holds {n_sample} labelled tokens, fewer than "
-            f"2 x --min-size {args.min_size}; give a longer --text-file")
+            f"2 x --min-size {args.min_size}; "
+            + more_text_advice(counts["tokens_beyond_max"]))
         return out
     n_regions = int(np.unique(np.asarray(sample.region_ids)[labelled]).size)
     k = args.k if args.k is not None else default_k(n_sample, n_regions, args.min_size)
@@ -233,10 +315,12 @@ def _fmt(x: float) -> str:
 
 def format_report(result: dict[str, Any]) -> str:
     """The human-readable tables."""
-    sizes, ham = result["tokens_per_region"], result["hamming"]
+    sizes, ham, near = result["tokens_per_region"], result["hamming"], result["hamming_neighbours"]
+    units = result["units"]
     lines = [
-        f"polytope regions of {', '.join(result['hooks'])} ({result['mlp_kind']}): {result['n_units']} units, "
-        f"{result['code_bytes']} bytes per code",
+        f"polytope regions of {', '.join(result['hooks'])} ({result['mlp_kind']}): {result['n_units']} units"
+        + (f" (--units {units['per_layer']} random units per layer, seed {units['seed']})" if units else "")
+        + f", {result['code_bytes']} bytes per code",
         f"  tokens                 {result['tokens']} counted of {result['tokens_read']} read"
         + (f"; {result['tokens_beyond_max']} beyond --max-tokens {result['max_tokens']} not run (capped)"
            if result["tokens_beyond_max"] else "")
@@ -248,6 +332,10 @@ def format_report(result: dict[str, Any]) -> str:
         f"  mean Hamming distance  {_fmt(ham['mean'])} units"
         + (f" ({100 * ham['mean_fraction']:.1f}% of units)" if "mean_fraction" in ham else "")
         + f", over {ham['n_sampled']} sampled tokens",
+        f"  nearest sampled code   mean {_fmt(near['mean'])}, median {_fmt(near['median'])} units away; "
+        f"{_fmt(near['within_radius'])} of sampled tokens have one within --hamming-radius {near['radius']}, "
+        f"{_fmt(near['same_region'])} in their region",
+        *[f"  warning: {w}" for w in result["warnings"]],
         "",
         "most common regions",
         f"  {'#':>3}  {'region':<16}  {'tokens':>6}  {'share':>6}  examples",
@@ -300,7 +388,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except UsageError as err:
         return report_error("polytope", err)
     if args.json:
-        for warning in (result["purity"] or {}).get("warnings", []):
+        for warning in [*result["warnings"], *(result["purity"] or {}).get("warnings", [])]:
             print(f"bilinear-lens polytope: warning: {warning}", file=sys.stderr)
     print(json.dumps(_json_safe(result), indent=2) if args.json else format_report(result))
     return 0
