@@ -250,8 +250,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         measured = measured_text(args.text_file, args.checkpoint, args.n_texts, args.seed, args.documents)
         documents_in_file = measured.documents_in_source
         warn_special_token_text(model.tokenizer, args.text_file, "ablate")
+        # tokenizing is quick next to the sweep: a bar on a terminal only (the sweep reports in logs)
         stream, n_documents, capped = _capped_stream(model.tokenizer, iter(measured.texts), args.max_tokens,
-                                                     progress=not args.quiet)
+                                                     progress=sys.stderr.isatty() and not args.quiet)
         tokens, stream_tokens, overlap = _rows(stream, seq_len)
         tokens = tokens.to(model.W_U.device)
         table, by = _sweep(args, model, tokens)
@@ -262,7 +263,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                             f"--n-texts {args.n_texts} documents; lower --max-tokens or --ablations-per-pass", EXIT_FAILURE)
     report = _report(args, tokens, stream_tokens, overlap, table, by)
     report.update(n_documents=n_documents, documents_in_file=documents_in_file, n_texts=args.n_texts,
-                  max_tokens=args.max_tokens, capped=capped, text=measured.to_dict(), measured_on=measured.describe())
+                  max_tokens=args.max_tokens, capped=capped, text=measured.to_dict(n_documents),
+                  measured_on=measured.describe(n_documents))
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 from bilinear_lens.commands.common import UsageError, documents_of_text, read_text_file
 
@@ -33,9 +33,12 @@ class MeasuredText:
     recorded corpus; ``split`` says which part) or ``"synthetic"`` (the built-in stories:
     the recorded corpus, or the fallback when nothing is recorded: ``note`` says which).
     ``documents_in_source``: how many documents the file holds (``None`` when not counted).
+    ``texts`` is a list, or a lazy iterator for generated or streamed sources (``--n-texts``
+    may be huge; a consumer such as ``ablate`` reads only what its token cap needs and passes
+    the count it read to :meth:`describe` / :meth:`to_dict`).
     """
 
-    texts: list[str]
+    texts: Iterable[str]
     origin: str
     source: str
     split: Optional[str] = None
@@ -43,7 +46,11 @@ class MeasuredText:
     documents_in_source: Optional[int] = None
     note: Optional[str] = None
 
-    def describe(self) -> str:
+    def count(self, n_read: Optional[int] = None) -> Optional[int]:
+        """Documents measured: ``n_read`` when the consumer counted, else the list's length."""
+        return n_read if n_read is not None else (len(self.texts) if isinstance(self.texts, list) else None)
+
+    def describe(self, n_read: Optional[int] = None) -> str:
         """One phrase for the printed result, e.g. ``"the model's training data (val split
         of stories.txt, documents: endoftext), 32 documents"``."""
         what = {"text-file": f"--text-file {self.source}",
@@ -51,11 +58,13 @@ class MeasuredText:
                 "synthetic": f"the built-in synthetic stories ({self.source})"}[self.origin]
         if self.documents is not None:
             what += f", documents: {self.documents}"
-        return f"{what}, {len(self.texts)} documents" + (f" [{self.note}]" if self.note else "")
+        n = self.count(n_read)
+        return f"{what}, {'some' if n is None else n} documents" + (f" [{self.note}]" if self.note else "")
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, n_read: Optional[int] = None) -> dict[str, Any]:
         return {"origin": self.origin, "source": self.source, "split": self.split, "documents": self.documents,
-                "n_documents": len(self.texts), "documents_in_source": self.documents_in_source, "note": self.note}
+                "n_documents": self.count(n_read), "documents_in_source": self.documents_in_source,
+                "note": self.note}
 
 
 def recorded_data(checkpoint: str) -> Optional[Any]:
@@ -73,13 +82,13 @@ def recorded_data(checkpoint: str) -> Optional[Any]:
     return None
 
 
-def _synthetic_val_documents(data: Any, n_texts: int) -> list[str]:
+def _synthetic_val_documents(data: Any, n_texts: int) -> Iterator[str]:
     from bilinear_lens.data.corpus import is_val_document, iter_texts
 
     stories = iter_texts("synthetic", "train", seed=data.seed, max_docs=10**9)
     if data.val_fraction > 0:
         stories = (s for s in stories if is_val_document(s, data.val_fraction, data.seed))
-    return list(islice(stories, n_texts))
+    return islice(stories, n_texts)
 
 
 def _recorded_local_file(data: Any, checkpoint: str) -> Path:
@@ -131,9 +140,9 @@ def measured_text(
     data = recorded_data(checkpoint)
     count = n_texts if n_texts is not None else fallback_n_texts
     if data is None:
-        from bilinear_lens.data.synthetic import synthetic_stories
+        from bilinear_lens.data.synthetic import iter_synthetic_stories
 
-        return MeasuredText(synthetic_stories(count, seed=seed), "synthetic", f"seed {seed}",
+        return MeasuredText(islice(iter_synthetic_stories(seed), count), "synthetic", f"seed {seed}",
                             note=f"the checkpoint records no training data (no {RUN_CONFIG_NAME}); "
                                  "give --text-file to measure on its own text")
     if data.source == "synthetic":

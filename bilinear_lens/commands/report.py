@@ -63,13 +63,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         specs = [spec for _, spec in resolve_direction_arguments(args, model, several=True, required=False)]
         measured = measured_text(args.text_file, args.checkpoint, args.n_texts, seed=1, documents=args.documents,
                                  fallback_n_texts=args.n_texts)
+        measured.texts = texts = list(measured.texts)  # the report needs them all (--n-texts, default 8)
         tokens = [s for s in specs if isinstance(s, int)]
         out = write_report(
             model,
             args.out,
             layer=args.layer,
             tokens=tokens or None,
-            texts=measured.texts,
+            texts=texts,
             text_label=measured.describe(),
             logit_diff=next((s for s in specs if isinstance(s, tuple)), None),
             input_tokens=resolve_input_token_arguments(args, model),
