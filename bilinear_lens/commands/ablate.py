@@ -39,7 +39,7 @@ import argparse
 import json
 import math
 import sys
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -157,16 +157,6 @@ def _capped_stream(tokenizer: Any, texts: Iterator[str], max_tokens: int, progre
                 capped = take < len(ids) or next(texts, None) is not None
                 break
     return stream, n_documents, capped
-
-
-def _pack_tokens(model: HookedModel, texts: Iterable[str], seq_len: int,
-                 max_tokens: Optional[int] = None) -> tuple[torch.Tensor, int, int]:
-    """``(rows [n_rows, seq_len], stream_tokens, overlap)``: the texts' token stream (BOS
-    before each document, ``stream_tokens`` in all; at most ``max_tokens`` text tokens,
-    :func:`_capped_stream`) cut into rows covering every token of it, the last row
-    repeating ``overlap`` tokens of the one before (see module docstring)."""
-    stream = _capped_stream(model.tokenizer, iter(texts), max_tokens or DEFAULT_MAX_TOKENS, progress=False)[0]
-    return _rows(stream, seq_len)
 
 
 def _rows(stream: list[int], seq_len: int) -> tuple[torch.Tensor, int, int]:

@@ -122,11 +122,16 @@ def _missing_corpus(path: Path) -> FileNotFoundError:
                              "--set data.source=path/to/stories.txt (relative paths are from the working directory)")
 
 
-def _local_dataset(path: Path, split: str, hf_cache_dir: Optional[str]) -> Any:
+def _check_corpus_file(path: Path) -> None:
+    """A local corpus must exist (else the message naming ``data.source``) and be a file."""
     if not path.exists():
         raise _missing_corpus(path)
     if not path.is_file():
         raise ValueError(f"corpus path is not a file: {path}")
+
+
+def _local_dataset(path: Path, split: str, hf_cache_dir: Optional[str]) -> Any:
+    _check_corpus_file(path)
     suffix = path.suffix.lower()
     if suffix not in SUPPORTED_EXTENSIONS:
         raise ValueError(
@@ -185,10 +190,7 @@ def _is_text_file(source: str) -> bool:
 
 
 def _text_file_documents(path: Path, documents: str) -> list[str]:
-    if not path.exists():
-        raise _missing_corpus(path)
-    if not path.is_file():
-        raise ValueError(f"corpus path is not a file: {path}")
+    _check_corpus_file(path)
     return split_text(_read_text_file(path), documents)
 
 
