@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+
+from bilinear_lens.data.corpus import prepare_data
+from bilinear_lens.training.config import RunConfig
 
 from bilinear_lens.models.config import ModelConfig
 from bilinear_lens.models.mlp_kinds import MLP_KIND_NAMES
 
 MLP_KINDS = list(MLP_KIND_NAMES)
+REPO = Path(__file__).resolve().parents[1]
 
 
 # The same float32 computation in another order or another wrapper (the bridge vs our model,
@@ -27,3 +33,37 @@ def tiny_config(**overrides) -> ModelConfig:
 @pytest.fixture
 def tokens() -> torch.Tensor:
     return torch.randint(0, 97, (3, 11), generator=torch.Generator().manual_seed(0))
+
+
+# --- a tiny training run (the trainer's tests and those of what it writes) ----------------
+
+
+def recipe(cache_dir: Path, **train_overrides) -> dict:
+    """A tiny recipe as a dict ([model] without d_vocab: taken from the tokenizer)."""
+    return {
+        "model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_mlp": 64, "n_ctx": 32, "seed": 0},
+        "data": {"source": "synthetic", "vocab_size": 400, "max_docs": 1500, "val_fraction": 0.1,
+                 "tokenizer_train_docs": 1500, "cache_dir": str(cache_dir)},
+        "train": {"steps": 12, "batch_size": 8, "lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 2,
+                  "log_every": 2, "eval_every": 4, "eval_batches": 2, "checkpoint_every": 0,
+                  "keep_last": 3, "device": "cpu", "num_threads": 1, **train_overrides},
+    }
+
+
+def run_config(cache_dir: Path, **train_overrides) -> RunConfig:
+    return RunConfig.from_dict(recipe(cache_dir, **train_overrides), where="test recipe")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """Tokenizer and token cache built once; later prepare_data calls only read it."""
+    path = tmp_path_factory.mktemp("data_cache")
+    data = recipe(path)["data"]
+    prepare_data("synthetic", vocab_size=data["vocab_size"], n_ctx=32, cache_dir=path,
+                 val_fraction=data["val_fraction"], max_docs=data["max_docs"],
+                 tokenizer_train_docs=data["tokenizer_train_docs"])
+    return path
+
+
+def state_dicts_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

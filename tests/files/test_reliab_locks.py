@@ -23,7 +23,7 @@ from bilinear_lens.weights.atlas import model_atlas
 from bilinear_lens.weights.atlas_store import EigenAtlas
 from tests.conftest import tiny_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # A second process holding a lock file through the package's own locking module, loaded
 # from its file so the process starts in well under a second (no torch import).

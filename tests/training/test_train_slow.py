@@ -10,7 +10,7 @@ from bilinear_lens.training.config import load_run_config
 from bilinear_lens.models.model import BilinearTransformer
 from bilinear_lens.training.loop import train
 
-TINY_RECIPE = Path(__file__).resolve().parents[1] / "training" / "configs" / "tiny.toml"
+TINY_RECIPE = Path(__file__).resolve().parents[2] / "training" / "configs" / "tiny.toml"
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ from bilinear_lens.weights.eigen import eigendecompose
 from bilinear_lens.weights.tensor import BilinearWeights, interaction_matrices
 from tests.conftest import tiny_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def random_weights(d: int = 24, d_mlp: int = 40, seed: int = 0, dtype=torch.float64) -> BilinearWeights:

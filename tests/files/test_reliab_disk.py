@@ -23,7 +23,7 @@ from bilinear_lens.files.serialized import write_tensors
 from bilinear_lens.models.model import build_model
 from bilinear_lens.training.run_dir import checkpoint_path
 from tests.conftest import tiny_config
-from test_train import cache_dir, run_config  # noqa: F401 (fixture)
+from conftest import run_config
 
 # What safetensors raises on a full disk and on a file over the size limit (its Rust IO error).
 ENOSPC_TEXT = 'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'

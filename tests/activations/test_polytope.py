@@ -527,7 +527,7 @@ def test_cli_runs_in_half_precision(saved_model, capsys, dtype):
 
 
 def test_purity_analysis_script_runs(saved_model, tmp_path, monkeypatch, capsys):
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2]))
     from analysis.polytope_purity import main as analysis_main
 
     path, text = saved_model
@@ -571,7 +571,7 @@ def test_two_process_track_regions_matches_one_process(tmp_path):
     import subprocess
     import sys
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     script = tmp_path / "rank_script.py"
     script.write_text(_RANK_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}

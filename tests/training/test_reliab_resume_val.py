@@ -8,7 +8,7 @@ import re
 
 from bilinear_lens import cli
 from bilinear_lens.training.run_dir import checkpoint_path
-from test_train import cache_dir, run_config  # noqa: F401 (fixture)
+from conftest import run_config
 
 
 def printed_val_loss(out: str) -> str:

@@ -10,7 +10,7 @@ import pytest
 from bilinear_lens.cli import main as cli_main
 from bilinear_lens.data.corpus import load_texts, text_file_rule
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "training" / "sample_stories.txt"
 
 

@@ -10,7 +10,7 @@ from bilinear_lens.sae.recipe import load_sae_recipe
 from bilinear_lens.training.config import load_run_config
 from bilinear_lens.training.image_train import load_image_recipe
 
-CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "training" / "configs"
 
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in CONFIGS.glob("*.toml")))

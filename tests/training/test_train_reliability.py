@@ -31,7 +31,7 @@ from bilinear_lens.training.loop import CHECKPOINTS_DIR, FINAL_DIR, METRICS_FILE
 from bilinear_lens.training.metrics import read_metrics
 from bilinear_lens.training.run_dir import LOCK_FILE, list_checkpoints
 from conftest import tiny_config
-from test_train import REPO, cache_dir, recipe, run_config, state_dicts_equal  # noqa: F401 (fixture)
+from conftest import REPO, recipe, run_config, state_dicts_equal
 
 
 def python_process(code: str, *args: str) -> subprocess.Popen:

@@ -12,7 +12,7 @@ from bilinear_lens.cli import main
 from bilinear_lens.training.config import load_run_config
 from bilinear_lens.training.loop import train
 
-CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "training" / "configs"
 
 
 @pytest.mark.slow

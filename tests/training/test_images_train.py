@@ -20,7 +20,7 @@ from bilinear_lens.training.image_train import (
 from bilinear_lens.training.metrics import read_metrics
 from images_fixtures import digits
 
-CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "training" / "configs"
 TIMING = ("elapsed_s", "tokens_per_s")  # wall-clock fields, the only ones that may differ between runs
 SMALL = ["model.d_mlp=16", "train.steps=24", "train.batch_size=64", "train.eval_every=8", "train.log_every=4",
          "train.checkpoint_every=8", "data.input_noise=0.3"]
@@ -138,7 +138,7 @@ def test_analysis_script_trains_the_recipes_and_writes_its_table(tmp_path):
     # ~45 s on one thread: the five shipped digits recipes, then every reading
     import sys
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # analysis/ lives at the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # analysis/ lives at the repo root
     from analysis import images
 
     results = images.analyse(tmp_path / "runs", tmp_path / "out")

@@ -20,7 +20,7 @@ from bilinear_lens.output_locks import finish_interrupted_replace
 from bilinear_lens.weights.atlas import model_atlas
 from tests.conftest import tiny_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def dead_pid() -> int:

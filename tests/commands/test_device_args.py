@@ -91,7 +91,7 @@ def test_eigen_cli_computes_in_the_requested_dtype(checkpoint, tmp_path, capsys)
     ref = eigendecompose(interaction_matrices(model.blocks[0].mlp, model.W_U.detach().T[[7]]))
     # float64 end to end: agreement to float64 rounding, which float32 (1e-7) would not reach
     assert [r["eigenvalue"] for r in rows] == pytest.approx(ref.eigenvalues[0, :3].tolist(), rel=1e-12)
-    for command in ("report", "eigen"):  # ablate needs a tokenizer; polytope: tests/test_polytope.py
+    for command in ("report", "eigen"):  # ablate needs a tokenizer; polytope: tests/activations/test_polytope.py
         extra = ["--out", str(tmp_path / "r.html")] if command == "report" else ["--token-id", "7"] if command == "eigen" else []
         assert cli.main([command, "--checkpoint", str(checkpoint), *extra, "--device", "tpu"]) == 2
         assert "--device 'tpu' is not one of" in capsys.readouterr().err
