@@ -96,11 +96,16 @@ def story_tokenizer():
 def saved_checkpoint(tmp_path_factory):
     """``saved_checkpoint(tokenizer="small", **config_overrides)`` -> a directory holding
     ``build_model(tiny_config(d_vocab=len(tok), **overrides), tokenizer=tok)``; the same
-    arguments give the same directory. Read-only: a test that changes its files copies it."""
+    arguments give the same directory. Read-only: a test that changes its files copies it
+    (checked at the end of the session: the files, sizes and mtimes are still those written)."""
     from fixtures.tokenizers import SMALL, STORY, stories_tokenizer
 
     sizes = {"small": SMALL, "story": STORY}
     saved: dict[tuple, Path] = {}
+    written: dict[Path, list] = {}
+
+    def snapshot(path: Path) -> list:
+        return sorted((str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in path.rglob("*"))
 
     def saved_checkpoint(tokenizer: str = "small", **overrides) -> Path:
         if tokenizer not in sizes:
@@ -110,9 +115,12 @@ def saved_checkpoint(tmp_path_factory):
             tok = stories_tokenizer(*sizes[tokenizer])
             model = build_model(tiny_config(d_vocab=len(tok), **overrides), tokenizer=tok)
             saved[key] = model.save_pretrained(tmp_path_factory.mktemp("checkpoint") / "m")
+            written[saved[key]] = snapshot(saved[key])
         return saved[key]
 
-    return saved_checkpoint
+    yield saved_checkpoint
+    changed = [str(path) for path, files in written.items() if snapshot(path) != files]
+    assert changed == [], f"tests changed the read-only saved_checkpoint directories {changed}; copy one first"
 
 
 @pytest.fixture
