@@ -12,6 +12,7 @@ from bilinear_lens.training.config import RunConfig
 
 from bilinear_lens.models.config import ModelConfig
 from bilinear_lens.models.mlp_kinds import MLP_KIND_NAMES
+from bilinear_lens.models.model import build_model
 
 MLP_KINDS = list(MLP_KIND_NAMES)
 REPO = Path(__file__).resolve().parents[1]
@@ -67,3 +68,67 @@ def cache_dir(tmp_path_factory) -> Path:
 
 def state_dicts_equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- tokenizers and saved checkpoints, built once per session ------------------------------
+# Tokenizer training lives in fixtures/tokenizers.py; tests never train one themselves. It is
+# imported inside the fixtures: subprocess scripts import this file as tests.conftest, with
+# the repository (not tests/) on sys.path, where ``fixtures`` is not importable.
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer():
+    """300 synthetic stories, vocab 300 (``len == 300``): real text for tests that need any tokenizer."""
+    from fixtures.tokenizers import SMALL, stories_tokenizer
+
+    return stories_tokenizer(*SMALL)
+
+
+@pytest.fixture(scope="session")
+def story_tokenizer():
+    """2000 synthetic stories, vocab 700: words such as ``" happy"`` are one token."""
+    from fixtures.tokenizers import STORY, stories_tokenizer
+
+    return stories_tokenizer(*STORY)
+
+
+@pytest.fixture(scope="session")
+def saved_checkpoint(tmp_path_factory):
+    """``saved_checkpoint(tokenizer="small", **config_overrides)`` -> a directory holding
+    ``build_model(tiny_config(d_vocab=len(tok), **overrides), tokenizer=tok)``; the same
+    arguments give the same directory. Read-only: a test that changes its files copies it
+    (checked at the end of the session: the files, sizes and mtimes are still those written)."""
+    from fixtures.tokenizers import SMALL, STORY, stories_tokenizer
+
+    sizes = {"small": SMALL, "story": STORY}
+    saved: dict[tuple, Path] = {}
+    written: dict[Path, list] = {}
+
+    def snapshot(path: Path) -> list:
+        return sorted((str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in path.rglob("*"))
+
+    def saved_checkpoint(tokenizer: str = "small", **overrides) -> Path:
+        if tokenizer not in sizes:
+            raise ValueError(f"tokenizer={tokenizer!r} is not a test tokenizer; allowed: {', '.join(sizes)}")
+        key = (tokenizer, tuple(sorted(overrides.items())))
+        if key not in saved:
+            tok = stories_tokenizer(*sizes[tokenizer])
+            model = build_model(tiny_config(d_vocab=len(tok), **overrides), tokenizer=tok)
+            saved[key] = model.save_pretrained(tmp_path_factory.mktemp("checkpoint") / "m")
+            written[saved[key]] = snapshot(saved[key])
+        return saved[key]
+
+    yield saved_checkpoint
+    changed = [str(path) for path, files in written.items() if snapshot(path) != files]
+    assert changed == [], f"tests changed the read-only saved_checkpoint directories {changed}; copy one first"
+
+
+@pytest.fixture
+def offline_cache(tmp_path, monkeypatch) -> Path:
+    """An empty huggingface_hub cache with HF_HUB_OFFLINE set (fill it with ``fixtures.hub_cache.fill_cache``)."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub-cache"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache

@@ -601,11 +601,8 @@ def test_clear_errors_for_bad_hooks_neurons_and_layers():
 
 
 @pytest.fixture(scope="module")
-def saved_model(tmp_path_factory):
-    from bilinear_lens.data.synthetic import synthetic_stories
-    from bilinear_lens.data.tokenizer import to_hf_tokenizer, train_tokenizer
-
-    tok = to_hf_tokenizer(train_tokenizer(synthetic_stories(300, seed=0), vocab_size=300))
+def saved_model(tmp_path_factory, small_tokenizer):
+    tok = small_tokenizer
     root = tmp_path_factory.mktemp("ablate")
     build_model(tiny_config(d_vocab=len(tok), n_ctx=32), tokenizer=tok).save_pretrained(root / "m")
     build_model(tiny_config(d_vocab=len(tok), mlp_kind="none"), tokenizer=tok).save_pretrained(root / "attn_only")

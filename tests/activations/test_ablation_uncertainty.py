@@ -10,8 +10,6 @@ import torch
 
 from bilinear_lens.activations.ablation import ablate_neurons, ablation_sweep
 from bilinear_lens.commands import ablate as ablate_cmd
-from bilinear_lens.data.synthetic import synthetic_stories
-from bilinear_lens.data.tokenizer import to_hf_tokenizer, train_tokenizer
 from bilinear_lens.models.model import build_model, next_token_loss
 
 from conftest import tiny_config
@@ -64,11 +62,8 @@ def test_one_row_has_no_standard_error():
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    tok = to_hf_tokenizer(train_tokenizer(synthetic_stories(300, seed=0), vocab_size=300))
-    path = tmp_path_factory.mktemp("se") / "m"
-    build_model(tiny_config(d_vocab=len(tok), n_ctx=32), tokenizer=tok).save_pretrained(path)
-    return path
+def checkpoint(saved_checkpoint):
+    return saved_checkpoint(n_ctx=32)
 
 
 def test_cli_marks_effects_within_two_standard_errors(checkpoint, capsys):

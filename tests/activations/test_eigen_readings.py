@@ -79,14 +79,12 @@ def test_errors(tokens):
         layer_eigendecomposition(build_model(tiny_config()), 5, 1)
 
 
-def test_eigen_cli(tmp_path, capsys):
+def test_eigen_cli(tmp_path, capsys, story_tokenizer):
     import json
 
     from bilinear_lens.cli import main
-    from bilinear_lens.data.synthetic import synthetic_stories
-    from bilinear_lens.data.tokenizer import to_hf_tokenizer, train_tokenizer
 
-    tok = to_hf_tokenizer(train_tokenizer(synthetic_stories(2000, seed=0), vocab_size=700))
+    tok = story_tokenizer
     assert len(tok.encode(" happy", add_special_tokens=False)) == 1
     model = build_model(tiny_config(d_vocab=len(tok)), tokenizer=tok)
     model.save_pretrained(tmp_path / "m")

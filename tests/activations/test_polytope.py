@@ -39,7 +39,6 @@ from bilinear_lens.activations.spline_codes import (
     unpack_bits,
 )
 from bilinear_lens.data.synthetic import synthetic_stories
-from bilinear_lens.data.tokenizer import to_hf_tokenizer, train_tokenizer
 from conftest import tiny_config
 
 
@@ -340,8 +339,8 @@ def test_compare_purity_uses_the_same_k():
 
 
 @pytest.fixture(scope="module")
-def saved_model(tmp_path_factory):
-    tok = to_hf_tokenizer(train_tokenizer(synthetic_stories(300, seed=0), vocab_size=300))
+def saved_model(tmp_path_factory, small_tokenizer):
+    tok = small_tokenizer
     cfg = ModelConfig(d_vocab=len(tok), d_model=32, n_layers=2, n_heads=4, d_mlp=64, n_ctx=32, mlp_kind="relu")
     root = tmp_path_factory.mktemp("polytope")
     path = build_model(cfg, tokenizer=tok).save_pretrained(root / "m")

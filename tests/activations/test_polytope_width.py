@@ -24,15 +24,14 @@ from bilinear_lens.commands.polytope import (
     region_warnings,
 )
 from bilinear_lens.data.synthetic import synthetic_stories
-from bilinear_lens.data.tokenizer import to_hf_tokenizer, train_tokenizer
 from bilinear_lens.models.config import ModelConfig
 from bilinear_lens.models.model import build_model
 from conftest import tiny_config
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return to_hf_tokenizer(train_tokenizer(synthetic_stories(300, seed=0), vocab_size=300))
+def tokenizer(small_tokenizer):
+    return small_tokenizer
 
 
 @pytest.fixture(scope="module")

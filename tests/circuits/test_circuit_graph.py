@@ -9,11 +9,9 @@ import torch
 
 from bilinear_lens.circuits.graph import GraphTarget, attribution_graph, direction_target, top_logit_targets
 from bilinear_lens.circuits.linearized import linearized
-from bilinear_lens.data.synthetic import synthetic_stories
-from bilinear_lens.data.tokenizer import to_hf_tokenizer, train_tokenizer
 from bilinear_lens.models.model import build_model
 from conftest import tiny_config
-from test_circuit_linearized import CONFIGS, EXACT, prompt, random_model
+from fixtures.linearized_models import CONFIGS, EXACT, prompt, random_model
 
 
 def final_bias_constant(model, token):
@@ -204,8 +202,8 @@ def test_swiglu_and_gelu_are_refused_or_flagged():
 
 
 @pytest.fixture(scope="module")
-def text_model():
-    tok = to_hf_tokenizer(train_tokenizer(synthetic_stories(300, seed=0), vocab_size=300))
+def text_model(small_tokenizer):
+    tok = small_tokenizer
     return build_model(tiny_config(d_vocab=len(tok), dtype="float64"), tokenizer=tok).eval()
 
 

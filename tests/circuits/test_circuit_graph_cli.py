@@ -9,8 +9,6 @@ import torch
 from bilinear_lens.circuits.graph import attribution_graph
 from bilinear_lens.circuits.graph_prune import prune_graph
 from bilinear_lens.cli import main
-from bilinear_lens.data.synthetic import synthetic_stories
-from bilinear_lens.data.tokenizer import to_hf_tokenizer, train_tokenizer
 from bilinear_lens.models.model import BilinearTransformer, build_model
 from conftest import tiny_config
 
@@ -18,9 +16,9 @@ TEXT = "Tom was not happy. He was"
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
+def root(tmp_path_factory, small_tokenizer):
     root = tmp_path_factory.mktemp("graph-cli")
-    tok = to_hf_tokenizer(train_tokenizer(synthetic_stories(300, seed=0), vocab_size=300))
+    tok = small_tokenizer
     for kind in ("bilinear", "swiglu"):
         build_model(tiny_config(d_vocab=len(tok), n_ctx=32, mlp_kind=kind), tokenizer=tok).save_pretrained(root / kind)
     return root

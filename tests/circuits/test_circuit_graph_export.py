@@ -9,7 +9,7 @@ import torch
 from bilinear_lens.circuits.graph import attribution_graph
 from bilinear_lens.circuits.graph_export import FEATURE_TYPES, NODE_FIELDS, adjacency_from_json, graph_to_json, write_graph_json
 from bilinear_lens.circuits.graph_prune import prune_graph
-from test_circuit_linearized import prompt, random_model
+from fixtures.linearized_models import prompt, random_model
 
 METADATA = {"slug": str, "scan": str, "transcoder_list": list, "prompt_tokens": list, "prompt": str, "schema_version": int}
 QPARAMS = {"pinnedIds": list, "supernodes": list, "linkType": str, "clickedId": str, "sg_pos": str}

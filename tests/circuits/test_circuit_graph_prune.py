@@ -9,7 +9,7 @@ import torch
 
 from bilinear_lens.circuits.graph import attribution_graph
 from bilinear_lens.circuits.graph_prune import cumulative_keep, influence, normalize_rows, prune_adjacency, prune_graph
-from test_circuit_linearized import prompt, random_model
+from fixtures.linearized_models import prompt, random_model
 
 
 def fixture(with_extra: bool):

@@ -11,7 +11,7 @@ from browser import CHROMIUM, ERROR_RECORDER, dump_dom, screenshot
 from bilinear_lens.circuits.graph import AttributionGraph, GraphNode, GraphTarget, attribution_graph
 from bilinear_lens.circuits.graph_prune import prune_graph
 from bilinear_lens.views.graph_view import GraphView, graph_html, graph_payload
-from test_circuit_linearized import prompt, random_model
+from fixtures.linearized_models import prompt, random_model
 
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary: .ci/run installs Debian's chromium; install it to run")
 

@@ -16,36 +16,7 @@ from bilinear_lens.circuits.linearized import (
     record_frozen_values,
 )
 from bilinear_lens.circuits.prompts import one_prompt_tokens
-from bilinear_lens.models.model import build_model
-from conftest import tiny_config
-
-# float64 sums of ~100 terms of size <= 1: rounding is ~1e-15; 1e-10 leaves room for any
-# reordering and is far below a real missing term (>= 1e-4 here, see the SwiGLU control).
-EXACT = 1e-10
-
-CONFIGS = {
-    "rmspre-rotary": dict(),
-    "lnpre": dict(normalization_type="LNPre"),
-    "no-norm": dict(normalization_type="none"),
-    "rms-learned-pos": dict(normalization_type="RMS", positional_embedding_type="standard"),
-    "ln-biases": dict(normalization_type="LN", attn_bias=True, mlp_bias=True),
-}
-
-
-def random_model(seed: int = 0, **overrides):
-    """A float64 tiny model whose biases and norm weights are random (init sets them to 0/1,
-    which would hide a bias that is dropped)."""
-    model = build_model(tiny_config(dtype="float64", **overrides)).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or ("ln" in name and name.endswith("weight")):
-                p.copy_(p + 0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    return model
-
-
-def prompt(n: int = 9, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, 97, (1, n), generator=torch.Generator().manual_seed(seed))
+from fixtures.linearized_models import CONFIGS, EXACT, prompt, random_model
 
 
 def metric(logits):

@@ -8,7 +8,7 @@ from bilinear_lens.circuits.pairs import mlp_pair_decomposition
 from bilinear_lens.circuits.writers import residual_writers
 from bilinear_lens.weights.directions import resolve_direction
 from conftest import tiny_config
-from test_circuit_writers import TOKENS, make_sae, random_model
+from fixtures.writer_models import TOKENS, make_sae, random_model
 
 # float64 quadratic forms of ~20 writers with O(1) entries: rounding ~1e-14; 1e-10 is a
 # 10^4 margin and far below a missing term (O(1e-2) or more with these random weights).

@@ -7,8 +7,6 @@ import torch
 
 from bilinear_lens.circuits.pairs import mlp_pair_decomposition
 from bilinear_lens.cli import main
-from bilinear_lens.data.synthetic import synthetic_stories
-from bilinear_lens.data.tokenizer import to_hf_tokenizer, train_tokenizer
 from bilinear_lens.models.model import BilinearTransformer, build_model
 from bilinear_lens.sae.config import SAEConfig
 from bilinear_lens.sae.model import SAE, save_sae
@@ -18,9 +16,9 @@ IDS = ["3", "17", "42", "5", "88", "11", "60"]
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
+def root(tmp_path_factory, small_tokenizer):
     root = tmp_path_factory.mktemp("pairs_cli")
-    tok = to_hf_tokenizer(train_tokenizer(synthetic_stories(300, seed=0), vocab_size=300))
+    tok = small_tokenizer
     model = build_model(tiny_config(d_vocab=len(tok), n_ctx=32, normalization_type="LN", mlp_bias=True), tokenizer=tok)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():

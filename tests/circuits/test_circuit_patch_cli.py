@@ -18,11 +18,8 @@ CLEAN, CORRUPT = " Jane was very happy", " Jane was not happy"
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from bilinear_lens.data.synthetic import synthetic_stories
-    from bilinear_lens.data.tokenizer import to_hf_tokenizer, train_tokenizer
-
-    tok = to_hf_tokenizer(train_tokenizer(synthetic_stories(400, seed=0), vocab_size=700))
+def checkpoint(tmp_path_factory, story_tokenizer):
+    tok = story_tokenizer
     cfg = tiny_config(d_vocab=len(tok), n_layers=1, normalization_type=None, init_range=0.2)
     model = BilinearTransformer(cfg, tokenizer=tok).eval()
     assert model.to_tokens(CLEAN).shape == model.to_tokens(CORRUPT).shape

@@ -223,11 +223,8 @@ def test_bad_inputs_are_refused_with_one_line_errors():
         patch_grid(model, clean, corrupted, logit_diff, "mlp_in_eigen")
 
 
-def test_texts_of_different_token_lengths_are_refused_not_padded():
-    from bilinear_lens.data.synthetic import synthetic_stories
-    from bilinear_lens.data.tokenizer import to_hf_tokenizer, train_tokenizer
-
-    tok = to_hf_tokenizer(train_tokenizer(synthetic_stories(200, seed=0), vocab_size=300))
+def test_texts_of_different_token_lengths_are_refused_not_padded(small_tokenizer):
+    tok = small_tokenizer
     model = BilinearTransformer(tiny_config(d_vocab=len(tok)), tokenizer=tok).eval()
     same = prompt_tokens(model, ["the cat", "the cat"], "clean")
     assert same.shape[0] == 2

@@ -10,7 +10,7 @@ from bilinear_lens.circuits.path_interactions import path_interactions
 from bilinear_lens.weights.directions import resolve_direction
 from bilinear_lens.weights.tensor import interaction_matrix
 from conftest import tiny_config
-from test_circuit_writers import TOKENS, random_model
+from fixtures.writer_models import TOKENS, random_model
 
 # float64 products of O(1) vectors and matrices: rounding ~1e-14; 1e-10 is a wide margin.
 EXACT = dict(rtol=0, atol=1e-10)

@@ -7,7 +7,7 @@ import torch
 
 from bilinear_lens import to_bridge
 from bilinear_lens.circuits.qk_pairs import qk_pair_attribution
-from test_circuit_writers import TOKENS, random_model
+from fixtures.writer_models import TOKENS, random_model
 
 # float64 sums of ~100 bilinear terms of O(1): rounding ~1e-14, 1e-10 leaves a wide margin.
 ATOL = 1e-10

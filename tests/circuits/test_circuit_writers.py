@@ -3,39 +3,14 @@
 import pytest
 import torch
 
-from bilinear_lens import SAE, build_model, to_bridge
+from bilinear_lens import to_bridge
 from bilinear_lens.circuits.writers import residual_writers, sae_writers
-from bilinear_lens.sae.config import SAEConfig
-from conftest import tiny_config
+from fixtures.writer_models import TOKENS, make_sae, random_model
 
 # float64 sums of ~20 writers of size ~1: rounding is ~1e-15; 1e-10 leaves a wide margin.
 EXACT = dict(rtol=0, atol=1e-10)
 
 
-def random_model(**overrides):
-    """A float64 model with O(1) random weights (the default init's are tiny, which would let
-    a missing writer hide under the tolerance)."""
-    model = build_model(tiny_config(dtype="float64", **overrides)).eval()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 1 and not name.endswith("ln1.weight") and not name.endswith("ln2.weight"):
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * (0.3 if p.dim() > 1 else 0.2))
-            elif p.dim() == 1:
-                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    return model
-
-
-def make_sae(hook, d_in=32, d_sae=40, seed=0):
-    sae = SAE(SAEConfig(d_in=d_in, d_sae=d_sae, hook_name=hook, k=6, architecture="topk"))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in sae.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.3)
-    return sae.double()
-
-
-TOKENS = torch.tensor([[3, 17, 42, 5, 88, 11, 60]])
 CONFIGS = [
     dict(),
     dict(normalization_type="LN", positional_embedding_type="standard", attn_bias=True, mlp_bias=True),

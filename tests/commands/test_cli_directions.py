@@ -9,7 +9,6 @@ import torch
 from bilinear_lens.weights.layer_eigen import layer_eigendecomposition
 from bilinear_lens.cli import main
 from bilinear_lens.data.synthetic import synthetic_stories
-from bilinear_lens.data.tokenizer import to_hf_tokenizer, train_tokenizer
 from bilinear_lens.models.model import build_model
 from bilinear_lens.sae.config import SAEConfig
 from bilinear_lens.sae.features import eigenvector_input_features
@@ -19,9 +18,9 @@ from conftest import tiny_config
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
+def root(tmp_path_factory, story_tokenizer):
     root = tmp_path_factory.mktemp("cli")
-    tok = to_hf_tokenizer(train_tokenizer(synthetic_stories(2000, seed=0), vocab_size=700))
+    tok = story_tokenizer
     torch.manual_seed(0)
     model = build_model(tiny_config(d_vocab=len(tok), n_ctx=64, n_layers=1), tokenizer=tok)
     model.save_pretrained(root / "m")

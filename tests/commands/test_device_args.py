@@ -13,7 +13,7 @@ from bilinear_lens.models.config import DTYPES
 from bilinear_lens.models.model import build_model
 from bilinear_lens.weights.eigen import eigendecompose, eigendecompose_directions
 from bilinear_lens.weights.tensor import interaction_matrices
-from tests.conftest import tiny_config
+from conftest import tiny_config
 
 
 def parse(*argv: str) -> argparse.Namespace:

@@ -10,8 +10,6 @@ import pytest
 import torch
 
 from bilinear_lens.cli import main
-from bilinear_lens.data.synthetic import synthetic_stories
-from bilinear_lens.data.tokenizer import to_hf_tokenizer, train_tokenizer
 from bilinear_lens.models.model import build_model
 from bilinear_lens.sae.config import SAEConfig
 from bilinear_lens.sae.model import SAE, save_sae
@@ -19,9 +17,9 @@ from conftest import tiny_config
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory) -> Path:
+def root(tmp_path_factory, story_tokenizer) -> Path:
     root = tmp_path_factory.mktemp("eigen_cli")
-    tok = to_hf_tokenizer(train_tokenizer(synthetic_stories(2000, seed=0), vocab_size=700))
+    tok = story_tokenizer
     torch.manual_seed(0)
     build_model(tiny_config(d_vocab=len(tok), n_ctx=64, n_layers=1), tokenizer=tok).save_pretrained(root / "m")
     sae = SAE(SAEConfig(d_in=32, d_sae=40, hook_name="blocks.0.hook_resid_post", k=4))

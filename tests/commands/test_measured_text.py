@@ -13,7 +13,6 @@ from bilinear_lens.commands.measured_text import measured_text, recorded_data
 from bilinear_lens.commands.polytope import resolve_label_kind
 from bilinear_lens.data.corpus import assign_splits, is_val_document, load_texts
 from bilinear_lens.data.synthetic import synthetic_stories
-from bilinear_lens.data.tokenizer import to_hf_tokenizer, train_tokenizer
 from bilinear_lens.models.model import build_model
 from bilinear_lens.training.config import DataConfig, RunConfig
 
@@ -23,12 +22,12 @@ STORIES = [f"Once upon a time, a cat named Tom{i} was happy.\n\nThe end." for i 
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
+def checkpoints(tmp_path_factory, small_tokenizer):
     """A model saved twice: with a training record of a local corpus, and with none."""
     root = tmp_path_factory.mktemp("measured")
     corpus = root / "stories.txt"
     corpus.write_text("\n<|endoftext|>\n".join(STORIES), encoding="utf-8")
-    tok = to_hf_tokenizer(train_tokenizer(STORIES + synthetic_stories(100, seed=0), vocab_size=300))
+    tok = small_tokenizer
     model = build_model(tiny_config(d_vocab=len(tok), n_ctx=32), tokenizer=tok)
     model.save_pretrained(root / "local")
     model.save_pretrained(root / "bare")

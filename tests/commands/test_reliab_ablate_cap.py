@@ -12,18 +12,12 @@ import torch
 from bilinear_lens.commands import ablate as ablate_cmd
 from bilinear_lens.data.packing import document_stream, stream_rows
 from bilinear_lens.data.synthetic import synthetic_stories
-from bilinear_lens.models.model import BilinearTransformer, build_model
-from conftest import tiny_config
+from bilinear_lens.models.model import BilinearTransformer
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from bilinear_lens.data.tokenizer import to_hf_tokenizer, train_tokenizer
-
-    tok = to_hf_tokenizer(train_tokenizer(synthetic_stories(300, seed=0), vocab_size=300))
-    root = tmp_path_factory.mktemp("ablate_cap")
-    build_model(tiny_config(d_vocab=len(tok), n_ctx=32), tokenizer=tok).save_pretrained(root / "m")
-    return root / "m"
+def checkpoint(saved_checkpoint):
+    return saved_checkpoint(n_ctx=32)
 
 
 def ablate_json(capsys, *argv: str) -> dict:

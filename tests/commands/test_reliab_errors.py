@@ -50,11 +50,8 @@ def test_from_pretrained_devices_follow_the_one_device_rule(tmp_path) -> None:
     assert BilinearTransformer.from_pretrained(tmp_path / "m", device="auto").cfg.d_model == 32
 
 
-def test_invalid_utf8_token_is_a_named_error(tmp_path) -> None:
-    from bilinear_lens.data.synthetic import synthetic_stories
-    from bilinear_lens.data.tokenizer import to_hf_tokenizer, train_tokenizer
-
-    tok = to_hf_tokenizer(train_tokenizer(synthetic_stories(50, seed=0), vocab_size=300))
+def test_invalid_utf8_token_is_a_named_error(tmp_path, small_tokenizer) -> None:
+    tok = small_tokenizer
     model = build_model(tiny_config(d_vocab=len(tok)), tokenizer=tok)
     argv_text = os.fsdecode(b"\xff")  # what sys.argv holds for an invalid UTF-8 byte
     with pytest.raises(ValueError, match=r"is not valid UTF-8 text \(byte 0xff at character 0\)"):
@@ -62,11 +59,8 @@ def test_invalid_utf8_token_is_a_named_error(tmp_path) -> None:
 
 
 @pytest.fixture(scope="module")
-def text_model(tmp_path_factory):
-    from bilinear_lens.data.synthetic import synthetic_stories
-    from bilinear_lens.data.tokenizer import to_hf_tokenizer, train_tokenizer
-
-    tok = to_hf_tokenizer(train_tokenizer(synthetic_stories(200, seed=0), vocab_size=300))
+def text_model(tmp_path_factory, small_tokenizer):
+    tok = small_tokenizer
     root = tmp_path_factory.mktemp("errors")
     build_model(tiny_config(d_vocab=len(tok), n_ctx=16), tokenizer=tok).save_pretrained(root / "m")
     return root
@@ -153,7 +147,7 @@ def test_unreachable_hub_dataset_is_a_data_error(monkeypatch) -> None:
 
 def test_sae_train_into_a_model_run_says_what_the_directory_holds(tmp_path) -> None:
     from bilinear_lens.sae.train import train_sae
-    from test_sae_train import recipe
+    from fixtures.sae_recipe import recipe
 
     model_dir = tmp_path / "m"
     build_model(tiny_config(d_vocab=300, n_layers=1)).save_pretrained(model_dir)

@@ -22,7 +22,7 @@ from bilinear_lens.models import model as model_module
 from bilinear_lens.files.serialized import write_tensors
 from bilinear_lens.models.model import build_model
 from bilinear_lens.training.run_dir import checkpoint_path
-from tests.conftest import tiny_config
+from conftest import tiny_config
 from conftest import run_config
 
 # What safetensors raises on a full disk and on a file over the size limit (its Rust IO error).

@@ -18,7 +18,7 @@ from bilinear_lens import cli
 from bilinear_lens.models.model import BilinearTransformer, build_model
 from bilinear_lens.output_locks import finish_interrupted_replace
 from bilinear_lens.weights.atlas import model_atlas
-from tests.conftest import tiny_config
+from conftest import tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
 

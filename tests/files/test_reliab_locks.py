@@ -21,7 +21,7 @@ from bilinear_lens.models.model import BilinearTransformer, build_model
 from bilinear_lens.output_locks import ATLAS_LOCK_FILE, export_lock_path
 from bilinear_lens.weights.atlas import model_atlas
 from bilinear_lens.weights.atlas_store import EigenAtlas
-from tests.conftest import tiny_config
+from conftest import tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -24,8 +24,6 @@ import pytest
 
 from bilinear_lens import cli
 from bilinear_lens.data.corpus import iter_texts
-from bilinear_lens.data.synthetic import synthetic_stories
-from bilinear_lens.data.tokenizer import to_hf_tokenizer, train_tokenizer
 from bilinear_lens.files.atomic import OverwriteRefusedError, atomic_directory, check_replaceable
 from bilinear_lens.models.model import BilinearTransformer, build_model
 from bilinear_lens.training.config import (
@@ -56,9 +54,8 @@ def one_line(err: str, prefix: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def model() -> BilinearTransformer:
-    tok = train_tokenizer(synthetic_stories(200, seed=0), vocab_size=300)
-    return build_model(tiny_config(d_vocab=tok.get_vocab_size(), n_layers=1, seed=1), tokenizer=to_hf_tokenizer(tok))
+def model(small_tokenizer) -> BilinearTransformer:
+    return build_model(tiny_config(d_vocab=len(small_tokenizer), n_layers=1, seed=1), tokenizer=small_tokenizer)
 
 
 def fake_run_dir(root: Path, model: BilinearTransformer) -> Path:

@@ -107,11 +107,8 @@ def test_to_bridge_rejects_other_modules():
         to_bridge(torch.nn.Linear(2, 2))
 
 
-def test_bridge_with_tokenizer_tokenizes_like_the_model(tmp_path):
-    from bilinear_lens.data.synthetic import synthetic_stories
-    from bilinear_lens.data.tokenizer import to_hf_tokenizer, train_tokenizer
-
-    tok = to_hf_tokenizer(train_tokenizer(synthetic_stories(300, seed=0), vocab_size=300))
+def test_bridge_with_tokenizer_tokenizes_like_the_model(tmp_path, small_tokenizer):
+    tok = small_tokenizer
     model = build_model(tiny_config(d_vocab=len(tok), n_ctx=64), tokenizer=tok)
     model.save_pretrained(tmp_path / "m")
     bridge = load_bridge(tmp_path / "m")

@@ -9,8 +9,6 @@ from bilinear_lens.files.atomic import atomic_directory
 from bilinear_lens.files.serialized import CheckpointError
 from bilinear_lens.models.model import load_model
 from bilinear_lens.models.model import BilinearTransformer, build_model
-from bilinear_lens.data.synthetic import synthetic_stories
-from bilinear_lens.data.tokenizer import to_hf_tokenizer, train_tokenizer
 from conftest import MLP_KINDS, tiny_config
 
 
@@ -24,8 +22,8 @@ def test_round_trip_gives_identical_logits(kind, tmp_path, tokens):
     assert torch.equal(loaded(tokens), model(tokens))
 
 
-def test_round_trip_with_tokenizer(tmp_path):
-    tok = to_hf_tokenizer(train_tokenizer(synthetic_stories(200, seed=0), vocab_size=300))
+def test_round_trip_with_tokenizer(tmp_path, small_tokenizer):
+    tok = small_tokenizer
     model = build_model(tiny_config(d_vocab=len(tok)), tokenizer=tok)
     model.save_pretrained(tmp_path / "m")
     assert (tmp_path / "m" / "tokenizer.json").is_file()
@@ -147,8 +145,8 @@ def test_checkpoints_without_the_config_record_still_load(tmp_path, tokens):
 
 
 @pytest.fixture
-def with_tokenizer(tmp_path):
-    tok = to_hf_tokenizer(train_tokenizer(synthetic_stories(200, seed=0), vocab_size=300))
+def with_tokenizer(tmp_path, small_tokenizer):
+    tok = small_tokenizer
     return build_model(tiny_config(d_vocab=len(tok), n_ctx=64), tokenizer=tok).save_pretrained(tmp_path / "m")
 
 

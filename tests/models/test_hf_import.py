@@ -9,20 +9,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from huggingface_hub import constants
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from bilinear_lens.data.synthetic import synthetic_stories
-from bilinear_lens.data.tokenizer import to_hf_tokenizer, train_tokenizer
 from bilinear_lens.files.serialized import CheckpointError
 from bilinear_lens.models.model import BilinearTransformer, build_model
 from conftest import tiny_config
+from fixtures.hub_cache import fill_cache
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return to_hf_tokenizer(train_tokenizer(synthetic_stories(200, seed=0), vocab_size=300))
+def tokenizer(small_tokenizer):
+    return small_tokenizer
 
 
 def _perturbed(model: BilinearTransformer) -> BilinearTransformer:
@@ -143,26 +141,9 @@ def test_directory_of_unknown_format_is_refused(tmp_path):
 
 # ---- hub ids: a cache filled by the test, HF_HUB_OFFLINE on, never the network ----
 
-@pytest.fixture
-def offline_cache(tmp_path, monkeypatch) -> Path:
-    cache = tmp_path / "hub-cache"
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    return cache
-
-
-def _fill_cache(cache: Path, repo_id: str, source: Path) -> None:
-    """The layout huggingface_hub's cache uses: refs/main -> snapshots/<commit>/files."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    commit = "0" * 40
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    shutil.copytree(source, repo / "snapshots" / commit)
-
-
 def test_hub_id_loads_from_the_cache_offline(offline_cache, tokenizer, tmp_path):
     model = build_model(tiny_config(d_vocab=len(tokenizer)), tokenizer=tokenizer)
-    _fill_cache(offline_cache, "someone/tiny-bilinear", model.save_pretrained(tmp_path / "hf", format="hf"))
+    fill_cache(offline_cache, "someone/tiny-bilinear", model.save_pretrained(tmp_path / "hf", format="hf"))
     loaded = BilinearTransformer.from_pretrained("someone/tiny-bilinear")
     assert loaded.cfg == model.cfg
     assert torch.equal(loaded("Lily was happy."), model("Lily was happy."))

@@ -5,25 +5,18 @@ equal their symmetrised tensor contraction."""
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from bilinear_lens.cli import main as cli_main
 from bilinear_lens.files.serialized import CheckpointError
 from bilinear_lens.models.model import BilinearTransformer
 from bilinear_lens.models.paper_checkpoints import load_paper_checkpoint
 from bilinear_lens.weights.tensor import interaction_matrix
-from test_hf_import import _fill_cache, offline_cache  # noqa: F401  (fixture)
-
-N_VOCAB, D_MODEL, N_HEAD, N_LAYER, D_HIDDEN, N_CTX = 50, 32, 4, 2, 48, 16
-WORDS = ["[EOS]", "once", "upon", "a", "time", "lily", "was", "happy", "the", "dog", "ran", "."]
+from fixtures.hub_cache import fill_cache
+from fixtures.paper_checkpoints import D_HIDDEN, D_MODEL, N_CTX, N_HEAD, N_LAYER, N_VOCAB, paper_tokenizer, write_checkpoint
 
 
 def oct2024_config(**changes) -> dict:
@@ -105,23 +98,6 @@ def reference_forward(state: dict, cfg: dict, fmt: str, tokens: torch.Tensor) ->
     return norm(x, "transformer.n_f") @ st["lm_head.weight"].T
 
 
-def write_checkpoint(path: Path, cfg: dict, state: dict, with_tokenizer: bool = True) -> Path:
-    path.mkdir(parents=True)
-    (path / "config.json").write_text(json.dumps(cfg))
-    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
-    if with_tokenizer:
-        paper_tokenizer().save_pretrained(str(path))
-    return path
-
-
-def paper_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer like theirs in the way that matters: ``[EOS]``, no BOS."""
-    vocab = {w: i for i, w in enumerate(WORDS + [f"w{i}" for i in range(N_VOCAB - len(WORDS))])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[EOS]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="[EOS]", pad_token="[EOS]")
-
-
 CASES = [
     ("oct2024", oct2024_config()),
     ("oct2024", oct2024_config(normalization=False)),
@@ -164,12 +140,12 @@ def test_no_bos_tokenizer_and_text_input(tmp_path):
     assert model("lily was happy .").shape == (1, 4, N_VOCAB)
 
 
-def test_hub_id_and_paper_tokenizer_from_the_offline_cache(offline_cache, tmp_path):  # noqa: F811
+def test_hub_id_and_paper_tokenizer_from_the_offline_cache(offline_cache, tmp_path):
     cfg = oct2024_config()
-    _fill_cache(offline_cache, "tdooms/ts-medium", write_checkpoint(tmp_path / "ckpt", cfg, paper_state("oct2024", cfg), with_tokenizer=False))
+    fill_cache(offline_cache, "tdooms/ts-medium", write_checkpoint(tmp_path / "ckpt", cfg, paper_state("oct2024", cfg), with_tokenizer=False))
     tok_dir = tmp_path / "tok"
     paper_tokenizer().save_pretrained(str(tok_dir))
-    _fill_cache(offline_cache, "tdooms/ts-tokenizer-4096", tok_dir)
+    fill_cache(offline_cache, "tdooms/ts-tokenizer-4096", tok_dir)
     model = load_paper_checkpoint("tdooms/ts-medium")
     assert model.tokenizer.eos_token == model.tokenizer.pad_token == "[EOS]"
 

@@ -10,39 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bilinear_lens.data.tokenizer import to_hf_tokenizer, train_tokenizer
 from bilinear_lens.models.bridge import HFGatedMLPBridge, boot_export
-from bilinear_lens.models.config import ModelConfig
 from bilinear_lens.models.hf_llama import EXPORT_TOKENIZER_CLASS
-from bilinear_lens.models.model import BilinearTransformer, build_model
-
-TEXTS = ["once upon a time the dog ran", "lily was happy. the dog"]
-# transformers' Llama forward vs ours on these logits (|logit| <~ 10): measured <= 4e-6;
-# 1e-4 is the bound test_hf_export.py uses for the same comparison.
-HF_VS_OURS = 1e-4
-
-
-def tiny_tokenizer():
-    return to_hf_tokenizer(train_tokenizer(["once upon a time the dog ran. lily was happy."] * 30, vocab_size=300))
-
-
-def export_model(tmp_path: Path, **overrides) -> tuple[BilinearTransformer, Path]:
-    """A tiny model with weights large enough that activations matter (init_range 0.3,
-    RMSNorm weights away from 1, RoPE base 500000), exported to the HF Llama layout."""
-    tok = tiny_tokenizer()
-    cfg = ModelConfig(**{**dict(d_vocab=len(tok), d_model=32, n_layers=2, n_heads=4, d_mlp=48, n_ctx=16, seed=0,
-                                normalization_type="RMS", rotary_base=500000.0, init_range=0.3), **overrides})
-    model = build_model(cfg, tokenizer=tok).eval()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("ln1.weight", "ln2.weight", "ln_final.weight")):
-                p.copy_(1 + 0.5 * torch.randn(p.shape, generator=gen))
-    return model, model.save_pretrained(tmp_path / "export", format="hf")
-
-
-def tokens(model: BilinearTransformer) -> torch.Tensor:
-    return torch.cat([model.to_tokens(t)[:, :8] for t in TEXTS])
+from fixtures.llama_export import HF_VS_OURS, TEXTS, export_model, tokens
 
 
 def test_tokenizer_class_is_one_every_transformers_reads(tmp_path):

@@ -11,7 +11,7 @@ import torch
 from bilinear_lens.models.hook_names import _HF_EXACT, hf_hook_equivalent
 from bilinear_lens.sae.config import SAEConfig, SAEConfigError
 from bilinear_lens.sae.model import SAE, load_sae, save_sae
-from test_interop_export import HF_VS_OURS, export_model, tokens
+from fixtures.llama_export import HF_VS_OURS, export_model, tokens
 
 
 def hf_module_outputs(path, toks: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_interop_export import HF_VS_OURS, TEXTS, export_model, tokens
+from fixtures.llama_export import HF_VS_OURS, TEXTS, export_model, tokens
 
 pytestmark = pytest.mark.slow
 

@@ -8,19 +8,19 @@ import torch
 from transformer_lens.ActivationCache import ActivationCache
 from transformers import PreTrainedTokenizerFast
 
-from bilinear_lens.data.synthetic import synthetic_stories
-from bilinear_lens.data.tokenizer import SPECIAL_TOKEN, to_hf_tokenizer, train_tokenizer
+from bilinear_lens.data.tokenizer import SPECIAL_TOKEN, to_hf_tokenizer
 from bilinear_lens.models.bridge import to_bridge
 from bilinear_lens.models.model import build_model
 from bilinear_lens.models.sampling import filter_logits
 from conftest import MLP_KINDS, tiny_config, FLOAT32_REORDERED
+from fixtures.tokenizers import SMALL, stories_backend
 
 TEXTS = ["Lily was not happy.", "The dog ran to the park and found a big red ball."]
 
 
 @pytest.fixture(scope="module")
 def backend():
-    return train_tokenizer(synthetic_stories(200, seed=0), vocab_size=300)
+    return stories_backend(*SMALL)
 
 
 @pytest.fixture(scope="module")

@@ -204,15 +204,12 @@ def test_metadata_sae_lens_writes_is_kept(tmp_path):
 # --- item 6: the metadata our trainer writes -------------------------------------------
 
 @pytest.fixture(scope="module")
-def model_checkpoint(tmp_path_factory):
-    from bilinear_lens.data.synthetic import synthetic_stories
-    from bilinear_lens.data.tokenizer import to_hf_tokenizer, train_tokenizer
+def model_checkpoint(tmp_path_factory, small_tokenizer):
     from bilinear_lens.models.model import build_model
     from conftest import tiny_config
 
-    tok = train_tokenizer(synthetic_stories(300, seed=0), vocab_size=300)
     torch.manual_seed(0)
-    model = build_model(tiny_config(d_vocab=tok.get_vocab_size(), n_layers=1), tokenizer=to_hf_tokenizer(tok))
+    model = build_model(tiny_config(d_vocab=len(small_tokenizer), n_layers=1), tokenizer=small_tokenizer)
     return model.save_pretrained(tmp_path_factory.mktemp("interop_sae") / "m")
 
 

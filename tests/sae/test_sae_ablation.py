@@ -8,7 +8,7 @@ from bilinear_lens.models.model import build_model
 from bilinear_lens.sae.ablation import feature_ablation_sweep
 from bilinear_lens.weights.directions import FeatureDirection
 from conftest import tiny_config
-from test_sae_features import make_sae
+from fixtures.sae_models import make_sae
 
 
 @pytest.fixture

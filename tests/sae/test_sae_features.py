@@ -6,20 +6,10 @@ import torch
 
 from bilinear_lens.weights.layer_eigen import layer_eigendecomposition
 from bilinear_lens.models.model import build_model
-from bilinear_lens.sae.config import SAEConfig
 from bilinear_lens.sae.features import eigenvector_input_features, feature_interaction_matrix, input_feature_basis
-from bilinear_lens.sae.model import SAE
 from bilinear_lens.weights.directions import FeatureDirection, resolve_direction, residual_direction_for_logit
 from conftest import tiny_config
-
-
-def make_sae(hook, d_in=32, d_sae=48, seed=0):
-    sae = SAE(SAEConfig(d_in=d_in, d_sae=d_sae, hook_name=hook, k=4))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in sae.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    return sae.double()
+from fixtures.sae_models import make_sae
 
 
 @pytest.fixture

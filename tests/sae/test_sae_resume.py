@@ -17,8 +17,6 @@ import torch
 
 from bilinear_lens.cli import main
 from bilinear_lens.commands.sae import build_parser
-from bilinear_lens.data.synthetic import synthetic_stories
-from bilinear_lens.data.tokenizer import to_hf_tokenizer, train_tokenizer
 from bilinear_lens.models.model import build_model
 from bilinear_lens.sae.model import load_sae
 from bilinear_lens.sae.recipe import (
@@ -31,15 +29,15 @@ from bilinear_lens.sae.train import train_sae
 from bilinear_lens.training.resume_rule import resume_may_change
 from bilinear_lens.training.state import read_train_state
 from conftest import tiny_config
+from fixtures.tokenizers import SMALL, stories_tokenizer
 
 TIMING = ("elapsed_s", "tokens_per_s")  # wall-clock measurements, the only record fields that may differ
 
 
 def _save_model(path: Path, seed: int) -> Path:
-    tok = train_tokenizer(synthetic_stories(300, seed=0), vocab_size=300)
+    tok = stories_tokenizer(*SMALL)
     torch.manual_seed(seed)
-    model = build_model(tiny_config(d_vocab=tok.get_vocab_size(), n_layers=1, seed=seed),
-                        tokenizer=to_hf_tokenizer(tok))
+    model = build_model(tiny_config(d_vocab=len(tok), n_layers=1, seed=seed), tokenizer=tok)
     model.save_pretrained(path)
     return path
 

@@ -8,11 +8,10 @@ import pytest
 import torch
 
 from bilinear_lens.cli import main
-from bilinear_lens.data.synthetic import synthetic_stories
-from bilinear_lens.data.tokenizer import save_tokenizer, to_hf_tokenizer, train_tokenizer
+from bilinear_lens.data.tokenizer import save_tokenizer
 from bilinear_lens.models.model import build_model
 from bilinear_lens.sae.model import load_sae
-from bilinear_lens.sae.recipe import SAERecipe, load_sae_recipe
+from bilinear_lens.sae.recipe import load_sae_recipe
 from bilinear_lens.locking import LockHeldError
 from bilinear_lens.sae.config import SAEConfig
 from bilinear_lens.sae.model import SAE
@@ -21,25 +20,16 @@ from bilinear_lens.sae.train import hook_activations, init_sae, tangent_decoder_
 from bilinear_lens.training.run_dir import LOCK_FILE, claim_run_dir
 from bilinear_lens.training.state import read_train_state
 from conftest import tiny_config
+from fixtures.sae_recipe import recipe
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def checkpoint(tmp_path_factory, small_tokenizer):
     root = tmp_path_factory.mktemp("sae_train")
-    tok = train_tokenizer(synthetic_stories(300, seed=0), vocab_size=300)
     torch.manual_seed(0)
-    model = build_model(tiny_config(d_vocab=tok.get_vocab_size(), n_layers=1), tokenizer=to_hf_tokenizer(tok))
+    model = build_model(tiny_config(d_vocab=len(small_tokenizer), n_layers=1), tokenizer=small_tokenizer)
     model.save_pretrained(root / "m")
     return root / "m"
-
-
-def recipe(tmp_path, dead_after_steps=5, **train):
-    data = {"source": "synthetic", "max_docs": 300, "val_fraction": 0.1, "cache_dir": str(tmp_path / "cache")}
-    sae = dict(expansion=2, k=4, dead_after_steps=dead_after_steps)
-    settings = dict(steps=12, batch_size=8, lr=3e-3, min_lr=3e-4, log_every=3, eval_every=6, eval_batches=1,
-                    checkpoint_every=4, keep_last=2)
-    settings.update(train)
-    return SAERecipe.from_dict({"sae": sae, "train": settings, "data": data}, where="test recipe")
 
 
 def test_trains_streams_and_writes_an_saelens_dir(checkpoint, tmp_path):

@@ -20,8 +20,6 @@ import pytest
 import torch
 
 from bilinear_lens import cli
-from bilinear_lens.data.synthetic import synthetic_stories
-from bilinear_lens.data.tokenizer import to_hf_tokenizer, train_tokenizer
 from bilinear_lens.locking import LockHeldError
 from bilinear_lens.files.atomic import atomic_write_text
 from bilinear_lens.files.serialized import read_tensors
@@ -279,7 +277,7 @@ def test_leftovers_of_dead_writers_are_removed_at_start(cache_dir, tmp_path):
     assert all(p.exists() for p in live)
 
 
-def test_checkpoints_and_report_follow_the_umask(cache_dir, tmp_path):
+def test_checkpoints_and_report_follow_the_umask(cache_dir, tmp_path, small_tokenizer):
     """Under umask 027 (not the usual 022, so a hard-coded mode would show)."""
     from bilinear_lens.views.report import write_report
 
@@ -288,7 +286,7 @@ def test_checkpoints_and_report_follow_the_umask(cache_dir, tmp_path):
     try:
         out = tmp_path / "run"
         train(run_config(cache_dir, steps=2, checkpoint_every=1, eval_every=0), out, progress=False)
-        tok = to_hf_tokenizer(train_tokenizer(synthetic_stories(100, seed=0), vocab_size=300))
+        tok = small_tokenizer
         model = build_model(tiny_config(d_vocab=len(tok), n_layers=1), tokenizer=tok)
         report = write_report(model, tmp_path / "report.html", texts=["Lily was happy."], n_eigenvectors=1,
                               ablation_top=2)

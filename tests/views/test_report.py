@@ -7,19 +7,11 @@ import pytest
 
 from browser import CHROMIUM, ERROR_RECORDER, dump_dom, screenshot
 from bilinear_lens.cli import main
-from bilinear_lens.models.model import build_model
-from bilinear_lens.data.synthetic import synthetic_stories
-from bilinear_lens.data.tokenizer import to_hf_tokenizer, train_tokenizer
-from conftest import tiny_config
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    tok = to_hf_tokenizer(train_tokenizer(synthetic_stories(2000, seed=0), vocab_size=700))
-    model = build_model(tiny_config(d_vocab=len(tok), n_ctx=64, n_layers=1), tokenizer=tok)
-    path = tmp_path_factory.mktemp("ckpt") / "m"
-    model.save_pretrained(path)
-    return path
+def checkpoint(saved_checkpoint):
+    return saved_checkpoint("story", n_ctx=64, n_layers=1)
 
 
 def test_report_cli_writes_self_contained_page(checkpoint, tmp_path, capsys):

@@ -30,8 +30,6 @@ from bilinear_lens.views.plots import (
     plot_rank_k_curve,
     plot_rank_k_scatter,
 )
-from bilinear_lens.data.synthetic import synthetic_stories
-from bilinear_lens.data.tokenizer import to_hf_tokenizer, train_tokenizer
 from bilinear_lens.views.viz import (
     attention_view,
     circuitsvis_bundle_script,
@@ -60,8 +58,8 @@ def esc(tokens: list[str]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def model():
-    tok = to_hf_tokenizer(train_tokenizer(synthetic_stories(300, seed=0), vocab_size=300))
+def model(small_tokenizer):
+    tok = small_tokenizer
     cfg = ModelConfig(d_vocab=len(tok), d_model=32, n_layers=2, n_heads=4, n_ctx=64, seed=0)
     return build_model(cfg, tokenizer=tok)
 

@@ -21,7 +21,7 @@ from bilinear_lens.weights import batched_eigen
 from bilinear_lens.weights.batched_eigen import batched_top_eigenpairs
 from bilinear_lens.weights.eigen import eigendecompose
 from bilinear_lens.weights.tensor import BilinearWeights, interaction_matrices
-from tests.conftest import tiny_config
+from conftest import tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -13,7 +13,7 @@ import torch
 from bilinear_lens.models.model import build_model
 from bilinear_lens.weights.atlas import model_atlas
 from bilinear_lens.weights.atlas_store import INDEX_FILE, SHARD_RECORD, AtlasError, EigenAtlas
-from tests.conftest import tiny_config
+from conftest import tiny_config
 
 TOKENS = [3, 5, 7, 11, 13, 17]
 
