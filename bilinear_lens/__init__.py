@@ -131,6 +131,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "bilinear_lens.views.graph_view": ("GraphView", "graph_html"),
     # reliability (issue 24)
     "bilinear_lens.disk_errors": ("DiskWriteError", "disk_write_error"),
+    "bilinear_lens.field_errors": ("FieldError", "FieldMessage"),
     "bilinear_lens.output_locks": ("claim_atlas_dir", "claim_export_dir", "finish_interrupted_replace"),
     "bilinear_lens.tensor_checksum": ("tensors_sha256",),
     # image classifiers (issue 23)

@@ -35,7 +35,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "bilinear_lens"
 LAYERS = (
-    ("locking", "distributed", "progress", "disk_errors"), ("files", "output_locks", "tensor_checksum"), ("data",), ("models",), ("weights",), ("activations", "toy"),
+    ("locking", "distributed", "progress", "disk_errors", "field_errors"), ("files", "output_locks", "tensor_checksum"), ("data",), ("models",), ("weights",), ("activations", "toy"),
     ("training",), ("sae",), ("circuits", "views"), ("commands",), ("cli", "__main__"),
 )
 LAYER_OF = {top: rank for rank, tops in enumerate(LAYERS) for top in tops}

@@ -140,8 +140,14 @@ def _print_rows(args: argparse.Namespace, label: str, rows: list[dict[str, Any]]
             print("   - input features: " + "  ".join(f"{i} ({c:+.2f})" for i, c in zip(r["negative_features"], r["negative_feature_cosines"])))
 
 
+# The flag of each build_atlas parameter an atlas error names (bilinear_lens.field_errors).
+ATLAS_FLAGS = {"layers": "--layer", "k": "--top", "dtype": "--dtype", "shard_size": "--shard-size",
+               "device": "--device", "resume": "--resume", "out": "--out"}
+
+
 def _main_atlas(args: argparse.Namespace) -> int:
     from bilinear_lens.disk_errors import DiskWriteError, disk_errors_as_one_line
+    from bilinear_lens.field_errors import message_for
     from bilinear_lens.locking import LockHeldError
     from bilinear_lens.weights.atlas_store import AtlasError
 
@@ -150,7 +156,7 @@ def _main_atlas(args: argparse.Namespace) -> int:
         with disk_errors_as_one_line(args.out or "", "atlas dir"):  # full / read-only disk: one line, exit 1
             summary = _run_atlas(args)
     except (UsageError, FileNotFoundError, CheckpointError, AtlasError, ValueError, TypeError, LockHeldError) as err:
-        print(f"bilinear-lens eigen: error: {err}", file=sys.stderr)
+        print(f"bilinear-lens eigen: error: {message_for(err, ATLAS_FLAGS)}", file=sys.stderr)
         return 2
     except DiskWriteError as err:  # valid inputs; the disk failed
         print(f"bilinear-lens eigen: error: {err}", file=sys.stderr)

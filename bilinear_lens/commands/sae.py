@@ -14,7 +14,6 @@ run-directory error), 1 (the loss diverged); errors are printed as one line.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -85,39 +84,27 @@ def _saved_checkpoint(out: Path, resume: object) -> Path:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from bilinear_lens.disk_errors import DiskWriteError, disk_errors_as_one_line
-    from bilinear_lens.locking import LockHeldError
-    from bilinear_lens.files.serialized import CheckpointError
-    from bilinear_lens.models.hook_names import UnknownHookError
+    from bilinear_lens.commands.run_command import run_training, status_line
     from bilinear_lens.sae.recipe import load_sae_recipe, load_saved_recipe
     from bilinear_lens.sae.train import train_sae
-    from bilinear_lens.training.guard import NonFiniteLossError
 
     overrides = list(args.overrides) + ([f"sae.hook={args.hook}"] if args.hook else [])
-    try:
-        if args.stop_at is not None and args.stop_at < 1:
-            raise ValueError(f"--stop-at must be >= 1, got {args.stop_at}")
+
+    def run():
         checkpoint = args.checkpoint if args.checkpoint is not None else _saved_checkpoint(args.out, args.resume)
         if args.config is None and args.resume is not False:
             recipe = load_saved_recipe(args.out, overrides)  # train_sae checks it against the file again, locked
         else:
             recipe = load_sae_recipe(args.config, overrides)
-        with disk_errors_as_one_line(args.out, "run directory"):  # full / read-only disk: one line, exit 1
-            result = train_sae(checkpoint, args.out, recipe, resume=args.resume,
-                               progress=not args.no_progress, stop_at=args.stop_at)
-    except (ValueError, FileNotFoundError, FileExistsError, CheckpointError, UnknownHookError, LockHeldError) as err:
-        print(f"bilinear-lens sae: error: {err}", file=sys.stderr)
-        return 2
-    except (NonFiniteLossError, DiskWriteError) as err:  # the run failed (its checkpoints stay): not a usage error
-        print(f"bilinear-lens sae: error: {err}", file=sys.stderr)
-        return 1
-    val = result.val_metrics
-    if result.already_finished:
-        status = f"already finished at step {result.steps} (nothing trained or written); final SAE"
-    else:
-        status = "final SAE" if result.final.name == "final" else f"stopped at step {result.steps}; checkpoint"
-    print(f"{status}: {result.final}")
-    if val:
-        print(f"held-out explained variance {val['val_explained_variance']:.3f}, L0 {val['val_l0']:.1f}, "
-              f"MSE {val['val_mse']:.3g} (step {result.steps})")
-    return 0
+        return train_sae(checkpoint, args.out, recipe, resume=args.resume, progress=not args.no_progress,
+                         stop_at=args.stop_at)
+
+    def report(result):
+        yield status_line("final SAE", result.final, result.steps, result.final.name == "final",
+                          result.already_finished)
+        val = result.val_metrics
+        if val:
+            yield (f"held-out explained variance {val['val_explained_variance']:.3f}, L0 {val['val_l0']:.1f}, "
+                   f"MSE {val['val_mse']:.3g} (step {result.steps})")
+
+    return run_training("sae", args.out, args.stop_at, run, report)

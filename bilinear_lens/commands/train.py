@@ -30,7 +30,8 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from bilinear_lens.commands.common import EXIT_FAILURE, EXIT_USAGE, report_error
+from bilinear_lens.commands.common import EXIT_USAGE, report_error
+from bilinear_lens.commands.run_command import run_training, status_line, stop_at_error
 
 if TYPE_CHECKING:
     from bilinear_lens.training.config import RunConfig
@@ -86,11 +87,44 @@ def load_recipe(config: Path, overrides: list[str]) -> "RunConfig":
     return dataclasses.replace(run_config, source=origin + run_config.source[len(str(config)):])
 
 
+def _image_recipe_wanted(config: Optional[Path], out: Path) -> bool:
+    """Whether this run trains an image classifier: the recipe says so
+    (:func:`~bilinear_lens.training.image_train.is_image_recipe`), or, resuming without
+    ``--config``, the run saved an image recipe instead of a ``run_config.toml``."""
+    from bilinear_lens.training.image_train import RECIPE_FILE as IMAGE_RECIPE_FILE, is_image_recipe
+
+    if config is None:
+        return (out / IMAGE_RECIPE_FILE).is_file()
+    try:
+        return is_image_recipe(config)
+    except (OSError, ValueError):  # unreadable: the language-model path reports it as it always has
+        return False
+
+
+def _train_image(args: argparse.Namespace) -> int:
+    """An image classifier (``training/configs/digits-*.toml``) through the same harness."""
+    from bilinear_lens.training.image_train import load_image_recipe, load_saved_image_recipe, train_image_classifier
+
+    def run():
+        if args.config is None:
+            recipe = load_saved_image_recipe(args.out, args.overrides)
+        else:
+            recipe = load_image_recipe(args.config, args.overrides)
+        return train_image_classifier(recipe, args.out, resume=args.resume, progress=not args.no_progress,
+                                      stop_at=args.stop_at)
+
+    def report(result):
+        yield status_line("final checkpoint", result.final, result.steps, result.finished, result.already_finished)
+        if result.val_accuracy is not None:
+            yield f"val accuracy {result.val_accuracy:.4f}, val loss {result.val_loss:.3f} nats (step {result.steps})"
+
+    return run_training("train", args.out, args.stop_at, run, report)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from bilinear_lens.locking import LockHeldError
     from bilinear_lens.distributed import read_environment
-    from bilinear_lens.training.loop import RUN_CONFIG_FILE, NonFiniteLossError, train
+    from bilinear_lens.training.loop import RUN_CONFIG_FILE, train
 
     try:
         is_main = read_environment().is_main  # rank 0 logs and prints
@@ -98,30 +132,26 @@ def main(argv: Optional[list[str]] = None) -> int:
         return report_error("train", err, EXIT_USAGE)
     if not args.quiet and is_main:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.stop_at is not None and args.stop_at < 1:  # the library says stop_at; the CLI user typed --stop-at
-        return report_error("train", f"--stop-at must be >= 1, got {args.stop_at}")
+    bad_stop = stop_at_error("train", args.stop_at)
+    if bad_stop is not None:
+        return bad_stop
+    if _image_recipe_wanted(args.config, args.out):
+        return _train_image(args)
     config = args.config
     if config is None:
         if args.resume is False:
             return report_error("train", f"--config is required (unless resuming a run that has a {RUN_CONFIG_FILE})")
         config = args.out / RUN_CONFIG_FILE
-    from bilinear_lens.disk_errors import DiskWriteError, disk_errors_as_one_line
 
-    try:
+    def run():
         run_config = load_recipe(config, args.overrides)
-        with disk_errors_as_one_line(args.out, "run directory"):  # full / read-only disk: one line, exit 1
-            result = train(run_config, args.out, resume=args.resume, progress=not args.no_progress, stop_at=args.stop_at)
-    except (ValueError, FileNotFoundError, FileExistsError, LockHeldError) as err:  # before any step
-        return report_error("train", err, EXIT_USAGE)
-    except (NonFiniteLossError, DiskWriteError, OSError) as err:  # the run itself failed
-        return report_error("train", err, EXIT_FAILURE)
-    if is_main:
-        if result.already_finished:
-            status = f"already finished at step {result.steps} (nothing trained or written); final checkpoint"
-        else:
-            status = "final checkpoint" if result.finished else f"stopped at step {result.steps}; checkpoint"
-        print(f"{status}: {result.final_checkpoint}")
+        return train(run_config, args.out, resume=args.resume, progress=not args.no_progress, stop_at=args.stop_at)
+
+    def report(result):
+        yield status_line("final checkpoint", result.final_checkpoint, result.steps, result.finished,
+                          result.already_finished)
         if result.val_loss is not None:
-            print(f"val loss {result.val_loss:.3f} nats vs unigram entropy {result.unigram_entropy:.3f} nats "
-                  f"(step {result.steps})")
-    return 0
+            yield (f"val loss {result.val_loss:.3f} nats vs unigram entropy {result.unigram_entropy:.3f} nats "
+                   f"(step {result.steps})")
+
+    return run_training("train", args.out, args.stop_at, run, report, is_main)

@@ -149,6 +149,33 @@ class ImageRecipe:
 def load_image_recipe(path: Optional[Union[str, Path]] = None, overrides: Optional[Sequence[str]] = None) -> ImageRecipe:
     """Read a TOML recipe (``None``: the defaults) with ``section.key=value`` overrides."""
     data: dict[str, Any] = read_toml(path, "image recipe") if path is not None else {}
+    where = str(path) if path is not None else "<defaults>"
+    return _recipe_with_overrides(data, overrides, where)
+
+
+def load_saved_image_recipe(out_dir: Union[str, Path], overrides: Optional[Sequence[str]] = None) -> ImageRecipe:
+    """The recipe saved in a run's ``image_recipe.json`` (for a resume without a recipe file),
+    with ``section.key=value`` overrides; ``FileNotFoundError`` where the run saved none."""
+    path = Path(out_dir) / RECIPE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"image recipe file not found: {path}")
+    saved = read_json(path, what="image recipe")
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(saved).__name__}")
+    train = {k: v for k, v in dict(saved.get("train", {})).items() if k not in UNSUPPORTED_TRAIN_KEYS}
+    return _recipe_with_overrides({**saved, "train": train}, overrides, str(path))  # asdict wrote every field
+
+
+def is_image_recipe(path: Union[str, Path]) -> bool:
+    """Whether the TOML recipe ``path`` is an image classifier's: its ``[model]`` names an
+    ``image_shape`` or its ``[data]`` a ``dataset`` (keys only :class:`ImageRecipe` has; a
+    language model's ``[data]`` says ``source``). Read errors as :func:`read_toml`."""
+    data = read_toml(path, "recipe")
+    model, images = data.get("model", {}), data.get("data", {})
+    return (isinstance(model, Mapping) and "image_shape" in model) or (isinstance(images, Mapping) and "dataset" in images)
+
+
+def _recipe_with_overrides(data: Mapping[str, Any], overrides: Optional[Sequence[str]], where: str) -> ImageRecipe:
     data = {k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()}
     for text in overrides or []:
         name, eq, raw = text.partition("=")
@@ -157,7 +184,6 @@ def load_image_recipe(path: Optional[Union[str, Path]] = None, overrides: Option
             raise ValueError(f"override {text!r} must be section.key=value with section one of {sorted(_SECTIONS)} "
                              "and key one of that section's keys")
         data.setdefault(section, {})[key] = toml_value(raw.strip())
-    where = str(path) if path is not None else "<defaults>"
     return ImageRecipe.from_dict(data, where=where + (f" with overrides {list(overrides)}" if overrides else ""))
 
 

@@ -37,6 +37,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from bilinear_lens.distributed import barrier, current_ranks, resolve_device
+from bilinear_lens.field_errors import FieldError, FieldMessage, literal
 from bilinear_lens.output_locks import ATLAS_LOCK_FILE, claim_atlas_dir
 from bilinear_lens.progress import progress_bar
 from bilinear_lens.weights.atlas_store import (
@@ -81,13 +82,30 @@ KRYLOV_BATCH = 16
 # recorded values).
 DEFAULT_K = 8
 DEFAULT_SHARD_SIZE = 512
-# The index fields a resume must match, and where each requested value comes from (the
-# parameter's CLI flag, else the parameter or what it is derived from) for error messages.
+# The index fields a resume must match, and where each requested value comes from for error
+# messages: a parameter of build_atlas (a field of the error, which a command may name by its
+# flag: bilinear_lens.field_errors), else what the value is derived from.
 INDEX_FIELDS = {
-    "layers": "--layer", "k": "--top", "d": "the model's d_model, +1 with include_bias", "n_dirs": "the directions",
-    "labels": "the directions", "label_name": "the directions' kind", "dtype": "--dtype", "tol": "tol=",
-    "include_bias": "include_bias=", "shard_size": "--shard-size",
+    "layers": "layers", "k": "k", "d": "the model's d_model, +1 with include_bias", "n_dirs": "the directions",
+    "labels": "the directions", "label_name": "the directions' kind", "dtype": "dtype", "tol": "tol",
+    "include_bias": "include_bias", "shard_size": "shard_size",
 }
+PARAMETERS = ("layers", "k", "dtype", "tol", "include_bias", "shard_size", "device", "resume", "out")
+# How the library's own messages word the fields that are not plain values.
+LIBRARY_NAMES = {"resume": "resume=True", "out": "out directory"}
+
+
+class AtlasSettingsError(FieldMessage, AtlasError):
+    """An :class:`~bilinear_lens.weights.atlas_store.AtlasError` naming build_atlas parameters
+    (``fields``; :mod:`bilinear_lens.field_errors`)."""
+
+    def __init__(self, template: str, fields: tuple[str, ...]):
+        super().__init__(template, fields, LIBRARY_NAMES)
+
+
+def _atlas_error(template: str) -> AtlasSettingsError:
+    """An :class:`AtlasSettingsError` whose fields are the parameters ``template`` names."""
+    return AtlasSettingsError(template, tuple(p for p in PARAMETERS if "{" + p + "}" in template))
 
 
 def krylov_batch(device: torch.device, chunk: int) -> int:
@@ -159,9 +177,10 @@ def _show(value: Any) -> str:
 
 
 def index_differences(path: Path, found: Mapping[str, Any], index: Mapping[str, Any]) -> list[str]:
-    """``"field: recorded (in path/index.json) != requested (source)"`` for every field of
-    :data:`INDEX_FIELDS` where the atlas at ``path`` (index ``found``) and the requested
-    ``index`` differ; a requested ``None`` (``shard_size`` not given) matches anything."""
+    """``"field: recorded (in path/index.json) != requested ({source})"`` (message templates,
+    :mod:`bilinear_lens.field_errors`: a parameter source is a ``{parameter}`` placeholder)
+    for every field of :data:`INDEX_FIELDS` where the atlas at ``path`` (index ``found``) and
+    the requested ``index`` differ; a requested ``None`` (``shard_size`` not given) matches anything."""
     out = []
     for field, source in INDEX_FIELDS.items():
         old, new = found.get(field), index.get(field)
@@ -171,7 +190,9 @@ def index_differences(path: Path, found: Mapping[str, Any], index: Mapping[str, 
         if isinstance(old, list) and isinstance(new, list) and len(old) == len(new) > 8:
             first = next(i for i, (a, b) in enumerate(zip(old, new)) if a != b)
             where = f", first difference at position {first}"
-        out.append(f"{field}: {_show(old)} (in {path / INDEX_FILE}) != {_show(new)} ({source}){where}")
+        named = "{" + source + "}" if source in PARAMETERS else literal(source)
+        out.append(literal(f"{field}: {_show(old)} (in {path / INDEX_FILE}) != {_show(new)} (") + named
+                   + literal(f"){where}"))
     return out
 
 
@@ -184,21 +205,21 @@ def _check_out_dir(path: Path, index: dict, resume: bool) -> Optional[dict]:
     would see an atlas that "exists" and refuse it)."""
     if (path / INDEX_FILE).exists():
         if not resume:  # first: without --resume no setting of the old atlas matters
-            raise AtlasError(f"atlas dir {path} exists; resume it with --resume (Python: resume=True) or use a new --out")
+            raise _atlas_error(literal(f"atlas dir {path} exists; ") + "resume it with {resume} or use a new {out}")
         found = read_index(path)
         differences = index_differences(path, found, index)
         if differences:
-            raise AtlasError(f"atlas dir {path} was built with other settings: {'; '.join(differences)}; "
-                             "resume with the recorded ones or use a new --out")
+            raise _atlas_error(literal(f"atlas dir {path} was built with other settings: ") + "; ".join(differences)
+                               + "; resume with the recorded ones or use a new {out}")
         if found.get("fingerprint") != index["fingerprint"]:
-            raise AtlasError(
+            raise _atlas_error(literal(
                 f"atlas dir {path} was built from other weights or directions (every recorded setting matches; "
-                f"fingerprint {str(found.get('fingerprint', '?'))[:12]} != {index['fingerprint'][:12]}); use a new --out"
-            )
+                f"fingerprint {str(found.get('fingerprint', '?'))[:12]} != {index['fingerprint'][:12]}); ")
+                + "use a new {out}")
         return found
     _check_directory_path(path)
     if path.exists() and any(not _is_bookkeeping(child.name) for child in path.iterdir()):
-        raise AtlasError(f"{path} exists and is not an atlas directory (no index.json); use a new --out")
+        raise _atlas_error(literal(f"{path} exists and is not an atlas directory (no index.json); ") + "use a new {out}")
     return None
 
 
@@ -214,7 +235,7 @@ def _check_directory_path(path: Path) -> None:
         if place.exists():
             if not place.is_dir():
                 what = f"atlas dir {path} is a file" if place == path else f"atlas dir {path}: {place} is a file"
-                raise AtlasError(f"{what}, not a directory; use a new --out")
+                raise _atlas_error(literal(f"{what}, not a directory; ") + "use a new {out}")
             return
 
 
@@ -255,8 +276,14 @@ def build_atlas(
         raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
     if not layers:
         raise ValueError("layers is empty: give at least one {layer: mlp}")
-    device = None if device is None else resolve_device(device, what="device (--device)")
-    check_eigh_dtype(dtype, "dtype (--dtype)")
+    try:
+        device = None if device is None else resolve_device(device, what="device")
+    except ValueError as err:
+        raise FieldError.from_prefixed("device", err) from None
+    try:
+        check_eigh_dtype(dtype, "dtype")
+    except ValueError as err:
+        raise FieldError.from_prefixed("dtype", err) from None
     weights = {layer: BilinearWeights.from_module(mlp) for layer, mlp in sorted(layers.items())}
     for layer, w in weights.items():
         check_weights_finite(w, f"layer {layer} ")
@@ -273,14 +300,14 @@ def build_atlas(
         recorded = read_index(path).get("k") if resume and (path / INDEX_FILE).is_file() else None
         k = recorded if isinstance(recorded, int) else DEFAULT_K
     if not 1 <= k <= d:
-        raise ValueError(f"k (--top) must be in [1, {d}] (d_model), got {k}")
+        raise FieldError("{k}" + f" must be in [1, {d}] (d_model), got {k}", ("k",))
     if labels is not None and len(labels) != directions.shape[0]:
         raise ValueError(f"got {len(labels)} labels for {directions.shape[0]} directions")
     U = directions.to(first.device, dtype)
     settings = f"k={k} include_bias={include_bias} dtype={dtype} tol={tol}"
     tag = fingerprint([settings, U] + [t for w in weights.values() for t in _weight_tensors(w)])
     if shard_size is not None and shard_size < 1:
-        raise ValueError(f"shard_size (--shard-size) must be >= 1, got {shard_size}")
+        raise FieldError("{shard_size}" + f" must be >= 1, got {shard_size}", ("shard_size",))
     index = {"fingerprint": tag, "layers": list(weights), "k": k, "d": d, "n_dirs": U.shape[0], "shard_size": shard_size,
              "dtype": str(dtype).removeprefix("torch."), "include_bias": include_bias, "tol": tol,
              "labels": None if labels is None else [int(x) for x in labels], "label_name": label_name}

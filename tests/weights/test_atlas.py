@@ -197,7 +197,7 @@ def test_resume_after_a_kill_keeps_finished_shards(tmp_path, monkeypatch) -> Non
         build_atlas({0: w}, U, tmp_path / "a", **kwargs)
     monkeypatch.setattr(atlas_module, "write_shard", real_write)
     finished = {name: (tmp_path / "a" / name / SHARD_TENSORS).stat().st_mtime_ns for name in written}
-    with pytest.raises(AtlasError, match=r"exists; resume it with --resume \(Python: resume=True\)"):
+    with pytest.raises(AtlasError, match=r"exists; resume it with resume=True or use a new out directory$"):
         build_atlas({0: w}, U, tmp_path / "a", **kwargs)
     atlas = build_atlas({0: w}, U, tmp_path / "a", resume=True, **kwargs)
     assert {name: (tmp_path / "a" / name / SHARD_TENSORS).stat().st_mtime_ns for name in written} == finished
@@ -233,7 +233,7 @@ def test_resume_takes_the_shard_size_from_the_index(tmp_path) -> None:
     (tmp_path / "a" / "layer00-0000004" / SHARD_RECORD).unlink()
     (tmp_path / "a" / "layer00-0000004").rmdir()  # ...and the half-written shard deleted
     kept = (tmp_path / "a" / "layer00-0000000" / SHARD_TENSORS).stat().st_mtime_ns
-    with pytest.raises(AtlasError, match=r"shard_size: 4 \(in .*index.json\) != 512 \(--shard-size\)"):
+    with pytest.raises(AtlasError, match=r"shard_size: 4 \(in .*index.json\) != 512 \(shard_size\)"):
         build_atlas({0: w}, U, tmp_path / "a", resume=True, shard_size=512, **kwargs)
     atlas = build_atlas({0: w}, U, tmp_path / "a", resume=True, **kwargs)  # shard_size=None: the index's 4
     assert atlas.shard_size == 4 and sorted(p.name for p in (tmp_path / "a").iterdir())[1:] == [
@@ -242,7 +242,7 @@ def test_resume_takes_the_shard_size_from_the_index(tmp_path) -> None:
     # the same seed per shard and the same tolerance: bitwise the uninterrupted build
     torch.testing.assert_close(atlas.layer_tensors(0, "eigenvectors"), reference.layer_tensors(0, "eigenvectors"), rtol=0, atol=0)
     assert build_atlas({0: w}, U, tmp_path / "a", resume=True, shard_size=4, **kwargs).shard_size == 4  # the same value is fine
-    with pytest.raises(ValueError, match=r"shard_size \(--shard-size\) must be >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"^shard_size must be >= 1, got 0$"):
         build_atlas({0: w}, U, tmp_path / "b", shard_size=0, **kwargs)
 
 
@@ -259,17 +259,17 @@ def test_resume_with_other_settings_names_each_differing_field(tmp_path) -> None
 
     message = refusal({0: w, 1: w}, U, tmp_path / "a", k=5, shard_size=4, dtype=torch.float32, tol=1e-6, labels=list(range(10, 20)))
     assert message.startswith(f"atlas dir {tmp_path / 'a'} was built with other settings: ")
-    assert f"k: 3 ({index}) != 5 (--top)" in message and f"dtype: float64 ({index}) != float32 (--dtype)" in message
-    assert f"tol: 0.0001 ({index}) != 1e-06 (tol=)" in message
+    assert f"k: 3 ({index}) != 5 (k)" in message and f"dtype: float64 ({index}) != float32 (dtype)" in message
+    assert f"tol: 0.0001 ({index}) != 1e-06 (tol)" in message
     assert "fingerprint" not in message and "\n" not in message
     for field in ("layers", "shard_size", "labels", "n_dirs", "include_bias"):  # the equal ones are not named
         assert f"{field}:" not in message
     message = refusal({0: w}, U[:6], tmp_path / "a", k=3, dtype=torch.float64, labels=list(range(10, 16)), include_bias=True)
-    assert f"layers: [0, 1] ({index}) != [0] (--layer)" in message and f"n_dirs: 10 ({index}) != 6 (the directions)" in message
-    assert f"include_bias: False ({index}) != True (include_bias=)" in message and "d: 24" in message
+    assert f"layers: [0, 1] ({index}) != [0] (layers)" in message and f"n_dirs: 10 ({index}) != 6 (the directions)" in message
+    assert f"include_bias: False ({index}) != True (include_bias)" in message and "d: 24" in message
     message = refusal({0: w, 1: w}, U, tmp_path / "a", k=3, dtype=torch.float64, labels=list(range(10, 19)) + [42])
     assert message.endswith(f"labels: [10, 11, 12, 13, ... (10 in all)] ({index}) != [10, 11, 12, 13, ... (10 in all)] "
-                            "(the directions), first difference at position 9; resume with the recorded ones or use a new --out")
+                            "(the directions), first difference at position 9; resume with the recorded ones or use a new out directory")
     # nothing recorded differs: then it is the weights or the directions
     message = refusal({0: w, 1: random_weights(seed=3)}, U, tmp_path / "a", k=3, dtype=torch.float64, labels=list(range(10, 20)))
     assert "was built from other weights or directions (every recorded setting matches; fingerprint" in message
@@ -301,7 +301,7 @@ def test_cli_resume_without_shard_size_and_with_another_top(checkpoint, tmp_path
 
 def test_bad_arguments(tmp_path) -> None:
     U = torch.randn(4, 24, dtype=torch.float64)
-    with pytest.raises(ValueError, match=r"k \(--top\) must be in \[1, 24\] \(d_model\), got 25"):
+    with pytest.raises(ValueError, match=r"^k must be in \[1, 24\] \(d_model\), got 25$"):
         build_atlas({0: random_weights()}, U, tmp_path / "a", k=25, progress=False)
     with pytest.raises(ValueError, match=r"directions must be \[n_dirs, 24\], got shape \(4, 5\)"):
         build_atlas({0: random_weights()}, U[:, :5], tmp_path / "a", progress=False)
