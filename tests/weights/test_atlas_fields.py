@@ -12,7 +12,7 @@ from bilinear_lens.models.model import build_model
 from bilinear_lens.weights.atlas import build_atlas
 from bilinear_lens.weights.atlas_store import AtlasError
 from bilinear_lens.weights.tensor import BilinearWeights
-from tests.conftest import tiny_config
+from conftest import tiny_config
 
 FLAGS = {"k": "--top", "shard_size": "--shard-size", "resume": "--resume", "out": "--out", "layers": "--layer"}
 
