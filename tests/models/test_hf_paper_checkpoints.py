@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerFast
 from bilinear_lens.cli import main as cli_main
 from bilinear_lens.files.serialized import CheckpointError
 from bilinear_lens.models.model import BilinearTransformer
-from bilinear_lens.models.paper_checkpoints import load_paper_checkpoint
+from bilinear_lens.models.model import load_paper_checkpoint
 from bilinear_lens.weights.tensor import interaction_matrix
 from test_hf_import import _fill_cache, offline_cache  # noqa: F401  (fixture)
 
