@@ -31,7 +31,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
     ),
     "bilinear_lens.models.hub": ("resolve_model_dir", "push_model_dir",),
     "bilinear_lens.models.paper_checkpoints": (
-        "load_paper_checkpoint", "convert_paper_state_dict", "paper_model_config", "detect_paper_format",
+        "read_paper_checkpoint", "convert_paper_state_dict", "paper_model_config", "detect_paper_format",
     ),
     "bilinear_lens.models.sampling": ("sample_next_token", "filter_logits",),
     "bilinear_lens.models.config": ("ModelConfig",),
@@ -40,8 +40,12 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "bilinear_lens.models.mlp_kinds": ("MLP_KINDS", "MLPKind", "mlp_kind_spec",),
     "bilinear_lens.models.protocol": ("HookedModel",),
     "bilinear_lens.models.model": (
-        "BilinearTransformer", "build_model", "load_model", "next_token_loss", "save_model",
-        "model_from_state_dict",
+        "BilinearTransformer", "build_model", "load_model", "next_token_loss", "model_from_state_dict",
+        "load_paper_checkpoint",
+    ),
+    # the model-directory formats as data (issue 22 item 2)
+    "bilinear_lens.models.loading": (
+        "save_model", "load_config", "read_model_files", "ModelFiles", "detect_model_format", "MODEL_FORMATS",
     ),
     "bilinear_lens.models.bridge": (
         "to_bridge", "load_bridge", "BilinearLensArchitectureAdapter", "ARCHITECTURE_NAME", "boot_export",

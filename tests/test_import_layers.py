@@ -17,9 +17,9 @@ from its own layer and the layers below, never from a layer above; the check rea
     commands     commands/
     cli          cli, __main__
 
-No module-level import circle exists. The one circle through a function-level import,
-``models.model`` <-> ``models.paper_checkpoints`` (the three-format load dispatch), is the
-only allowed exception until issue #22 item 2 moves that dispatch to a loading module.
+No import circle exists, at module level or through a function-level import (the last,
+``models.model`` <-> ``models.paper_checkpoints``, ended when the formats began returning
+data to ``models.model``: issue #22 item 2).
 """
 
 from __future__ import annotations
@@ -39,8 +39,6 @@ LAYERS = (
     ("training",), ("sae",), ("circuits", "views"), ("commands",), ("cli", "__main__"),
 )
 LAYER_OF = {top: rank for rank, tops in enumerate(LAYERS) for top in tops}
-# issue #22 item 2: models/model.py's load dispatch calls paper_checkpoints, which builds models
-ALLOWED_CIRCLES = [{"bilinear_lens.models.model", "bilinear_lens.models.paper_checkpoints"}]
 
 
 def _modules() -> dict[str, Path]:
@@ -128,7 +126,7 @@ def test_no_module_imports_from_a_higher_layer():
 
 def test_no_import_circles():
     assert _circles(module_level_only=True) == []
-    assert all(circle in ALLOWED_CIRCLES for circle in _circles(module_level_only=False))
+    assert _circles(module_level_only=False) == []
 
 
 def test_the_graph_reader_sees_circles_and_layers(tmp_path, monkeypatch):

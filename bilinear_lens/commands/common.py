@@ -12,8 +12,7 @@ from typing import Any, Optional, Sequence
 
 from bilinear_lens.data.packing import stream_rows as pack_rows
 from bilinear_lens.files.serialized import CheckpointError
-from bilinear_lens.models.config import DTYPES
-from bilinear_lens.models.model import TORCH_DTYPES
+from bilinear_lens.models.config import DTYPES, TORCH_DTYPES
 from bilinear_lens.weights.tensor import EIGH_DTYPES as TENSOR_EIGH_DTYPES
 
 

@@ -56,8 +56,7 @@ def check_output(source: str, out: str) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from bilinear_lens.models.model import BilinearTransformer
-    from bilinear_lens.models.paper_checkpoints import load_paper_checkpoint
+    from bilinear_lens.models.model import BilinearTransformer, load_paper_checkpoint
 
     try:
         check_output(args.source, args.out)

@@ -65,18 +65,28 @@ def write_model_dir(
         save_model_tokenizer(tokenizer, directory)
 
 
+def read_format_config(
+    path: PathLike, format_name: str, format_version: int, what: str, kind: str
+) -> dict[str, Any]:
+    """The ``config.json`` fields of a directory written in ``format_name`` (``format`` and
+    ``format_version`` checked and removed): a model directory (:func:`read_model_config`)
+    or an image classifier's. ``what`` names the file in errors (``"model config"``), ``kind``
+    what it must be (``"a bilinear-lens config"``)."""
+    config_path = Path(path) / CONFIG_FILE
+    data = read_json(config_path, what=what)
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{what} {config_path} must be a JSON object")
+    fmt, version = data.pop("format", None), data.pop("format_version", None)
+    if fmt != format_name:
+        raise CheckpointError(f"{config_path} is not {kind} (format={fmt!r}, expected {format_name!r})")
+    if version != format_version:
+        raise CheckpointError(f"{config_path} has format_version={version!r}; this version reads {format_version}")
+    return data
+
+
 def read_model_config(path: PathLike) -> dict[str, Any]:
     """The ``config.json`` fields of a model directory (format keys checked and removed)."""
-    config_path = Path(path) / CONFIG_FILE
-    data = read_json(config_path, what="model config")
-    if not isinstance(data, dict):
-        raise CheckpointError(f"model config {config_path} must be a JSON object")
-    fmt, version = data.pop("format", None), data.pop("format_version", None)
-    if fmt != FORMAT_NAME:
-        raise CheckpointError(f"{config_path} is not a bilinear-lens config (format={fmt!r})")
-    if version != FORMAT_VERSION:
-        raise CheckpointError(f"{config_path} has format_version={version!r}; this version reads {FORMAT_VERSION}")
-    return data
+    return read_format_config(path, FORMAT_NAME, FORMAT_VERSION, what="model config", kind="a bilinear-lens config")
 
 
 # ---- load-time checks: non-finite weights, a config edited after saving ----

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+import torch
+
 from bilinear_lens.models.mlp_kinds import ATTN_ONLY, MLP_KIND_NAMES, MLP_KINDS, mlp_kind_spec
 
 # TransformerLens' names for the norm families ("Pre" = no learned scale, as in the paper);
@@ -21,7 +23,14 @@ from bilinear_lens.models.mlp_kinds import ATTN_ONLY, MLP_KIND_NAMES, MLP_KINDS,
 NORMALIZATION_TYPES = ("RMS", "RMSPre", "LN", "LNPre", None)
 NO_NORM_NAME = "none"
 POSITIONAL_EMBEDDING_TYPES = ("rotary", "standard")
-DTYPES = ("float32", "float64", "bfloat16", "float16")
+# ModelConfig.dtype (and SAEConfig.dtype) names -> torch dtypes; the one list of dtype names
+TORCH_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+DTYPES = tuple(TORCH_DTYPES)
 
 
 def config_error(cls_name: str, field_name: str, value: Any, allowed: str) -> ValueError:

@@ -36,8 +36,8 @@ from torch import Tensor, nn
 
 from bilinear_lens.files.atomic import atomic_directory
 from bilinear_lens.files.names import CONFIG_FILE, WEIGHTS_FILE
-from bilinear_lens.files.serialized import CheckpointError, read_json, read_tensor_metadata, read_tensors, write_json, write_tensors
-from bilinear_lens.models.checkpoint import check_finite, check_saved_config, check_state_dict, saved_config_metadata
+from bilinear_lens.files.serialized import CheckpointError, read_tensor_metadata, read_tensors, write_json, write_tensors
+from bilinear_lens.models.checkpoint import check_finite, check_saved_config, check_state_dict, read_format_config, saved_config_metadata
 from bilinear_lens.models.config import config_error, is_int, is_number
 from bilinear_lens.models.mlp import make_mlp
 from bilinear_lens.models.mlp_kinds import MLP_KINDS
@@ -218,15 +218,8 @@ def save_image_classifier(model: ImageClassifier, path: PathLike) -> Path:
 def read_image_config(path: PathLike) -> ImageClassifierConfig:
     """The config of the image-classifier directory ``path`` (format checked)."""
     config_path = Path(path) / CONFIG_FILE
-    data = read_json(config_path, what="image classifier config")
-    if not isinstance(data, dict):
-        raise CheckpointError(f"image classifier config {config_path} must be a JSON object")
-    fmt, version = data.pop("format", None), data.pop("format_version", None)
-    if fmt != IMAGE_FORMAT_NAME:
-        raise CheckpointError(f"{config_path} is not an image classifier config (format={fmt!r}, "
-                              f"expected {IMAGE_FORMAT_NAME!r})")
-    if version != IMAGE_FORMAT_VERSION:
-        raise CheckpointError(f"{config_path} has format_version={version!r}; this version reads {IMAGE_FORMAT_VERSION}")
+    data = read_format_config(path, IMAGE_FORMAT_NAME, IMAGE_FORMAT_VERSION, what="image classifier config",
+                              kind="an image classifier config")
     try:
         return ImageClassifierConfig.from_dict(data, where=str(config_path))
     except ValueError as err:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 from typing import Callable, Mapping, Optional, cast
 
-import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn

@@ -36,26 +36,17 @@ from transformer_lens.ActivationCache import ActivationCache
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.HookedRootModule import HookedRootModule
 
-from bilinear_lens.data.tokenizer import load_model_tokenizer
-from bilinear_lens.files.atomic import atomic_directory
-from bilinear_lens.files.names import CONFIG_FILE, MODEL_DIR_FILES, WEIGHTS_FILE
-from bilinear_lens.files.serialized import CheckpointError, read_json, read_tensor_metadata, read_tensors
-from bilinear_lens.models.checkpoint import FORMAT_NAME, check_finite, check_saved_config, check_state_dict, read_model_config, write_model_dir
-from bilinear_lens.models.config import ModelConfig
-from bilinear_lens.models.hf_llama import model_config_from_llama, from_llama_state_dict, write_llama_files
+from bilinear_lens.files.names import WEIGHTS_FILE
+from bilinear_lens.files.serialized import CheckpointError
+from bilinear_lens.models.checkpoint import FORMAT_NAME, check_finite, check_state_dict
+from bilinear_lens.models.config import TORCH_DTYPES, ModelConfig
 from bilinear_lens.models.hook_names import CheckedActivationCache, check_hook_names
 from bilinear_lens.models.hub import resolve_model_dir
-from bilinear_lens.output_locks import claim_export_dir
+from bilinear_lens.models.loading import PAPER_FORMAT, read_model_files, save_model
 from bilinear_lens.models.mlp import make_mlp
+from bilinear_lens.models.paper_checkpoints import read_paper_checkpoint
 from bilinear_lens.models.sampling import check_sampling_args, sample_next_token
 from bilinear_lens.models.weight_views import AttentionWeightViews, StackedWeightViews
-
-TORCH_DTYPES = {
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
 
 
 class _Normalization(nn.Module):
@@ -628,7 +619,7 @@ class BilinearTransformer(StackedWeightViews, HookedRootModule):
                 break
         return self.to_string(tokens[0]) if isinstance(input, str) else tokens
 
-    # ---- persistence (files: bilinear_lens.models.checkpoint, .hf_llama, .hub) ----
+    # ---- persistence (formats: bilinear_lens.models.loading; files: .checkpoint, .hf_llama, .hub) ----
     def save_pretrained(self, path: Union[str, Path], format: str = FORMAT_NAME) -> Path:
         """Write the model to directory ``path`` atomically (nothing is written on an error).
 
@@ -656,76 +647,35 @@ class BilinearTransformer(StackedWeightViews, HookedRootModule):
         return push_model_dir(lambda directory: self.save_pretrained(directory, format="hf"), repo_id, **kwargs)
 
 
-SAVE_FORMATS = (FORMAT_NAME, "hf")
-
-
-def save_model(model: BilinearTransformer, path: Union[str, Path], format: str = FORMAT_NAME) -> Path:
-    """Atomically write ``model`` to directory ``path`` in ``format`` (see :meth:`BilinearTransformer.save_pretrained`)."""
-    if format not in SAVE_FORMATS:
-        raise ValueError(f"format={format!r} is invalid: allowed {list(SAVE_FORMATS)}")
-    tokenizer = getattr(model, "tokenizer", None)
-    if format == "hf":
-        from bilinear_lens.models.hf_llama import check_llama_expressible
-
-        check_llama_expressible(model.cfg)  # before anything touches the disk
-    # One writer per directory (a second is refused naming the holder); a replace a killed
-    # writer left half done is finished first (bilinear_lens.output_locks).
-    with claim_export_dir(path), atomic_directory(path, replaces=MODEL_DIR_FILES, what="a model directory") as tmp:
-        if format == "hf":
-            write_llama_files(tmp, model.cfg, model.state_dict(), tokenizer)
-        else:
-            write_model_dir(tmp, model.cfg.to_dict(), model.state_dict(), tokenizer)
-    return Path(path)
-
-
-def load_config(path: Union[str, Path]) -> ModelConfig:
-    """Read and validate ``config.json`` of a model directory."""
-    return ModelConfig.from_dict(read_model_config(path), where=str(Path(path) / CONFIG_FILE))
-
-
-def _read_config_and_weights(path: Path, raw: Any) -> tuple[ModelConfig, dict[str, Tensor], dict[str, Tensor]]:
-    """``(config, our state dict, the tensors as read)``: our format (``"format":
-    "bilinear-lens"``) or the HF Llama format (``"model_type"``); ``raw`` is the parsed
-    ``config.json``. The tensors as read are what the file's checksum covers."""
-    config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
-    if isinstance(raw, dict) and "model_type" in raw and "format" not in raw:
-        cfg = model_config_from_llama(raw, where=str(config_path))
-        weights = read_tensors(weights_path, device="cpu", what="model weights")
-        return cfg, from_llama_state_dict(weights, cfg, where=str(weights_path)), weights
-    if isinstance(raw, dict) and "format" not in raw:
-        raise CheckpointError(f"{config_path} has neither 'format' (bilinear-lens) nor 'model_type' (Hugging Face); cannot tell its format")
-    cfg, weights = load_config(path), read_tensors(weights_path, device="cpu", what="model weights")
-    return cfg, weights, weights
-
-
 def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> BilinearTransformer:
-    """Load a model directory or hub id (see :meth:`BilinearTransformer.from_pretrained`);
+    """Load a model directory or hub id in any format (see :meth:`BilinearTransformer.from_pretrained`);
     every error is one line naming the file. Refused: missing/unexpected tensors, shape or
     dtype mismatches, NaN/inf weights, a ``config.json`` that differs from the config the
     weights were saved with (recorded in the safetensors metadata), corrupt tokenizer files.
-    The paper's released checkpoints are converted on the fly (:func:`load_paper_checkpoint`)."""
-    # imported here: paper_checkpoints builds models with this module
-    from bilinear_lens.models.paper_checkpoints import is_paper_config, load_paper_checkpoint
+    The formats are read as data by :func:`~bilinear_lens.models.loading.read_model_files`
+    (the paper's released checkpoints converted on the fly); the model is built here, once."""
     from bilinear_lens.distributed import resolve_device
 
     # the project's one device rule, before any file is read: "bogus" or CUDA on a machine
     # without it is a one-line ValueError naming device=, not torch's RuntimeError
     device = resolve_device(device, what="device")
-    path = resolve_model_dir(path)
-    raw = read_json(path / CONFIG_FILE, what="model config")
-    if is_paper_config(raw):
-        return load_paper_checkpoint(path).to(device)
-    cfg, state, as_read = _read_config_and_weights(path, raw)
-    weights_path = path / WEIGHTS_FILE
-    model = model_from_state_dict(cfg, state, load_model_tokenizer(path), where=str(weights_path))
-    # after the shape check: shape-changing edits get its more specific message
-    metadata = read_tensor_metadata(weights_path)
-    check_saved_config(cfg.to_dict(), metadata, where=str(path / CONFIG_FILE))
-    # last, after the checks that name what is wrong: garbled but finite bytes (tensor_checksum)
-    from bilinear_lens.tensor_checksum import verify_tensors_checksum
-
-    verify_tensors_checksum(as_read, metadata, where=str(weights_path))
+    files = read_model_files(path)
+    model = model_from_state_dict(files.cfg, files.state, files.tokenizer, where=str(files.weights_path))
+    files.check_records()  # after the shape check (its message is more specific)
+    if files.format == PAPER_FORMAT:
+        model.eval()  # as load_paper_checkpoint
     return model.to(device)
+
+
+def load_paper_checkpoint(
+    source: Union[str, Path], tokenizer: Union[str, Path, None] = None, with_tokenizer: bool = True
+) -> BilinearTransformer:
+    """A :class:`BilinearTransformer` (in eval mode) from one of the paper's checkpoint
+    directories or hub ids; ``tokenizer`` / ``with_tokenizer`` as in
+    :func:`~bilinear_lens.models.paper_checkpoints.read_paper_checkpoint`."""
+    path = resolve_model_dir(source)
+    cfg, state, tok = read_paper_checkpoint(path, tokenizer=tokenizer, with_tokenizer=with_tokenizer)
+    return model_from_state_dict(cfg, state, tok, where=str(path / WEIGHTS_FILE)).eval()
 
 
 def model_from_state_dict(cfg: ModelConfig, state: dict[str, Tensor], tokenizer: Any, where: str) -> BilinearTransformer:

@@ -1,4 +1,6 @@
-"""The released checkpoints of Pearce et al. 2024 (``tdooms/bilinear-decomposition``) as our model.
+"""The released checkpoints of Pearce et al. 2024 (``tdooms/bilinear-decomposition``) as our
+config and state dict (:func:`read_paper_checkpoint`: data, as :mod:`~bilinear_lens.models.hf_llama`
+gives; :mod:`bilinear_lens.models.model` builds the model).
 
 Two layouts exist; both are ``transformers`` ``PreTrainedModel`` directories
 (``config.json`` + ``model.safetensors``) with this module tree (``l`` = layer)::
@@ -48,9 +50,8 @@ from torch import Tensor
 from bilinear_lens.data.tokenizer import load_model_tokenizer
 from bilinear_lens.files.names import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
 from bilinear_lens.files.serialized import CheckpointError, read_json, read_tensors
-from bilinear_lens.models.config import ModelConfig
+from bilinear_lens.models.config import TORCH_DTYPES, ModelConfig
 from bilinear_lens.models.hub import resolve_model_dir
-from bilinear_lens.models.model import TORCH_DTYPES, BilinearTransformer, model_from_state_dict
 
 PAPER_EPS = 1e-8  # their RMSNorm's eps (shared/components.py)
 # Their "ln" norm has eps 0 (nn.LayerNorm's second positional argument is eps: norm_bias=False),
@@ -244,14 +245,17 @@ def paper_tokenizer_id(config: Mapping[str, Any], fmt: str) -> tuple[Optional[st
     return f"tdooms/TinyStories-{config.get('n_vocab', 4096)}", "[EOS]"
 
 
-def load_paper_checkpoint(
+def read_paper_checkpoint(
     source: Union[str, Path], tokenizer: Union[str, Path, None] = None, with_tokenizer: bool = True
-) -> BilinearTransformer:
-    """A :class:`BilinearTransformer` from one of their checkpoint directories or hub ids.
+) -> tuple[ModelConfig, dict[str, Tensor], Any]:
+    """``(our config, our state dict, tokenizer or None)`` of one of their checkpoint
+    directories or hub ids, as :func:`~bilinear_lens.models.hf_llama.model_config_from_llama`
+    and :func:`~bilinear_lens.models.hf_llama.from_llama_state_dict` give for a Llama
+    directory; the model is built from it by :func:`bilinear_lens.models.model.load_paper_checkpoint`.
 
     ``tokenizer``: a directory or hub id holding their tokenizer (default: the checkpoint
     directory if it has ``tokenizer.json``, else the hub id their code uses, from the
-    cache when offline). ``with_tokenizer=False`` converts the weights alone.
+    cache when offline). ``with_tokenizer=False`` converts the weights alone (``None``).
     """
     path = resolve_model_dir(source)
     config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
@@ -271,4 +275,4 @@ def load_paper_checkpoint(
             raise CheckpointError(f"{tok_source}: no tokenizer.json")
         if tok.pad_token is None and pad in tok.get_vocab():
             tok.pad_token = pad
-    return model_from_state_dict(cfg, converted, tok, where=str(weights_path)).eval()
+    return cfg, converted, tok

@@ -44,7 +44,7 @@ from typing import Any, Mapping, Optional
 import torch
 
 from bilinear_lens.files.names import SAE_CFG_FILE
-from bilinear_lens.models.model import TORCH_DTYPES
+from bilinear_lens.models.config import TORCH_DTYPES
 
 SAE_LENS_FORMAT_VERSION = "6.0.0"
 ARCHITECTURES = ("standard", "topk")

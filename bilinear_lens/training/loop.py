@@ -72,7 +72,8 @@ from bilinear_lens.data.tokenizer import to_hf_tokenizer
 from bilinear_lens.files.atomic import atomic_write_text
 from bilinear_lens.files.names import TOKENIZER_FILE
 from bilinear_lens.models.checkpoint import write_model_dir
-from bilinear_lens.models.model import BilinearTransformer, load_config, load_model
+from bilinear_lens.models.loading import load_config
+from bilinear_lens.models.model import BilinearTransformer, load_model
 from bilinear_lens.training.config import RunConfig, TrainConfig, load_run_config
 from bilinear_lens.distributed import DistEnv, read_environment
 from bilinear_lens.training.guard import DivergenceGuard, NonFiniteLossError

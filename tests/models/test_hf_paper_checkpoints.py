@@ -13,7 +13,7 @@ import torch
 from bilinear_lens.cli import main as cli_main
 from bilinear_lens.files.serialized import CheckpointError
 from bilinear_lens.models.model import BilinearTransformer
-from bilinear_lens.models.paper_checkpoints import load_paper_checkpoint
+from bilinear_lens.models.model import load_paper_checkpoint
 from bilinear_lens.weights.tensor import interaction_matrix
 from fixtures.hub_cache import fill_cache
 from fixtures.paper_checkpoints import D_HIDDEN, D_MODEL, N_CTX, N_HEAD, N_LAYER, N_VOCAB, paper_tokenizer, write_checkpoint

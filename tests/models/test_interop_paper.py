@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from bilinear_lens.files.serialized import CheckpointError
-from bilinear_lens.models.paper_checkpoints import load_paper_checkpoint
+from bilinear_lens.models.model import load_paper_checkpoint
 from fixtures.paper_checkpoints import D_HIDDEN, D_MODEL, N_CTX, N_HEAD, N_LAYER, N_VOCAB, write_checkpoint
 
 NORMS = [f"transformer.h.{l}.{n}" for l in range(N_LAYER) for n in ("n1", "n2")] + ["transformer.n_f"]
