@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 
 from bilinear_lens import cli
 from bilinear_lens.disk_errors import DiskWriteError, disk_write_error
-from bilinear_lens.models import model as model_module
+from bilinear_lens.models import loading as loading_module  # save_model writes the directory
 from bilinear_lens.files.serialized import write_tensors
 from bilinear_lens.models.model import build_model
 from bilinear_lens.training.run_dir import checkpoint_path
@@ -83,7 +83,7 @@ def test_read_only_export_and_too_large_atlas_shard(tmp_path, capsys, monkeypatc
     def read_only(directory, *args):
         raise OSError(errno.EROFS, "Read-only file system", str(directory / "config.json"))
 
-    monkeypatch.setattr(model_module, "write_model_dir", read_only)
+    monkeypatch.setattr(loading_module, "write_model_dir", read_only)
     assert cli.main(["convert", str(src), "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"cannot write model directory (--out) {out} (at " in err
