@@ -103,6 +103,8 @@ _MODULES: dict[str, tuple[str, ...]] = {
         "alignment_score", "model_alignment_score",
     ),
     "bilinear_lens.views.report": ("build_report", "write_report",),
+    # one measured text for CLI, report and notebooks (issue 25 item 5)
+    "bilinear_lens.training.measured_text": ("measured_rows", "measured_text", "MeasuredRows", "MeasuredText", "MeasuredTextError"),
     "bilinear_lens.sae.config": ("SAEConfig", "SAEConfigError",),
     "bilinear_lens.sae.model": ("SAE", "load_sae", "save_sae", "check_sae_fits_model", "hf_hook_name_mapped"),
     "bilinear_lens.sae.features": (

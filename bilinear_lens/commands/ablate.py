@@ -8,7 +8,7 @@ The first ``--n-texts`` documents (default 32) of ``--text-file`` (documents fou
 ``--documents``, training's rule: ``<|endoftext|>`` lines when present, else the whole
 file; without it, the validation documents of the corpus the checkpoint was trained on, as
 its ``run_config.toml`` records, or synthetic stories when it records none: the output
-says which, :mod:`bilinear_lens.commands.measured_text`) become one token stream, a BOS token before each document, as training packs its
+says which, :mod:`bilinear_lens.training.measured_text`, the rule the report and the notebooks use too) become one token stream, a BOS token before each document, as training packs its
 corpus; the stream is cut into rows of ``--seq-len`` tokens (default 64, at most the
 model's n_ctx: a longer one is refused). Every token of those documents counts and no row
 is padded: when the stream does not divide into rows, the last row is its final
@@ -39,7 +39,7 @@ import argparse
 import json
 import math
 import sys
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 
@@ -52,22 +52,14 @@ from bilinear_lens.commands.common import (
     analysis_parser,
     load_model_with_tokenizer,
     place_model,
-    add_documents_argument,
     report_error,
     require_positive,
     resolve_direction_arguments,
-    stream_rows,
     warn_special_token_text,
 )
-from bilinear_lens.commands.measured_text import measured_text
+from bilinear_lens.commands.measured_text import add_measured_text_arguments, measured_rows
 from bilinear_lens.models.hook_names import UnknownHookError, mlp_hook_name
-from bilinear_lens.models.protocol import HookedModel
-from bilinear_lens.progress import progress_bar
-
-DEFAULT_SEQ_LEN = 64  # capped at the model's n_ctx when --seq-len is not given
-# Text tokens read at most: one sweep runs every neuron's ablation over every row, so time
-# and memory grow with the text; the default 32 synthetic stories hold ~2-4k tokens.
-DEFAULT_MAX_TOKENS = 16_384
+from bilinear_lens.training.measured_text import DEFAULT_MAX_TOKENS, DEFAULT_SEQ_LEN  # noqa: F401 (re-exported)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,15 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--hook", choices=NEURON_HOOKS, default="hook_post", help="MLP hook ablated (default hook_post)"
     )
     parser.add_argument("--method", choices=METHODS, default="zero", help="ablation method (default zero)")
-    parser.add_argument("--text-file", help="UTF-8 text file of documents (default: the model's own training "
-                        "data as its checkpoint records it; synthetic stories when it records none)")
-    add_documents_argument(parser)
-    parser.add_argument("--n-texts", type=int, default=32, help="documents to use (default 32)")
-    parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
-                        help=f"use at most this many text tokens of those documents (default {DEFAULT_MAX_TOKENS}; BOS not counted)")
-    parser.add_argument("--seq-len", type=int, default=None,
-                        help=f"tokens per row, at most the model's n_ctx (default {DEFAULT_SEQ_LEN}, or n_ctx if smaller)")
-    parser.add_argument("--seed", type=int, default=0, help="synthetic-story and resample seed (default 0)")
+    add_measured_text_arguments(parser)
     parser.add_argument("--ablations-per-pass", type=int, default=None, help="ablations batched per forward pass")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     add_direction_arguments(parser)
@@ -122,46 +106,6 @@ def _sweep(args: argparse.Namespace, model: Any, tokens: torch.Tensor) -> tuple[
 
 def _check_args(args: argparse.Namespace) -> None:
     require_positive(args, "top", "n_texts", "ablations_per_pass", "max_tokens")
-    if args.seq_len is not None and args.seq_len < 2:
-        raise UsageError(f"--seq-len must be >= 2 (the loss needs a next token), got {args.seq_len}")
-
-
-def _seq_len(args: argparse.Namespace, model: HookedModel) -> int:
-    """``--seq-len``, or :data:`DEFAULT_SEQ_LEN` capped at n_ctx; a value above the model's
-    n_ctx is a :class:`UsageError` (it used to be cut silently)."""
-    n_ctx = model.cfg.n_ctx
-    if args.seq_len is None:
-        return min(DEFAULT_SEQ_LEN, n_ctx)
-    if args.seq_len > n_ctx:
-        raise UsageError(f"--seq-len {args.seq_len} is longer than the model's n_ctx {n_ctx}; give at most {n_ctx}")
-    return args.seq_len
-
-
-def _capped_stream(tokenizer: Any, texts: Iterator[str], max_tokens: int, progress: bool) -> tuple[list[int], int, bool]:
-    """``(stream, n_documents, capped)``: :func:`document_stream` of ``texts``, tokenized one
-    document at a time and cut after its ``max_tokens``-th text token (BOS not counted);
-    ``n_documents`` documents were read, ``capped``: the cut dropped text."""
-    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
-    stream: list[int] = []
-    n_text = n_documents = 0
-    capped = False
-    with progress_bar(total=max_tokens, desc="ablate: tokenizing", unit="tok", enabled=progress) as bar:
-        for text in texts:
-            ids = tokenizer.encode(text, add_special_tokens=False)
-            n_documents += 1
-            take = min(len(ids), max_tokens - n_text)
-            stream.extend(bos + ids[:take])
-            n_text += take
-            bar.update(take)
-            if n_text >= max_tokens:
-                capped = take < len(ids) or next(texts, None) is not None
-                break
-    return stream, n_documents, capped
-
-
-def _rows(stream: list[int], seq_len: int) -> tuple[torch.Tensor, int, int]:
-    rows, overlap = stream_rows(stream, seq_len, "--seq-len")
-    return rows, len(stream), overlap
 
 
 # An effect counts as distinguishable from zero beyond this many standard errors (~95%).
@@ -236,25 +180,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         _check_args(args)
         model = place_model(load_model_with_tokenizer(args.checkpoint, "ablate"), args)
-        seq_len = _seq_len(args, model)
-        measured = measured_text(args.text_file, args.checkpoint, args.n_texts, args.seed, args.documents)
-        documents_in_file = measured.documents_in_source
         warn_special_token_text(model.tokenizer, args.text_file, "ablate")
         # tokenizing is quick next to the sweep: a bar on a terminal only (the sweep reports in logs)
-        stream, n_documents, capped = _capped_stream(model.tokenizer, iter(measured.texts), args.max_tokens,
-                                                     progress=sys.stderr.isatty() and not args.quiet)
-        tokens, stream_tokens, overlap = _rows(stream, seq_len)
-        tokens = tokens.to(model.W_U.device)
+        measured = measured_rows(args, model, progress=sys.stderr.isatty() and not args.quiet)
+        tokens = measured.rows.to(model.W_U.device)
         table, by = _sweep(args, model, tokens)
     except (UsageError, UnknownHookError, ValueError, TypeError) as err:
         return report_error("ablate", err)
     except MemoryError:  # valid inputs, too large for this machine
         return report_error("ablate", f"out of memory ablating {args.max_tokens} tokens (--max-tokens) of "
                             f"--n-texts {args.n_texts} documents; lower --max-tokens or --ablations-per-pass", EXIT_FAILURE)
-    report = _report(args, tokens, stream_tokens, overlap, table, by)
-    report.update(n_documents=n_documents, documents_in_file=documents_in_file, n_texts=args.n_texts,
-                  max_tokens=args.max_tokens, capped=capped, text=measured.to_dict(n_documents),
-                  measured_on=measured.describe(n_documents))
+    report = _report(args, tokens, measured.stream_tokens, measured.overlap, table, by)
+    report.update(n_documents=measured.n_documents, documents_in_file=measured.text.documents_in_source,
+                  n_texts=args.n_texts, max_tokens=args.max_tokens, capped=measured.capped,
+                  text=measured.text.to_dict(measured.n_documents), measured_on=measured.describe())
     if args.json:
         print(json.dumps(report, indent=2))
     else:

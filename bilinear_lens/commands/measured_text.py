@@ -1,152 +1,73 @@
-"""Which text an analysis command measures on, and saying so on every result.
-
-``ablate``, ``report`` and ``polytope`` measure on ``--text-file`` when given. Otherwise
-they use the model's *own* data as its checkpoint records it (``run_config.toml``'s
-``[data]``, written by ``train`` into every checkpoint): the validation documents of that
-corpus (the same rule training used: source, ``data.documents``, ``val_fraction``, split
-seed), so a TinyStories model is no longer measured on the built-in synthetic stories. A
-checkpoint with no record (a converted or hand-saved model) falls back to the synthetic
-stories *and says so* in the result; a recorded corpus that cannot be read from here (a
-relative path from another directory, a hub dataset offline) is a usage error naming the
-recorded source and ``--text-file``.
-"""
+"""The measured-text rule for the commands: the library's
+(:mod:`bilinear_lens.training.measured_text`, also what the report and notebooks call), with
+its errors as :class:`~bilinear_lens.commands.common.UsageError` (exit 2), and the flags
+``ablate`` and ``report`` share so both measure on the same tokens by default."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from itertools import islice
-from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+import argparse
+from typing import Any, Optional
 
-from bilinear_lens.commands.common import UsageError, documents_of_text, read_text_file
+from bilinear_lens.commands.common import UsageError, add_documents_argument
+from bilinear_lens.training import measured_text as library
+from bilinear_lens.training.measured_text import (
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_N_TEXTS,
+    DEFAULT_SEQ_LEN,
+    MeasuredRows,
+    MeasuredText,
+)
 
-__all__ = ["MeasuredText", "measured_text", "recorded_data"]
-
-RUN_CONFIG_NAME = "run_config.toml"
-
-
-@dataclass
-class MeasuredText:
-    """The documents measured on and where they come from.
-
-    ``origin``: ``"text-file"`` (``--text-file``), ``"training-data"`` (the checkpoint's
-    recorded corpus; ``split`` says which part) or ``"synthetic"`` (the built-in stories:
-    the recorded corpus, or the fallback when nothing is recorded: ``note`` says which).
-    ``documents_in_source``: how many documents the file holds (``None`` when not counted).
-    ``texts`` is a list, or a lazy iterator for generated or streamed sources (``--n-texts``
-    may be huge; a consumer such as ``ablate`` reads only what its token cap needs and passes
-    the count it read to :meth:`describe` / :meth:`to_dict`).
-    """
-
-    texts: Iterable[str]
-    origin: str
-    source: str
-    split: Optional[str] = None
-    documents: Optional[str] = None
-    documents_in_source: Optional[int] = None
-    note: Optional[str] = None
-
-    def count(self, n_read: Optional[int] = None) -> Optional[int]:
-        """Documents measured: ``n_read`` when the consumer counted, else the list's length."""
-        return n_read if n_read is not None else (len(self.texts) if isinstance(self.texts, list) else None)
-
-    def describe(self, n_read: Optional[int] = None) -> str:
-        """One phrase for the printed result, e.g. ``"the model's training data (val split
-        of stories.txt, documents: endoftext), 32 documents"``."""
-        what = {"text-file": f"--text-file {self.source}",
-                "training-data": f"the model's training data ({self.split} split of {self.source})",
-                "synthetic": f"the built-in synthetic stories ({self.source})"}[self.origin]
-        if self.documents is not None:
-            what += f", documents: {self.documents}"
-        n = self.count(n_read)
-        return f"{what}, {'some' if n is None else n} documents" + (f" [{self.note}]" if self.note else "")
-
-    def to_dict(self, n_read: Optional[int] = None) -> dict[str, Any]:
-        return {"origin": self.origin, "source": self.source, "split": self.split, "documents": self.documents,
-                "n_documents": self.count(n_read), "documents_in_source": self.documents_in_source,
-                "note": self.note}
+__all__ = ["MeasuredRows", "MeasuredText", "add_measured_text_arguments", "measured_rows", "measured_text",
+           "recorded_data"]
 
 
 def recorded_data(checkpoint: str) -> Optional[Any]:
-    """The ``[data]`` section (:class:`~bilinear_lens.training.config.DataConfig`) recorded in
-    ``checkpoint/run_config.toml`` (or its run directory's), ``None`` when there is none."""
-    from bilinear_lens.training.config import load_run_config
-
-    path = Path(checkpoint)
-    for candidate in (path / RUN_CONFIG_NAME, path.parent / RUN_CONFIG_NAME):
-        if candidate.is_file():
-            try:
-                return load_run_config(candidate).data
-            except (ValueError, FileNotFoundError) as err:
-                raise UsageError(f"cannot read the training record {candidate}: {err}") from None
-    return None
-
-
-def _synthetic_val_documents(data: Any, n_texts: int) -> Iterator[str]:
-    from bilinear_lens.data.corpus import is_val_document, iter_texts
-
-    stories = iter_texts("synthetic", "train", seed=data.seed, max_docs=10**9)
-    if data.val_fraction > 0:
-        stories = (s for s in stories if is_val_document(s, data.val_fraction, data.seed))
-    return islice(stories, n_texts)
-
-
-def _recorded_local_file(data: Any, checkpoint: str) -> Path:
-    source = Path(data.source).expanduser()
-    for candidate in ([source] if source.is_absolute() else [source, Path(checkpoint).resolve().parent.parent / source]):
-        if candidate.is_file():
-            return candidate
-    raise UsageError(f"the model was trained on {data.source} (data.source in its {RUN_CONFIG_NAME}), which is not "
-                     "found from here; give the text to measure with --text-file")
-
-
-def _training_documents(data: Any, checkpoint: str, n_texts: Optional[int]) -> MeasuredText:
-    """The validation documents of the recorded corpus (training documents when it had no
-    validation split), first ``n_texts`` of them."""
-    from bilinear_lens.data.corpus import (CorpusUnavailableError, is_local_source, assign_splits, iter_texts,
-                                           text_file_rule)
-
-    local = is_local_source(data.source)
-    path = str(_recorded_local_file(data, checkpoint)) if local else data.source
-    rule = text_file_rule(path, data.documents) if local else None
-    want = "val" if data.val_fraction > 0 else "train"
+    """:func:`bilinear_lens.training.measured_text.recorded_data`, errors as :class:`UsageError`."""
     try:
-        texts = iter_texts(path, data.split, text_column=data.text_column, documents=data.documents,
-                           streaming=not local)
-        chosen = (t for s, t in assign_splits(texts, data.val_fraction, data.seed, rule == "file") if s == want)
-        documents = list(islice(chosen, n_texts))
-    except CorpusUnavailableError as err:
-        raise UsageError(f"the model's training data cannot be read here ({err}); give --text-file") from None
-    if not documents:
-        raise UsageError(f"the {want} split of the model's training data {data.source} holds no documents; "
-                         "give --text-file")
-    return MeasuredText(documents, "training-data", data.source, split=want, documents=rule)
+        return library.recorded_data(checkpoint)
+    except library.MeasuredTextError as err:
+        raise UsageError(str(err)) from None
 
 
-def measured_text(
-    text_file: Optional[str], checkpoint: str, n_texts: Optional[int], seed: int = 0, documents: str = "auto",
-    fallback_n_texts: int = 32,
-) -> MeasuredText:
-    """The documents a command measures on (see the module docstring): ``--text-file``'s
-    first ``n_texts`` (``None``: all) under the ``documents`` rule, else the checkpoint's
-    recorded corpus, else ``fallback_n_texts`` synthetic stories (seeded by ``seed``)."""
-    if text_file is not None:
-        from bilinear_lens.data.documents import resolve_document_rule
+def measured_text(text_file: Optional[str], checkpoint: str, n_texts: Optional[int], seed: int = 0,
+                  documents: str = "auto", fallback_n_texts: int = DEFAULT_N_TEXTS) -> MeasuredText:
+    """:func:`bilinear_lens.training.measured_text.measured_text`, errors as :class:`UsageError`."""
+    try:
+        return library.measured_text(text_file, checkpoint, n_texts, seed, documents, fallback_n_texts)
+    except library.MeasuredTextError as err:
+        raise UsageError(str(err)) from None
 
-        text = read_text_file(text_file)
-        every = documents_of_text(text, text_file, documents)
-        rule = resolve_document_rule(text, documents)
-        return MeasuredText(every[:n_texts], "text-file", text_file, documents=rule, documents_in_source=len(every))
-    data = recorded_data(checkpoint)
-    count = n_texts if n_texts is not None else fallback_n_texts
-    if data is None:
-        from bilinear_lens.data.synthetic import iter_synthetic_stories
 
-        return MeasuredText(islice(iter_synthetic_stories(seed), count), "synthetic", f"seed {seed}",
-                            note=f"the checkpoint records no training data (no {RUN_CONFIG_NAME}); "
-                                 "give --text-file to measure on its own text")
-    if data.source == "synthetic":
-        return MeasuredText(_synthetic_val_documents(data, count), "synthetic", f"data.seed {data.seed}",
-                            split="val" if data.val_fraction > 0 else "train",
-                            note="the model's training data")
-    return _training_documents(data, checkpoint, n_texts)
+def add_measured_text_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--text-file``, ``--documents``, ``--n-texts``, ``--max-tokens``, ``--seq-len``, ``--seed``
+    with the library's defaults (:func:`measured_rows`)."""
+    parser.add_argument("--text-file", help="UTF-8 text file of documents (default: the model's own training "
+                        "data as its checkpoint records it; synthetic stories when it records none)")
+    add_documents_argument(parser)
+    parser.add_argument("--n-texts", type=int, default=DEFAULT_N_TEXTS,
+                        help=f"documents to use (default {DEFAULT_N_TEXTS})")
+    parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                        help=f"use at most this many text tokens of those documents (default {DEFAULT_MAX_TOKENS}; "
+                             "BOS not counted)")
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help=f"tokens per row, at most the model's n_ctx (default {DEFAULT_SEQ_LEN}, or n_ctx if smaller)")
+    parser.add_argument("--seed", type=int, default=0, help="synthetic-story (and resample) seed (default 0)")
+
+
+def measured_rows(args: argparse.Namespace, model: Any, progress: bool) -> MeasuredRows:
+    """:func:`bilinear_lens.training.measured_text.measured_rows` of the flags above; a
+    ``--seq-len`` above n_ctx, an unreadable text or a text shorter than one row is a
+    :class:`UsageError` naming the flag."""
+    n_ctx = model.cfg.n_ctx
+    if args.seq_len is not None and args.seq_len < 2:
+        raise UsageError(f"--seq-len must be >= 2 (the loss needs a next token), got {args.seq_len}")
+    if args.seq_len is not None and args.seq_len > n_ctx:
+        raise UsageError(f"--seq-len {args.seq_len} is longer than the model's n_ctx {n_ctx}; give at most {n_ctx}")
+    try:
+        return library.measured_rows(model, args.checkpoint, args.text_file, args.n_texts, args.max_tokens,
+                                     args.seq_len, args.seed, args.documents, progress)
+    except library.MeasuredTextError as err:
+        raise UsageError(str(err)) from None
+    except ValueError as err:  # a stream shorter than one row
+        raise UsageError(str(err).replace("seq_len", "--seq-len")) from None

@@ -7,6 +7,12 @@ token (the same rule as ``eigen``); only the built-in defaults are skipped when 
 vocabulary splits them. ``--dtype`` is float32 or float64 (the eigendecompositions have no
 half-precision kernel). Exit status: 2 for a usage or input error, 1 when the page cannot
 be written.
+
+The losses (neuron ablation table, rank-k check) are measured on the rows ``ablate`` measures
+on with the same flags (``--text-file``, ``--documents``, ``--n-texts``, ``--max-tokens``,
+``--seq-len``, ``--seed``; :func:`~bilinear_lens.training.measured_text.measured_rows`), so
+the page's ablation table is the one ``bilinear-lens ablate`` prints; the first
+:data:`SHOWN_TEXTS` of those documents are shown token by token.
 """
 
 from __future__ import annotations
@@ -23,14 +29,16 @@ from bilinear_lens.commands.common import (
     add_direction_arguments,
     analysis_parser,
     place_model,
-    add_documents_argument,
     report_error,
     require_positive,
     resolve_direction_arguments,
     resolve_input_token_arguments,
 )
-from bilinear_lens.commands.measured_text import measured_text
+from bilinear_lens.commands.measured_text import add_measured_text_arguments, measured_rows
 from bilinear_lens.files.serialized import CheckpointError
+
+# Documents shown token by token (attention, eigenvector activations): a page per text.
+SHOWN_TEXTS = 8
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,10 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="HTML file to write")
     p.add_argument("--layer", type=int, default=0, help="block index the page is about (default 0)")
     add_direction_arguments(p, input_tokens=True)
-    p.add_argument("--text-file", help="sample texts (default: the model's own training data as its checkpoint "
-                   "records it; synthetic stories when it records none)")
-    add_documents_argument(p)
-    p.add_argument("--n-texts", type=int, default=8, help="sample texts used (default 8)")
+    add_measured_text_arguments(p)
     p.add_argument("--n-eigenvectors", type=int, default=4, help="eigenvectors shown per output direction (default 4)")
     add_device_args(p, dtypes=EIGH_DTYPES)
     return p
@@ -53,7 +58,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from bilinear_lens.views.report import write_report
 
     try:
-        require_positive(args, "n_texts", "n_eigenvectors")
+        require_positive(args, "n_texts", "n_eigenvectors", "max_tokens")
         if Path(args.out).is_dir():
             raise UsageError(f"--out {args.out} is a directory; give the HTML file to write")
         try:
@@ -61,9 +66,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         except (FileNotFoundError, CheckpointError, ValueError) as err:
             raise UsageError(f"cannot load checkpoint {args.checkpoint}: {err}") from None
         specs = [spec for _, spec in resolve_direction_arguments(args, model, several=True, required=False)]
-        measured = measured_text(args.text_file, args.checkpoint, args.n_texts, seed=1, documents=args.documents,
-                                 fallback_n_texts=args.n_texts)
-        measured.texts = texts = list(measured.texts)  # the report needs them all (--n-texts, default 8)
+        measured = measured_rows(args, model, progress=False)  # the rows ablate measures on, same flags
+        texts = measured.documents[:SHOWN_TEXTS]
         tokens = [s for s in specs if isinstance(s, int)]
         out = write_report(
             model,
@@ -71,7 +75,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             layer=args.layer,
             tokens=tokens or None,
             texts=texts,
-            text_label=measured.describe(),
+            rows=measured.rows.to(model.W_U.device),
+            text_label=measured.describe() + (f"; the first {len(texts)} shown as text" if len(texts) < measured.n_documents else ""),
             logit_diff=next((s for s in specs if isinstance(s, tuple)), None),
             input_tokens=resolve_input_token_arguments(args, model),
             n_eigenvectors=args.n_eigenvectors,

@@ -114,11 +114,12 @@ class _Sample:
     str_tokens: list[list[str]]
 
 
-def _sample(model: HookedModel, texts: Optional[Sequence[str]]) -> _Sample:
+def _sample(model: HookedModel, texts: Optional[Sequence[str]], rows: Optional[Tensor] = None) -> _Sample:
     if texts is None:
         texts = synthetic_stories(8, seed=1)
     samples = _sample_tokens(model, texts, max_len=model.cfg.n_ctx)
-    rows = _equal_rows(samples, min(model.cfg.n_ctx, 32))
+    if rows is None:
+        rows = _equal_rows(samples, min(model.cfg.n_ctx, 32))
     str_tokens = [[_name(model, int(t)) for t in s] for s in samples]
     return _Sample(samples, rows, str_tokens)
 
@@ -198,7 +199,7 @@ def _interaction_sections(
 
 
 def _ablation_sections(model: HookedModel, layer: int, sample: _Sample, top: int) -> list[Any]:
-    table = ablation_sweep(model, sample.rows, layer, progress=False)
+    table = ablation_sweep(model, sample.rows, layer, progress=False, position=None)
     clear = int((table["delta_loss"].abs() > 2 * table["delta_loss_se"]).sum())
     ranked = table.top(min(top, len(table)))
     rows = [(int(n), f"{d:+.5f}", f"{e:.5f}", "yes" if abs(d) > 2 * e else "~0")
@@ -268,6 +269,7 @@ def build_report(
     features: Sequence[Any] = (),
     progress: bool = True,
     text_label: Optional[str] = None,
+    rows: Optional[Int[Tensor, "n_rows pos"]] = None,
 ) -> str:
     """The report's HTML (see module docstring). ``model`` is a
     :class:`~bilinear_lens.models.model.BilinearTransformer` with a tokenizer. ``tokens`` and
@@ -276,7 +278,11 @@ def build_report(
     eigendecomposition section per SAE feature, as output tokens do. ``progress`` shows a
     progress bar over the sections. ``text_label`` says which text ``texts`` are (shown at
     the top; default: "the built-in synthetic stories" when ``texts`` is ``None``, else
-    "the given texts")."""
+    "the given texts"). ``rows`` (unpadded ``[n_rows, pos]`` token ids, e.g.
+    :func:`~bilinear_lens.training.measured_text.measured_rows`' ``rows``) are what the
+    losses and correlations (neuron ablation, rank-k check) are measured on, so the page
+    shows the numbers ``bilinear-lens ablate`` prints on the same rows; default: ``texts``
+    cut into rows of min(n_ctx, 32) tokens."""
     if getattr(model, "tokenizer", None) is None:
         raise ValueError("the report needs a model with a tokenizer (to show tokens)")
     check_layer(model, layer)
@@ -286,7 +292,7 @@ def build_report(
     if n_eigenvectors > model.cfg.d_model:  # Q(u) has d_model eigenvectors
         raise ValueError(f"n_eigenvectors (--n-eigenvectors) must be in [1, {model.cfg.d_model}] (d_model: the "
                          f"eigenvectors Q(u) has), got {n_eigenvectors}")
-    sample = _sample(model, texts)
+    sample = _sample(model, texts, rows)
     out_ids = _output_tokens(model, tokens, sample, has_features=bool(features))
     options = dict(n_eigenvectors=n_eigenvectors, logit_diff=logit_diff, input_tokens=input_tokens,
                    ablation_top=ablation_top, features=list(features))

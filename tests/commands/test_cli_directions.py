@@ -113,11 +113,9 @@ def test_ablate_ranks_by_the_feature(root, capsys):
     result = json.loads(out)
     assert result["ranked_by"] == "|delta_feature|" and result["rank_column"] == "delta_feature"
     model = load_model(root)
-    from bilinear_lens.commands.ablate import DEFAULT_MAX_TOKENS, _capped_stream, _rows
-    from bilinear_lens.commands.measured_text import measured_text
+    from bilinear_lens.training.measured_text import measured_rows
 
-    texts = iter(measured_text(None, str(root / "m"), 2, 0).texts)
-    tokens, _, _ = _rows(_capped_stream(model.tokenizer, texts, DEFAULT_MAX_TOKENS, progress=False)[0], 16)
+    tokens = measured_rows(model, str(root / "m"), n_texts=2, seq_len=16).rows
     table = feature_ablation_sweep(model, tokens, 0, FeatureDirection(load_sae(root / "out"), 2))
     expected = table.top(3, by="delta_feature").rows()
     assert [r["neuron"] for r in result["neurons"]] == [r["neuron"] for r in expected]
