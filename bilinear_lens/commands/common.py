@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from bilinear_lens.data.packing import stream_rows as pack_rows
@@ -86,14 +85,14 @@ def analysis_parser(command: str, description: str) -> Any:
 
 
 def read_text_file(path: str) -> str:
-    """The UTF-8 text of ``path``; a missing or non-UTF-8 file is a :class:`UsageError`."""
-    file = Path(path)
-    if not file.is_file():
-        raise UsageError(f"text file not found: {path}")
+    """The UTF-8 text of ``path`` (:func:`bilinear_lens.training.measured_text.read_text_file`);
+    a missing or non-UTF-8 file is a :class:`UsageError`."""
+    from bilinear_lens.training.measured_text import MeasuredTextError, read_text_file as read_library
+
     try:
-        return file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise UsageError(f"text file {path} is not UTF-8: {err}") from err
+        return read_library(path)
+    except MeasuredTextError as err:
+        raise UsageError(str(err)) from err
 
 
 def read_documents(path: str, limit: Optional[int] = None, rule: str = "auto") -> list[str]:

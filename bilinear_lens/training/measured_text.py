@@ -47,7 +47,8 @@ class MeasuredTextError(ValueError):
     """The text to measure cannot be found or read (a one-line message naming what to give)."""
 
 
-def _read_text_file(path: str) -> str:
+def read_text_file(path: str) -> str:
+    """The UTF-8 text of ``path``; a missing or non-UTF-8 file is a :class:`MeasuredTextError`."""
     file = Path(path)
     if not file.is_file():
         raise MeasuredTextError(f"text file not found: {path}")
@@ -165,7 +166,7 @@ def measured_text(
     if text_file is not None:
         from bilinear_lens.data.documents import resolve_document_rule, split_text
 
-        text = _read_text_file(text_file)
+        text = read_text_file(text_file)
         every = split_text(text, documents)
         if not every:
             raise MeasuredTextError(f"text file {text_file} holds no text")
