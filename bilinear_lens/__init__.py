@@ -96,8 +96,9 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "bilinear_lens.activations.region_counts": ("RegionCounts",),
     "bilinear_lens.activations.polytope": (
         "RegionTracker", "track_regions", "region_summary", "embedding_path_profile",
-        "residual_path_profile", "purity", "purity_report", "compare_purity", "kmeans",
+        "residual_path_profile", "purity", "purity_report", "compare_purity",
     ),
+    "bilinear_lens.activations.kmeans": ("kmeans",),
     "bilinear_lens.toy": (
         "ToyConfig", "ToyModel", "train_toy_model", "random_rotation", "rotation_invariance",
         "alignment_score", "model_alignment_score",
@@ -163,6 +164,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "bilinear_lens.activations.code_subsets": (
         "choose_units", "subset_codes", "subset_layout", "nearest_neighbour_hamming",
     ),
+    "bilinear_lens.activations.code_clusters": ("CodeClusters", "cluster_codes", "unpacked_codes"),
 }
 
 _PUBLIC: dict[str, str] = {name: module for module, names in _MODULES.items() for name in names}

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from bilinear_lens.activations.capture import capture_activations
 from bilinear_lens.activations.code_subsets import subset_codes, subset_layout
+from bilinear_lens.activations.kmeans import kmeans
 from bilinear_lens.activations.region_counts import RegionCounts
 from bilinear_lens.activations.spline_codes import (
     Layers,
@@ -268,12 +269,14 @@ def word_class_labels(tokenizer: Any, d_vocab: int) -> tuple[np.ndarray, list[st
 
 @dataclass
 class ActivationSample:
-    """In-memory sample of tokens from a :func:`track_regions` pass (for k-means)."""
+    """In-memory sample of tokens from a :func:`track_regions` pass (for k-means on
+    activations, :func:`compare_purity`, or on codes, :func:`~bilinear_lens.activations.code_clusters.cluster_codes`)."""
 
     region_ids: np.ndarray  # [n] uint64
     activations: np.ndarray  # [n, d] float32, at ``hook_name``
     token_ids: np.ndarray  # [n]
     hook_name: str
+    codes: Optional[np.ndarray] = None  # [n, n_bytes] uint8: the tokens' packed codes (those region_ids hash)
 
 
 def _check_counts(**counts: Any) -> None:
@@ -322,7 +325,8 @@ def track_regions(
     region) are skipped, and so are positions where ``masks`` (one bool tensor per batch,
     its shape; e.g. :func:`~bilinear_lens.data.packing.count_mask`) is False. ``token_labels`` maps token id to label (``-1``: unlabelled).
     With ``sample_hook`` and ``sample_size > 0`` the activations at that hook of the
-    first ``sample_size`` kept tokens are returned too, with their region ids. Batches
+    first ``sample_size`` kept tokens are returned too, with their region ids and packed
+    codes (:class:`ActivationSample`). Batches
     go to the model's device; ``progress`` shows a progress bar. Under ``torchrun`` rank ``r``
     runs batches ``i % world_size == r`` and all ranks end with the merged region, label
     and token counts (``RegionCounts.merge``), equal to one process'; example contexts and
@@ -369,16 +373,17 @@ def track_regions(
         if sample_hook and n_sampled < sample_size:
             take = keep[: sample_size - n_sampled]
             acts = cache[sample_hook].detach().float().cpu().numpy().reshape(token_ids.size, -1)[take]
-            sampled.append((region_ids(codes[: take.size]), acts, token_ids[take]))
+            sampled.append((region_ids(codes[: take.size]), acts, token_ids[take], codes[: take.size].copy()))
             n_sampled += take.size
     if ranks.world_size > 1:
         _merge_counts_across_ranks(tracker)
     if not sample_hook or sample_size <= 0:
         return tracker, None
     if not sampled:
-        return tracker, ActivationSample(np.zeros(0, np.uint64), np.zeros((0, 0), np.float32), np.zeros(0, np.int64), sample_hook)
-    ids, acts, toks = (np.concatenate(parts) for parts in zip(*sampled))
-    return tracker, ActivationSample(ids, acts, toks, sample_hook)
+        return tracker, ActivationSample(np.zeros(0, np.uint64), np.zeros((0, 0), np.float32), np.zeros(0, np.int64),
+                                         sample_hook, np.zeros((0, kept_layout.n_bytes), np.uint8))
+    ids, acts, toks, codes = (np.concatenate(parts) for parts in zip(*sampled))
+    return tracker, ActivationSample(ids, acts, toks, sample_hook, codes)
 
 
 def _merge_counts_across_ranks(tracker: RegionTracker) -> None:
@@ -653,61 +658,6 @@ def purity(clusters: ArrayLike, labels: ArrayLike) -> float:
 def purity_report(clusters: ArrayLike, labels: ArrayLike, min_size: int = 5, n_shuffles: int = 20, seed: int = 0) -> PurityReport:
     """:class:`PurityReport` of a clustering (one id per token) w.r.t. ``labels``."""
     return _report(_Contingency.from_tokens(clusters, labels), min_size, n_shuffles, seed)
-
-
-def kmeans(
-    x: Float[ArrayLike, "n d"], k: int, n_iter: int = 50, seed: int = 0
-) -> tuple[Int[np.ndarray, "n"], Float[np.ndarray, "k d"]]:
-    """Seeded k-means (k-means++ init, then Lloyd until assignments stop changing).
-
-    Returns ``(assignment, centroids)``. ``k`` is capped at the number of distinct points
-    (then every distinct point is its own cluster). An empty cluster keeps its centroid.
-    """
-    points = _numpy(x).astype(np.float64)
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    distinct, inverse = np.unique(points, axis=0, return_inverse=True)
-    if k >= distinct.shape[0]:
-        return inverse.reshape(-1).astype(np.int64), distinct
-    rng = np.random.default_rng(seed)
-    centroids = _kmeans_plus_plus(points, k, rng)
-    assignment = np.full(points.shape[0], -1, dtype=np.int64)
-    for _ in range(n_iter):
-        new = _nearest(points, centroids)
-        if np.array_equal(new, assignment):
-            break
-        assignment = new
-        sums = np.zeros_like(centroids)
-        np.add.at(sums, assignment, points)
-        counts = np.bincount(assignment, minlength=k)
-        filled = counts > 0
-        centroids[filled] = sums[filled] / counts[filled, None]
-    return assignment, centroids
-
-
-def _kmeans_plus_plus(points: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """k-means++ seeding (Arthur & Vassilvitskii 2007): each next centre with probability
-    proportional to the squared distance to the nearest centre so far."""
-    centroids = np.empty((k, points.shape[1]))
-    centroids[0] = points[rng.integers(points.shape[0])]
-    nearest = ((points - centroids[0]) ** 2).sum(1)
-    for i in range(1, k):
-        total = nearest.sum()
-        index = rng.choice(points.shape[0], p=nearest / total) if total > 0 else rng.integers(points.shape[0])
-        centroids[i] = points[index]
-        nearest = np.minimum(nearest, ((points - centroids[i]) ** 2).sum(1))
-    return centroids
-
-
-def _nearest(points: np.ndarray, centroids: np.ndarray, max_block: int = 1 << 22) -> np.ndarray:
-    """Index of the nearest centroid per point, in row blocks of at most ``max_block`` distances."""
-    rows = max(1, max_block // centroids.shape[0])
-    c_sq = (centroids**2).sum(1)
-    out = np.empty(points.shape[0], dtype=np.int64)
-    for start in range(0, points.shape[0], rows):
-        block = points[start : start + rows]
-        out[start : start + rows] = (c_sq[None, :] - 2 * block @ centroids.T).argmin(1)
-    return out
 
 
 @dataclass(frozen=True)

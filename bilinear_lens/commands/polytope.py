@@ -42,6 +42,15 @@ per token, a warning says so and names the measures that stay meaningful:
   reservoir as the mean Hamming distance), the mean/median distance to the nearest other
   sampled token's code, the fraction with one within ``--hamming-radius`` units (default 1%
   of the code's units, at least 1) and the fraction sharing a region with another.
+- ``--kmeans K``: k-means with K clusters on the codes of the sampled tokens (the first
+  ``--purity-tokens`` counted tokens; :func:`~bilinear_lens.activations.code_clusters.cluster_codes`).
+  On 0/1 codes squared distance is Hamming distance, and tokens of one region always share a
+  cluster, so the clusters are K unions of regions whatever the width. The output gives their
+  sizes, the mean Hamming distance from a token to its cluster's majority code (next to the
+  same for one cluster: how much tighter K clusters are than the whole sample) and, with
+  labels, their label purity against its shuffled chance level (a row of the purity table).
+  K must be at most ``--purity-tokens``; a text with fewer sampled tokens than K skips it
+  with a warning.
 - The k-means comparison of the purity section (``--labels``), which clusters activations
   rather than codes.
 
@@ -81,7 +90,9 @@ from bilinear_lens.activations.polytope import (
     track_regions,
     word_class_labels,
 )
+from bilinear_lens.activations.code_clusters import cluster_codes
 from bilinear_lens.activations.code_subsets import choose_units, default_radius, nearest_neighbour_hamming, subset_layout
+from bilinear_lens.activations.polytope import purity_report
 from bilinear_lens.activations.spline_codes import CODE_FACTORS, code_layout
 from bilinear_lens.models.protocol import HookedModel
 
@@ -121,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="make codes from a seeded random subset of this many units of EACH layer (the same "
                         "units for each factor of a layer; default: all d_mlp units); coarser regions, so counts stay "
                         "meaningful at realistic width; the JSON lists the units")
+    parser.add_argument("--kmeans", type=int, default=None, metavar="K",
+                        help="k-means with K clusters on the sampled tokens' codes (the --purity-tokens sample; "
+                        "Hamming distance): cluster sizes, distance to each cluster's majority code and, with labels, "
+                        "label purity; meaningful at any width (K <= --purity-tokens)")
     parser.add_argument("--hamming-radius", type=int, default=None,
                         help="Hamming radius of a 'neighbour' for the nearest-neighbour measure (default: 1%% of the "
                         "code's units, at least 1)")
@@ -174,7 +189,10 @@ def _token_labels(model: HookedModel, kind: str) -> tuple[Optional[np.ndarray], 
 
 def analyse(args: argparse.Namespace) -> dict[str, Any]:
     """Run the analysis; everything the command prints, as a JSON-ready dict."""
-    require_positive(args, "max_tokens", "batch_size", "context", "top", "k", "purity_tokens", "min_size")
+    require_positive(args, "max_tokens", "batch_size", "context", "top", "k", "purity_tokens", "min_size", "kmeans")
+    if args.kmeans is not None and args.kmeans > args.purity_tokens:
+        raise UsageError(f"--kmeans must be at most --purity-tokens {args.purity_tokens} (the sampled tokens it "
+                         f"clusters), got {args.kmeans}")
     require_non_negative(args, "examples", "warmup", "seed", "hamming_radius")
     if args.seed >= 2**32:  # numpy's generators (samples, k-means) take seeds below 2**32
         raise UsageError(f"--seed must be < 2**32 = {2**32}, got {args.seed}")
@@ -202,7 +220,7 @@ def analyse(args: argparse.Namespace) -> dict[str, Any]:
         token_labels=labels,
         examples_per_region=args.examples,
         context_width=args.context,
-        sample_hook=sample_hook if labels is not None else None,
+        sample_hook=sample_hook if labels is not None or args.kmeans is not None else None,
         sample_size=args.purity_tokens,
         seed=args.seed,
         progress=not args.quiet,
@@ -230,6 +248,7 @@ def analyse(args: argparse.Namespace) -> dict[str, Any]:
     result["warnings"] = region_warnings(
         result["distinct_regions"], result["tokens"], kept_layout.n_units, counts["tokens_beyond_max"])
     result["purity"] = _purity(args, tracker, sample, labels, label_names, sample_hook, counts, degenerate)
+    result["code_clusters"] = _code_clusters(args, sample, labels, kept_layout.n_units, counts, result["warnings"])
     return result
 
 
@@ -267,8 +286,8 @@ def more_text_advice(tokens_beyond_max: int) -> str:
 
 WIDTH_ADVICE = (
     "more text will not change this; measures that stay meaningful: --units K (codes on K random units per layer, "
-    "coarser regions), the Hamming neighbourhoods (nearest sampled code, --hamming-radius) and the k-means "
-    "purity comparison (--labels)")
+    "coarser regions), the Hamming neighbourhoods (nearest sampled code, --hamming-radius), --kmeans K (k-means "
+    "on the codes: K clusters of nearby codes, with label purity) and the k-means purity comparison (--labels)")
 
 
 def region_warnings(n_regions: int, n_tokens: int, n_units: int, tokens_beyond_max: int) -> list[str]:
@@ -315,7 +334,7 @@ def _purity(
             f"no region holds --min-size {args.min_size} or more labelled tokens ({all_labelled.n_tokens} labelled "
             f"tokens in {all_labelled.n_clusters} regions): region purity is inflated by tiny regions, not evidence "
             "(compare 'shuffled'); "
-            + ("at this width every token is nearly its own region: use --units K" if degenerate
+            + ("at this width every token is nearly its own region: use --units K or --kmeans K" if degenerate
                else more_text_advice(counts["tokens_beyond_max"])))
     if n_sample < 2 * args.min_size:
         out["warnings"].append(
@@ -327,6 +346,35 @@ def _purity(
     k = args.k if args.k is not None else default_k(n_sample, n_regions, args.min_size)
     comparison = compare_purity(sample.activations, sample.region_ids, sample_labels, k, args.min_size, seed=args.seed)
     out["sample"] = comparison.as_dict()
+    return out
+
+
+def _code_clusters(
+    args: argparse.Namespace, sample: Any, labels: Optional[np.ndarray], n_units: int, counts: dict[str, int],
+    warnings: list[str],
+) -> Optional[dict[str, Any]]:
+    """``--kmeans K``: k-means on the sampled tokens' codes (see the module docstring), or
+    ``None`` (not asked, or skipped with a warning appended to ``warnings``)."""
+    if args.kmeans is None:
+        return None
+    n_sample = 0 if sample is None else int(sample.token_ids.size)
+    if n_sample < args.kmeans:
+        warnings.append(f"k-means on codes skipped: the sample holds {n_sample} tokens, fewer than --kmeans "
+                        f"{args.kmeans}; lower --kmeans or {more_text_advice(counts['tokens_beyond_max'])}")
+        return None
+    clusters = cluster_codes(sample.codes, n_units, args.kmeans, seed=args.seed)
+    out = clusters.as_dict()
+    out["regions_in_sample"] = int(np.unique(sample.region_ids).size)
+    out["mean_distance_to_centre_one_cluster"] = cluster_codes(sample.codes, n_units, 1).mean_distance_to_centre
+    token_labels = None if labels is None else labels[sample.token_ids]
+    labelled = 0 if token_labels is None else int((token_labels >= 0).sum())
+    out["purity"] = (purity_report(clusters.assignment, token_labels, args.min_size, seed=args.seed).as_dict()
+                     if labelled else None)
+    if clusters.n_tokens < args.min_size * clusters.n_clusters:
+        warnings.append(
+            f"k-means on codes: {clusters.n_clusters} clusters for {clusters.n_tokens} sampled tokens average fewer "
+            f"than --min-size {args.min_size}, so their purity is inflated by small clusters (compare 'shuffled'); "
+            "lower --kmeans or raise --purity-tokens")
     return out
 
 
@@ -356,6 +404,7 @@ def format_report(result: dict[str, Any]) -> str:
         f"  nearest sampled code   mean {_fmt(near['mean'])}, median {_fmt(near['median'])} units away; "
         f"{_fmt(near['within_radius'])} of sampled tokens have one within --hamming-radius {near['radius']}, "
         f"{_fmt(near['same_region'])} in their region",
+        *_code_cluster_lines(result["code_clusters"]),
         *[f"  warning: {w}" for w in result["warnings"]],
         "",
         "most common regions",
@@ -371,6 +420,8 @@ def format_report(result: dict[str, Any]) -> str:
     rows = [("regions, all labelled", purity["all_labelled"])]
     if "sample" in purity:
         rows += [("regions, sample", purity["sample"]["regions"]), ("k-means, sample", purity["sample"]["kmeans"])]
+    if (result["code_clusters"] or {}).get("purity"):
+        rows.append((f"k-means codes, k={result['code_clusters']['k']}", result["code_clusters"]["purity"]))
     min_size = purity["all_labelled"]["min_size"]
     lines += [
         "",
@@ -389,6 +440,21 @@ def format_report(result: dict[str, Any]) -> str:
                  f"with >= {min_size} (--min-size) tokens; covered: share of labelled tokens in them; see --help)")
     lines += [f"  warning: {w}" for w in purity["warnings"]]
     return "\n".join(lines)
+
+
+def _code_cluster_lines(clusters: Optional[dict[str, Any]]) -> list[str]:
+    """The ``--kmeans`` lines of the region table (none without ``--kmeans``)."""
+    if clusters is None:
+        return []
+    sizes = clusters["tokens_per_cluster"]
+    return [
+        f"  k-means on codes       {clusters['n_clusters']} clusters (--kmeans {clusters['k']}) of {clusters['n_tokens']} "
+        f"sampled tokens in {clusters['regions_in_sample']} regions; tokens per cluster mean {sizes['mean']:.2f}, "
+        f"median {sizes['median']:g}, max {sizes['max']}, {sizes['singleton_clusters']} singletons",
+        f"  distance to centre     mean {_fmt(clusters['mean_distance_to_centre'])} units from a token's code to its "
+        f"cluster's majority code ({100 * clusters['mean_fraction_to_centre']:.1f}% of units); one cluster: "
+        f"{_fmt(clusters['mean_distance_to_centre_one_cluster'])}",
+    ]
 
 
 def _json_safe(value: Any) -> Any:

@@ -104,7 +104,7 @@ def test_cli_warns_at_width_and_purity_advice_follows_the_cause(wide_model, text
     assert warning.startswith("every token is (nearly) its own region") and f"warning: {warning}" in err
     purity_warnings = result["purity"]["warnings"]
     assert all("--text-file" not in w for w in purity_warnings)  # text was cut, and width is the cause anyway
-    assert any(w.endswith("at this width every token is nearly its own region: use --units K") for w in purity_warnings)
+    assert any(w.endswith("at this width every token is nearly its own region: use --units K or --kmeans K") for w in purity_warnings)
     # the measure that stays meaningful: nearest sampled code
     near = result["hamming_neighbours"]
     assert near["n_sampled"] == result["hamming"]["n_sampled"] and near["radius"] == default_radius(256) == 3
