@@ -90,7 +90,7 @@ from bilinear_lens.training.resume_rule import (
     format_differences,
     resume_may_change,
 )
-from bilinear_lens.training.run_dir import FINAL_DIR, METRICS_FILE, claim_run_dir, resolve_resume
+from bilinear_lens.training.run_dir import FINAL_DIR, check_stop_at, METRICS_FILE, claim_run_dir, resolve_resume
 from bilinear_lens.training.state import read_train_state
 
 logger = logging.getLogger(__name__)
@@ -384,8 +384,7 @@ def train_sae(
     :class:`~bilinear_lens.locking.LockHeldError` (another run writes ``out_dir``),
     :class:`~bilinear_lens.training.guard.NonFiniteLossError` (training diverged)."""
     out_dir, checkpoint = Path(out_dir), Path(checkpoint)
-    if stop_at is not None and stop_at < 1:
-        raise ValueError(f"stop_at must be >= 1, got {stop_at}")
+    check_stop_at(stop_at)
     # the torchrun check before the lock; the device is read again once the recipe is known
     env = read_environment(recipe.train.device if recipe is not None else "cpu")
     if env.enabled:

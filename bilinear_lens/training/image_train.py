@@ -53,7 +53,7 @@ from bilinear_lens.training.config import TrainConfig, read_toml, toml_value
 from bilinear_lens.distributed import read_environment
 from bilinear_lens.training.loop import TrainTask, Trainer, apply_recipe_hyperparameters, make_optimizer
 from bilinear_lens.training.metrics import read_metrics
-from bilinear_lens.training.run_dir import FINAL_DIR, METRICS_FILE, claim_run_dir, resolve_resume
+from bilinear_lens.training.run_dir import FINAL_DIR, check_stop_at, METRICS_FILE, claim_run_dir, resolve_resume
 from bilinear_lens.training.state import read_train_state
 
 RECIPE_FILE = "image_recipe.json"
@@ -304,8 +304,7 @@ def train_image_classifier(
     the recipe names: tests pass a cached copy). ``stop_at``: stop there with a checkpoint.
     Resuming a finished run trains and writes nothing (``already_finished``)."""
     out_dir = Path(out_dir)
-    if stop_at is not None and stop_at < 1:
-        raise ValueError(f"stop_at must be >= 1, got {stop_at}")
+    check_stop_at(stop_at)
     tc = recipe.train
     env = read_environment(tc.device)
     if env.enabled:

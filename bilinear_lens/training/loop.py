@@ -84,6 +84,7 @@ from bilinear_lens.training.run_dir import (
     FINAL_DIR,
     METRICS_FILE,
     RUN_CONFIG_FILE,
+    check_stop_at,
     checkpoint_path,
     claim_run_dir,
     latest_checkpoint,
@@ -474,8 +475,7 @@ def train(
             f"train.batch_size={tc.batch_size} in {run_config.source} must be divisible by "
             f"world_size * train.grad_accum = {env.world_size} * {tc.grad_accum}"
         )
-    if stop_at is not None and stop_at < 1:
-        raise ValueError(f"stop_at must be >= 1, got {stop_at}")
+    check_stop_at(stop_at)
     threads_before = torch.get_num_threads()
     try:
         with claim_run_dir(out_dir, writer=env.is_main):

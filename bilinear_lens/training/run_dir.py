@@ -34,10 +34,17 @@ from bilinear_lens.files.names import (
 __all__ = [
     "CHECKPOINTS_DIR", "FINAL_DIR", "METRICS_FILE", "RUN_CONFIG_FILE", "LOCK_FILE",
     "checkpoint_path", "list_checkpoints", "latest_checkpoint", "prune_checkpoints",
-    "resolve_resume", "claim_run_dir",
+    "resolve_resume", "claim_run_dir", "check_stop_at",
 ]
 
 _STEP_PREFIX = "step_"
+
+
+def check_stop_at(stop_at: Optional[int]) -> None:
+    """``ValueError`` naming ``stop_at`` unless it is ``None`` or ``>= 1`` (every trainer's
+    "stop after this many steps with a checkpoint", checked before its run directory is touched)."""
+    if stop_at is not None and stop_at < 1:
+        raise ValueError(f"stop_at must be >= 1, got {stop_at}")
 
 
 def checkpoint_path(out_dir: Path, step: int) -> Path:
