@@ -8,8 +8,9 @@ The first ``--n-texts`` documents (default 32) of ``--text-file`` (documents fou
 ``--documents``, training's rule: ``<|endoftext|>`` lines when present, else the whole
 file; without it, the validation documents of the corpus the checkpoint was trained on, as
 its ``run_config.toml`` records, or synthetic stories when it records none: the output
-says which, :mod:`bilinear_lens.training.measured_text`, the rule the report and the notebooks use too) become one token stream, a BOS token before each document, as training packs its
-corpus; the stream is cut into rows of ``--seq-len`` tokens (default 64, at most the
+says which; :mod:`bilinear_lens.training.measured_text`, the rule the report and the
+notebooks use too) become one token stream, a BOS token before each document, as training
+packs its corpus; the stream is cut into rows of ``--seq-len`` tokens (default 64, at most the
 model's n_ctx: a longer one is refused). Every token of those documents counts and no row
 is padded: when the stream does not divide into rows, the last row is its final
 ``--seq-len`` tokens, re-reading ``overlap`` tokens of the row before (the JSON's
@@ -82,24 +83,31 @@ def _has_direction(args: argparse.Namespace) -> bool:
     return bool(args.token or args.token_id or args.logit_diff or args.logit_diff_id or args.sae or args.feature)
 
 
-def _sweep(args: argparse.Namespace, model: Any, tokens: torch.Tensor) -> tuple[NeuronTable, str]:
+def _direction(args: argparse.Namespace, model: Any) -> Any:
+    """The output direction the flags name (``None``: rank by the loss); usage errors here,
+    before any text is read."""
+    from bilinear_lens.weights.directions import FeatureDirection
+
+    spec = resolve_direction_arguments(args, model)[0][1] if _has_direction(args) else None
+    if isinstance(spec, FeatureDirection) and args.feature_read != "decoder":
+        raise UsageError("--feature-read has no effect on ablate: it measures the feature's activation")
+    return spec
+
+
+def _sweep(args: argparse.Namespace, model: Any, tokens: torch.Tensor, spec: Any) -> tuple[NeuronTable, str]:
     """The neuron table and the column whose magnitude ranks it (see module docstring)."""
     from bilinear_lens.weights.directions import FeatureDirection
 
     common = dict(hook=args.hook, method=args.method, seed=args.seed)
-    spec = resolve_direction_arguments(args, model)[0][1] if _has_direction(args) else None
     if isinstance(spec, FeatureDirection):
         from bilinear_lens.sae.ablation import feature_ablation_sweep
 
-        if args.feature_read != "decoder":
-            raise UsageError("--feature-read has no effect on ablate: it measures the feature's activation")
-
         table = feature_ablation_sweep(model, tokens, args.layer, spec, ablations_per_pass=args.ablations_per_pass,
-                                       progress=sys.stderr.isatty() and not args.quiet, **common)
+                                       progress=not args.quiet, **common)
         return table, "delta_feature"
     target = {} if spec is None else {"logit_diff": spec} if isinstance(spec, tuple) else {"logit": spec}
     table = ablation_sweep(model, tokens, args.layer, ablations_per_pass=args.ablations_per_pass,
-                           progress=sys.stderr.isatty() and not args.quiet, position=None, **target, **common)
+                           progress=not args.quiet, position=None, **target, **common)
     by = "delta_loss" if spec is None else "delta_logit_diff" if isinstance(spec, tuple) else "delta_logit"
     return table, by
 
@@ -148,7 +156,7 @@ def _documents(report: dict[str, Any]) -> str:
     n, in_file = report["n_documents"], report["documents_in_file"]
     cap = f", capped at --max-tokens {report['max_tokens']} text tokens" if report.get("capped") else ""
     if in_file is None:
-        return f"{n} documents{cap}"
+        return f"{n} document{'' if n == 1 else 's'}{cap}"
     if n == in_file and not report.get("capped"):
         return f"all {n} documents of the file"
     return f"{n} of the file's {in_file} documents (--n-texts {report['n_texts']}){cap}"
@@ -170,7 +178,9 @@ def _print_table(report: dict[str, Any]) -> None:
               f"(|{by}| > {SE_MULTIPLE:g} standard errors over the {rows} rows); '~0' marks a ranked effect that is not")
     print(f"{'rank':>5}  {'neuron':>6}  " + "  ".join(f"{c:>16}" for c in columns))
     for row in report["neurons"]:
-        cells = "  ".join(f"{'nan':>16}" if row[c] is None else f"{row[c]:>+16.6f}" for c in columns)
+        # effects carry their sign; a standard error is >= 0 and printed without one
+        cells = "  ".join(f"{'nan':>16}" if row[c] is None else f"{row[c]:>16.6f}" if c == se else f"{row[c]:>+16.6f}"
+                          for c in columns)
         mark = "  ~0" if row.get("distinguishable") is False else ""
         print(f"{row['rank']:>5}  {row['neuron']:>6}  {cells}{mark}")
 
@@ -180,11 +190,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         _check_args(args)
         model = place_model(load_model_with_tokenizer(args.checkpoint, "ablate"), args)
-        warn_special_token_text(model.tokenizer, args.text_file, "ablate")
-        # tokenizing is quick next to the sweep: a bar on a terminal only (the sweep reports in logs)
-        measured = measured_rows(args, model, progress=sys.stderr.isatty() and not args.quiet)
+        spec = _direction(args, model)
+        warn_special_token_text(model.tokenizer, args.text_file, "ablate", args.documents)
+        measured = measured_rows(args, model, progress=not args.quiet)
         tokens = measured.rows.to(model.W_U.device)
-        table, by = _sweep(args, model, tokens)
+        table, by = _sweep(args, model, tokens, spec)
     except (UsageError, UnknownHookError, ValueError, TypeError) as err:
         return report_error("ablate", err)
     except MemoryError:  # valid inputs, too large for this machine

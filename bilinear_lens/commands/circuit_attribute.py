@@ -20,7 +20,6 @@ are those of ``circuit patch``. Errors exit with code 2.
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Optional
 
 from bilinear_lens.commands.circuit_patch import add_kind_arguments, print_table, resolve_kind, top_cells
@@ -71,7 +70,7 @@ def run(args: argparse.Namespace) -> dict:
     model, clean, corrupted, label, metric, spec = load_patching_inputs(args, COMMAND)
     kind = resolve_kind(args, model, spec)
     common = dict(freeze_patterns=args.freeze_patterns, freeze_norm_scales=args.freeze_norm_scales,
-                  freeze_at=args.freeze_at, max_batch=args.max_batch, progress=sys.stderr.isatty() and not args.quiet)
+                  freeze_at=args.freeze_at, max_batch=args.max_batch, progress=not args.quiet)
     result = attribution_patching(model, clean, corrupted, metric, kind, args.method, **common)
     mean = result.mean()
     payload = {

@@ -19,7 +19,6 @@ Errors exit with code 2.
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any, Optional
 
 import torch
@@ -110,7 +109,7 @@ def run(args: argparse.Namespace) -> dict:
     check_out(args.out)
     model, clean, corrupted, label, metric, spec = load_patching_inputs(args, COMMAND)
     kind = resolve_kind(args, model, spec)
-    progress = sys.stderr.isatty() and not args.quiet
+    progress = not args.quiet
     grid = patch_grid(model, clean, corrupted, metric, kind, max_batch=args.max_batch,
                       progress=progress)
     effect = grid.effect().mean(-1)

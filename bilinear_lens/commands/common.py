@@ -288,16 +288,21 @@ def resolve_input_token_arguments(args: Any, model: Any) -> Optional[list[int]]:
     return _token_ids(model, "input-token", args.input_token, args.input_token_id)
 
 
-def warn_special_token_text(tokenizer: Any, path: Optional[str], command: str) -> None:
+def warn_special_token_text(tokenizer: Any, path: Optional[str], command: str, documents: str = "auto") -> None:
     """One ``warning:`` line on stderr per special token (``<|endoftext|>``...) whose text
-    occurs literally in text file ``path``: the tokenizer reads it as that special token
-    (one id), not as the characters (documented behaviour: the text is not escaped)."""
+    occurs literally inside the documents of text file ``path`` (``documents``: the rule
+    that splits it, :func:`~bilinear_lens.data.documents.split_text`): the tokenizer reads it as
+    that special token (one id), not as the characters (documented behaviour: the text is
+    not escaped). Separator lines the rule consumes are not counted: they are not text."""
     if path is None:
         return
-    text = read_text_file(path)
+    from bilinear_lens.data.documents import split_text
+
+    inside = split_text(read_text_file(path), documents)
     for token in getattr(tokenizer, "all_special_tokens", []) or []:
-        count = text.count(token) if token else 0
+        count = sum(document.count(token) for document in inside) if token else 0
         if count:
-            print(f"bilinear-lens {command}: warning: text file {path} holds the literal {token!r} {count} time(s); "
-                  f"it is read as the special token (id {tokenizer.convert_tokens_to_ids(token)}), not as text",
+            print(f"bilinear-lens {command}: warning: text file {path} holds the literal {token!r} {count} time(s) "
+                  f"inside its documents (--documents {documents}); it is read as the special token "
+                  f"(id {tokenizer.convert_tokens_to_ids(token)}), not as text",
                   file=sys.stderr)

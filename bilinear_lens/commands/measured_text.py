@@ -57,9 +57,12 @@ def add_measured_text_arguments(parser: argparse.ArgumentParser) -> None:
 
 def measured_rows(args: argparse.Namespace, model: Any, progress: bool) -> MeasuredRows:
     """:func:`bilinear_lens.training.measured_text.measured_rows` of the flags above; a
-    ``--seq-len`` above n_ctx, an unreadable text or a text shorter than one row is a
+    ``--documents`` rule without ``--text-file`` (it would be ignored), a ``--seq-len`` above n_ctx, an unreadable text or a text shorter than one row is a
     :class:`UsageError` naming the flag."""
     n_ctx = model.cfg.n_ctx
+    if args.text_file is None and args.documents != "auto":
+        raise UsageError(f"--documents {args.documents} applies to --text-file only; without it the model's own "
+                         "training data is split as its run recorded (data.documents); give --text-file too")
     if args.seq_len is not None and args.seq_len < 2:
         raise UsageError(f"--seq-len must be >= 2 (the loss needs a next token), got {args.seq_len}")
     if args.seq_len is not None and args.seq_len > n_ctx:

@@ -1,6 +1,6 @@
 """``bilinear-lens polytope``: polytope-region statistics of an MLP layer over a text file.
 
-    bilinear-lens polytope --checkpoint runs/tiny/final --layer 0 --text-file stories.txt
+    bilinear-lens polytope --checkpoint runs/tiny/final --layer 0 --text-file training/sample_stories.txt
 
 Prints the number of tokens and distinct regions (spline codes, see
 :mod:`bilinear_lens.activations.spline_codes`), tokens-per-region statistics, the most common regions
@@ -64,6 +64,7 @@ import argparse
 import json
 import math
 import sys
+import textwrap
 from typing import Any, Optional
 
 import numpy as np
@@ -76,11 +77,13 @@ from bilinear_lens.commands.common import (
     place_model,
     add_documents_argument,
     read_documents,
+    read_text_file,
     report_error,
     require_non_negative,
     require_positive,
     warn_special_token_text,
 )
+from bilinear_lens.data.documents import resolve_document_rule
 from bilinear_lens.data.packing import pack_documents
 from bilinear_lens.models.hook_names import mlp_hook_name
 from bilinear_lens.activations.polytope import (
@@ -143,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the samples, k-means and label shuffles (default 0)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     add_device_args(parser)
-    parser.epilog = (
+    parser.epilog = textwrap.fill(
         "purity table columns: labelled = labelled tokens; clusters = regions (or k-means clusters); purity = share "
         "of tokens carrying their cluster's majority label; shuffled = the same for randomly permuted labels "
         "(chance level, same cluster sizes); w>=N = purity over clusters of at least N = --min-size tokens only, "
@@ -158,13 +161,14 @@ def _token_rows(
     """``(rows, mask, counts)``: the documents of ``path`` (document ``rule``) packed by the
     one packing rule (:func:`~bilinear_lens.data.packing.pack_documents`: rows of n_ctx
     tokens, one shorter row if the text is shorter), the mask of positions to count, and how
-    many text tokens were read, cut by ``max_tokens``, skipped at row starts and counted."""
+    many text tokens were read, cut by ``max_tokens``, skipped at row starts and counted, and
+    how many documents the file holds under ``rule``."""
     documents = read_documents(path, rule=rule)
     try:
         packed = pack_documents(model.tokenizer, documents, model.cfg.n_ctx, max_tokens, warmup)
     except ValueError as err:
         raise UsageError(f"text file {path} has no tokens") from err
-    return packed.rows, packed.mask, packed.counts
+    return packed.rows, packed.mask, {**packed.counts, "documents_in_file": len(documents)}
 
 
 def resolve_label_kind(kind: str, checkpoint: str) -> str:
@@ -205,7 +209,7 @@ def analyse(args: argparse.Namespace) -> dict[str, Any]:
     code_units = None if chosen_units is None else {name: chosen_units[_hook_layer(name)] for name in layout.hook_names}
     kept_layout = layout if code_units is None else subset_layout(layout, code_units)
     rows, mask, counts = _token_rows(model, args.text_file, args.max_tokens, args.warmup, args.documents)
-    warn_special_token_text(model.tokenizer, args.text_file, "polytope")
+    warn_special_token_text(model.tokenizer, args.text_file, "polytope", args.documents)
     args.labels = resolve_label_kind(args.labels, args.checkpoint)
     tok = model.tokenizer
     special = {i for i in (tok.bos_token_id, tok.pad_token_id) if i is not None}
@@ -229,7 +233,9 @@ def analyse(args: argparse.Namespace) -> dict[str, Any]:
     )
     result: dict[str, Any] = {
         "checkpoint": str(args.checkpoint),
-        "text": {"source": args.text_file, "documents": args.documents, "labels": args.labels},
+        "text": {"source": args.text_file, "documents": args.documents,
+                 "rule": resolve_document_rule(read_text_file(args.text_file), args.documents),
+                 "documents_in_file": counts.pop("documents_in_file"), "labels": args.labels},
         "mlp_kind": model.cfg.mlp_kind,
         "layers": list(args.layer),
         "hooks": layout.hook_names,
@@ -386,7 +392,12 @@ def format_report(result: dict[str, Any]) -> str:
     """The human-readable tables."""
     sizes, ham, near = result["tokens_per_region"], result["hamming"], result["hamming_neighbours"]
     units = result["units"]
+    text = result["text"]
+    n_docs = text["documents_in_file"]
     lines = [
+        f"measured on --text-file {text['source']}, documents: {text['rule']}"
+        + (f" (--documents {text['documents']})" if text["documents"] != text["rule"] else "")
+        + f", {n_docs} document{'s' if n_docs != 1 else ''}; labels: {text['labels']}",
         f"polytope regions of {', '.join(result['hooks'])} ({result['mlp_kind']}): {result['n_units']} units"
         + (f" (--units {units['per_layer']} random units per layer, seed {units['seed']})" if units else "")
         + f", {result['code_bytes']} bytes per code",

@@ -206,7 +206,8 @@ def _ablation_sections(model: HookedModel, layer: int, sample: _Sample, top: int
             for n, d, e in zip(ranked["neuron"].tolist(), ranked["delta_loss"].tolist(), ranked["delta_loss_se"].tolist())]
     return [
         f"<h2>Single-neuron zero ablation, layer {layer} (hook_post)</h2>",
-        f"<p>Clean loss {table.baseline['loss']:.4f} on {sample.rows.numel()} tokens ({sample.rows.shape[0]} rows). "
+        f"<p>Clean loss {table.baseline['loss']:.4f} on {sample.rows.shape[0]} x {sample.rows.shape[1]} tokens "
+        "(rows x positions, as <code>ablate</code> counts them). "
         f"{clear} of {len(table)} neurons change the loss by more than two standard errors (over rows); "
         "a ranking among the others is noise on this text.</p>",
         _table(rows, ("neuron", "Δ loss", "standard error", "distinguishable")),

@@ -96,3 +96,31 @@ def test_polytope_labels_follow_the_training_data(checkpoints):
     assert resolve_label_kind("auto", str(checkpoints / "synthetic")) == "word-class"
     assert resolve_label_kind("auto", str(checkpoints / "bare")) == "word-class"
     assert resolve_label_kind("none", str(checkpoints / "local")) == "none"
+
+
+@pytest.mark.parametrize("command", ["ablate", "report"])
+def test_documents_without_text_file_is_refused_not_ignored(checkpoints, capsys, tmp_path, command):
+    from bilinear_lens.commands import report as report_cmd
+
+    main = {"ablate": ablate_cmd.main, "report": report_cmd.main}[command]
+    extra = ["--out", str(tmp_path / "r.html")] if command == "report" else []
+    assert main(["--checkpoint", str(checkpoints / "local"), "--documents", "paragraph", "--quiet", *extra]) == 2
+    assert capsys.readouterr().err == (
+        f"bilinear-lens {command}: error: --documents paragraph applies to --text-file only; without it the model's own "
+        "training data is split as its run recorded (data.documents); give --text-file too\n")
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_polytope_names_the_text_its_rule_and_document_count(checkpoints, capsys):
+    from bilinear_lens.commands import polytope as polytope_cmd
+
+    corpus = checkpoints / "stories.txt"
+    argv = ["--checkpoint", str(checkpoints / "local"), "--text-file", str(corpus), "--max-tokens", "100", "--quiet"]
+    assert polytope_cmd.main(argv) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == (f"measured on --text-file {corpus}, documents: endoftext (--documents auto), "
+                     f"{len(STORIES)} documents; labels: token")
+    assert polytope_cmd.main([*argv, "--documents", "file", "--json"]) == 0
+    text = json.loads(capsys.readouterr().out)["text"]
+    assert text == {"source": str(corpus), "documents": "file", "rule": "file", "documents_in_file": 1,
+                    "labels": "token"}

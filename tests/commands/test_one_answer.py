@@ -68,5 +68,6 @@ def test_report_table_shows_the_library_answer(trained, tmp_path):
     ranked = table.top(20, by="delta_loss").rows()
     assert cells == [(str(r["neuron"]), f"{r['delta_loss']:+.5f}", f"{r['delta_loss_se']:.5f}",
                       "yes" if abs(r["delta_loss"]) > 2 * r["delta_loss_se"] else "~0") for r in ranked]
-    assert f"Clean loss {table.baseline['loss']:.4f} on {measured.rows.numel()} tokens" in section
+    n_rows, seq_len = measured.rows.shape
+    assert f"Clean loss {table.baseline['loss']:.4f} on {n_rows} x {seq_len} tokens" in section
     assert "the built-in synthetic stories (data.seed 0)" in page and "the model&#x27;s training data" in page

@@ -80,7 +80,8 @@ def test_polytope_seed_range_and_special_token_literal(text_model, capsys) -> No
     err = capsys.readouterr().err
     model = BilinearTransformer.from_pretrained(text_model / "m")
     special = model.tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    assert f"holds the literal '<|endoftext|>' 1 time(s); it is read as the special token (id {special}), not as text" in err
+    assert (f"holds the literal '<|endoftext|>' 1 time(s) inside its documents (--documents auto); it is read as the "
+            f"special token (id {special}), not as text") in err
 
 
 def test_garbled_finite_weights_are_refused_by_checksum(tmp_path) -> None:
