@@ -62,6 +62,7 @@ class LineProgress(tqdm):
 
     def __init__(self, *args: Any, file: Optional[TextIO] = None, **kwargs: Any) -> None:
         self._last_line = ""
+        self._last_n: Optional[float] = None
         total = kwargs.get("total", len(args[0]) if args and hasattr(args[0], "__len__") else None)
         kwargs.setdefault("bar_format", LINE_FORMAT if total is not None else OPEN_LINE_FORMAT)
         super().__init__(*args, file=_DropBareNewlines(file or sys.stderr), dynamic_ncols=False, ascii=True, **kwargs)
@@ -70,10 +71,13 @@ class LineProgress(tqdm):
         if msg == "":
             return True
         line = (self.__str__() if msg is None else msg).strip()
+        if msg is None and self.total is not None and self.n >= self.total == self._last_n:
+            return True  # the end was written: close() would repeat it with a new rate
         if line and line != self._last_line:
             self.fp.write(line + "\n")
             self.fp.flush()
             self._last_line = line
+            self._last_n = self.n
         return True
 
     def clear(self, nolock: bool = False) -> None:  # lines are never redrawn
@@ -96,6 +100,7 @@ def progress_bar(
     *,
     enabled: bool = True,
     file: Optional[TextIO] = None,
+    every_item: bool = False,
     **kwargs: Any,
 ) -> tqdm:
     """A progress bar over ``iterable`` (or ``total=`` with manual ``update``), tqdm's
@@ -103,11 +108,14 @@ def progress_bar(
 
     ``enabled=False`` gives a disabled bar (the caller's ``--quiet`` / ``progress=False``).
     On a terminal it is tqdm's bar; on any other stream (``file``, default stderr) a
-    :class:`LineProgress` writing a line every :func:`line_interval_seconds`.
+    :class:`LineProgress` writing a line every :func:`line_interval_seconds`, or with
+    ``every_item`` one per item (for a few slow items, e.g. a report's sections, which a
+    30-second interval would skip from the first line to the last).
     """
     stream = sys.stderr if file is None else file
     if not enabled:
         return tqdm(iterable, disable=True, **kwargs)
     if _is_terminal(stream):
         return tqdm(iterable, file=stream, dynamic_ncols=True, **kwargs)
-    return LineProgress(iterable, file=stream, mininterval=line_interval_seconds(), miniters=1, **kwargs)
+    interval = 0.0 if every_item else line_interval_seconds()
+    return LineProgress(iterable, file=stream, mininterval=interval, miniters=1, **kwargs)

@@ -65,3 +65,11 @@ def test_ablation_sweep_reports_to_a_log(monkeypatch, capsys):
     ablation_sweep(model, tokens, 0, neurons=[0, 1, 2], progress=True)
     err = capsys.readouterr().err
     assert "3/3 (100%)" in err and "\r" not in err
+
+
+def test_every_item_writes_a_line_per_item_whatever_the_interval(monkeypatch):
+    monkeypatch.setenv(PROGRESS_SECONDS_ENV, "3600")
+    log = io.StringIO()
+    for _ in progress_bar(range(4), desc="report", unit="section", file=log, every_item=True):
+        pass
+    assert [line.split()[1] for line in log.getvalue().splitlines()] == ["0/4", "1/4", "2/4", "3/4", "4/4"]

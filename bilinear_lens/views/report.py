@@ -300,7 +300,7 @@ def build_report(
     jobs = [("model", partial(_model_sections, model, layer, sample))] + _mlp_jobs(model, layer, sample, out_ids, options)
     label = text_label or ("the built-in synthetic stories (seed 1)" if texts is None else "the given texts")
     sections: list[Any] = [f'<p class="bl-measured-on">Measured on {html.escape(label)}.</p>']
-    bar = progress_bar(jobs, desc="report", unit="section", enabled=progress)
+    bar = progress_bar(jobs, desc="report", unit="section", enabled=progress, every_item=True)  # few, slow sections
     for label, job in bar:
         bar.set_postfix_str(label)
         sections += job()
