@@ -1,6 +1,6 @@
 """Training-side fixes from the issue 25 user audit, data half: the corpus fingerprint
 (bilinear_lens.data.fingerprint), the recorded (absolute) source, the ``documents:`` status
-line (bilinear_lens.data.split_summary) and the tokenizer trainer keeping stdout clean."""
+line (bilinear_lens.data.split_summary) and the tokenizer trainer keeping stdout clean (the trainer itself: tests/data/test_tokenizer.py)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from bilinear_lens.data.fingerprint import (
 )
 from bilinear_lens.data.split_summary import documents_line
 from bilinear_lens.data.synthetic import synthetic_stories
-from bilinear_lens.data.tokenizer import train_tokenizer
+from fixtures.tokenizers import SMALL, stories_backend
 
 STORIES = synthetic_stories(40, seed=1)
 
@@ -91,7 +91,7 @@ def test_resolved_source_is_absolute_for_local_files_only(tmp_path, monkeypatch)
 def test_token_cache_keeps_the_fingerprint_computed_when_it_was_built(tmp_path):
     corpus = tmp_path / "stories.txt"
     corpus.write_text("\n<|endoftext|>\n".join(STORIES), encoding="utf-8")
-    tok = train_tokenizer(STORIES, 300)
+    tok = stories_backend(*SMALL)
     _, train_blocks, _ = prepare_data(corpus, tok, n_ctx=8, cache_dir=tmp_path / "cache", val_fraction=0.1)
     expected = fingerprint_file(corpus)
     assert corpus_fingerprint(train_blocks) == expected
@@ -108,7 +108,7 @@ def test_token_cache_keeps_the_fingerprint_computed_when_it_was_built(tmp_path):
 def _line(tmp_path, text: str, documents: str = "auto", val_fraction: float = 0.05) -> str:
     corpus = tmp_path / "stories.txt"
     corpus.write_text(text, encoding="utf-8")
-    tok = train_tokenizer(STORIES, 300)
+    tok = stories_backend(*SMALL)
     _, train_blocks, val_blocks = prepare_data(corpus, tok, n_ctx=4, cache_dir=tmp_path / "cache",
                                                val_fraction=val_fraction, documents=documents)
     n_val = 0 if val_blocks is None else val_blocks.meta["n_docs"]
@@ -149,13 +149,6 @@ def test_documents_line_explicit_rule_and_other_sources():
 
 
 # --- stdout stays the result stream ---------------------------------------------------------
-
-
-def test_training_a_tokenizer_with_progress_writes_nothing_to_stdout(capfd):
-    # tokenizers' trainer prints its bar's blank lines to file descriptor 1 (3 newlines before the fix)
-    tok = train_tokenizer(STORIES, 300, show_progress=True)
-    out, _ = capfd.readouterr()
-    assert out == "" and tok.get_vocab_size() > 257
 
 
 def test_prepare_data_with_progress_writes_nothing_to_stdout(tmp_path, capfd):
