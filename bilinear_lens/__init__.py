@@ -165,6 +165,8 @@ _MODULES: dict[str, tuple[str, ...]] = {
         "choose_units", "subset_codes", "subset_layout", "nearest_neighbour_hamming",
     ),
     "bilinear_lens.activations.code_clusters": ("CodeClusters", "cluster_codes", "unpacked_codes"),
+    # the local corpus file a run was trained on (issue 25 audit, branch trainside)
+    "bilinear_lens.data.fingerprint": ("FileFingerprint", "fingerprint_file", "read_fingerprint"),
 }
 
 _PUBLIC: dict[str, str] = {name: module for module, names in _MODULES.items() for name in names}

@@ -49,6 +49,7 @@ from torch import Tensor
 
 from bilinear_lens.progress import progress_bar
 from bilinear_lens.data.documents import ENDOFTEXT, check_document_rule, split_text, tail_split
+from bilinear_lens.data.fingerprint import FileFingerprint, fingerprint_file
 from bilinear_lens.data.synthetic import iter_synthetic_stories
 from bilinear_lens.locking import exclusive_lock
 from bilinear_lens.files.atomic import atomic_write_text, remove_stale_temporaries
@@ -69,6 +70,8 @@ __all__ = [
     "iter_texts",
     "load_texts",
     "is_val_document",
+    "resolved_source",
+    "corpus_fingerprint",
     "split_documents",
     "assign_splits",
     "CorpusUnavailableError",
@@ -114,6 +117,16 @@ def is_local_source(source: str) -> bool:
         or source.startswith((".", "~"))
         or path.suffix != ""
     )
+
+
+def resolved_source(source: str) -> str:
+    """``source`` as a recipe records it: a local file as its absolute resolved path (a
+    relative path is resolved against the working directory, once, when training starts, so
+    a later reader from another directory finds the same file); ``"synthetic"`` and hub
+    dataset names unchanged."""
+    if source == SYNTHETIC_SOURCE or not is_local_source(source):
+        return source
+    return str(Path(source).expanduser().resolve())
 
 
 def _missing_corpus(path: Path) -> FileNotFoundError:
@@ -631,6 +644,7 @@ class TokenBlocks:
         self.name = name
         self.blocks = pack_blocks(tokens, n_ctx, name)
         self.path: Optional[Path] = None
+        self.meta: dict[str, Any] = {}  # the cache sidecar (n_docs, source, ...) when read from a file
         self._perm_cache: tuple[tuple[int, int], np.ndarray] | None = None
 
     @classmethod
@@ -639,6 +653,7 @@ class TokenBlocks:
         meta = _read_sidecar(Path(path))
         blocks = cls(open_token_file(path), n_ctx, name or meta.get("split", "train"))
         blocks.path = Path(path)
+        blocks.meta = meta
         return blocks
 
     @property
@@ -797,15 +812,31 @@ def prepare_data(
     # One writer per cache entry: a second process waits, then finds the cache complete.
     with exclusive_lock(cache_dir / f"{key}.lock", what=f"token cache {key}", wait=True):
         if not _cache_is_valid(cache_dir, key, splits, tok_sha):
+            # a local file's SHA-256, hashed once here: the cache sidecar keeps it (corpus_fingerprint)
+            local = "mtime_ns" in spec
+            description = {**spec, "sha256": fingerprint_file(spec["source"]).sha256} if local else spec
             build_token_cache(
                 texts(), tok, cache_dir, key, val_fraction=val_fraction, seed=seed,
-                description=spec, progress=progress, whole_file=whole_file,
+                description=description, progress=progress, whole_file=whole_file,
             )
     train_blocks = TokenBlocks.from_file(_cache_paths(cache_dir, key, "train")[0], n_ctx, "train")
     val_blocks = (
         TokenBlocks.from_file(_cache_paths(cache_dir, key, "val")[0], n_ctx, "val") if val_fraction > 0 else None
     )
     return tok, train_blocks, val_blocks
+
+
+def corpus_fingerprint(blocks: TokenBlocks) -> Optional[FileFingerprint]:
+    """The fingerprint (:mod:`bilinear_lens.data.fingerprint`) of the local file whose tokens
+    ``blocks`` (read from a :func:`prepare_data` cache) hold, ``None`` for the synthetic or a
+    hub source. Read from the cache sidecar; a cache written before sidecars kept the hash
+    has the file hashed now."""
+    spec = blocks.meta.get("source") or {}
+    if "mtime_ns" not in spec:  # only a local file's spec records its size and mtime
+        return None
+    if "sha256" not in spec:
+        return fingerprint_file(spec["source"])
+    return FileFingerprint(str(spec["source"]), int(spec["size"]), str(spec["sha256"]), int(spec["mtime_ns"]))
 
 
 def _cached_tokenizer(

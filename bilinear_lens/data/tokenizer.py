@@ -61,6 +61,9 @@ def train_tokenizer(
     ``vocab_size - 257`` merges. On a small corpus (e.g. the synthetic stories, a few
     hundred words) BPE runs out of merges first, so ``get_vocab_size()`` may be smaller
     than ``vocab_size``: size the model's embedding from the tokenizer, not the request.
+
+    ``show_progress``: the ``tokenizers`` trainer's bar, which writes to stdout (the
+    commands' result stream): shown only when both stdout and stderr are terminals.
     """
     if vocab_size < _MIN_VOCAB_SIZE:
         raise ValueError(f"vocab_size must be >= {_MIN_VOCAB_SIZE} (256 bytes + {SPECIAL_TOKEN}), got {vocab_size}")
@@ -75,11 +78,20 @@ def train_tokenizer(
         min_frequency=min_frequency,
         special_tokens=[SPECIAL_TOKEN],  # first special token gets id 0
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=show_progress,
+        show_progress=show_progress and _on_terminal(),
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     _check_special_token(tokenizer, "trained tokenizer")
     return tokenizer
+
+
+def _on_terminal() -> bool:
+    """Whether file descriptors 1 and 2 are both terminals (the Rust trainer writes to the
+    descriptors themselves, whatever ``sys.stdout`` has been replaced by)."""
+    try:
+        return os.isatty(1) and os.isatty(2)
+    except OSError:
+        return False
 
 
 def save_tokenizer(tokenizer: Tokenizer, path: str | os.PathLike[str]) -> Path:

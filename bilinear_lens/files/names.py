@@ -5,11 +5,13 @@ Model directory (:mod:`bilinear_lens.models.checkpoint`, :mod:`bilinear_lens.dat
     config.json  model.safetensors  tokenizer.json  [tokenizer_config.json, ...: HF layout]
 
 Training checkpoint (:mod:`bilinear_lens.training.state`): a model directory plus
-``train_state.safetensors``, ``train_state.json`` and ``run_config.toml``.
+``train_state.safetensors``, ``train_state.json`` and ``run_config.toml`` (and
+``data_fingerprint.json`` when trained on a local file).
 
 Run directory (:mod:`bilinear_lens.training.run_dir`, :mod:`bilinear_lens.sae.train`)::
 
     checkpoints/step_NNNNNN/  final/  metrics.jsonl  run_config.toml | sae_recipe.json  .lock
+    [data_fingerprint.json]
 
 SAE directory (SAELens' layout, :mod:`bilinear_lens.sae.config`): ``cfg.json``,
 ``sae_weights.safetensors``. Eigen atlas (:mod:`bilinear_lens.weights.atlas_store`):
@@ -35,9 +37,12 @@ MODEL_DIR_FILES = frozenset({
 TRAIN_STATE_TENSORS_FILE = "train_state.safetensors"
 TRAIN_STATE_JSON_FILE = "train_state.json"
 RUN_CONFIG_FILE = "run_config.toml"
+# the local corpus file the run was trained on (path, size, sha256: bilinear_lens.data.fingerprint)
+DATA_FINGERPRINT_FILE = "data_fingerprint.json"
 # What a previous training checkpoint at the same path may hold (it is replaced; anything
 # else there is refused, see atomic_directory): model files, train state, the recipe.
-CHECKPOINT_DIR_FILES = MODEL_DIR_FILES | {TRAIN_STATE_TENSORS_FILE, TRAIN_STATE_JSON_FILE, RUN_CONFIG_FILE}
+CHECKPOINT_DIR_FILES = MODEL_DIR_FILES | {TRAIN_STATE_TENSORS_FILE, TRAIN_STATE_JSON_FILE, RUN_CONFIG_FILE,
+                                          DATA_FINGERPRINT_FILE}
 
 # ---- a training or SAE run directory ----
 CHECKPOINTS_DIR = "checkpoints"

@@ -67,7 +67,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bilinear_lens.progress import progress_bar
-from bilinear_lens.data.corpus import TokenBlocks, prepare_data
+from bilinear_lens.data.corpus import TokenBlocks, corpus_fingerprint, is_local_source, prepare_data, resolved_source
+from bilinear_lens.data.fingerprint import (
+    DATA_FINGERPRINT_FILE,
+    FileFingerprint,
+    find_difference,
+    read_fingerprint,
+    write_fingerprint,
+)
+from bilinear_lens.data.split_summary import documents_line
 from bilinear_lens.data.tokenizer import to_hf_tokenizer
 from bilinear_lens.files.atomic import atomic_write_text
 from bilinear_lens.files.names import TOKENIZER_FILE
@@ -510,20 +518,43 @@ def _prepare_data(
     return data
 
 
+def with_resolved_source(run_config: RunConfig) -> RunConfig:
+    """``run_config`` with a local ``data.source`` as its absolute path
+    (:func:`~bilinear_lens.data.corpus.resolved_source`): what the run records, so the
+    recorded file is the one trained on whatever directory later reads the record."""
+    source = resolved_source(run_config.data.source)
+    if source == run_config.data.source:
+        return run_config
+    return dataclasses.replace(run_config, data=dataclasses.replace(run_config.data, source=source))
+
+
 def _check_resume_recipe(run_config: RunConfig, ckpt_path: Path) -> None:
     """Refuse a recipe whose ``[data]`` differs from the one the checkpoint was trained with
     (its ``run_config.toml``) where :func:`~bilinear_lens.training.resume_rule.resume_may_change`
     does not allow it: other data means other batches. ``[model]`` is checked against the
     checkpoint's ``config.json`` (:func:`_load_or_build_model`). A checkpoint without the
-    file (written before it existed) has nothing to check against."""
+    file (written before it existed) has nothing to check against.
+
+    Sources are compared resolved (``run_config``'s already is): a checkpoint recorded
+    before sources were recorded absolute holds a relative path, read from the working
+    directory as training read it. A checkpoint with a ``data_fingerprint.json`` also
+    refuses a local file whose bytes differ from the ones it was trained on."""
     saved_file = ckpt_path / RUN_CONFIG_FILE
     if not saved_file.is_file():
         return
-    refused = refused_differences(load_run_config(saved_file), run_config, ("data",))
+    refused = refused_differences(with_resolved_source(load_run_config(saved_file)), run_config, ("data",))
     if refused:
         raise ValueError(f"cannot resume from {ckpt_path}: the recipe ({run_config.source}) differs from the "
                          f"checkpoint's ({saved_file}) in {format_differences(refused)}; on resume only [train] "
                          "values and data.cache_dir may change")
+    recorded = read_fingerprint(ckpt_path / DATA_FINGERPRINT_FILE)
+    source = Path(run_config.data.source)
+    if recorded is not None and is_local_source(run_config.data.source) and source.is_file():
+        found = find_difference(recorded, source)
+        if found is not None:
+            raise ValueError(f"cannot resume from {ckpt_path}: it was trained on {recorded.path} "
+                             f"({recorded.describe()}); {source} now differs ({found.describe()}); "
+                             "resume on the file it was trained on, or start a new run")
 
 
 def _load_or_build_model(run_config: RunConfig, ckpt_path: Optional[Path], device: torch.device) -> BilinearTransformer:
@@ -544,9 +575,11 @@ def _load_or_build_model(run_config: RunConfig, ckpt_path: Optional[Path], devic
 def _language_model_task(
     run_config: RunConfig, model: BilinearTransformer, train_blocks: TokenBlocks,
     val_blocks: Optional[TokenBlocks], env: DistEnv, out_dir: Path,
+    fingerprint: Optional[FileFingerprint] = None,
 ) -> TrainTask:
     """Next-token prediction on ``train_blocks``, validation on ``val_blocks``; each
-    checkpoint also updates ``out_dir/run_config.toml`` (module docstring)."""
+    checkpoint also updates ``out_dir/run_config.toml`` (module docstring), and with a local
+    corpus both hold its ``data_fingerprint.json`` (:mod:`bilinear_lens.data.fingerprint`)."""
     tc = run_config.train
     batches_per_epoch = train_blocks.batches_per_epoch(tc.batch_size)
     val_batch = tc.eval_batch_size or tc.batch_size // (env.world_size * tc.grad_accum)
@@ -554,8 +587,12 @@ def _language_model_task(
     def write_model_files(directory: Path) -> None:
         write_model_dir(directory, model.cfg.to_dict(), model.state_dict(), model.tokenizer)
         run_config.save_toml(directory / RUN_CONFIG_FILE)
+        if fingerprint is not None:
+            write_fingerprint(directory / DATA_FINGERPRINT_FILE, fingerprint)
 
     def after_checkpoint(path: Path) -> None:  # the run's recipe is the newest checkpoint's
+        if fingerprint is not None:  # first: the recipe that names the file never lacks its fingerprint
+            write_fingerprint(out_dir / DATA_FINGERPRINT_FILE, fingerprint)
         atomic_write_text(out_dir / RUN_CONFIG_FILE, run_config.to_toml())
 
     return TrainTask(
@@ -570,6 +607,15 @@ def _language_model_task(
         tokens_per_step=tc.batch_size * run_config.model.n_ctx,
         after_checkpoint=after_checkpoint,
     )
+
+
+def documents_status(run_config: RunConfig, train_blocks: TokenBlocks, val_blocks: Optional[TokenBlocks]) -> str:
+    """The ``documents: ...`` status line (:func:`~bilinear_lens.data.split_summary.documents_line`)
+    of the corpus ``prepare_data`` cached: how it was cut into documents and which are val."""
+    dc = run_config.data
+    n_val = 0 if val_blocks is None else int(val_blocks.meta.get("n_docs", 0))
+    return documents_line(train_blocks.meta.get("source") or {"source": dc.source}, dc.documents,
+                          int(train_blocks.meta.get("n_docs", 0)), n_val, dc.val_fraction, dc.seed)
 
 
 def _finished_result(out_dir: Path, ckpt_path: Path, total_steps: int) -> Optional[TrainResult]:
@@ -593,9 +639,12 @@ def _train(
     stop_at: Optional[int], env: DistEnv,
 ) -> TrainResult:
     tc = run_config.train
+    run_config = with_resolved_source(run_config)  # recorded absolute: readers elsewhere find the same file
     if ckpt_path is not None:
         _check_resume_recipe(run_config, ckpt_path)
     tokenizer, train_blocks, val_blocks = _prepare_data(run_config, ckpt_path, env, progress)
+    if env.is_main:
+        logger.info("%s", documents_status(run_config, train_blocks, val_blocks))
     run_config = run_config.with_vocab_size(tokenizer.get_vocab_size())
     batches_per_epoch = train_blocks.batches_per_epoch(tc.batch_size)  # raises if batch > data
     total_steps = tc.steps or math.ceil(tc.epochs * batches_per_epoch)
@@ -611,7 +660,8 @@ def _train(
     model = _load_or_build_model(run_config, ckpt_path, env.device)
     model.tokenizer = to_hf_tokenizer(tokenizer, model_max_length=run_config.model.n_ctx)
     model.train()
-    task = _language_model_task(run_config, model, train_blocks, val_blocks, env, out_dir)
+    task = _language_model_task(run_config, model, train_blocks, val_blocks, env, out_dir,
+                                corpus_fingerprint(train_blocks))
     trainer = Trainer(task, make_optimizer(model, tc), tc, total_steps, env, out_dir, ckpt_path, progress)
     if ckpt_path is not None:
         apply_recipe_hyperparameters(trainer.optimizer, tc)
@@ -624,7 +674,8 @@ def _train(
         )
     final = trainer.fit(stop_at)
     if env.is_main:
-        logger.info("step %d: val loss %s; checkpoint %s", trainer.step, trainer.last_val, final)
+        val = "none (no val split)" if trainer.last_val is None else f"{trainer.last_val:.4f}"
+        logger.info("step %d: val loss %s; checkpoint %s", trainer.step, val, final)
     return TrainResult(
         final_checkpoint=final, val_loss=trainer.last_val, steps=trainer.step, metrics=trainer.log.records,
         out_dir=out_dir, unigram_entropy=unigram_entropy(entropy_tokens), finished=trainer.finished,

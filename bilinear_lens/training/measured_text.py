@@ -7,6 +7,10 @@ they use the model's *own* data as its checkpoint records it (``run_config.toml`
 ``[data]``, written by ``train`` into every checkpoint): the validation documents of that
 corpus (the same rule training used: source, ``data.documents``, ``val_fraction``, split
 seed), so a TinyStories model is no longer measured on the built-in synthetic stories. A
+local corpus is recorded by its absolute path and, beside the record, its fingerprint
+(``data_fingerprint.json``: size and SHA-256, :mod:`bilinear_lens.data.fingerprint`); a file
+found there that differs is refused in one line naming ``--text-file``, so an analysis never
+measures another file and calls it the training data. A
 checkpoint with no record (a converted or hand-saved model) falls back to the synthetic
 stories *and says so* in the result; a recorded corpus that cannot be read from here (a
 relative path from another directory, a hub dataset offline) is a usage error naming the
@@ -33,7 +37,7 @@ from torch import Tensor
 from bilinear_lens.progress import progress_bar
 
 __all__ = ["DEFAULT_MAX_TOKENS", "DEFAULT_N_TEXTS", "DEFAULT_SEQ_LEN", "MeasuredRows", "MeasuredText",
-           "MeasuredTextError", "capped_stream", "measured_rows", "measured_text", "recorded_data"]
+           "MeasuredTextError", "capped_stream", "measured_rows", "measured_text", "recorded_data", "recorded_fingerprint"]
 
 RUN_CONFIG_NAME = "run_config.toml"
 DEFAULT_N_TEXTS = 32  # documents measured (ablate's and report's --n-texts)
@@ -92,7 +96,8 @@ class MeasuredText:
         if self.documents is not None:
             what += f", documents: {self.documents}"
         n = self.count(n_read)
-        return f"{what}, {'some' if n is None else n} documents" + (f" [{self.note}]" if self.note else "")
+        counted = "some documents" if n is None else f"{n} document{'' if n == 1 else 's'}"
+        return f"{what}, {counted}" + (f" [{self.note}]" if self.note else "")
 
     def to_dict(self, n_read: Optional[int] = None) -> dict[str, Any]:
         return {"origin": self.origin, "source": self.source, "split": self.split, "documents": self.documents,
@@ -124,13 +129,53 @@ def _synthetic_val_documents(data: Any, n_texts: int) -> Iterator[str]:
     return islice(stories, n_texts)
 
 
-def _recorded_local_file(data: Any, checkpoint: str) -> Path:
+def recorded_fingerprint(checkpoint: str) -> Optional[Any]:
+    """The :class:`~bilinear_lens.data.fingerprint.FileFingerprint` of the local file the
+    checkpoint was trained on (``data_fingerprint.json`` beside its ``run_config.toml``, in
+    it or its run directory), ``None`` when none is recorded (synthetic or hub data, a run
+    recorded before fingerprints, a hand-saved model)."""
+    from bilinear_lens.data.fingerprint import DATA_FINGERPRINT_FILE, read_fingerprint
+
+    path = Path(checkpoint)
+    for directory in (path, path.parent):
+        if (directory / RUN_CONFIG_NAME).is_file():  # the record recorded_data reads: the fingerprint beside it
+            try:
+                return read_fingerprint(directory / DATA_FINGERPRINT_FILE)
+            except ValueError as err:
+                raise MeasuredTextError(str(err)) from None
+    return None
+
+
+WORKING_DIRECTORY_NOTE = "relative data.source resolved from the working directory"
+
+
+def _recorded_local_file(data: Any, checkpoint: str) -> tuple[Path, Optional[str]]:
+    """``(file, note)``: the recorded local corpus found from here, checked against the
+    recorded fingerprint when there is one (a different file is refused in one line).
+    Without a fingerprint (a run recorded before them) a relative path is tried from the
+    working directory, then from the run directory's parent; ``note`` says so when only the
+    working directory held it (it may be another file of the same name)."""
+    from bilinear_lens.data.fingerprint import find_difference
+
     source = Path(data.source).expanduser()
-    for candidate in ([source] if source.is_absolute() else [source, Path(checkpoint).resolve().parent.parent / source]):
-        if candidate.is_file():
-            return candidate
-    raise MeasuredTextError(f"the model was trained on {data.source} (data.source in its {RUN_CONFIG_NAME}), which is not "
-                     "found from here; give the text to measure with --text-file")
+    run_parent = Path(checkpoint).resolve().parent.parent
+    candidates = [source] if source.is_absolute() else [source, run_parent / source]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        raise MeasuredTextError(f"the model was trained on {data.source} (data.source in its {RUN_CONFIG_NAME}), which "
+                                "is not found from here; give the text to measure with --text-file")
+    recorded = recorded_fingerprint(checkpoint)
+    if recorded is not None:
+        differs = find_difference(recorded, found)
+        if differs is not None:
+            there = "the file there now differs" if str(found.resolve()) == recorded.path else f"{found} differs"
+            raise MeasuredTextError(f"the model was trained on {recorded.path} ({recorded.describe()}); {there} "
+                                    f"({differs.describe()}): give --text-file")
+        return found, None
+    from_cwd_only = (not source.is_absolute() and found == source
+                     and not ((run_parent / source).is_file() and (run_parent / source).resolve() == source.resolve()))
+    return found, (f"{WORKING_DIRECTORY_NOTE} ({source.resolve()}); the run records no fingerprint of its training "
+                   "file" if from_cwd_only else None)
 
 
 def _training_documents(data: Any, checkpoint: str, n_texts: Optional[int]) -> MeasuredText:
@@ -140,7 +185,8 @@ def _training_documents(data: Any, checkpoint: str, n_texts: Optional[int]) -> M
                                            text_file_rule)
 
     local = is_local_source(data.source)
-    path = str(_recorded_local_file(data, checkpoint)) if local else data.source
+    found, note = _recorded_local_file(data, checkpoint) if local else (None, None)
+    path = str(found) if found is not None else data.source
     rule = text_file_rule(path, data.documents) if local else None
     want = "val" if data.val_fraction > 0 else "train"
     try:
@@ -153,7 +199,7 @@ def _training_documents(data: Any, checkpoint: str, n_texts: Optional[int]) -> M
     if not documents:
         raise MeasuredTextError(f"the {want} split of the model's training data {data.source} holds no documents; "
                          "give --text-file")
-    return MeasuredText(documents, "training-data", data.source, split=want, documents=rule)
+    return MeasuredText(documents, "training-data", data.source, split=want, documents=rule, note=note)
 
 
 def measured_text(

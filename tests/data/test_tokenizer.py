@@ -101,3 +101,11 @@ def test_hf_wrapper(tokenizer: Tokenizer) -> None:
     ids = hf(text)["input_ids"]
     assert ids == tokenizer.encode(text).ids
     assert hf.decode(ids) == text
+
+
+def test_training_with_progress_writes_nothing_to_stdout(capfd):
+    # tokenizers' trainer draws its bar's blank lines on file descriptor 1, the commands' result
+    # stream (3 newlines before the fix): shown only when stdout and stderr are terminals
+    tok = train_tokenizer(synthetic_stories(40, seed=1), 300, show_progress=True)
+    out, _ = capfd.readouterr()
+    assert out == "" and tok.get_vocab_size() > 257
