@@ -158,8 +158,8 @@ def _documents(report: dict[str, Any]) -> str:
     if in_file is None:
         return f"{n} document{'' if n == 1 else 's'}{cap}"
     if n == in_file and not report.get("capped"):
-        return f"all {n} documents of the file"
-    return f"{n} of the file's {in_file} documents (--n-texts {report['n_texts']}){cap}"
+        return "the file's only document" if n == 1 else f"all {n} documents of the file"
+    return f"{n} of the file's {in_file} document{'' if in_file == 1 else 's'} (--n-texts {report['n_texts']}){cap}"
 
 
 def _print_table(report: dict[str, Any]) -> None:

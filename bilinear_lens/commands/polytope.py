@@ -161,14 +161,13 @@ def _token_rows(
     """``(rows, mask, counts)``: the documents of ``path`` (document ``rule``) packed by the
     one packing rule (:func:`~bilinear_lens.data.packing.pack_documents`: rows of n_ctx
     tokens, one shorter row if the text is shorter), the mask of positions to count, and how
-    many text tokens were read, cut by ``max_tokens``, skipped at row starts and counted, and
-    how many documents the file holds under ``rule``."""
+    many text tokens were read, cut by ``max_tokens``, skipped at row starts and counted."""
     documents = read_documents(path, rule=rule)
     try:
         packed = pack_documents(model.tokenizer, documents, model.cfg.n_ctx, max_tokens, warmup)
     except ValueError as err:
         raise UsageError(f"text file {path} has no tokens") from err
-    return packed.rows, packed.mask, {**packed.counts, "documents_in_file": len(documents)}
+    return packed.rows, packed.mask, packed.counts
 
 
 def resolve_label_kind(kind: str, checkpoint: str) -> str:
@@ -235,7 +234,7 @@ def analyse(args: argparse.Namespace) -> dict[str, Any]:
         "checkpoint": str(args.checkpoint),
         "text": {"source": args.text_file, "documents": args.documents,
                  "rule": resolve_document_rule(read_text_file(args.text_file), args.documents),
-                 "documents_in_file": counts.pop("documents_in_file"), "labels": args.labels},
+                 "documents_in_file": len(read_documents(args.text_file, rule=args.documents)), "labels": args.labels},
         "mlp_kind": model.cfg.mlp_kind,
         "layers": list(args.layer),
         "hooks": layout.hook_names,

@@ -65,7 +65,7 @@ def test_text_file_wins_and_is_named(checkpoints, tmp_path):
     path.write_text("One story.\n<|endoftext|>\nTwo story.\n", encoding="utf-8")
     measured = measured_text(str(path), str(checkpoints / "local"), n_texts=1)
     assert measured.texts == ["One story."] and measured.documents_in_source == 2
-    assert measured.describe().startswith(f"--text-file {path}, documents: endoftext, 1 documents")
+    assert measured.describe().startswith(f"--text-file {path}, documents: endoftext, 1 document")
 
 
 def test_unreadable_recorded_corpus_names_source_and_flag(checkpoints, tmp_path):

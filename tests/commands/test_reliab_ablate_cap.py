@@ -40,7 +40,7 @@ def test_a_huge_document_is_cut_at_max_tokens(checkpoint, tmp_path, capsys) -> N
 
     assert ablate_cmd.main(["--checkpoint", str(checkpoint), "--text-file", str(tmp_path / "huge.txt"),
                             "--max-tokens", "100", "--seq-len", "16", "--top", "1", "--quiet"]) == 0
-    assert "1 of the file's 1 documents (--n-texts 32), capped at --max-tokens 100 text tokens" in capsys.readouterr().out
+    assert "1 of the file's 1 document (--n-texts 32), capped at --max-tokens 100 text tokens" in capsys.readouterr().out
 
 
 def test_a_billion_texts_read_only_what_the_cap_needs(checkpoint, capsys) -> None:
