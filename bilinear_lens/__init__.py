@@ -165,7 +165,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
         "choose_units", "subset_codes", "subset_layout", "nearest_neighbour_hamming",
     ),
     "bilinear_lens.activations.code_clusters": ("CodeClusters", "cluster_codes", "unpacked_codes"),
-    # the local corpus file a run was trained on (issue 25 audit, branch trainside)
+    # the local corpus file a run was trained on (its fingerprint beside the recorded recipe)
     "bilinear_lens.data.fingerprint": ("FileFingerprint", "fingerprint_file", "read_fingerprint"),
 }
 
