@@ -1,4 +1,6 @@
-"""A tiny bilinear digits classifier trained once per test session (seeded, ~1 s on 1 thread)."""
+"""Image-classifier fixtures: a tiny float64 model with random weights (:func:`small_float64_model`,
+for exactness tests) and a bilinear digits classifier trained once per test session (seeded,
+~1 s on 1 thread)."""
 
 from __future__ import annotations
 
@@ -7,8 +9,15 @@ import functools
 import torch
 
 from bilinear_lens.data.images import load_image_dataset
-from bilinear_lens.models.image_classifier import ImageClassifier
+from bilinear_lens.models.image_classifier import ImageClassifier, ImageClassifierConfig
 from bilinear_lens.training.image_train import ImageTraining, load_image_recipe
+
+
+def small_float64_model(n_classes: int, **overrides) -> ImageClassifier:
+    """A 4 x 5-pixel classifier (d_embed 6, d_mlp 7, seed 0) in float64, in eval mode."""
+    base = dict(image_shape=(4, 5), n_classes=n_classes, d_embed=6, d_mlp=7, seed=0, init_range=0.3)
+    base.update(overrides)
+    return ImageClassifier(ImageClassifierConfig(**base)).double().eval()
 
 
 @functools.lru_cache(maxsize=None)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bilinear_lens.models.image_classifier import ImageClassifier, ImageClassifierConfig
+from bilinear_lens.models.image_classifier import ImageClassifier
 from bilinear_lens.weights.adversarial_masks import (
     compare_attacks,
     eigen_masks,
@@ -17,7 +17,7 @@ from bilinear_lens.weights.adversarial_masks import (
     random_masks,
 )
 from bilinear_lens.weights.image_eigen import pixel_interaction_matrices
-from images_fixtures import digits, trained_digits_model
+from images_fixtures import digits, small_float64_model, trained_digits_model
 
 # float64: the closed form and the forward differ by rounding only (measured <= 1e-15 on
 # logits ~1); 1e-10 leaves a wide margin.
@@ -25,9 +25,7 @@ FLOAT64 = dict(rtol=1e-10, atol=1e-10)
 
 
 def model64(**overrides) -> ImageClassifier:
-    base = dict(image_shape=(4, 5), n_classes=4, d_embed=6, d_mlp=7, seed=0, init_range=0.3)
-    base.update(overrides)
-    return ImageClassifier(ImageClassifierConfig(**base)).double().eval()
+    return small_float64_model(4, **overrides)
 
 
 def pixels(n: int = 8) -> torch.Tensor:

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from bilinear_lens.models.image_classifier import ImageClassifier, ImageClassifierConfig
+from bilinear_lens.models.image_classifier import ImageClassifier
 from bilinear_lens.weights.eigen import eigendecompose
 from bilinear_lens.weights.image_eigen import (
     class_eigendecomposition,
@@ -24,7 +24,7 @@ from bilinear_lens.weights.image_eigen import (
     spectral_concentration,
     total_variation,
 )
-from images_fixtures import digits, trained_digits_model
+from images_fixtures import digits, small_float64_model, trained_digits_model
 
 # float64 throughout the exactness tests: a sum of d = 20 rank-one terms vs the factored
 # forward differs by a few ulps of the ~1e-1 logits (measured <= 2e-15); 1e-12 is a wide margin.
@@ -32,9 +32,7 @@ FLOAT64_EXACT = dict(rtol=1e-12, atol=1e-12)
 
 
 def model64(**overrides) -> ImageClassifier:
-    base = dict(image_shape=(4, 5), n_classes=3, d_embed=6, d_mlp=7, seed=0, init_range=0.3)
-    base.update(overrides)
-    return ImageClassifier(ImageClassifierConfig(**base)).double().eval()
+    return small_float64_model(3, **overrides)
 
 
 def pixels(n: int = 9, d: int = 20) -> torch.Tensor:
