@@ -50,7 +50,9 @@ per token, a warning says so and names the measures that stay meaningful:
   same for one cluster: how much tighter K clusters are than the whole sample) and, with
   labels, their label purity against its shuffled chance level (a row of the purity table).
   K must be at most ``--purity-tokens``; a text with fewer sampled tokens than K skips it
-  with a warning.
+  with a warning. Without ``--k``, the k-means on activations of the purity section then
+  uses the same K, so its row and the code row compare codes with directions like for like
+  (the polytope lens' claim: regions, here unions of nearby regions, are purer).
 - The k-means comparison of the purity section (``--labels``), which clusters activations
   rather than codes.
 
@@ -127,8 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--context", type=int, default=8, help="tokens of context per example")
     parser.add_argument("--purity-tokens", type=int, default=2000, help="tokens sampled for k-means (default 2000)")
     parser.add_argument("--k", type=int, default=None,
-                        help="k-means clusters (default: as many as regions in the sample, at most one per --min-size "
-                        "labelled tokens)")
+                        help="k-means clusters on activations (default: --kmeans K when given, else as many as regions "
+                        "in the sample, at most one per --min-size labelled tokens)")
     parser.add_argument("--min-size", type=int, default=5,
                         help="clusters of at least this many tokens count in weighted purity (default 5)")
     parser.add_argument("--units", type=int, default=None,
@@ -348,7 +350,9 @@ def _purity(
             + more_text_advice(counts["tokens_beyond_max"]))
         return out
     n_regions = int(np.unique(np.asarray(sample.region_ids)[labelled]).size)
-    k = args.k if args.k is not None else default_k(n_sample, n_regions, args.min_size)
+    # with --kmeans, the activation clusters take the same K: codes vs directions, like for like
+    k = args.k if args.k is not None else args.kmeans if args.kmeans is not None else default_k(
+        n_sample, n_regions, args.min_size)
     comparison = compare_purity(sample.activations, sample.region_ids, sample_labels, k, args.min_size, seed=args.seed)
     out["sample"] = comparison.as_dict()
     return out

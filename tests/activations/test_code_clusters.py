@@ -195,6 +195,14 @@ def test_cli_kmeans_table_and_its_purity_row(model_dir, text, capsys):
     assert "  k-means codes, k=8   " in out  # the purity-table row
 
 
+def test_cli_kmeans_sets_the_activation_k_unless_k_is_given(model_dir, text, capsys):
+    argv = ["--checkpoint", str(model_dir), "--text-file", str(text), "--kmeans", "7", "--json"]
+    same = json.loads(_run(capsys, argv)[1])
+    assert same["purity"]["sample"]["k"] == 7 == same["code_clusters"]["k"]
+    own = json.loads(_run(capsys, [*argv, "--k", "3"])[1])
+    assert own["purity"]["sample"]["k"] == 3 and own["code_clusters"]["k"] == 7
+
+
 def test_cli_kmeans_without_labels_still_clusters(model_dir, text, capsys):
     code, out, _ = _run(capsys, ["--checkpoint", str(model_dir), "--text-file", str(text), "--kmeans", "5",
                                  "--labels", "none", "--json"])
