@@ -7,7 +7,9 @@ through the model, packed as training and ``bilinear-lens polytope`` pack it
 (:func:`bilinear_lens.data.packing.pack_documents`), and compares the word-class purity of the layer's polytope regions with
 that of k-means clusters of its (unit-normalised) inputs with the same k, next to the
 label-shuffled baselines and the size-weighted purity of clusters with >= ``--min-size``
-tokens (:func:`bilinear_lens.activations.polytope.compare_purity`). Also profiles boundary density
+tokens (:func:`bilinear_lens.activations.polytope.compare_purity`), and with k-means on the
+sampled tokens' spline codes at the same k (:func:`bilinear_lens.activations.code_clusters.cluster_codes`:
+unions of nearby regions, the partition that stays coarse at realistic width). Also profiles boundary density
 along a few straight paths: between residual vectors of the text and between two tokens'
 input embeddings. Writes ``purity.md``, ``boundary_density.png`` and ``results.json``.
 """
@@ -28,9 +30,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bilinear_lens.models.model import BilinearTransformer  # noqa: E402
+from bilinear_lens.activations.code_clusters import cluster_codes  # noqa: E402
+from bilinear_lens.activations.spline_codes import code_layout  # noqa: E402
 from bilinear_lens.activations.polytope import (  # noqa: E402
     PathProfile,
     compare_purity,
+    purity_report,
     embedding_path_profile,
     residual_path_profile,
     track_regions,
@@ -59,7 +64,8 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
 
 
 def _read_documents(args: argparse.Namespace) -> list[str]:
-    """The documents (blank-line separated, as the polytope CLI reads a text file)."""
+    """The documents under training's rule (``<|endoftext|>`` lines, else the whole file), as
+    the polytope CLI reads a text file by default."""
     if args.text_file:
         return split_text(Path(args.text_file).read_text(encoding="utf-8"))  # training's document rule
     return synthetic_stories(2000, seed=f"polytope-purity-{args.seed}")
@@ -87,13 +93,17 @@ def _layer_purity(model: Any, packed: PackedText, layer: int, labels: np.ndarray
         sample_size=args.purity_tokens,
         seed=args.seed,
     )
-    comparison = compare_purity(sample.activations, sample.region_ids, labels[sample.token_ids], min_size=args.min_size, seed=args.seed)
+    sample_labels = labels[sample.token_ids]
+    comparison = compare_purity(sample.activations, sample.region_ids, sample_labels, min_size=args.min_size, seed=args.seed)
+    labelled = sample_labels >= 0  # the tokens compare_purity clustered
+    codes = cluster_codes(sample.codes[labelled], code_layout(model, layer).n_units, comparison.k, seed=args.seed)
     return {
         "layer": layer,
         "tokens": tracker.n_tokens,
         "distinct_regions": tracker.n_regions,
         "all_tokens": tracker.purity_report(args.min_size, seed=args.seed).as_dict(),
-        "sample": comparison.as_dict(),
+        "sample": {**comparison.as_dict(), "code_kmeans": purity_report(
+            codes.assignment, sample_labels[labelled], args.min_size, seed=args.seed).as_dict()},
     }
 
 
@@ -128,13 +138,15 @@ def _markdown(results: list[dict[str, Any]], kind: str, min_size: int) -> str:
         "Purity = sum over clusters of the majority-label count / labelled tokens. "
         f"Weighted: clusters with >= {min_size} tokens only ('covered' = their share of tokens). "
         "Shuffled: expected value with the labels dealt at random to the same cluster sizes. "
-        "k-means runs on unit-normalised MLP inputs with k = the number of regions in the sample.",
+        "k-means runs on unit-normalised MLP inputs with k = the number of regions in the sample; "
+        "k-means on codes clusters the same tokens' spline codes (Hamming distance) with the same k.",
         "",
         "| layer | partition | tokens | clusters | purity | shuffled | weighted | shuffled weighted | covered |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        rows = [("regions (all tokens)", r["all_tokens"]), ("regions (sample)", r["sample"]["regions"]), ("k-means (sample)", r["sample"]["kmeans"])]
+        rows = [("regions (all tokens)", r["all_tokens"]), ("regions (sample)", r["sample"]["regions"]),
+                ("k-means (sample)", r["sample"]["kmeans"]), ("k-means on codes (sample)", r["sample"]["code_kmeans"])]
         for name, p in rows:
             lines.append(
                 f"| {r['layer']} | {name} | {p['n_tokens']} | {p['n_clusters']} | {_fmt(p['purity'])} | {_fmt(p['shuffled_purity'])} "

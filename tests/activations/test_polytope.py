@@ -538,6 +538,10 @@ def test_purity_analysis_script_runs(saved_model, tmp_path, monkeypatch, capsys)
     )
     table = (out / "purity.md").read_text()
     assert "| 0 | regions (sample) |" in table and "| 0 | k-means (sample) |" in table
+    assert "| 0 | k-means on codes (sample) |" in table
+    sample = json.loads((out / "results.json").read_text())["layers"][0]["sample"]
+    assert sample["code_kmeans"]["n_tokens"] == sample["kmeans"]["n_tokens"]  # the same labelled tokens
+    assert sample["code_kmeans"]["n_clusters"] <= sample["k"]
     assert (out / "boundary_density.png").stat().st_size > 0
     assert json.loads((out / "results.json").read_text())["layers"][0]["tokens"] == 300
 
