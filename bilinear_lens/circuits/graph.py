@@ -146,10 +146,22 @@ class AttributionGraph:
         return weights
 
     def index(self, node_id: str) -> int:
+        """The position of a node given by either id: ours (:attr:`GraphNode.node_id`,
+        ``"L0.H1@3"``) or the circuit-tracer id the JSON export writes
+        (:func:`~bilinear_lens.circuits.graph_export.export_node_id`, ``"0_1_3"``)."""
         for i, node in enumerate(self.nodes):
             if node.node_id == node_id:
                 return i
-        raise KeyError(f"no node {node_id!r} in the graph")
+        from bilinear_lens.circuits.graph_export import export_node_id, graph_n_heads
+
+        n_heads = graph_n_heads(self)
+        for i, node in enumerate(self.nodes):
+            if export_node_id(node, self.n_layers, n_heads) == node_id:
+                return i
+        examples = [n for n in self.nodes if n.kind == "head"][:1] or self.nodes[:1]
+        shown = "; ".join(f"{n.node_id!r} = {export_node_id(n, self.n_layers, n_heads)!r}" for n in examples)
+        raise KeyError(f"no node {node_id!r} in the graph (ids are GraphNode.node_id or the exported "
+                       f"circuit-tracer id, e.g. {shown})")
 
     def completeness_error(self) -> float:
         """``max |value_t - sum_s A[t, s]|`` over nodes with inputs, and ``|T - sum of the
@@ -689,4 +701,4 @@ def attribution_graph(
         adjacency[chunk] = edges
     strings = [_token_label(model, t) for t in token_list]
     return AttributionGraph(nodes, adjacency, targets, clean.T, token_list, strings, n_layers, split,
-                            exact=exact and frozen.exact, meta={"top_k": top_k, "eigen": extra["eigen"]})  # fmt: skip
+                            exact=exact and frozen.exact, meta={"top_k": top_k, "eigen": extra["eigen"], "n_heads": model.cfg.n_heads})  # fmt: skip

@@ -9,7 +9,9 @@ What we write (circuit-tracer's ``frontend/graph_models.py`` fields; schema_vers
 - ``qParams``: ``pinnedIds``, ``supernodes``, ``linkType``, ``clickedId``, ``sg_pos`` (empty).
 - ``nodes``: ``node_id``, ``jsNodeId`` (= ``node_id``), ``feature``, ``layer`` (a string),
   ``ctx_idx``, ``feature_type``, ``token_prob``, ``is_target_logit``, ``run_idx``,
-  ``reverse_ctx_idx``, ``clerp`` (our label), ``influence``, ``activation``.
+  ``reverse_ctx_idx``, ``clerp`` (our label), ``influence``, ``activation``; and ours:
+  ``value`` (the node's share of the target) and ``bilinear_lens_id`` (:attr:`GraphNode.node_id`,
+  e.g. ``L0.H1@3``, a different format from ``node_id``; ``AttributionGraph.index`` takes either).
 - ``links``: ``source``, ``target``, ``weight`` (the edge ``A[target, source]``).
 
 Ids follow circuit-tracer: ``E_{token}_{pos}`` for embeddings (layer ``"E"``),
@@ -62,13 +64,22 @@ def export_node_id(node: Any, n_layers: int, n_heads: int) -> str:
     return f"{node.layer}_{_feature(node, n_heads)}_{node.position}"
 
 
+def graph_n_heads(graph: Any) -> int:
+    """Heads per layer (``feature`` numbering needs it): as recorded when the graph was built,
+    so a pruned graph that lost its last heads numbers its MLP features as the whole one did;
+    else (a graph built by hand) as its head nodes show them."""
+    if graph.meta.get("n_heads") is not None:
+        return int(graph.meta["n_heads"])
+    return 1 + max((n.index for n in graph.nodes if n.kind == "head"), default=-1)
+
+
 def graph_to_json(graph: Any, slug: str = "bilinear-lens-graph", scan: str = "bilinear-lens", n_heads: Optional[int] = None) -> dict[str, Any]:
     """The graph as a Neuronpedia / circuit-tracer JSON object (a dict; see module docstring).
     ``influence``: from pruning when the graph was pruned, else its own influence."""
     from bilinear_lens.circuits.graph_prune import influence, normalize_rows
 
     if n_heads is None:
-        n_heads = 1 + max((n.index for n in graph.nodes if n.kind == "head"), default=-1)
+        n_heads = graph_n_heads(graph)
     influences = graph.meta.get("influence")
     if influences is None:
         influences = influence(normalize_rows(graph.adjacency), graph.target_weights).tolist()
@@ -86,6 +97,7 @@ def graph_to_json(graph: Any, slug: str = "bilinear-lens-graph", scan: str = "bi
             "clerp": node.label, "influence": float(influences[i]),
             "activation": None if node.activation is None else float(node.activation),
             "value": float(node.value),  # ours: the node's exact share of the target
+            "bilinear_lens_id": node.node_id,  # ours: GraphNode.node_id (AttributionGraph.index takes either)
         })  # fmt: skip
     A = graph.adjacency
     links = [{"source": ids[s], "target": ids[t], "weight": float(A[t, s])} for t, s in (A != 0).nonzero().tolist()]

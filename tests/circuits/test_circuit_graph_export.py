@@ -2,6 +2,7 @@
 nodes, links) with its type, ids unique and consistent, and the adjacency round-trips."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -63,3 +64,27 @@ def test_influence_of_an_unpruned_graph_is_computed():
     influences = [n["influence"] for n in data["nodes"] if n["feature_type"] == "embedding"]
     assert all(i >= 0 for i in influences) and any(i > 0 for i in influences)
     assert data["metadata"]["info"]["exact"] is True
+
+
+def test_index_takes_our_id_and_the_exported_id_and_pruning_keeps_the_numbering():
+    """The two id formats (``L0.H1@3`` ours, ``0_1_3`` circuit-tracer's) name the same node;
+    a pruned graph exports the same ids for the nodes it keeps as the unpruned graph does."""
+    model, tokens = random_model(), prompt()
+    graph = attribution_graph(model, tokens, split="neurons", top_k=2)
+    data = graph_to_json(graph)
+    for i, node in enumerate(data["nodes"]):
+        assert graph.index(node["node_id"]) == i == graph.index(node["bilinear_lens_id"])
+    whole = {n["bilinear_lens_id"]: n["node_id"] for n in data["nodes"]}
+    pruned = prune_graph(graph, node_threshold=0.3, edge_threshold=0.9)
+    # and a sub-graph without the last head of each layer (its head nodes then show one head
+    # fewer than the model has: the neuron features must keep the whole graph's numbers)
+    last_head = model.cfg.n_heads - 1
+    keep = [i for i, n in enumerate(graph.nodes) if not (n.kind == "head" and n.index == last_head)]
+    no_last_head = replace(graph, nodes=[graph.nodes[i] for i in keep], adjacency=graph.adjacency[keep][:, keep])
+    for sub in (pruned, no_last_head):
+        assert len(sub.nodes) < len(graph.nodes)
+        for node in graph_to_json(sub)["nodes"]:
+            assert whole[node["bilinear_lens_id"]] == node["node_id"]
+    assert any(n.kind == "neuron" for n in no_last_head.nodes)
+    with pytest.raises(KeyError, match=r"no node 'L9.H0@0' in the graph \(ids are GraphNode.node_id or the exported"):
+        graph.index("L9.H0@0")
