@@ -519,13 +519,15 @@ def _prepare_data(
 
 
 def with_resolved_source(run_config: RunConfig) -> RunConfig:
-    """``run_config`` with a local ``data.source`` as its absolute path
-    (:func:`~bilinear_lens.data.corpus.resolved_source`): what the run records, so the
-    recorded file is the one trained on whatever directory later reads the record."""
-    source = resolved_source(run_config.data.source)
-    if source == run_config.data.source:
+    """``run_config`` with a local ``data.source`` and a ``data.tokenizer`` file as absolute
+    paths (:func:`~bilinear_lens.data.corpus.resolved_source`): what the run records, so the
+    recorded files are the ones trained with whatever directory later reads the record."""
+    data = run_config.data
+    source = resolved_source(data.source)
+    tokenizer = str(Path(data.tokenizer).expanduser().resolve()) if data.tokenizer else ""
+    if (source, tokenizer) == (data.source, data.tokenizer):
         return run_config
-    return dataclasses.replace(run_config, data=dataclasses.replace(run_config.data, source=source))
+    return dataclasses.replace(run_config, data=dataclasses.replace(data, source=source, tokenizer=tokenizer))
 
 
 def _check_resume_recipe(run_config: RunConfig, ckpt_path: Path) -> None:

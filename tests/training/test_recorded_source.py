@@ -183,3 +183,17 @@ def test_train_logs_how_the_text_was_cut_into_documents(tmp_path, caplog, separa
     val_loss = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["val_loss"]
     finals = [r.getMessage() for r in caplog.records if "val loss" in r.getMessage()]
     assert [m.split(";")[0] for m in finals] == [f"step 1: val loss {val_loss:.4f}"]  # 4 decimals, not repr
+
+
+def test_relative_tokenizer_file_is_recorded_absolute_and_the_recipe_reruns_from_elsewhere(audit, tmp_path, monkeypatch):
+    a, b, result = audit
+    shutil.copyfile(result.final_checkpoint / "tokenizer.json", a / "tok.json")
+    monkeypatch.chdir(a)
+    recipe = dataclasses.replace(_recipe(tmp_path / "cache", "stories.jsonl"), data=dataclasses.replace(
+        _recipe(tmp_path / "cache", "stories.jsonl").data, tokenizer="tok.json"))
+    first = train(recipe, a / "runs" / "tok", progress=False)
+    recorded = load_run_config(first.out_dir / RUN_CONFIG_FILE)
+    assert recorded.data.tokenizer == str((a / "tok.json").resolve())
+    monkeypatch.chdir(b)  # no tok.json here: the recorded recipe must still name the file trained with
+    again = train(recorded, b / "runs" / "again", progress=False)
+    assert (again.final_checkpoint / "tokenizer.json").read_bytes() == (first.final_checkpoint / "tokenizer.json").read_bytes()
