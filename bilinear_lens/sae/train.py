@@ -87,6 +87,7 @@ from bilinear_lens.training.metrics import read_metrics
 from bilinear_lens.training.resume_rule import (
     check_steps_reach,
     field_differences,
+    finished_final,
     format_differences,
     resume_may_change,
 )
@@ -344,20 +345,18 @@ def resume_recipe(out_dir: Path, checkpoint: Path, recipe: Optional[SAERecipe]) 
 
 
 def _finished_result(out_dir: Path, ckpt: Path, recipe: SAERecipe) -> Optional[SAETrainResult]:
-    """The result of a run that is already finished at ``ckpt`` (its step is ``train.steps``
-    and ``final/`` holds that step), else ``None``; a ``train.steps`` below the checkpoint's
-    step is a ``ValueError``. Warns where a finished run is about to be extended."""
-    step = read_train_state(ckpt).step
+    """The result of a run that is already finished at ``ckpt`` (:func:`finished_final`),
+    else ``None``; a ``train.steps`` below the checkpoint's step is a ``ValueError``. Warns
+    where a finished run is about to be extended."""
     steps = recipe.train.steps
-    check_steps_reach(steps, step, recipe.source, ckpt)
-    final = out_dir / FINAL_DIR
-    final_step = read_train_state(final).step if final.is_dir() else None
-    if final_step is not None and final_step == step == steps:
+    check_steps_reach(steps, read_train_state(ckpt).step, recipe.source, ckpt)
+    final = finished_final(out_dir, ckpt, steps)
+    if final is not None:
         records = read_metrics(out_dir / METRICS_FILE)
-        return SAETrainResult(final, step, _last_val(records), records, already_finished=True)
-    if final_step is not None:
+        return SAETrainResult(final, steps, _last_val(records), records, already_finished=True)
+    if (out_dir / FINAL_DIR).is_dir():
         logger.warning("%s holds a finished SAE (step %d); this run trains to step %d and then replaces it",
-                       final, final_step, steps)
+                       out_dir / FINAL_DIR, read_train_state(out_dir / FINAL_DIR).step, steps)
     return None
 
 

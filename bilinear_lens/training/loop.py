@@ -86,7 +86,9 @@ from bilinear_lens.training.config import RunConfig, TrainConfig, load_run_confi
 from bilinear_lens.distributed import DistEnv, read_environment
 from bilinear_lens.training.guard import DivergenceGuard, NonFiniteLossError
 from bilinear_lens.training.metrics import IntervalMeter, MetricsLog, make_record, read_metrics
-from bilinear_lens.training.resume_rule import check_steps_reach, format_differences, refused_differences
+from bilinear_lens.training.resume_rule import (
+    check_steps_reach, finished_final, format_differences, refused_differences,
+)
 from bilinear_lens.training.run_dir import (
     CHECKPOINTS_DIR,
     FINAL_DIR,
@@ -621,19 +623,15 @@ def documents_status(run_config: RunConfig, train_blocks: TokenBlocks, val_block
 
 
 def _finished_result(out_dir: Path, ckpt_path: Path, total_steps: int) -> Optional[TrainResult]:
-    """The result of a run already finished at ``ckpt_path`` (its step is ``total_steps``
-    and ``out_dir/final`` holds that step; ``unigram_entropy`` left to the caller), else ``None``."""
-    step = read_train_state(ckpt_path).step
-    final = out_dir / FINAL_DIR
-    if step != total_steps or not final.is_dir():
+    """The result of a run already finished at ``ckpt_path`` (:func:`finished_final`;
+    ``unigram_entropy`` left to the caller), else ``None``."""
+    final = finished_final(out_dir, ckpt_path, total_steps)
+    if final is None:
         return None
-    final_state = read_train_state(final)
-    if final_state.step != step:
-        return None
-    val_loss = final_state.metrics.get("val_loss")
-    return TrainResult(final_checkpoint=final, val_loss=None if val_loss is None else float(val_loss), steps=step,
-                       metrics=read_metrics(out_dir / METRICS_FILE), out_dir=out_dir, unigram_entropy=float("nan"),
-                       already_finished=True)
+    val_loss = read_train_state(final).metrics.get("val_loss")
+    return TrainResult(final_checkpoint=final, val_loss=None if val_loss is None else float(val_loss),
+                       steps=total_steps, metrics=read_metrics(out_dir / METRICS_FILE), out_dir=out_dir,
+                       unigram_entropy=float("nan"), already_finished=True)
 
 
 def _train(

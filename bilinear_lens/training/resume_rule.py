@@ -10,6 +10,9 @@ A resumed run trains on from its checkpoint with the recipe it was started with,
 - nothing else: the architecture (``[model]`` / ``[sae]``) and the corpus (the rest of
   ``[data]``, which decides the batches) stay (:func:`resume_may_change`).
 
+A run resumed at its last step with its ``final/`` written has nothing to train
+(:func:`finished_final`): both trainers then return the finished result and write nothing.
+
 Differences are named by one formatter (:func:`format_differences`):
 ``"section.key: saved (saved) != given (given); ..."``.
 """
@@ -19,6 +22,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
+
+from bilinear_lens.training.run_dir import FINAL_DIR
+from bilinear_lens.training.state import read_train_state
 
 # [data] keys a resumed run may change: where the token cache lives does not change its tokens
 RESUME_SAFE_DATA_KEYS = ("cache_dir",)
@@ -69,3 +75,13 @@ def check_steps_reach(
         raise ValueError(f"{setting} in {source} is below step {checkpoint_step} of {checkpoint}: a "
                          "resumed run trains on from its checkpoint (raise train.steps, or resume from an earlier "
                          "checkpoint)")
+
+
+def finished_final(out_dir: Path, checkpoint: Path, total_steps: int) -> Optional[Path]:
+    """``out_dir/final`` when resuming from ``checkpoint`` has nothing to train: the checkpoint
+    is at step ``total_steps`` and ``final/`` holds that same step; else ``None`` (train on,
+    e.g. a schedule extended past a finished run, or a run killed before writing ``final/``)."""
+    final = Path(out_dir) / FINAL_DIR
+    if read_train_state(checkpoint).step != total_steps or not final.is_dir():
+        return None
+    return final if read_train_state(final).step == total_steps else None

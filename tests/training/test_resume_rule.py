@@ -16,6 +16,7 @@ from bilinear_lens.data.corpus import prepare_data
 from bilinear_lens.training import resume_rule
 from bilinear_lens.training.config import DataConfig, RunConfig, TrainConfig
 from bilinear_lens.training.loop import CHECKPOINTS_DIR, FINAL_DIR, RUN_CONFIG_FILE, train
+from bilinear_lens.training.state import TrainState, write_train_state
 from bilinear_lens.training.resume_rule import (
     check_steps_reach,
     field_differences,
@@ -131,3 +132,22 @@ def test_both_trainers_use_the_one_rule():
         for name in ("format_differences", "check_steps_reach"):
             assert getattr(module, name) is getattr(resume_rule, name), (module.__name__, name)
     assert sae_train.resume_may_change is resume_rule.resume_may_change
+
+
+def _state_at(directory: Path, step: int) -> Path:
+    directory.mkdir(parents=True)
+    write_train_state(directory, TrainState(step=step, optimizer={"state": {}, "param_groups": []}))
+    return directory
+
+
+@pytest.mark.parametrize("ckpt_step, final_step, total, finished", [
+    (10, 10, 10, True),    # at the end of the schedule with final/ of that step: nothing to train
+    (10, 10, 20, False),   # the schedule was extended: train on
+    (10, None, 10, False),  # killed after the last checkpoint, before final/: write it
+    (10, 5, 10, False),    # final/ of an older schedule: replace it
+])
+def test_finished_final_is_the_one_finished_rule_of_both_trainers(tmp_path, ckpt_step, final_step, total, finished):
+    ckpt = _state_at(tmp_path / CHECKPOINTS_DIR / "step_000010", ckpt_step)
+    if final_step is not None:
+        _state_at(tmp_path / FINAL_DIR, final_step)
+    assert resume_rule.finished_final(tmp_path, ckpt, total) == (tmp_path / FINAL_DIR if finished else None)
