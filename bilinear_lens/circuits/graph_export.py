@@ -4,8 +4,11 @@ frontends from another environment.
 What we write (circuit-tracer's ``frontend/graph_models.py`` fields; schema_version 1):
 
 - ``metadata``: ``slug``, ``scan``, ``transcoder_list`` (``[]``: no transcoders),
-  ``prompt_tokens`` (decoded tokens), ``prompt`` (their concatenation), ``node_threshold``,
-  ``schema_version``, and ``info`` (ours: generator, split, exactness, target value).
+  ``prompt_tokens`` (decoded tokens), ``prompt`` (their concatenation), ``schema_version``,
+  ``info`` (``generator`` as ``{name, version}``; ours: split, exactness, target value), and for a
+  pruned graph ``node_threshold`` and ``pruning_settings`` (``node_threshold``, ``edge_threshold``).
+  Optional fields are left out rather than written ``null`` where Neuronpedia's graph schema
+  (``apps/webapp/app/api/graph/graph-schema.json``) types them as numbers or objects.
 - ``qParams``: ``pinnedIds``, ``supernodes``, ``linkType``, ``clickedId``, ``sg_pos`` (empty).
 - ``nodes``: ``node_id``, ``jsNodeId`` (= ``node_id``), ``feature``, ``layer`` (a string),
   ``ctx_idx``, ``feature_type``, ``token_prob``, ``is_target_logit``, ``run_idx``,
@@ -30,6 +33,8 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
+
+from bilinear_lens import __version__
 
 SCHEMA_VERSION = 1
 FEATURE_TYPES = {
@@ -103,13 +108,23 @@ def graph_to_json(graph: Any, slug: str = "bilinear-lens-graph", scan: str = "bi
     links = [{"source": ids[s], "target": ids[t], "weight": float(A[t, s])} for t, s in (A != 0).nonzero().tolist()]
     metadata = {
         "slug": slug, "scan": scan, "transcoder_list": [], "prompt_tokens": list(graph.token_strings),
-        "prompt": "".join(graph.token_strings), "node_threshold": graph.meta.get("node_threshold"),
-        "schema_version": SCHEMA_VERSION,
-        "info": {"generator": "bilinear-lens", "split": graph.split, "exact": graph.exact,
-                 "target_value": graph.target_value, "edge_threshold": graph.meta.get("edge_threshold")},
+        "prompt": "".join(graph.token_strings), "schema_version": SCHEMA_VERSION,
+        "info": {"generator": {"name": "bilinear-lens", "version": __version__}, "split": graph.split,
+                 "exact": graph.exact, "target_value": graph.target_value},
+        **_pruning_metadata(graph.meta),
     }  # fmt: skip
     qparams = {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""}
     return {"metadata": metadata, "qParams": qparams, "nodes": nodes, "links": links}
+
+
+def _pruning_metadata(meta: dict[str, Any]) -> dict[str, Any]:
+    """``node_threshold`` and ``pruning_settings`` of a pruned graph; nothing for an unpruned
+    one (Neuronpedia's schema types them as numbers: a ``null`` there fails its validator)."""
+    settings = {k: meta[k] for k in ("node_threshold", "edge_threshold") if meta.get(k) is not None}
+    if not settings:
+        return {}
+    head = {"node_threshold": settings["node_threshold"]} if "node_threshold" in settings else {}
+    return {**head, "pruning_settings": settings}
 
 
 def write_graph_json(graph: Any, path: Union[str, Path], **kwargs: Any) -> Path:

@@ -19,6 +19,33 @@ NODE_TYPES = {"node_id": str, "jsNodeId": str, "feature": int, "layer": str, "ct
               "influence": float}  # fmt: skip
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_neuronpedia_schema(data: dict) -> None:
+    """The constraints of Neuronpedia's graph validator (its webapp's ``graph-schema.json``,
+    draft-07) restated: required keys, and the type of every optional key that is present."""
+    meta = data["metadata"]
+    assert {"slug", "scan", "prompt_tokens", "prompt"} <= set(meta) and isinstance(data["qParams"], dict)
+    assert all(isinstance(t, str) for t in meta["prompt_tokens"])
+    if "node_threshold" in meta:
+        assert _is_number(meta["node_threshold"])
+    for key, value in meta.get("pruning_settings", {}).items():
+        assert _is_number(value), key
+    info = meta.get("info", {})
+    assert isinstance(info, dict) and isinstance(info.get("generator", {}), dict)
+    assert all(isinstance(info["generator"].get(k, ""), str) for k in ("name", "version", "url", "email"))
+    for node in data["nodes"]:
+        assert {"node_id", "feature", "layer", "ctx_idx", "feature_type", "jsNodeId", "clerp"} <= set(node)
+        assert node["feature"] is None or (isinstance(node["feature"], int) and not isinstance(node["feature"], bool))
+        assert isinstance(node["layer"], (str, int)) and isinstance(node["ctx_idx"], int)
+        assert all(isinstance(node[k], str) for k in ("node_id", "feature_type", "jsNodeId", "clerp"))
+        assert all(node.get(k) is None or _is_number(node[k]) for k in ("influence", "activation"))
+    for link in data["links"]:
+        assert isinstance(link["source"], str) and isinstance(link["target"], str) and _is_number(link["weight"])
+
+
 @pytest.mark.parametrize("split", ["none", "neurons", "eigen"])
 def test_exported_json_has_every_field(split, tmp_path):
     model, tokens = random_model(), prompt()
@@ -30,6 +57,8 @@ def test_exported_json_has_every_field(split, tmp_path):
         for name, kind in fields.items():
             assert isinstance(obj[name], kind), name
     assert data["metadata"]["slug"] == "fixture" and data["metadata"]["node_threshold"] == 0.7
+    assert data["metadata"]["pruning_settings"] == {"node_threshold": 0.7, "edge_threshold": 0.95}
+    check_neuronpedia_schema(data)
     assert data["metadata"]["prompt_tokens"] == graph.token_strings and data["metadata"]["schema_version"] == 1
     assert set(NODE_TYPES) <= set(NODE_FIELDS)
     for node in data["nodes"]:
@@ -60,7 +89,8 @@ def test_influence_of_an_unpruned_graph_is_computed():
     model, tokens = random_model(), prompt()
     graph = attribution_graph(model, tokens, target=(5, 7))
     data = graph_to_json(graph)
-    assert data["metadata"]["node_threshold"] is None
+    assert "node_threshold" not in data["metadata"] and "pruning_settings" not in data["metadata"]
+    check_neuronpedia_schema(data)
     influences = [n["influence"] for n in data["nodes"] if n["feature_type"] == "embedding"]
     assert all(i >= 0 for i in influences) and any(i > 0 for i in influences)
     assert data["metadata"]["info"]["exact"] is True
