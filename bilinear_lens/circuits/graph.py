@@ -72,8 +72,8 @@ class GraphTarget:
     """A target read at ``position``: ``vector . resid[position] / frozen final scale``.
 
     ``vector``: a residual-space direction through the final norm (centred for LayerNorm),
-    ``weight``: its weight in ``T`` (a probability for top logits), ``token_id`` and
-    ``probability`` for a logit target."""
+    ``weight``: its weight in ``T`` (a probability for top logits), ``token_id``,
+    ``token`` (decoded) and ``probability`` (at ``position``, on the clean run) for a logit target."""
 
     label: str
     vector: Float[Tensor, "d_model"]
@@ -81,13 +81,15 @@ class GraphTarget:
     weight: float = 1.0
     token_id: Optional[int] = None
     probability: Optional[float] = None
+    token: Optional[str] = None
 
 
 @dataclass(frozen=True)
 class GraphNode:
     """One node. ``layer``: -1 for embeddings and bias, ``n_layers`` for logits; ``position``:
     -1 for the bias; ``index``: head, neuron or eigen-component index, token id for
-    embeddings and logits, -1 otherwise. ``value``: its share of ``T`` (logits: the target)."""
+    embeddings and logits, -1 otherwise. ``value``: its share of ``T`` (logits: the target).
+    ``token``: the decoded token of a logit node (``None`` for a direction target)."""
 
     kind: str
     layer: int
@@ -96,6 +98,7 @@ class GraphNode:
     value: float
     label: str
     activation: Optional[float] = None
+    token: Optional[str] = None
 
     @property
     def node_id(self) -> str:
@@ -230,7 +233,7 @@ def top_logit_targets(
     n = min(int((cum < cumulative_prob).sum()) + 1, max_targets, len(order))
     return [
         GraphTarget(f"logit {_token_label(model, int(t))!r}", _centred(model, token_direction(model, int(t))), position,
-                    weight=float(probs[t]), token_id=int(t), probability=float(probs[t]))
+                    weight=float(probs[t]), token_id=int(t), probability=float(probs[t]), token=_token_label(model, int(t)))
         for t in order[:n]
     ]  # fmt: skip
 
@@ -248,7 +251,7 @@ def direction_target(model: Any, spec: Any, position: int = -1, label: Optional[
         label = (f"logit {_token_label(model, tid)!r}" if tid is not None else
                  f"logit[{_pair_label(model, spec[0])!r}] - logit[{_pair_label(model, spec[1])!r}]" if isinstance(spec, tuple) else
                  getattr(spec, "label", "direction"))  # fmt: skip
-    return GraphTarget(label, u, position, token_id=tid)
+    return GraphTarget(label, u, position, token_id=tid, token=None if tid is None else _token_label(model, tid))
 
 
 def _as_targets(model: Any, tokens: Tensor, target: Any, cumulative_prob: float, max_targets: int, position: int) -> list[GraphTarget]:
@@ -258,6 +261,12 @@ def _as_targets(model: Any, tokens: Tensor, target: Any, cumulative_prob: float,
     out = [t if isinstance(t, GraphTarget) else direction_target(model, t, position) for t in targets]
     for t in out:
         t.position = _check_position(t.position, tokens.shape[1])
+    if any(t.token_id is not None and t.probability is None for t in out):  # shown beside logit nodes
+        with torch.no_grad():
+            probs = model(tokens)[0].double().softmax(-1)
+        for t in out:
+            if t.token_id is not None and t.probability is None:
+                t.probability = float(probs[t.position, t.token_id])
     return out
 
 
@@ -450,7 +459,7 @@ def _build_nodes(model: Any, clean: _Clean, targets: list[GraphTarget], tokens: 
                 extra["eigen"][(l, p)] = (lam, vecs)
     for t, v in zip(targets, clean.targets):
         idx = t.token_id if t.token_id is not None else -1
-        add(GraphNode("logit", n_layers, t.position, idx, v, t.label, activation=t.probability),
+        add(GraphNode("logit", n_layers, t.position, idx, v, t.label, activation=t.probability, token=t.token),
             _Reader(reads=[("resid", (t.position,), t.vector)]))
     return nodes, readers, extra
 

@@ -12,7 +12,8 @@ What we write (circuit-tracer's ``frontend/graph_models.py`` fields; schema_vers
 - ``qParams``: ``pinnedIds``, ``supernodes``, ``linkType``, ``clickedId``, ``sg_pos`` (empty).
 - ``nodes``: ``node_id``, ``jsNodeId`` (= ``node_id``), ``feature``, ``layer`` (a string),
   ``ctx_idx``, ``feature_type``, ``token_prob``, ``is_target_logit``, ``run_idx``,
-  ``reverse_ctx_idx``, ``clerp`` (our label), ``influence``, ``activation``; and ours:
+  ``reverse_ctx_idx``, ``clerp`` (our label; a logit's is circuit-tracer's ``Output "TOKEN" (p=P)``,
+  which Neuronpedia's loader parses), ``influence``, ``activation``; and ours:
   ``value`` (the node's share of the target) and ``bilinear_lens_id`` (:attr:`GraphNode.node_id`,
   e.g. ``L0.H1@3``, a different format from ``node_id``; ``AttributionGraph.index`` takes either).
 - ``links``: ``source``, ``target``, ``weight`` (the edge ``A[target, source]``).
@@ -29,6 +30,7 @@ drawn as circuit-tracer's error nodes), and ours for the rest: ``attention head`
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -69,6 +71,25 @@ def export_node_id(node: Any, n_layers: int, n_heads: int) -> str:
     return f"{node.layer}_{_feature(node, n_heads)}_{node.position}"
 
 
+def _clerp(node: Any) -> str:
+    """The node's label; a logit's as circuit-tracer writes it, ``Output "TOKEN" (p=P)``: the
+    Neuronpedia frontend reads the probability after ``(p=`` and fails to load a graph whose
+    logit label lacks it."""
+    if node.kind != "logit":
+        return node.label
+    return f'Output "{node.token if node.token is not None else node.label}" (p={float(node.activation or 0.0):.3f})'
+
+
+def _warn_single_layer(graph: Any) -> None:
+    """Warn where no node below the logits sits above layer 0: Neuronpedia's loader takes the
+    highest such layer and stops with "No layer found" when it is 0 (a 1-layer model)."""
+    if all(n.kind == "logit" or n.layer < 1 for n in graph.nodes):
+        warnings.warn("no node of this graph below the logits sits above layer 0 (a 1-layer model, or pruning kept "
+                      "no later layer): Neuronpedia's graph loader refuses such a file ('No layer found'); open it in "
+                      "GraphView (HTML) instead",
+                      stacklevel=3)
+
+
 def graph_n_heads(graph: Any) -> int:
     """Heads per layer (``feature`` numbering needs it): as recorded when the graph was built,
     so a pruned graph that lost its last heads numbers its MLP features as the whole one did;
@@ -88,6 +109,7 @@ def graph_to_json(graph: Any, slug: str = "bilinear-lens-graph", scan: str = "bi
     influences = graph.meta.get("influence")
     if influences is None:
         influences = influence(normalize_rows(graph.adjacency), graph.target_weights).tolist()
+    _warn_single_layer(graph)
     ids = [export_node_id(n, graph.n_layers, n_heads) for n in graph.nodes]
     top_logit = max((i for i, n in enumerate(graph.nodes) if n.kind == "logit"),
                     key=lambda i: graph.nodes[i].activation or 0.0, default=None)  # fmt: skip
@@ -99,7 +121,7 @@ def graph_to_json(graph: Any, slug: str = "bilinear-lens-graph", scan: str = "bi
             "ctx_idx": max(node.position, 0), "feature_type": FEATURE_TYPES[node.kind],
             "token_prob": float(node.activation or 0.0) if node.kind == "logit" else 0.0,
             "is_target_logit": i == top_logit, "run_idx": 0, "reverse_ctx_idx": 0,
-            "clerp": node.label, "influence": float(influences[i]),
+            "clerp": _clerp(node), "influence": float(influences[i]),
             "activation": None if node.activation is None else float(node.activation),
             "value": float(node.value),  # ours: the node's exact share of the target
             "bilinear_lens_id": node.node_id,  # ours: GraphNode.node_id (AttributionGraph.index takes either)

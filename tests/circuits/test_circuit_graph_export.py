@@ -44,6 +44,10 @@ def check_neuronpedia_schema(data: dict) -> None:
         assert all(node.get(k) is None or _is_number(node[k]) for k in ("influence", "activation"))
     for link in data["links"]:
         assert isinstance(link["source"], str) and isinstance(link["target"], str) and _is_number(link["weight"])
+    # the loader (formatCLTGraphData) reads each logit's probability from its label, and needs a layer above 0
+    logits = [n for n in data["nodes"] if n["feature_type"] == "logit"]
+    assert all(float(n["clerp"].split("(p=")[1].split(")")[0]) == pytest.approx(n["token_prob"], abs=5e-4) for n in logits)
+    assert max(int(n["layer"]) for n in data["nodes"] if n["layer"] != "E" and n["feature_type"] != "logit") >= 1
 
 
 @pytest.mark.parametrize("split", ["none", "neurons", "eigen"])
@@ -96,6 +100,7 @@ def test_influence_of_an_unpruned_graph_is_computed():
     assert data["metadata"]["info"]["exact"] is True
 
 
+@pytest.mark.filterwarnings("ignore:no node of this graph below the logits")  # the pruned graph keeps layer 0 only
 def test_index_takes_our_id_and_the_exported_id_and_pruning_keeps_the_numbering():
     """The two id formats (``L0.H1@3`` ours, ``0_1_3`` circuit-tracer's) name the same node;
     a pruned graph exports the same ids for the nodes it keeps as the unpruned graph does."""
@@ -118,3 +123,15 @@ def test_index_takes_our_id_and_the_exported_id_and_pruning_keeps_the_numbering(
     assert any(n.kind == "neuron" for n in no_last_head.nodes)
     with pytest.raises(KeyError, match=r"no node 'L9.H0@0' in the graph \(ids are GraphNode.node_id or the exported"):
         graph.index("L9.H0@0")
+
+
+def test_logit_labels_are_circuit_tracers_and_a_one_layer_graph_warns():
+    model, tokens = random_model(), prompt()
+    graph = attribution_graph(model, tokens, target=5)  # one token: its probability is computed too
+    logit = next(n for n in graph_to_json(graph)["nodes"] if n["feature_type"] == "logit")
+    p = torch.softmax(model(tokens)[0, -1].double(), -1)[5].item()
+    token = next(n.token for n in graph.nodes if n.kind == "logit")
+    assert token is not None and logit["clerp"] == f'Output "{token}" (p={p:.3f})'
+    assert logit["token_prob"] == pytest.approx(p, rel=1e-12)
+    with pytest.warns(UserWarning, match="No layer found"):
+        graph_to_json(attribution_graph(random_model(n_layers=1), tokens, target=5))
