@@ -24,7 +24,9 @@ Ids follow circuit-tracer: ``E_{token}_{pos}`` for embeddings (layer ``"E"``),
 neuron / eigen-component / SAE feature ``i``, ``-1`` / ``-2`` for the remainder / residual nodes. Feature
 types: ``embedding``, ``logit``, ``mlp reconstruction error`` (remainder and residual nodes,
 drawn as circuit-tracer's error nodes), and ours for the rest: ``attention head``, ``mlp``,
-``mlp neuron``, ``mlp eigen-component``, ``sae feature``, ``bias`` (id ``B_0_0``, layer ``"E"``, ctx 0).
+``mlp neuron``, ``mlp eigen-component``, ``sae feature``, ``bias`` (id ``B_0_0``, layer ``"E"``, ctx 0,
+feature -1). ``(layer, feature, ctx_idx)`` is unique per node: the Neuronpedia frontend keys its
+features by it (an embedding at position 0 is ``E``, 0, 0, so the bias is not).
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ NODE_FIELDS = ("node_id", "jsNodeId", "feature", "layer", "ctx_idx", "feature_ty
 
 def _feature(node: Any, n_heads: int) -> int:
     return {"head": node.index, "mlp": n_heads, "neuron": n_heads + 1 + node.index, "eigen": n_heads + 1 + node.index,
-            "sae_feature": n_heads + 1 + node.index, "mlp_rest": -1, "mlp_residual": -2, "embedding": node.position, "logit": node.index, "bias": 0}[node.kind]  # fmt: skip
+            "sae_feature": n_heads + 1 + node.index, "mlp_rest": -1, "mlp_residual": -2, "embedding": node.position, "logit": node.index, "bias": -1}[node.kind]  # fmt: skip
 
 
 def export_node_id(node: Any, n_layers: int, n_heads: int) -> str:

@@ -73,6 +73,8 @@ def test_exported_json_has_every_field(split, tmp_path):
         assert node["activation"] is None or isinstance(node["activation"], float)
     ids = [n["node_id"] for n in data["nodes"]]
     assert len(set(ids)) == len(ids)
+    frontend_keys = {(n["layer"], n["feature"], n["ctx_idx"]) for n in data["nodes"]}  # Neuronpedia's featureId
+    assert len(frontend_keys) == len(ids)
     assert sum(n["is_target_logit"] for n in data["nodes"]) == 1
     by_type = {n["feature_type"] for n in data["nodes"]}
     assert {"embedding", "logit"} <= by_type
@@ -94,6 +96,10 @@ def test_influence_of_an_unpruned_graph_is_computed():
     graph = attribution_graph(model, tokens, target=(5, 7))
     data = graph_to_json(graph)
     assert "node_threshold" not in data["metadata"] and "pruning_settings" not in data["metadata"]
+    kinds = {n["feature_type"] for n in data["nodes"]}
+    assert {"bias", "embedding"} <= kinds and 0 in [n["ctx_idx"] for n in data["nodes"] if n["feature_type"] == "embedding"]
+    frontend_keys = {(n["layer"], n["feature"], n["ctx_idx"]) for n in data["nodes"]}  # Neuronpedia's featureId
+    assert len(frontend_keys) == len(data["nodes"])
     check_neuronpedia_schema(data)
     influences = [n["influence"] for n in data["nodes"] if n["feature_type"] == "embedding"]
     assert all(i >= 0 for i in influences) and any(i > 0 for i in influences)
