@@ -1,6 +1,13 @@
-"""``bilinear-lens polytope``: polytope-region statistics of an MLP layer over a text file.
+"""``bilinear-lens polytope``: polytope-region statistics of an MLP layer over a text.
 
+    bilinear-lens polytope --checkpoint runs/tiny/final --layer 0          # the model's own val text
     bilinear-lens polytope --checkpoint runs/tiny/final --layer 0 --text-file training/sample_stories.txt
+
+Without ``--text-file`` it measures what ``ablate`` and ``report`` measure: the model's own
+training data as its checkpoint records it, the validation documents of that corpus
+(:func:`~bilinear_lens.training.measured_text.measured_text`; enough of them for
+``--max-tokens``), or synthetic stories, said so, when the checkpoint records none. The first
+output line names the text.
 
 Prints the number of tokens and distinct regions (spline codes, see
 :mod:`bilinear_lens.activations.spline_codes`), tokens-per-region statistics, the most common regions
@@ -112,7 +119,8 @@ DEGENERATE_REGION_FRACTION = 0.9
 def build_parser() -> argparse.ArgumentParser:
     parser = analysis_parser("polytope", __doc__)
     parser.add_argument("--layer", type=int, nargs="+", default=[0], help="layer(s); several layers make one joint code")
-    parser.add_argument("--text-file", required=True, help="UTF-8 text to run the model on")
+    parser.add_argument("--text-file", help="UTF-8 text file of documents (default: the model's own training data, "
+                        "its val split, as its checkpoint records it; synthetic stories when it records none)")
     add_documents_argument(parser)
     parser.add_argument("--max-tokens", type=int, default=20_000,
                         help="run at most this many text tokens (BOS not counted; default 20000); the output says "
@@ -157,18 +165,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Default text: documents read for --max-tokens; stories hold more than this many tokens each
+# (synthetic ~60-100, TinyStories ~200), so the cap, not the document count, ends the text.
+MIN_TOKENS_PER_DOCUMENT = 16
+
+
+def measured_documents(args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
+    """``(documents, text)``: ``--text-file``'s documents (``--documents`` rule), or the
+    model's own (:func:`~bilinear_lens.commands.measured_text.measured_text`), and the JSON's
+    ``text`` record saying which (``origin``, ``source``, ``split``, ``rule``, ``note``...)."""
+    from bilinear_lens.commands.measured_text import measured_text
+
+    if args.text_file is not None:
+        documents = read_documents(args.text_file, rule=args.documents)
+        return documents, {"origin": "text-file", "source": args.text_file, "documents": args.documents,
+                           "rule": resolve_document_rule(read_text_file(args.text_file), args.documents),
+                           "documents_in_file": len(documents)}
+    if args.documents != "auto":
+        raise UsageError(f"--documents {args.documents} applies to --text-file only; without it the model's own "
+                         "training data is split as its run recorded (data.documents); give --text-file too")
+    count = max(32, -(-args.max_tokens // MIN_TOKENS_PER_DOCUMENT))
+    text = measured_text(None, args.checkpoint, count, seed=args.seed, fallback_n_texts=count)
+    documents = list(text.texts)
+    return documents, {**text.to_dict(len(documents)), "rule": text.documents, "documents_in_file": None,
+                       "description": text.describe(len(documents))}
+
+
 def _token_rows(
-    model: HookedModel, path: str, max_tokens: int, warmup: int, rule: str = "auto"
+    model: HookedModel, documents: list[str], max_tokens: int, warmup: int, where: str
 ) -> tuple[Any, Any, dict[str, int]]:
-    """``(rows, mask, counts)``: the documents of ``path`` (document ``rule``) packed by the
-    one packing rule (:func:`~bilinear_lens.data.packing.pack_documents`: rows of n_ctx
-    tokens, one shorter row if the text is shorter), the mask of positions to count, and how
-    many text tokens were read, cut by ``max_tokens``, skipped at row starts and counted."""
-    documents = read_documents(path, rule=rule)
+    """``(rows, mask, counts)``: ``documents`` packed by the one packing rule
+    (:func:`~bilinear_lens.data.packing.pack_documents`: rows of n_ctx tokens, one shorter row
+    if the text is shorter), the mask of positions to count, and how many text tokens were
+    read, cut by ``max_tokens``, skipped at row starts and counted. ``where`` names the text."""
     try:
         packed = pack_documents(model.tokenizer, documents, model.cfg.n_ctx, max_tokens, warmup)
     except ValueError as err:
-        raise UsageError(f"text file {path} has no tokens") from err
+        raise UsageError(f"{where} has no tokens") from err
     return packed.rows, packed.mask, packed.counts
 
 
@@ -209,7 +242,9 @@ def analyse(args: argparse.Namespace) -> dict[str, Any]:
     chosen_units = _chosen_units(args, model)
     code_units = None if chosen_units is None else {name: chosen_units[_hook_layer(name)] for name in layout.hook_names}
     kept_layout = layout if code_units is None else subset_layout(layout, code_units)
-    rows, mask, counts = _token_rows(model, args.text_file, args.max_tokens, args.warmup, args.documents)
+    documents, text = measured_documents(args)
+    where = f"text file {args.text_file}" if args.text_file is not None else "the measured text"
+    rows, mask, counts = _token_rows(model, documents, args.max_tokens, args.warmup, where)
     warn_special_token_text(model.tokenizer, args.text_file, "polytope", args.documents)
     args.labels = resolve_label_kind(args.labels, args.checkpoint)
     tok = model.tokenizer
@@ -234,9 +269,7 @@ def analyse(args: argparse.Namespace) -> dict[str, Any]:
     )
     result: dict[str, Any] = {
         "checkpoint": str(args.checkpoint),
-        "text": {"source": args.text_file, "documents": args.documents,
-                 "rule": resolve_document_rule(read_text_file(args.text_file), args.documents),
-                 "documents_in_file": len(read_documents(args.text_file, rule=args.documents)), "labels": args.labels},
+        "text": {**text, "labels": args.labels},
         "mlp_kind": model.cfg.mlp_kind,
         "layers": list(args.layer),
         "hooks": layout.hook_names,
@@ -391,16 +424,23 @@ def _fmt(x: float) -> str:
     return "n/a" if isinstance(x, float) and math.isnan(x) else f"{x:.3f}"
 
 
+def _text_phrase(text: dict[str, Any]) -> str:
+    """``--text-file F, documents: RULE (--documents R), N documents`` or the measured text's own
+    description (``the model's training data (val split of F, ...), N documents``)."""
+    if text["origin"] != "text-file":
+        return text["description"]
+    n_docs = text["documents_in_file"]
+    return (f"--text-file {text['source']}, documents: {text['rule']}"
+            + (f" (--documents {text['documents']})" if text["documents"] != text["rule"] else "")
+            + f", {n_docs} document{'s' if n_docs != 1 else ''}")
+
+
 def format_report(result: dict[str, Any]) -> str:
     """The human-readable tables."""
     sizes, ham, near = result["tokens_per_region"], result["hamming"], result["hamming_neighbours"]
     units = result["units"]
-    text = result["text"]
-    n_docs = text["documents_in_file"]
     lines = [
-        f"measured on --text-file {text['source']}, documents: {text['rule']}"
-        + (f" (--documents {text['documents']})" if text["documents"] != text["rule"] else "")
-        + f", {n_docs} document{'s' if n_docs != 1 else ''}; labels: {text['labels']}",
+        f"measured on {_text_phrase(result['text'])}; labels: {result['text']['labels']}",
         f"polytope regions of {', '.join(result['hooks'])} ({result['mlp_kind']}): {result['n_units']} units"
         + (f" (--units {units['per_layer']} random units per layer, seed {units['seed']})" if units else "")
         + f", {result['code_bytes']} bytes per code",

@@ -93,6 +93,8 @@ class MeasuredText:
         what = {"text-file": f"--text-file {self.source}",
                 "training-data": f"the model's training data ({self.split} split of {self.source})",
                 "synthetic": f"the built-in synthetic stories ({self.source})"}[self.origin]
+        if self.origin == "synthetic" and self.split is not None:  # recorded as the model's corpus
+            what = f"the model's training data ({self.split} split of the built-in synthetic stories, {self.source})"
         if self.documents is not None:
             what += f", documents: {self.documents}"
         n = self.count(n_read)
@@ -228,8 +230,7 @@ def measured_text(
                                  "give --text-file to measure on its own text")
     if data.source == "synthetic":
         return MeasuredText(_synthetic_val_documents(data, count), "synthetic", f"data.seed {data.seed}",
-                            split="val" if data.val_fraction > 0 else "train",
-                            note="the model's training data")
+                            split="val" if data.val_fraction > 0 else "train")
     return _training_documents(data, checkpoint, n_texts)
 
 

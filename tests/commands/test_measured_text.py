@@ -98,11 +98,12 @@ def test_polytope_labels_follow_the_training_data(checkpoints):
     assert resolve_label_kind("none", str(checkpoints / "local")) == "none"
 
 
-@pytest.mark.parametrize("command", ["ablate", "report"])
+@pytest.mark.parametrize("command", ["ablate", "report", "polytope"])
 def test_documents_without_text_file_is_refused_not_ignored(checkpoints, capsys, tmp_path, command):
+    from bilinear_lens.commands import polytope as polytope_cmd
     from bilinear_lens.commands import report as report_cmd
 
-    main = {"ablate": ablate_cmd.main, "report": report_cmd.main}[command]
+    main = {"ablate": ablate_cmd.main, "report": report_cmd.main, "polytope": polytope_cmd.main}[command]
     extra = ["--out", str(tmp_path / "r.html")] if command == "report" else []
     assert main(["--checkpoint", str(checkpoints / "local"), "--documents", "paragraph", "--quiet", *extra]) == 2
     assert capsys.readouterr().err == (
@@ -122,5 +123,35 @@ def test_polytope_names_the_text_its_rule_and_document_count(checkpoints, capsys
                      f"{len(STORIES)} documents; labels: token")
     assert polytope_cmd.main([*argv, "--documents", "file", "--json"]) == 0
     text = json.loads(capsys.readouterr().out)["text"]
-    assert text == {"source": str(corpus), "documents": "file", "rule": "file", "documents_in_file": 1,
-                    "labels": "token"}
+    assert text == {"origin": "text-file", "source": str(corpus), "documents": "file", "rule": "file",
+                    "documents_in_file": 1, "labels": "token"}
+
+
+def test_polytope_without_text_file_measures_the_models_val_documents(checkpoints, capsys):
+    """What ablate and report measure: the recorded corpus' val split, named on the first line;
+    the counted tokens are those of packing exactly those documents."""
+    from bilinear_lens.commands import polytope as polytope_cmd
+    from bilinear_lens.data.packing import pack_documents
+    from bilinear_lens.commands.common import load_model_with_tokenizer
+
+    val = [t for s, t in assign_splits(load_texts(checkpoints / "stories.txt"), 0.25, 3) if s == "val"]
+    argv = ["--checkpoint", str(checkpoints / "local"), "--max-tokens", "100000", "--quiet"]
+    assert polytope_cmd.main(argv) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == (f"measured on the model's training data (val split of {checkpoints / 'stories.txt'}), documents: "
+                     f"endoftext, {len(val)} documents; labels: token")
+    assert polytope_cmd.main([*argv, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["text"]["origin"], result["text"]["split"], result["text"]["n_documents"]) == ("training-data", "val", len(val))
+    model = load_model_with_tokenizer(str(checkpoints / "local"), "polytope")
+    packed = pack_documents(model.tokenizer, val, model.cfg.n_ctx, 100000, 8)
+    counted = packed.mask & (packed.rows != model.tokenizer.bos_token_id)
+    assert result["tokens_read"] == packed.counts["tokens_read"] and result["tokens"] == int(counted.sum())
+
+
+def test_polytope_with_no_record_says_it_measured_synthetic_stories(checkpoints, capsys):
+    from bilinear_lens.commands import polytope as polytope_cmd
+
+    assert polytope_cmd.main(["--checkpoint", str(checkpoints / "bare"), "--max-tokens", "300", "--quiet"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("measured on the built-in synthetic stories") and "records no training data" in first

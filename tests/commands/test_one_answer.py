@@ -70,4 +70,4 @@ def test_report_table_shows_the_library_answer(trained, tmp_path):
                       "yes" if abs(r["delta_loss"]) > 2 * r["delta_loss_se"] else "~0") for r in ranked]
     n_rows, seq_len = measured.rows.shape
     assert f"Clean loss {table.baseline['loss']:.4f} on {n_rows} x {seq_len} tokens" in section
-    assert "the built-in synthetic stories (data.seed 0)" in page and "the model&#x27;s training data" in page
+    assert "the model&#x27;s training data (val split of the built-in synthetic stories, data.seed 0)" in page
