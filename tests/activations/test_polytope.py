@@ -425,6 +425,7 @@ def test_cli_packs_documents_with_bos_only_at_document_starts(saved_model, tmp_p
 
     from bilinear_lens.commands.common import load_model_with_tokenizer
     from bilinear_lens.commands.polytope import _token_rows
+    from bilinear_lens.data.documents import split_text
 
     path, _ = saved_model
     model = load_model_with_tokenizer(str(path), "polytope")
@@ -432,7 +433,7 @@ def test_cli_packs_documents_with_bos_only_at_document_starts(saved_model, tmp_p
     docs = synthetic_stories(5, seed=4)
     text = tmp_path / "docs.txt"
     text.write_text("\n\n\n".join(docs) + "\n", encoding="utf-8")
-    rows, mask, counts = _token_rows(model, str(text), 10**6, warmup=4, rule="paragraph")
+    rows, mask, counts = _token_rows(model, split_text(text.read_text(), "paragraph"), 10**6, 4, "docs.txt")
     doc_ids = [tok.encode(d, add_special_tokens=False) for d in docs]
     stream = [t for ids in doc_ids for t in [tok.bos_token_id, *ids]]
     assert rows.shape[1] == n_ctx and rows.shape[0] == -(-len(stream) // n_ctx)

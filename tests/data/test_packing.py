@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from analysis import polytope_purity
-from bilinear_lens.commands.polytope import _token_rows
+from bilinear_lens.commands.polytope import _token_rows, measured_documents
 from bilinear_lens.data.documents import split_text
 from bilinear_lens.data.packing import count_mask, document_stream, pack_documents, stream_rows
 
@@ -41,8 +41,9 @@ def model(n_ctx: int) -> SimpleNamespace:
 def test_analysis_packs_as_the_polytope_cli(tmp_path: Path, n_ctx, max_tokens, warmup):
     text = tmp_path / "docs.txt"
     text.write_text("\n\n\n".join(DOCS) + "\n", encoding="utf-8")
-    args = SimpleNamespace(text_file=str(text), max_tokens=max_tokens or 10**6, warmup=warmup, seed=0)
-    rows, mask, counts = _token_rows(model(n_ctx), str(text), args.max_tokens, warmup)
+    args = SimpleNamespace(text_file=str(text), max_tokens=max_tokens or 10**6, warmup=warmup, seed=0, documents="auto")
+    documents, _ = measured_documents(args)  # the CLI's reading of --text-file
+    rows, mask, counts = _token_rows(model(n_ctx), documents, args.max_tokens, warmup, "docs.txt")
     packed = polytope_purity.pack_text(model(n_ctx), polytope_purity._read_documents(args), args)
     assert torch.equal(packed.rows, rows) and torch.equal(packed.mask, mask) and packed.counts == counts
 
