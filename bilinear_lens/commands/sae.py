@@ -14,6 +14,7 @@ run-directory error), 1 (the loss diverged); errors are printed as one line.
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 from typing import Optional
 
@@ -35,7 +36,10 @@ Train a top-k SAE on one hook of a checkpoint, into the run directory --out.
   bilinear-lens sae train --out saes/l0in --resume --set train.steps=800
 
 A new run without --config uses the paper's settings (top-k k=30, 4x expansion, lr 1e-4
-cosine to 2e-5); --hook overrides sae.hook. --resume without --config continues with the
+cosine to 2e-5); --hook overrides sae.hook. The SAE trains on the model's own training data
+as its checkpoint records it (run_config.toml's [data]: the same documents and val split)
+unless the recipe's [data] names a source (--set data.source=PATH); a checkpoint with no
+record falls back to the synthetic stories. One "SAE text: ..." line on stderr says which. --resume without --config continues with the
 recipe saved in OUT/sae_recipe.json (plus any --set); a recipe given on resume may differ
 from the saved one only in [train] values (e.g. more steps) and data.cache_dir; without
 --checkpoint it continues on the model saved there. Resuming a finished run trains and
@@ -54,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path, required=True, help="run directory (final SAE in OUT/final)")
     train.add_argument("--hook", help="hook name, e.g. blocks.0.hook_resid_mid (overrides sae.hook)")
     train.add_argument("--config", type=Path, default=None,
-                       help="TOML recipe with [sae], [train] and [data] tables (default: the paper's settings; "
-                       "with --resume: OUT/sae_recipe.json)")
+                       help="TOML recipe with [sae], [train] and [data] tables (default: the paper's settings on the "
+                       "model's own training data; with --resume: OUT/sae_recipe.json)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a recipe value (TOML literal), e.g. --set sae.k=16; repeatable")
     train.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
@@ -84,6 +88,7 @@ def _saved_checkpoint(out: Path, resume: object) -> Path:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the "SAE text: ..." line, as train logs
     from bilinear_lens.commands.run_command import run_training, status_line
     from bilinear_lens.sae.recipe import load_sae_recipe, load_saved_recipe
     from bilinear_lens.sae.train import train_sae

@@ -5,8 +5,9 @@
                            (:class:`~bilinear_lens.training.config.TrainConfig`); ``batch_size``
                            counts token blocks (``n_ctx`` activations each) per step and
                            ``eval_batches`` held-out batches of that size are evaluated
-    [data]   DataConfig    the corpus whose token cache feeds the model (its tokenizer is
-                           always the checkpoint's)
+    [data]   DataConfig    the text whose token cache feeds the model (its tokenizer is
+                           always the checkpoint's); without ``source`` (or with
+                           ``source = ""``): the model's own training data (below)
 
 Errors name the key, section and file. Unset ``[train]`` keys take the paper's SAE settings
 (:data:`SAE_TRAIN_DEFAULTS`; Pearce et al. 2024, code ``tdooms/bilinear-decomposition``,
@@ -14,6 +15,19 @@ Errors name the key, section and file. Unset ``[train]`` keys take the paper's S
 ``1e-4`` cosine-annealed to ``2e-5`` with no warmup, Adam without weight decay (AdamW with
 ``weight_decay = 0``) and no gradient clipping, decoder rows kept at unit norm, encoder
 initialised as the decoder's transpose, 4096 activations per step (64 blocks of 64).
+
+Which text (:func:`resolve_sae_data`, once per run, before anything is read): a recipe whose
+``[data]`` names no ``source`` trains on the model's recorded training data, the ``[data]``
+of the checkpoint's ``run_config.toml`` (source, documents rule, split, text column,
+``max_docs``/``max_chars``, the train/val split's ``val_fraction`` and ``seed``, so the SAE's
+held-out blocks are the model's validation documents; ``cache_dir`` too, so the model's token
+cache is reused), with the ``[data]`` keys the recipe does set on top. A recorded local file
+is checked against the recorded fingerprint (a missing or changed file is a one-line
+``ValueError`` naming ``--set data.source=PATH``). A checkpoint with no record falls back to
+the synthetic stories and says so. A recipe with a ``source`` trains on it. The resolved
+``[data]`` (a local file as its absolute path) and where it came from (``"data_origin"``:
+:data:`MODEL_DATA`, :data:`RECIPE_DATA` or :data:`NO_RECORD`) are saved with the recipe, so a
+resumed run reads the same text.
 
 A run directory keeps the recipe it trains with in ``sae_recipe.json`` (:data:`RECIPE_FILE`;
 the three tables plus ``"checkpoint"``, the model it reads). A resumed run reuses that
@@ -70,6 +84,13 @@ class SAESpec:
 
 _SECTIONS: dict[str, type] = {"sae": SAESpec, "train": TrainConfig, "data": DataConfig}
 
+# Where an SAE's text comes from (SAERecipe.data_origin; "" until resolve_sae_data ran)
+MODEL_DATA = "model"  # the checkpoint's recorded training data
+RECIPE_DATA = "recipe"  # the recipe's data.source
+NO_RECORD = "fallback"  # no source in the recipe and no record in the checkpoint: the synthetic stories
+DATA_ORIGINS = (MODEL_DATA, RECIPE_DATA, NO_RECORD)
+SOURCE_REMEDY = "give the SAE's text with --set data.source=PATH"
+
 
 def _allowed(section: str) -> list[str]:
     return sorted(f.name for f in dataclasses.fields(_SECTIONS[section]))
@@ -81,13 +102,26 @@ class SAERecipe:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(**SAE_TRAIN_DEFAULTS))
     data: DataConfig = field(default_factory=DataConfig)
     source: str = "<defaults>"
+    # the [data] keys the recipe sets: without "source" the text is the model's own
+    # (resolve_sae_data fills in the rest; until then ``data`` holds DataConfig's defaults there)
+    data_keys: tuple[str, ...] = ()
+    data_origin: str = ""  # one of DATA_ORIGINS once resolved; "" before
+    data_note: str = ""  # what the SAE text line adds (a fallback, a recipe text that is not the model's)
+
+    @property
+    def uses_model_data(self) -> bool:
+        """The recipe names no text of its own: the SAE trains on the model's recorded data."""
+        return self.data_origin == MODEL_DATA or (not self.data_origin and "source" not in self.data_keys)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {name: dataclasses.asdict(getattr(self, name)) for name in _SECTIONS}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], where: str = "SAE recipe") -> "SAERecipe":
-        """Validate ``{"sae": ..., "train": ..., "data": ...}`` (each optional)."""
+    def from_dict(cls, data: Mapping[str, Any], where: str = "SAE recipe", data_origin: str = "") -> "SAERecipe":
+        """Validate ``{"sae": ..., "train": ..., "data": ...}`` (each optional); a ``[data]``
+        ``source`` of ``""`` counts as none (the model's own data)."""
+        if isinstance(data.get("data"), Mapping) and data["data"].get("source") == "":
+            data = {**data, "data": {k: v for k, v in data["data"].items() if k != "source"}}
         unknown = sorted(set(data) - set(_SECTIONS))
         if unknown:
             raise ValueError(f"unknown section(s) {unknown} in {where}; allowed sections: {sorted(_SECTIONS)}")
@@ -105,7 +139,8 @@ class SAERecipe:
                 built[section] = cls_(**values)
             except ValueError as err:
                 raise ValueError(f"{where}: {err}") from None
-        return cls(**built, source=where)
+        data_keys = tuple(sorted(data.get("data", {})))
+        return cls(**built, source=where, data_keys=data_keys, data_origin=data_origin)
 
 
 def _parse_override(text: str) -> tuple[str, str, Any]:
@@ -120,12 +155,13 @@ def _parse_override(text: str) -> tuple[str, str, Any]:
     return section, key, toml_value(raw.strip())
 
 
-def _build(data: dict[str, Any], overrides: Optional[list[str]], where: str) -> SAERecipe:
+def _build(data: dict[str, Any], overrides: Optional[list[str]], where: str, data_origin: str = "") -> SAERecipe:
     """``data`` (``{section: {key: value}}``) with ``section.key=value`` overrides, validated."""
     for text in overrides or []:
         section, key, value = _parse_override(text)
         data.setdefault(section, {})[key] = value
-    return SAERecipe.from_dict(data, where=where + (f" with overrides {list(overrides)}" if overrides else ""))
+    return SAERecipe.from_dict(data, where=where + (f" with overrides {list(overrides)}" if overrides else ""),
+                               data_origin=data_origin)
 
 
 def load_sae_recipe(path: Optional[str | Path], overrides: Optional[list[str]] = None) -> SAERecipe:
@@ -156,12 +192,15 @@ def load_saved_recipe(run_dir: Union[str, Path], overrides: Optional[list[str]] 
     written there at their defaults and dropped on reading (any other value is refused).
     A missing file is ``FileNotFoundError``."""
     run_dir = Path(run_dir)
-    data = {k: v for k, v in _read_recipe_file(run_dir).items() if k != "checkpoint"}
+    saved = _read_recipe_file(run_dir)
+    data = {k: v for k, v in saved.items() if k not in ("checkpoint", "data_origin")}
+    # a run saved before data_origin existed named its source (the defaults' "synthetic" included)
+    origin = saved.get("data_origin") if saved.get("data_origin") in DATA_ORIGINS else RECIPE_DATA
     train = data.get("train")
     if isinstance(train, Mapping):
         defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
         data["train"] = {k: v for k, v in train.items() if not (k in UNSUPPORTED_TRAIN_KEYS and v == defaults[k])}
-    return _build(data, overrides, str(run_dir / RECIPE_FILE))
+    return _build(data, overrides, str(run_dir / RECIPE_FILE), data_origin=origin)
 
 
 def saved_model_checkpoint(run_dir: Union[str, Path]) -> Optional[str]:
@@ -174,3 +213,46 @@ def saved_model_checkpoint(run_dir: Union[str, Path]) -> Optional[str]:
 def recipe_differences(saved: SAERecipe, given: SAERecipe) -> list[tuple[str, Any, Any]]:
     """``("section.key", saved value, given value)`` for each recipe value that differs."""
     return section_differences(saved, given, _SECTIONS)
+
+
+def resolve_sae_data(recipe: SAERecipe, checkpoint: Union[str, Path]) -> SAERecipe:
+    """``recipe`` with the text it trains on settled (module docstring): ``data`` complete,
+    a local source absolute, ``data_origin`` and ``data_note`` set. A resolved recipe (a
+    saved one) keeps its ``[data]``; where that is the model's recorded local file, the file
+    is checked against the recorded fingerprint again. Raises ``ValueError``
+    (:class:`~bilinear_lens.training.measured_text.MeasuredTextError`) for a recorded file
+    that is missing or changed, or a record that cannot be read."""
+    from bilinear_lens.data.corpus import is_local_source, resolved_source
+    from bilinear_lens.training.measured_text import RUN_CONFIG_NAME, _recorded_local_file, recorded_data
+
+    recorded = recorded_data(str(checkpoint))
+    all_keys = tuple(sorted(_allowed("data")))
+
+    def settled(data: DataConfig, origin: str, note: str = "") -> SAERecipe:
+        return dataclasses.replace(recipe, data=data, data_keys=all_keys, data_origin=origin, data_note=note)
+
+    def model_file(record: DataConfig) -> str:  # the recorded local file, found and checked
+        found, note = _recorded_local_file(record, str(checkpoint), SOURCE_REMEDY)
+        return str(found.resolve()), note or ""
+
+    if recipe.data_origin:  # resolved already (a saved recipe): the same [data]
+        note = recipe.data_note
+        if (recipe.data_origin == MODEL_DATA and recorded is not None and is_local_source(recorded.source)
+                and resolved_source(recorded.source) == recipe.data.source):
+            note = model_file(recorded)[1]
+        return settled(recipe.data, recipe.data_origin, note)
+    given = {k: getattr(recipe.data, k) for k in recipe.data_keys}
+    if "source" in given:
+        data = dataclasses.replace(recipe.data, source=resolved_source(recipe.data.source))
+        note = ""
+        if recorded is not None and resolved_source(recorded.source) != data.source:
+            note = f"not the model's training data, {recorded.source} (data.source in its {RUN_CONFIG_NAME})"
+        return settled(data, RECIPE_DATA, note)
+    if recorded is None:
+        return settled(recipe.data, NO_RECORD, f"the checkpoint records no training data (no {RUN_CONFIG_NAME}), "
+                                               f"so the SAE trains on the built-in synthetic stories; {SOURCE_REMEDY}")
+    base = {**dataclasses.asdict(recorded), "tokenizer": ""}  # the SAE always reads with the checkpoint's tokenizer
+    note = ""
+    if is_local_source(recorded.source):
+        base["source"], note = model_file(recorded)
+    return settled(DataConfig(**{**base, **given}), MODEL_DATA, note)

@@ -31,7 +31,8 @@ warning first. A fresh run refuses a directory that holds ``final/``.
 
 Run directory (the model trainer's layout, :mod:`bilinear_lens.training.run_dir`)::
 
-    sae_recipe.json             the recipe and the model checkpoint of the newest SAE
+    sae_recipe.json             the recipe (its [data] resolved: the text it trains on,
+                                with "data_origin") and the model checkpoint of the newest SAE
                                 checkpoint (written atomically right after each
                                 checkpoint, never before: a resume with a changed recipe
                                 that fails before its first checkpoint leaves it as it was)
@@ -74,11 +75,14 @@ from bilinear_lens.files.serialized import CheckpointError
 from bilinear_lens.sae.config import SAEConfig
 from bilinear_lens.sae.model import SAE, hook_width, load_sae, write_sae_files
 from bilinear_lens.sae.recipe import (
+    MODEL_DATA,
+    NO_RECORD,
     RECIPE_FILE,
     SAERecipe,
     SAESpec,
     load_saved_recipe,
     recipe_differences,
+    resolve_sae_data,
     saved_model_checkpoint,
 )
 from bilinear_lens.distributed import DistEnv, read_environment
@@ -267,10 +271,30 @@ def _setup(model_path: Path, recipe: SAERecipe, device: torch.device, progress: 
         dc.source, tokenizer=tokenizer_file, n_ctx=model.cfg.n_ctx, cache_dir=dc.cache_dir,
         val_fraction=dc.val_fraction, seed=dc.seed, max_docs=dc.max_docs or None, split=dc.split,
         max_chars=dc.max_chars or None, text_column=dc.text_column, streaming=dc.streaming, progress=progress,
+        documents=dc.documents,
     )
     if val_blocks is None:
         raise ValueError(f"data.val_fraction=0 in {recipe.source}: the SAE trainer needs held-out blocks to evaluate")
     return model, train_blocks, val_blocks
+
+
+def sae_text_line(recipe: SAERecipe, train_blocks: Any, val_blocks: Any) -> str:
+    """The ``SAE text: ...`` status line: which text a resolved recipe trains on (the model's
+    training data, the recipe's ``data.source``, or the synthetic fallback), e.g.
+    ``SAE text: the model's training data (/abs/stories.txt, documents: endoftext), 714 documents``.
+    Documents are counted from the token cache's sidecars (train + val)."""
+    dc = recipe.data
+    spec = train_blocks.meta.get("source") or {}
+    n = int(train_blocks.meta.get("n_docs", 0)) + (0 if val_blocks is None else int(val_blocks.meta.get("n_docs", 0)))
+    label, details = ("synthetic stories", [f"data.seed {dc.seed}"]) if dc.source == "synthetic" else (dc.source, [])
+    if spec.get("documents"):
+        details.append(f"documents: {spec['documents']}")
+    if recipe.data_origin == MODEL_DATA:
+        what = f"the model's training data ({', '.join([label, *details])})"
+    else:
+        why = "fallback" if recipe.data_origin == NO_RECORD else "recipe data.source"
+        what = f"{label} ({', '.join([why, *details])})"
+    return f"SAE text: {what}, {n} document{'' if n == 1 else 's'}" + (f" [{recipe.data_note}]" if recipe.data_note else "")
 
 
 def sae_training_metadata(model_path: Path, model: Any, recipe: SAERecipe) -> dict[str, Any]:
@@ -361,7 +385,8 @@ def _finished_result(out_dir: Path, ckpt: Path, recipe: SAERecipe) -> Optional[S
 
 
 def _write_recipe(out_dir: Path, checkpoint: Path, recipe: SAERecipe) -> None:
-    text = json.dumps({"checkpoint": str(checkpoint), **recipe.to_dict()}, indent=2, sort_keys=True) + "\n"
+    text = json.dumps({"checkpoint": str(checkpoint), "data_origin": recipe.data_origin, **recipe.to_dict()},
+                      indent=2, sort_keys=True) + "\n"
     atomic_write_text(out_dir / RECIPE_FILE, text)
 
 
@@ -373,7 +398,9 @@ def train_sae(
     ``out_dir`` (module docstring). ``resume``: ``True`` for the newest checkpoint of
     ``out_dir``, or a checkpoint path (``False``: a fresh run, refused where ``out_dir``
     already holds one). ``recipe``: ``None`` resumes with the run's saved recipe (a fresh
-    run: the paper's defaults); on resume a given recipe must match the saved one
+    run: the paper's defaults); its text is settled by
+    :func:`~bilinear_lens.sae.recipe.resolve_sae_data` (no ``data.source``: the model's
+    recorded training data) and named in one ``SAE text: ...`` log line; on resume a given recipe must match the saved one
     (:func:`resume_recipe`). A finished run resumes to nothing: no training, no file
     written, ``already_finished`` set. ``stop_at``: stop after that step with a checkpoint.
 
@@ -399,9 +426,12 @@ def train_sae(
                 if (out_dir / FINAL_DIR).exists():
                     raise FileExistsError(f"{out_dir} already holds a finished SAE ({out_dir / FINAL_DIR}); resume it "
                                           "with --resume (Python: resume=True) or choose another output directory")
-                recipe = SAERecipe() if recipe is None else recipe
+                recipe = resolve_sae_data(SAERecipe() if recipe is None else recipe, checkpoint)
             else:
-                recipe = resume_recipe(out_dir, checkpoint, recipe)
+                given = None if recipe is None else resolve_sae_data(recipe, checkpoint)
+                recipe = resume_recipe(out_dir, checkpoint, given)
+                if given is None:  # the saved recipe: its recorded training file checked again
+                    recipe = resolve_sae_data(recipe, checkpoint)
                 done = _finished_result(out_dir, ckpt, recipe)
                 if done is not None:
                     return done
@@ -417,6 +447,8 @@ def _train_sae(checkpoint: Path, out_dir: Path, recipe: SAERecipe, ckpt: Optiona
                progress: bool, stop_at: Optional[int]) -> SAETrainResult:
     tc = recipe.train
     model, train_blocks, val_blocks = _setup(checkpoint, recipe, env.device, progress)
+    (logger.warning if recipe.data_origin == NO_RECORD else logger.info)("%s", sae_text_line(recipe, train_blocks,
+                                                                                               val_blocks))
     sae = _initial_sae(model, train_blocks, recipe, ckpt, model_path=checkpoint)
     training = SAETraining(model, sae, train_blocks, val_blocks, recipe)
     task = dataclasses.replace(training.task(), after_checkpoint=lambda path: _write_recipe(out_dir, checkpoint, recipe))

@@ -151,9 +151,10 @@ def recorded_fingerprint(checkpoint: str) -> Optional[Any]:
 WORKING_DIRECTORY_NOTE = "relative data.source resolved from the working directory"
 
 
-def _recorded_local_file(data: Any, checkpoint: str) -> tuple[Path, Optional[str]]:
+def _recorded_local_file(data: Any, checkpoint: str, remedy: Optional[str] = None) -> tuple[Path, Optional[str]]:
     """``(file, note)``: the recorded local corpus found from here, checked against the
-    recorded fingerprint when there is one (a different file is refused in one line).
+    recorded fingerprint when there is one (a different file is refused in one line, ending
+    in ``remedy``: what to give instead; default: ``--text-file``, the analyses' option).
     Without a fingerprint (a run recorded before them) a relative path is tried from the
     working directory, then from the run directory's parent; ``note`` says so when only the
     working directory held it (it may be another file of the same name)."""
@@ -165,14 +166,14 @@ def _recorded_local_file(data: Any, checkpoint: str) -> tuple[Path, Optional[str
     found = next((c for c in candidates if c.is_file()), None)
     if found is None:
         raise MeasuredTextError(f"the model was trained on {data.source} (data.source in its {RUN_CONFIG_NAME}), which "
-                                "is not found from here; give the text to measure with --text-file")
+                                "is not found from here; " + (remedy or "give the text to measure with --text-file"))
     recorded = recorded_fingerprint(checkpoint)
     if recorded is not None:
         differs = find_difference(recorded, found)
         if differs is not None:
             there = "the file there now differs" if str(found.resolve()) == recorded.path else f"{found} differs"
             raise MeasuredTextError(f"the model was trained on {recorded.path} ({recorded.describe()}); {there} "
-                                    f"({differs.describe()}): give --text-file")
+                                    f"({differs.describe()}): {remedy or 'give --text-file'}")
         return found, None
     from_cwd_only = (not source.is_absolute() and found == source
                      and not ((run_parent / source).is_file() and (run_parent / source).resolve() == source.resolve()))
