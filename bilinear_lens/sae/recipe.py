@@ -238,12 +238,17 @@ def resolve_sae_data(recipe: SAERecipe, checkpoint: Union[str, Path]) -> SAEReci
     if recipe.data_origin:  # resolved already (a saved recipe): the same [data]
         note = recipe.data_note
         if (recipe.data_origin == MODEL_DATA and recorded is not None and is_local_source(recorded.source)
-                and resolved_source(recorded.source) == recipe.data.source):
-            note = model_file(recorded)[1]
+                and is_local_source(recipe.data.source)):
+            # checked at the recorded path, or where it moved to (a resume that gave the new path)
+            note = model_file(dataclasses.replace(recorded, source=recipe.data.source))[1]
         return settled(recipe.data, recipe.data_origin, note)
     given = {k: getattr(recipe.data, k) for k in recipe.data_keys}
+    base = None if recorded is None else {**dataclasses.asdict(recorded), "tokenizer": ""}  # checkpoint's tokenizer
     if "source" in given:
         data = dataclasses.replace(recipe.data, source=resolved_source(recipe.data.source))
+        if base is not None and _holds_recorded_bytes(recorded.source, data.source, checkpoint):
+            moved = f"the model's training file, moved from {recorded.source}"
+            return settled(DataConfig(**{**base, **given, "source": data.source}), MODEL_DATA, moved)
         note = ""
         if recorded is not None and resolved_source(recorded.source) != data.source:
             note = f"not the model's training data, {recorded.source} (data.source in its {RUN_CONFIG_NAME})"
@@ -251,8 +256,21 @@ def resolve_sae_data(recipe: SAERecipe, checkpoint: Union[str, Path]) -> SAEReci
     if recorded is None:
         return settled(recipe.data, NO_RECORD, f"the checkpoint records no training data (no {RUN_CONFIG_NAME}), "
                                                f"so the SAE trains on the built-in synthetic stories; {SOURCE_REMEDY}")
-    base = {**dataclasses.asdict(recorded), "tokenizer": ""}  # the SAE always reads with the checkpoint's tokenizer
     note = ""
     if is_local_source(recorded.source):
         base["source"], note = model_file(recorded)
     return settled(DataConfig(**{**base, **given}), MODEL_DATA, note)
+
+
+def _holds_recorded_bytes(recorded_source: str, source: str, checkpoint: Union[str, Path]) -> bool:
+    """Whether local file ``source``, another path than the recorded local ``recorded_source``,
+    holds the bytes the checkpoint's ``data_fingerprint.json`` records (the model's training
+    file, moved)."""
+    from bilinear_lens.data.corpus import is_local_source, resolved_source
+    from bilinear_lens.data.fingerprint import find_difference
+    from bilinear_lens.training.measured_text import recorded_fingerprint
+
+    if not (is_local_source(recorded_source) and is_local_source(source)) or resolved_source(recorded_source) == source:
+        return False
+    recorded = recorded_fingerprint(str(checkpoint))
+    return recorded is not None and Path(source).is_file() and find_difference(recorded, source) is None

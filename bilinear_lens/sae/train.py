@@ -361,11 +361,32 @@ def resume_recipe(out_dir: Path, checkpoint: Path, recipe: Optional[SAERecipe]) 
     if recipe is None:
         return saved
     refused = [d for d in recipe_differences(saved, recipe) if not resume_may_change(d[0])]
+    if any(name == "data.source" for name, _, _ in refused) and _moved_model_data(saved, recipe, checkpoint):
+        refused = [d for d in refused if d[0] != "data.source"]
     if refused:
         raise ValueError(f"cannot resume {out_dir}: the recipe ({recipe.source}) differs from the run's "
                          f"({recipe_file}) in {format_differences(refused)}; on resume only [train] values and "
                          "data.cache_dir may change (CLI: leave out --config and --hook to reuse the saved recipe)")
     return recipe
+
+
+def _moved_model_data(saved: SAERecipe, given: SAERecipe, checkpoint: Path) -> bool:
+    """Whether ``given``'s ``data.source`` is the saved run's text moved: the saved run reads
+    the model's own local training file and the given path holds the bytes the model's
+    ``data_fingerprint.json`` records (the one change of ``data.source`` a resume accepts)."""
+    from bilinear_lens.data.corpus import is_local_source
+    from bilinear_lens.data.fingerprint import find_difference
+    from bilinear_lens.training.measured_text import recorded_fingerprint
+
+    source = given.data.source
+    if saved.data_origin != MODEL_DATA or not (is_local_source(saved.data.source) and is_local_source(source)):
+        return False
+    recorded = recorded_fingerprint(str(checkpoint))
+    if recorded is None or not Path(source).is_file() or find_difference(recorded, source) is not None:
+        return False
+    logger.info("the model's training file moved: %s (saved) is now %s, the same bytes (%s); resuming on it",
+                saved.data.source, source, recorded.describe())
+    return True
 
 
 def _finished_result(out_dir: Path, ckpt: Path, recipe: SAERecipe) -> Optional[SAETrainResult]:

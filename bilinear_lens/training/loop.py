@@ -542,16 +542,21 @@ def _check_resume_recipe(run_config: RunConfig, ckpt_path: Path) -> None:
     Sources are compared resolved (``run_config``'s already is): a checkpoint recorded
     before sources were recorded absolute holds a relative path, read from the working
     directory as training read it. A checkpoint with a ``data_fingerprint.json`` also
-    refuses a local file whose bytes differ from the ones it was trained on."""
+    refuses a local file whose bytes differ from the ones it was trained on, and accepts a
+    moved one (:func:`_moved_corpus`): a ``data.source`` naming another path whose bytes
+    are the recorded ones is the same corpus."""
     saved_file = ckpt_path / RUN_CONFIG_FILE
     if not saved_file.is_file():
         return
-    refused = refused_differences(with_resolved_source(load_run_config(saved_file)), run_config, ("data",))
+    saved = with_resolved_source(load_run_config(saved_file))
+    recorded = read_fingerprint(ckpt_path / DATA_FINGERPRINT_FILE)
+    refused = refused_differences(saved, run_config, ("data",))
+    if any(name == "data.source" for name, _, _ in refused) and _moved_corpus(saved, run_config, recorded, ckpt_path):
+        refused = [d for d in refused if d[0] != "data.source"]
     if refused:
         raise ValueError(f"cannot resume from {ckpt_path}: the recipe ({run_config.source}) differs from the "
                          f"checkpoint's ({saved_file}) in {format_differences(refused)}; on resume only [train] "
-                         "values and data.cache_dir may change")
-    recorded = read_fingerprint(ckpt_path / DATA_FINGERPRINT_FILE)
+                         "values and data.cache_dir may change" + _moved_hint(refused, run_config, recorded))
     source = Path(run_config.data.source)
     if recorded is not None and is_local_source(run_config.data.source) and source.is_file():
         found = find_difference(recorded, source)
@@ -559,6 +564,33 @@ def _check_resume_recipe(run_config: RunConfig, ckpt_path: Path) -> None:
             raise ValueError(f"cannot resume from {ckpt_path}: it was trained on {recorded.path} "
                              f"({recorded.describe()}); {source} now differs ({found.describe()}); "
                              "resume on the file it was trained on, or start a new run")
+
+
+def _moved_corpus(saved: RunConfig, given: RunConfig, recorded: Optional[FileFingerprint], ckpt_path: Path) -> bool:
+    """Whether ``given``'s ``data.source`` is the checkpoint's corpus at another path: both
+    local files, a fingerprint recorded, and the given file holding exactly the recorded
+    bytes (SHA-256). A changed file is left to the byte check, which names both digests."""
+    source = given.data.source
+    if recorded is None or not (is_local_source(saved.data.source) and is_local_source(source)):
+        return False
+    if not Path(source).is_file() or find_difference(recorded, source) is not None:
+        return False
+    logger.info("the corpus moved: %s (recorded in %s) is now %s, the same bytes (%s); resuming on it",
+                saved.data.source, ckpt_path, source, recorded.describe())
+    return True
+
+
+def _moved_hint(refused: list, given: RunConfig, recorded: Optional[FileFingerprint]) -> str:
+    """Why a changed local ``data.source`` was not taken for the moved corpus (the only
+    change a resume accepts there), or ``""``."""
+    source = given.data.source
+    if recorded is None or not any(name == "data.source" for name, _, _ in refused) or not is_local_source(source):
+        return ""
+    if not Path(source).is_file():
+        return f"; a moved corpus is accepted, but {source} is not a file"
+    found = find_difference(recorded, source)
+    return (f"; a moved corpus is accepted when its bytes are the ones trained on ({recorded.describe()}), "
+            f"but {source} holds others ({'?' if found is None else found.describe()})")
 
 
 def _load_or_build_model(run_config: RunConfig, ckpt_path: Optional[Path], device: torch.device) -> BilinearTransformer:

@@ -180,3 +180,42 @@ def test_resume_of_a_model_data_run_keeps_its_text_and_rechecks_the_file(elsewhe
     assert main(["sae", "train", "--out", str(out), "--resume", "--no-progress", "--set", "train.steps=6"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "the file there now differs" in err and "--set data.source=PATH" in err
+
+
+def test_the_models_file_moved_is_taken_as_the_models_data_fresh_and_on_resume(elsewhere, caplog, capsys):
+    """The missing-file error says ``--set data.source=PATH``; a path holding the recorded bytes
+    is the model's data moved: a fresh run reads it with the model's [data], a stopped run
+    resumes on it (its saved source was the old path), and a path with other bytes is refused."""
+    ckpt, corpus = _own_run(elsewhere / "own")
+    moved = elsewhere / "moved" / "stories.txt"
+    moved.parent.mkdir()
+    corpus.rename(moved)
+    model_data = load_run_config(ckpt / "run_config.toml").data
+    fresh = ["sae", "train", "--checkpoint", str(ckpt), "--no-progress", *_sets(SMALL)]
+    with caplog.at_level(logging.INFO):
+        assert main([*fresh, "--out", str(elsewhere / "s"), "--set", f"data.source={json.dumps(str(moved))}"]) == 0, \
+            capsys.readouterr().err
+    assert _text_lines(caplog) == [f"SAE text: the model's training data ({moved}, documents: endoftext), "
+                                   f"{N_STORIES} documents [the model's training file, moved from {corpus}]"]
+    saved = json.loads((elsewhere / "s" / "sae_recipe.json").read_text())
+    assert saved["data_origin"] == "model"
+    assert saved["data"] == {**dataclasses.asdict(model_data), "tokenizer": "", "source": str(moved)}
+
+    # a run stopped on the old path, resumed on the moved file
+    moved.rename(corpus)
+    out = elsewhere / "r"
+    assert main([*fresh, "--out", str(out), "--stop-at", "2"]) == 0, capsys.readouterr().err
+    corpus.rename(moved)
+    resume = ["sae", "train", "--out", str(out), "--resume", "--no-progress"]
+    assert main(resume) == 2
+    assert "--set data.source=PATH" in capsys.readouterr().err
+    other = elsewhere / "other.txt"
+    other.write_text(moved.read_text(encoding="utf-8") + "One more story.\n", encoding="utf-8")
+    assert main([*resume, "--set", f"data.source={json.dumps(str(other))}"]) == 2
+    assert f"{other} differs" in capsys.readouterr().err  # checked against the model's recorded bytes
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert main([*resume, "--set", f"data.source={json.dumps(str(moved))}"]) == 0, capsys.readouterr().err
+    assert any("training file moved" in r.getMessage() for r in caplog.records)
+    assert read_train_state(out / "final").step == 4
+    assert json.loads((out / "sae_recipe.json").read_text())["data"]["source"] == str(moved)
