@@ -26,12 +26,17 @@ Every neuron is ablated on its own and the ``--top`` neurons by the magnitude
 (``"ranked_by": "|delta_loss|"``, ``"rank_column": "delta_loss"``). With an output
 direction the ranking is by the magnitude of its change instead, averaged over every
 position: ``|delta_logit|`` (a token), ``|delta_logit_diff|`` (a logit difference) or
-``|delta_feature|`` (an SAE feature's mean activation at its hook). Each effect comes with
-its standard error over the token rows (``delta_X_se``; rows are the independent samples,
-the tokens of one row are not): an effect within two standard errors of zero is marked
-``~0`` (JSON ``"distinguishable": false``) and the header says how many neurons of the
-layer are distinguishable at all, so a ranking of noise reads as one. Errors (missing
-checkpoint, bad layer, ``--seq-len`` above n_ctx...) exit with code 2.
+``|delta_feature|`` (an SAE feature's mean activation at its hook). Each loss / logit effect
+comes with its standard error clustered by document (``delta_X_se``: the tokens of one
+document are not independent samples, documents are;
+:mod:`bilinear_lens.activations.ablation.uncertainty`), a two-sided p-value (``delta_X_p``)
+and its Benjamini-Hochberg q-value over every neuron of the layer (``delta_X_q``): the
+layer's neurons are tested together, so an effect counts as distinguishable from zero at
+``q < --fdr`` (default 0.05), not at an unadjusted 2 standard errors, under which about 5 %
+of null neurons would pass. A ranked effect that is not is marked ``~0`` (JSON
+``"distinguishable": false``) and the header says how many neurons of the layer are
+distinguishable at all, so a ranking of noise reads as one. Errors (missing checkpoint, bad
+layer, ``--seq-len`` above n_ctx...) exit with code 2.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from typing import Any, Optional
 import torch
 
 from bilinear_lens.activations.ablation import METHODS, NEURON_HOOKS, NeuronTable, ablation_sweep
+from bilinear_lens.activations.ablation.uncertainty import DEFAULT_FDR
 from bilinear_lens.commands.common import (
     EXIT_FAILURE,
     UsageError,
@@ -73,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--method", choices=METHODS, default="zero", help="ablation method (default zero)")
     add_measured_text_arguments(parser)
     parser.add_argument("--ablations-per-pass", type=int, default=None, help="ablations batched per forward pass")
+    parser.add_argument("--fdr", type=float, default=DEFAULT_FDR,
+                        help="false discovery rate: an effect is distinguishable from zero at Benjamini-Hochberg "
+                        f"q below it, over the layer's neurons (default {DEFAULT_FDR:g})")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     add_direction_arguments(parser)
     add_device_args(parser)
@@ -94,8 +103,10 @@ def _direction(args: argparse.Namespace, model: Any) -> Any:
     return spec
 
 
-def _sweep(args: argparse.Namespace, model: Any, tokens: torch.Tensor, spec: Any) -> tuple[NeuronTable, str]:
-    """The neuron table and the column whose magnitude ranks it (see module docstring)."""
+def _sweep(args: argparse.Namespace, model: Any, tokens: torch.Tensor, spec: Any,
+           documents: Optional[torch.Tensor] = None) -> tuple[NeuronTable, str]:
+    """The neuron table and the column whose magnitude ranks it (see module docstring);
+    ``documents``: each token's document, the clusters of the standard errors."""
     from bilinear_lens.weights.directions import FeatureDirection
 
     common = dict(hook=args.hook, method=args.method, seed=args.seed)
@@ -107,31 +118,29 @@ def _sweep(args: argparse.Namespace, model: Any, tokens: torch.Tensor, spec: Any
         return table, "delta_feature"
     target = {} if spec is None else {"logit_diff": spec} if isinstance(spec, tuple) else {"logit": spec}
     table = ablation_sweep(model, tokens, args.layer, ablations_per_pass=args.ablations_per_pass,
-                           progress=not args.quiet, position=None, **target, **common)
+                           progress=not args.quiet, position=None, documents=documents, **target, **common)
     by = "delta_loss" if spec is None else "delta_logit_diff" if isinstance(spec, tuple) else "delta_logit"
     return table, by
 
 
 def _check_args(args: argparse.Namespace) -> None:
     require_positive(args, "top", "n_texts", "ablations_per_pass", "max_tokens")
-
-
-# An effect counts as distinguishable from zero beyond this many standard errors (~95%).
-SE_MULTIPLE = 2.0
+    if not 0 < args.fdr < 1:
+        raise UsageError(f"--fdr must be in (0, 1) (a false discovery rate), got {args.fdr}")
 
 
 def _report(args: argparse.Namespace, tokens: torch.Tensor, stream_tokens: int, overlap: int,
             table: NeuronTable, by: str) -> dict[str, Any]:
     top = table.top(args.top, by=by)
-    se = f"{by}_se"
+    se, q = f"{by}_se", f"{by}_q"
     rows = [{"rank": rank, **row} for rank, row in enumerate(top.rows(), start=1)]
     for row in rows:
-        for name, value in row.items():  # NaN (one row: no spread) is JSON null
+        for name, value in row.items():  # NaN (one document: no spread) is JSON null
             if isinstance(value, float) and math.isnan(value):
                 row[name] = None
-        if se in row:
-            row["distinguishable"] = None if row[se] is None else abs(row[by]) > SE_MULTIPLE * row[se]
-    n_clear = int((table[by].abs() > SE_MULTIPLE * table[se]).sum()) if se in table.columns else None
+        if q in row:
+            row["distinguishable"] = None if row[q] is None else row[q] < args.fdr
+    n_clear = int((table[q] < args.fdr).sum()) if q in table.columns else None
     return {
         "checkpoint": str(args.checkpoint),
         "layer": args.layer,
@@ -145,6 +154,10 @@ def _report(args: argparse.Namespace, tokens: torch.Tensor, stream_tokens: int, 
         "ranked_by": f"|{by}|",
         "rank_column": by,
         "se_column": se if se in table.columns else None,
+        "q_column": q if q in table.columns else None,
+        "fdr": args.fdr,
+        "clusters": table.uncertainty.get("clusters"),
+        "n_clusters": table.uncertainty.get("n_clusters", {}).get(by.removeprefix("delta_")),
         "n_distinguishable": n_clear,
         "neurons": rows,
     }
@@ -162,6 +175,13 @@ def _documents(report: dict[str, Any]) -> str:
     return f"{n} of the file's {in_file} document{'' if in_file == 1 else 's'} (--n-texts {report['n_texts']}){cap}"
 
 
+def _clusters(report: dict[str, Any]) -> str:
+    """``"document (24 documents)"`` or ``"row (16 rows)"``: what the standard errors treat
+    as independent samples."""
+    kind, n = ("document", "documents") if report["clusters"] == "documents" else ("row", "rows")
+    return f"{kind} ({report['n_clusters']} {n})"
+
+
 def _print_table(report: dict[str, Any]) -> None:
     rows, seq_len = report["tokens"]
     overlap = f"; the last row re-reads {report['overlap']} tokens of the row before" if report["overlap"] else ""
@@ -171,15 +191,16 @@ def _print_table(report: dict[str, Any]) -> None:
         f"baseline loss {report['baseline_loss']:.4f}; ranked by {report['ranked_by']}"
     )
     print(f"measured on {report['measured_on']}")
-    by, se = report["rank_column"], report["se_column"]
-    columns = [by] + ([se] if se else []) + (["delta_loss"] if by != "delta_loss" else [])
+    by, se, q = report["rank_column"], report["se_column"], report["q_column"]
+    columns = [by] + ([se, q] if se else []) + (["delta_loss"] if by != "delta_loss" else [])
     if se:
         print(f"distinguishable from zero: {report['n_distinguishable']} of {report['n_neurons']} neurons "
-              f"(|{by}| > {SE_MULTIPLE:g} standard errors over the {rows} rows); '~0' marks a ranked effect that is not")
+              f"(Benjamini-Hochberg q < {report['fdr']:g} over the layer's {report['n_neurons']} neurons; standard "
+              f"errors clustered by {_clusters(report)}); '~0' marks a ranked effect that is not")
     print(f"{'rank':>5}  {'neuron':>6}  " + "  ".join(f"{c:>16}" for c in columns))
     for row in report["neurons"]:
         # effects carry their sign; a standard error is >= 0 and printed without one
-        cells = "  ".join(f"{'nan':>16}" if row[c] is None else f"{row[c]:>16.6f}" if c == se else f"{row[c]:>+16.6f}"
+        cells = "  ".join(f"{'nan':>16}" if row[c] is None else f"{row[c]:>16.6f}" if c in (se, q) else f"{row[c]:>+16.6f}"
                           for c in columns)
         mark = "  ~0" if row.get("distinguishable") is False else ""
         print(f"{row['rank']:>5}  {row['neuron']:>6}  {cells}{mark}")
@@ -194,7 +215,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         warn_special_token_text(model.tokenizer, args.text_file, "ablate", args.documents)
         measured = measured_rows(args, model, progress=not args.quiet)
         tokens = measured.rows.to(model.W_U.device)
-        table, by = _sweep(args, model, tokens, spec)
+        table, by = _sweep(args, model, tokens, spec, measured.document_ids)
     except (UsageError, UnknownHookError, ValueError, TypeError) as err:
         return report_error("ablate", err)
     except MemoryError:  # valid inputs, too large for this machine

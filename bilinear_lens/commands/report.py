@@ -76,6 +76,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             tokens=tokens or None,
             texts=texts,
             rows=measured.rows.to(model.W_U.device),
+            documents=measured.document_ids,
             text_label=measured.describe() + (f"; the first {len(texts)} shown as text" if len(texts) < measured.n_documents else ""),
             logit_diff=next((s for s in specs if isinstance(s, tuple)), None),
             input_tokens=resolve_input_token_arguments(args, model),

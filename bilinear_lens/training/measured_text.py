@@ -267,7 +267,12 @@ class MeasuredRows:
     ``rows``: ``[n_rows, seq_len]`` token ids, unpadded; ``documents``: the texts read (in
     order, the last one possibly cut by ``max_tokens``); ``stream_tokens``: tokens in the
     stream (BOS included); ``overlap``: tokens of the row before that the last row re-reads;
-    ``capped``: ``max_tokens`` cut the text; ``text``: which text (:class:`MeasuredText`).
+    ``capped``: ``max_tokens`` cut the text; ``text``: which text (:class:`MeasuredText`);
+    ``document_ids``: each token's document (``[n_rows, seq_len]``,
+    :func:`~bilinear_lens.activations.ablation.uncertainty.document_ids`), the clusters a
+    sweep's standard errors take (``ablation_sweep(..., documents=measured.document_ids)``),
+    ``None`` where fewer than two documents were read (or the tokenizer has no BOS): then
+    rows are the samples.
     """
 
     rows: Int[Tensor, "n_rows seq_len"]
@@ -277,6 +282,7 @@ class MeasuredRows:
     capped: bool
     max_tokens: int
     text: MeasuredText
+    document_ids: Optional[Int[Tensor, "n_rows seq_len"]] = None
 
     @property
     def n_documents(self) -> int:
@@ -328,4 +334,15 @@ def measured_rows(
     if not stream:
         raise MeasuredTextError(f"the measured text ({text.describe(n_documents)}) has no tokens")
     rows, overlap = stream_rows(stream, length, "seq_len")  # (the cap may have peeked one document past the last)
-    return MeasuredRows(rows, read[:n_documents], len(stream), overlap, capped, max_tokens, text)
+    return MeasuredRows(rows, read[:n_documents], len(stream), overlap, capped, max_tokens, text,
+                        _document_clusters(rows, model.tokenizer.bos_token_id, overlap))
+
+
+def _document_clusters(rows: Tensor, bos_token_id: Optional[int], overlap: int) -> Optional[Tensor]:
+    """Each token's document (:class:`MeasuredRows` ``document_ids``), ``None`` for fewer than two."""
+    from bilinear_lens.activations.ablation.uncertainty import document_ids
+
+    if bos_token_id is None:
+        return None
+    ids = document_ids(rows, bos_token_id, overlap)
+    return ids if int(ids.max()) > int(ids.min()) else None

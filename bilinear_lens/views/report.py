@@ -31,6 +31,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from bilinear_lens.activations.ablation import ablation_sweep
+from bilinear_lens.activations.ablation.uncertainty import DEFAULT_FDR
 from bilinear_lens.activations.eigen_readings import eigenvector_activations_on_tokens, rank_k_correlation_on_tokens
 from bilinear_lens.weights.layer_eigen import (
     layer_eigendecomposition,
@@ -112,16 +113,18 @@ class _Sample:
     tokens: list[Tensor]  # one [pos] tensor per text (cut to n_ctx)
     rows: Int[Tensor, "n_rows pos"]  # unpadded equal-length rows, for losses and correlations
     str_tokens: list[list[str]]
+    documents: Optional[Int[Tensor, "n_rows pos"]] = None  # each row token's document (None: rows are samples)
 
 
-def _sample(model: HookedModel, texts: Optional[Sequence[str]], rows: Optional[Tensor] = None) -> _Sample:
+def _sample(model: HookedModel, texts: Optional[Sequence[str]], rows: Optional[Tensor] = None,
+            documents: Optional[Tensor] = None) -> _Sample:
     if texts is None:
         texts = synthetic_stories(8, seed=1)
     samples = _sample_tokens(model, texts, max_len=model.cfg.n_ctx)
     if rows is None:
         rows = _equal_rows(samples, min(model.cfg.n_ctx, 32))
     str_tokens = [[_name(model, int(t)) for t in s] for s in samples]
-    return _Sample(samples, rows, str_tokens)
+    return _Sample(samples, rows, str_tokens, documents)
 
 
 def _output_tokens(
@@ -199,18 +202,22 @@ def _interaction_sections(
 
 
 def _ablation_sections(model: HookedModel, layer: int, sample: _Sample, top: int) -> list[Any]:
-    table = ablation_sweep(model, sample.rows, layer, progress=False, position=None)
-    clear = int((table["delta_loss"].abs() > 2 * table["delta_loss_se"]).sum())
+    table = ablation_sweep(model, sample.rows, layer, progress=False, position=None, documents=sample.documents)
+    clear = int((table["delta_loss_q"] < DEFAULT_FDR).sum())
     ranked = table.top(min(top, len(table)))
-    rows = [(int(n), f"{d:+.5f}", f"{e:.5f}", "yes" if abs(d) > 2 * e else "~0")
-            for n, d, e in zip(ranked["neuron"].tolist(), ranked["delta_loss"].tolist(), ranked["delta_loss_se"].tolist())]
+    rows = [(int(n), f"{d:+.5f}", f"{e:.5f}", f"{q:.3g}", "yes" if q < DEFAULT_FDR else "~0")
+            for n, d, e, q in zip(ranked["neuron"].tolist(), ranked["delta_loss"].tolist(),
+                                  ranked["delta_loss_se"].tolist(), ranked["delta_loss_q"].tolist())]
+    n_clusters = table.uncertainty["n_clusters"]["loss"]
+    unit = "documents" if table.uncertainty["clusters"] == "documents" else "rows"
     return [
         f"<h2>Single-neuron zero ablation, layer {layer} (hook_post)</h2>",
         f"<p>Clean loss {table.baseline['loss']:.4f} on {sample.rows.shape[0]} x {sample.rows.shape[1]} tokens "
         "(rows x positions, as <code>ablate</code> counts them). "
-        f"{clear} of {len(table)} neurons change the loss by more than two standard errors (over rows); "
-        "a ranking among the others is noise on this text.</p>",
-        _table(rows, ("neuron", "Δ loss", "standard error", "distinguishable")),
+        f"{clear} of {len(table)} neurons change the loss distinguishably from zero (Benjamini-Hochberg "
+        f"q &lt; {DEFAULT_FDR:g} over the layer's {len(table)} neurons; standard errors clustered by "
+        f"{unit}, {n_clusters} of them); a ranking among the others is noise on this text.</p>",
+        _table(rows, ("neuron", "Δ loss", "standard error", "q", "distinguishable")),
         plots.plot_ablation_effects(table.columns["delta_loss"].numpy(), top=top, title="Δ loss when zeroing one neuron"),
     ]
 
@@ -271,6 +278,7 @@ def build_report(
     progress: bool = True,
     text_label: Optional[str] = None,
     rows: Optional[Int[Tensor, "n_rows pos"]] = None,
+    documents: Optional[Int[Tensor, "n_rows pos"]] = None,
 ) -> str:
     """The report's HTML (see module docstring). ``model`` is a
     :class:`~bilinear_lens.models.model.BilinearTransformer` with a tokenizer. ``tokens`` and
@@ -283,7 +291,9 @@ def build_report(
     :func:`~bilinear_lens.training.measured_text.measured_rows`' ``rows``) are what the
     losses and correlations (neuron ablation, rank-k check) are measured on, so the page
     shows the numbers ``bilinear-lens ablate`` prints on the same rows; default: ``texts``
-    cut into rows of min(n_ctx, 32) tokens."""
+    cut into rows of min(n_ctx, 32) tokens. ``documents`` (``rows``' document ids, e.g.
+    ``measured_rows``' ``document_ids``) cluster the ablation's standard errors by document
+    (default: rows are the samples)."""
     if getattr(model, "tokenizer", None) is None:
         raise ValueError("the report needs a model with a tokenizer (to show tokens)")
     check_layer(model, layer)
@@ -293,7 +303,7 @@ def build_report(
     if n_eigenvectors > model.cfg.d_model:  # Q(u) has d_model eigenvectors
         raise ValueError(f"n_eigenvectors (--n-eigenvectors) must be in [1, {model.cfg.d_model}] (d_model: the "
                          f"eigenvectors Q(u) has), got {n_eigenvectors}")
-    sample = _sample(model, texts, rows)
+    sample = _sample(model, texts, rows, documents)
     out_ids = _output_tokens(model, tokens, sample, has_features=bool(features))
     options = dict(n_eigenvectors=n_eigenvectors, logit_diff=logit_diff, input_tokens=input_tokens,
                    ablation_top=ablation_top, features=list(features))

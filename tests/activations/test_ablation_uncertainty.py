@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from scipy import stats
 
 from bilinear_lens.activations.ablation import ablate_neurons, ablation_sweep
 from bilinear_lens.commands import ablate as ablate_cmd
@@ -66,19 +67,33 @@ def checkpoint(saved_checkpoint):
     return saved_checkpoint(n_ctx=32)
 
 
-def test_cli_marks_effects_within_two_standard_errors(checkpoint, capsys):
+def test_cli_marks_effects_not_distinguishable_after_the_fdr_correction(checkpoint, capsys):
     argv = ["--checkpoint", str(checkpoint), "--n-texts", "6", "--seq-len", "16", "--top", "48"]
     assert ablate_cmd.main([*argv, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["se_column"] == "delta_loss_se"
+    assert report["se_column"] == "delta_loss_se" and report["q_column"] == "delta_loss_q" and report["fdr"] == 0.05
+    assert report["clusters"] == "documents" and report["n_clusters"] == 6  # the six documents read
     flags = [row["distinguishable"] for row in report["neurons"]]
-    assert flags == [abs(r["delta_loss"]) > 2 * r["delta_loss_se"] for r in report["neurons"]]
+    assert flags == [r["delta_loss_q"] < 0.05 for r in report["neurons"]]
     assert report["n_distinguishable"] == sum(flags)  # --top 48 lists every neuron
+    # the q-values are Benjamini-Hochberg of the layer's p-values
+    p = torch.tensor([r["delta_loss_p"] for r in report["neurons"]], dtype=torch.float64)
+    q = torch.tensor([r["delta_loss_q"] for r in report["neurons"]], dtype=torch.float64)
+    assert torch.allclose(q, torch.from_numpy(stats.false_discovery_control(p.numpy())), rtol=1e-12, atol=0)
     assert ablate_cmd.main(argv) == 0
     out = capsys.readouterr().out
-    assert f"distinguishable from zero: {sum(flags)} of 48 neurons (|delta_loss| > 2 standard errors" in out
+    assert (f"distinguishable from zero: {sum(flags)} of 48 neurons (Benjamini-Hochberg q < 0.05 over the layer's "
+            "48 neurons; standard errors clustered by document (6 documents))") in out
     marked = [line for line in out.splitlines() if line.endswith("~0")]
     assert len(marked) == flags.count(False)
+    assert ablate_cmd.main([*argv, "--json", "--fdr", "0.5"]) == 0  # a looser rate calls at least as many
+    assert json.loads(capsys.readouterr().out)["n_distinguishable"] >= sum(flags)
+
+
+@pytest.mark.parametrize("fdr", ["0", "1", "-0.1", "nan"])
+def test_cli_refuses_an_fdr_outside_0_1(checkpoint, fdr, capsys):
+    assert ablate_cmd.main(["--checkpoint", str(checkpoint), "--fdr", fdr]) == 2
+    assert f"--fdr must be in (0, 1) (a false discovery rate), got {float(fdr)}" in capsys.readouterr().err
 
 
 def test_cli_json_has_null_se_for_one_row(checkpoint, tmp_path, capsys):

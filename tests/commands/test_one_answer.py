@@ -34,7 +34,7 @@ def trained(tmp_path_factory, cache_dir):
 def _library_top(checkpoint):
     model = BilinearTransformer.from_pretrained(checkpoint).eval()
     measured = measured_rows(model, str(checkpoint))
-    table = ablation_sweep(model, measured.rows, 0, position=None, progress=False)
+    table = ablation_sweep(model, measured.rows, 0, position=None, documents=measured.document_ids, progress=False)
     return measured, table, table.top(TOP, by="delta_loss").rows()
 
 
@@ -54,8 +54,10 @@ def test_ablate_json_reports_the_library_answer(trained, capsys):
     assert report["tokens"] == list(measured.rows.shape) and report["stream_tokens"] == measured.stream_tokens
     assert report["n_documents"] == measured.n_documents and report["measured_on"] == measured.describe()
     assert report["baseline_loss"] == table.baseline["loss"]
-    got = [(r["neuron"], r["delta_loss"], r["delta_loss_se"]) for r in report["neurons"]]
-    assert got == [(r["neuron"], r["delta_loss"], r["delta_loss_se"]) for r in top]  # same computation: exact
+    keys = ("neuron", "delta_loss", "delta_loss_se", "delta_loss_q")
+    got = [tuple(r[k] for k in keys) for r in report["neurons"]]
+    assert got == [tuple(r[k] for k in keys) for r in top]  # same computation: exact
+    assert report["clusters"] == "documents" and report["n_clusters"] == measured.n_documents
 
 
 def test_report_table_shows_the_library_answer(trained, tmp_path):
@@ -64,10 +66,12 @@ def test_report_table_shows_the_library_answer(trained, tmp_path):
     assert report_cmd.main(["--checkpoint", str(trained), "--out", str(out), "--quiet"]) == 0
     page = out.read_text(encoding="utf-8")
     section = page[page.index("Single-neuron zero ablation"):]
-    cells = re.findall(r"<tr><td>(\d+)</td><td>([+-][\d.]+)</td><td>([\d.]+)</td><td>(yes|~0)</td></tr>", section)
+    cells = re.findall(r"<tr><td>(\d+)</td><td>([+-][\d.]+)</td><td>([\d.]+)</td><td>([^<]+)</td>"
+                       r"<td>(yes|~0)</td></tr>", section)
     ranked = table.top(20, by="delta_loss").rows()
     assert cells == [(str(r["neuron"]), f"{r['delta_loss']:+.5f}", f"{r['delta_loss_se']:.5f}",
-                      "yes" if abs(r["delta_loss"]) > 2 * r["delta_loss_se"] else "~0") for r in ranked]
+                      f"{r['delta_loss_q']:.3g}", "yes" if r["delta_loss_q"] < 0.05 else "~0") for r in ranked]
+    assert f"clustered by documents, {measured.n_documents} of them" in section
     n_rows, seq_len = measured.rows.shape
     assert f"Clean loss {table.baseline['loss']:.4f} on {n_rows} x {seq_len} tokens" in section
     assert "the model&#x27;s training data (val split of the built-in synthetic stories, data.seed 0)" in page

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Union
 
 import torch
@@ -15,8 +16,8 @@ from bilinear_lens.models.protocol import HookedModel
 from bilinear_lens.weights.directions import TokenLike, token_id
 
 MetricFn = Callable[[Float[Tensor, "batch pos d_vocab"]], Tensor]
-# The same metric per batch row ([batch]); its mean over rows is the scalar metric.
-RowMetricFn = Callable[[Float[Tensor, "batch pos d_vocab"]], Float[Tensor, "batch"]]
+# A built-in metric per value it averages ([batch, k]); their mean is the scalar metric.
+TokenMetricFn = Callable[[Float[Tensor, "batch pos d_vocab"]], Float[Tensor, "batch k"]]
 
 
 def _at_position(logits: Float[Tensor, "batch pos d_vocab"], position: Optional[int]) -> Tensor:
@@ -95,40 +96,42 @@ def named_metrics(
     return metrics
 
 
-def row_metrics(
+@dataclass(frozen=True)
+class TokenMetric:
+    """A built-in metric per value it averages: ``values(logits)`` is ``[batch, k]`` (its mean
+    is the scalar metric) and ``positions`` the token positions whose documents label those
+    ``k`` columns (:mod:`~bilinear_lens.activations.ablation.uncertainty` clusters by them)."""
+
+    values: TokenMetricFn
+    positions: slice
+
+
+def token_metrics(
     model: HookedModel,
     tokens: Tensor,
     logit: Optional[TokenLike],
     logit_diff: Optional[tuple[TokenLike, TokenLike]],
     position: Optional[int],
-) -> dict[str, RowMetricFn]:
-    """Per-row versions of the built-in metrics of :func:`named_metrics` (custom metrics
-    have none): row ``b``'s mean loss / logit / logit difference. Rows of equal length make
-    the mean over rows the scalar metric, so their spread gives a standard error."""
+) -> dict[str, TokenMetric]:
+    """Per-value versions of the built-in metrics of :func:`named_metrics` (custom metrics
+    have none): the loss of each predicted token (labelled by the token predicted,
+    ``tokens[:, 1:]``), the logit / logit difference at each position read. The mean of the
+    values is the scalar metric (every row has the same length)."""
+    n_pos = tokens.shape[-1]
+    at_slice = slice(None) if position is None else slice(position % n_pos, position % n_pos + 1)
 
-    def at(logits: Tensor) -> Tensor:  # [batch, pos, d_vocab] at position(s)
-        return logits if position is None else logits[:, position : position + 1 if position != -1 else None]
+    def at(logits: Tensor) -> Tensor:  # [batch, k, d_vocab] at the position(s) read
+        return logits[:, at_slice]
 
-    out: dict[str, RowMetricFn] = {
-        "loss": lambda logits: next_token_loss(logits, tokens.to(logits.device), per_token=True).mean(-1)}
+    out: dict[str, TokenMetric] = {"loss": TokenMetric(
+        lambda logits: next_token_loss(logits, tokens.to(logits.device), per_token=True), slice(1, None))}
     if logit is not None:
         t = token_id(model, logit)
-        out["logit"] = lambda logits: at(logits)[..., t].double().mean(-1)
+        out["logit"] = TokenMetric(lambda logits: at(logits)[..., t].double(), at_slice)
     if logit_diff is not None:
         a, b = (token_id(model, token) for token in logit_diff)
-        out["logit_diff"] = lambda logits: (at(logits)[..., a] - at(logits)[..., b]).double().mean(-1)
+        out["logit_diff"] = TokenMetric(lambda logits: (at(logits)[..., a] - at(logits)[..., b]).double(), at_slice)
     return out
-
-
-def standard_error(row_deltas: Float[Tensor, "n batch"]) -> Float[Tensor, "n"]:
-    """Standard error of each mean over rows: ``std(row deltas) / sqrt(batch)`` (sample
-    std, ``batch - 1`` degrees of freedom; NaN for a single row). Rows cut from one token
-    stream are treated as independent samples, tokens inside a row are not (their errors
-    are correlated), which is why the spread is taken over rows."""
-    n_rows = row_deltas.shape[-1]
-    if n_rows < 2:
-        return torch.full(row_deltas.shape[:-1], float("nan"), dtype=torch.float64)
-    return row_deltas.double().std(-1, correction=1) / math.sqrt(n_rows)
 
 
 def evaluate(metrics: Mapping[str, MetricFn], logits: Tensor) -> dict[str, float]:

@@ -22,13 +22,13 @@ from torch import Tensor
 from transformer_lens.utilities import get_act_name
 
 from bilinear_lens.activations.ablation.install import HookFn
-from bilinear_lens.activations.ablation.metrics import (
-    MetricFn,
-    RowMetricFn,
-    evaluate,
-    named_metrics,
-    row_metrics,
-    standard_error,
+from bilinear_lens.activations.ablation.metrics import MetricFn, evaluate, named_metrics, token_metrics
+from bilinear_lens.activations.ablation.uncertainty import (
+    Clusters,
+    clustered_standard_error,
+    effect_p_values,
+    false_discovery_q_values,
+    row_clusters,
 )
 from bilinear_lens.activations.ablation.neuron_hooks import NeuronsLike, neuron_hook_name, neuron_indices
 from bilinear_lens.activations.ablation.table import NeuronTable
@@ -152,10 +152,11 @@ def _sweep(
     ablations_per_pass: int,
     progress: bool,
     desc: str,
-    row_fns: Optional[Mapping[str, RowMetricFn]] = None,
-) -> tuple[dict[str, Float[Tensor, "n"]], dict[str, Float[Tensor, "n batch"]]]:
+    cluster_fns: Optional[Mapping[str, Callable[[Tensor], Tensor]]] = None,
+) -> tuple[dict[str, Float[Tensor, "n"]], dict[str, Float[Tensor, "n G"]]]:
     """Metric values with each neuron replaced in turn, ``ablations_per_pass`` per forward,
-    and the per-row values of ``row_fns`` (``[n, batch]``, for standard errors).
+    and the cluster sums of ``cluster_fns`` (``logits -> [G]`` per copy; ``[n, G]``, for
+    standard errors).
 
     The copies compute the same operations on the same inputs as one-neuron forward
     passes, so the numbers are the same, whether they restart inside the MLP
@@ -163,7 +164,7 @@ def _sweep(
     """
     batch = tokens.shape[0]
     out = {name: torch.empty(neurons.shape[0], dtype=torch.float64) for name in metrics}
-    rows = {name: torch.empty(neurons.shape[0], batch, dtype=torch.float64) for name in (row_fns or {})}
+    sums: dict[str, Tensor] = {}
     with torch.no_grad(), progress_bar(total=neurons.shape[0], desc=desc, unit="neuron", enabled=progress) as bar:
         forward = copies_forward(model, tokens, layer, hook)
         for start in range(0, neurons.shape[0], ablations_per_pass):
@@ -173,10 +174,13 @@ def _sweep(
             for j, copy_logits in enumerate(logits.view(k, batch, *logits.shape[1:])):
                 for name, value in evaluate(metrics, copy_logits).items():
                     out[name][start + j] = value
-                for name, fn in (row_fns or {}).items():
-                    rows[name][start + j] = fn(copy_logits).cpu()
+                for name, fn in (cluster_fns or {}).items():
+                    cluster_sums = fn(copy_logits)
+                    if name not in sums:
+                        sums[name] = torch.empty(neurons.shape[0], cluster_sums.shape[0], dtype=torch.float64)
+                    sums[name][start + j] = cluster_sums
             bar.update(k)
-    return out, rows
+    return out, sums
 
 
 def _all_or_given(neurons: Optional[NeuronsLike], d_mlp: int) -> Tensor:
@@ -198,6 +202,7 @@ def ablation_sweep(
     position: Optional[int] = -1,
     ablations_per_pass: Optional[int] = None,
     progress: bool = True,
+    documents: Optional[Int[Tensor, "batch pos"]] = None,
 ) -> NeuronTable:
     """Effect of ablating each neuron of layer ``layer``'s MLP on its own.
 
@@ -205,41 +210,68 @@ def ablation_sweep(
     ``tokens``) and, when asked for, ``delta_logit`` (mean logit of token ``logit``),
     ``delta_logit_diff`` (mean ``logit[a] - logit[b]``) and ``delta_<name>`` for each
     custom ``metric`` (a TransformerLens-style ``logits -> scalar`` callable, ``"metric"``
-    when unnamed, or a mapping name -> callable). Each built-in ``delta_X`` also has
-    ``delta_X_se``, its standard error over the rows of ``tokens``
-    (:func:`~bilinear_lens.activations.ablation.metrics.standard_error`: the mean of the
-    per-row deltas is ``delta_X``; NaN with one row): an effect within about two standard
-    errors of zero is not distinguishable from zero on this text. Logit metrics read ``position``: ``-1``
+    when unnamed, or a mapping name -> callable). Logit metrics read ``position``: ``-1``
     (default) is the last position, as for a prompt whose next token is the answer;
     ``None`` averages every position. Rows are in neuron order; use
     :meth:`NeuronTable.top`/:meth:`NeuronTable.sort_by` to rank them.
+
+    Uncertainty (:mod:`~bilinear_lens.activations.ablation.uncertainty`): each built-in
+    ``delta_X`` also has ``delta_X_se``, its standard error clustered by document
+    (``documents``: each token's document id, e.g.
+    :func:`~bilinear_lens.activations.ablation.uncertainty.document_ids` of packed text;
+    default: each row its own cluster, which is ``std(row deltas) / sqrt(rows)``),
+    ``delta_X_p``, the two-sided p-value of no effect (t with clusters - 1 degrees of
+    freedom), and ``delta_X_q``, the Benjamini-Hochberg q-value over the swept neurons. Call
+    an effect distinguishable from zero where ``q < 0.05``
+    (:data:`~bilinear_lens.activations.ablation.uncertainty.DEFAULT_FDR`); fewer than two
+    clusters give ``NaN``. ``table.uncertainty`` records the clustering.
 
     Batched: ``ablations_per_pass`` ablations share a forward pass by repeating ``tokens``
     along the batch dim (default: about :data:`DEFAULT_TOKENS_PER_PASS` tokens per pass).
     ``method="mean"``/``"resample"`` take values from ``reference`` (default: ``tokens``).
     Pass equal-length (unpadded) rows of at least 2 tokens (the loss predicts each next
     token): padding would count in the loss. Bad arguments raise a one-line ``ValueError``
-    naming them (``tokens``, ``reference``, ``position``, ...).
+    naming them (``tokens``, ``reference``, ``position``, ``documents``, ...).
     """
     check_tokens(tokens, d_vocab=model.cfg.d_vocab, min_pos=2)
+    labels = _cluster_labels(tokens, documents)
     hook_name = neuron_hook_name(model, layer, hook)
     indices = _all_or_given(neurons, model.cfg.d_mlp)
     reference = tokens if reference is None and method != "zero" else reference
     values = replacement(model, hook_name, method, reference, seed)
     metrics = named_metrics(model, tokens, metric, logit, logit_diff, position)
-    row_fns = row_metrics(model, tokens, logit, logit_diff, position)
+    per_value = token_metrics(model, tokens, logit, logit_diff, position)
+    clusters = {name: Clusters.of(labels[:, tm.positions]) for name, tm in per_value.items()}
+    cluster_fns = {name: (lambda logits, tm=tm, c=clusters[name]: c.sums(tm.values(logits)))
+                   for name, tm in per_value.items()}
     per_pass = resolve_ablations_per_pass(ablations_per_pass, tokens)
     with torch.no_grad():
         clean_logits = model(tokens)
         baseline = evaluate(metrics, clean_logits)
-        baseline_rows = {name: fn(clean_logits).cpu() for name, fn in row_fns.items()}
+        baseline_sums = {name: fn(clean_logits) for name, fn in cluster_fns.items()}
     desc = f"{method}-ablating {hook_name}"
-    ablated, rows = _sweep(model, tokens, layer, hook, indices, values, metrics, per_pass, progress, desc, row_fns)
+    ablated, sums = _sweep(model, tokens, layer, hook, indices, values, metrics, per_pass, progress, desc, cluster_fns)
     columns = {"neuron": indices}
     columns.update({f"delta_{name}": deltas - baseline[name] for name, deltas in ablated.items()})
-    # standard errors after every delta column: the first value column stays the ranking default
-    columns.update({f"delta_{name}_se": standard_error(r - baseline_rows[name]) for name, r in rows.items()})
-    return NeuronTable(layer, hook, method, columns, baseline)
+    # uncertainty after every delta column: the first value column stays the ranking default
+    for name, s in sums.items():
+        se = clustered_standard_error(s - baseline_sums[name], clusters[name].sizes)
+        p = effect_p_values(columns[f"delta_{name}"], se, clusters[name].n_clusters)
+        columns.update({f"delta_{name}_se": se, f"delta_{name}_p": p, f"delta_{name}_q": false_discovery_q_values(p)})
+    uncertainty = {"clusters": "rows" if documents is None else "documents",
+                   "n_clusters": {name: c.n_clusters for name, c in clusters.items()}}
+    return NeuronTable(layer, hook, method, columns, baseline, uncertainty)
+
+
+def _cluster_labels(tokens: Tensor, documents: Optional[Tensor]) -> Tensor:
+    """``documents`` checked against ``tokens`` (same shape, integers), or one label per row."""
+    if documents is None:
+        return row_clusters(tokens)
+    if not isinstance(documents, Tensor) or documents.shape != tokens.shape or documents.is_floating_point():
+        shape = tuple(documents.shape) if isinstance(documents, Tensor) else type(documents).__name__
+        raise ValueError(f"documents must be an integer tensor of the tokens' shape {tuple(tokens.shape)} "
+                         f"(each token's document id), got {shape}")
+    return documents.cpu()
 
 
 def _check_patch_tokens(clean_tokens: Tensor, corrupted_tokens: Tensor, d_vocab: int) -> None:

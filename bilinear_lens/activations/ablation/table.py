@@ -14,7 +14,9 @@ class NeuronTable:
     """One row per neuron; columnar tensors, tidy rows on demand.
 
     ``columns["neuron"]`` holds the neuron indices; the other columns are ``float64``
-    ``[n_rows]``. ``baseline`` holds the unintervened metric values.
+    ``[n_rows]``. ``baseline`` holds the unintervened metric values; ``uncertainty`` how the
+    standard errors were clustered (``{"clusters": "documents" | "rows", "n_clusters":
+    {metric: G}}``; empty where the table has none).
     """
 
     layer: int
@@ -22,6 +24,7 @@ class NeuronTable:
     method: str
     columns: dict[str, Tensor]
     baseline: dict[str, float] = field(default_factory=dict)
+    uncertainty: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.columns["neuron"].shape[0])
@@ -55,7 +58,7 @@ class NeuronTable:
 
     def _rows_at(self, index: Union[Tensor, slice]) -> "NeuronTable":
         columns = {name: col[index] for name, col in self.columns.items()}
-        return NeuronTable(self.layer, self.hook, self.method, columns, dict(self.baseline))
+        return NeuronTable(self.layer, self.hook, self.method, columns, dict(self.baseline), dict(self.uncertainty))
 
     def to_pandas(self) -> Any:
         """A ``pandas.DataFrame`` (pandas is optional; imported here)."""
