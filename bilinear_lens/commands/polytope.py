@@ -177,10 +177,13 @@ def measured_documents(args: argparse.Namespace) -> tuple[list[str], dict[str, A
     from bilinear_lens.commands.measured_text import measured_text
 
     if args.text_file is not None:
+        from bilinear_lens.training.measured_text import training_file_note
+
         documents = read_documents(args.text_file, rule=args.documents)
+        rule = resolve_document_rule(read_text_file(args.text_file), args.documents)
         return documents, {"origin": "text-file", "source": args.text_file, "documents": args.documents,
-                           "rule": resolve_document_rule(read_text_file(args.text_file), args.documents),
-                           "documents_in_file": len(documents)}
+                           "rule": rule, "documents_in_file": len(documents),
+                           "note": training_file_note(args.text_file, args.checkpoint, documents, rule)}
     if args.documents != "auto":
         raise UsageError(f"--documents {args.documents} applies to --text-file only; without it the model's own "
                          "training data is split as its run recorded (data.documents); give --text-file too")
@@ -432,7 +435,8 @@ def _text_phrase(text: dict[str, Any]) -> str:
     n_docs = text["documents_in_file"]
     return (f"--text-file {text['source']}, documents: {text['rule']}"
             + (f" (--documents {text['documents']})" if text["documents"] != text["rule"] else "")
-            + f", {n_docs} document{'s' if n_docs != 1 else ''}")
+            + f", {n_docs} document{'s' if n_docs != 1 else ''}"
+            + (f" [{text['note']}]" if text.get("note") else ""))
 
 
 def format_report(result: dict[str, Any]) -> str:

@@ -220,7 +220,9 @@ def measured_text(
         if not every:
             raise MeasuredTextError(f"text file {text_file} holds no text")
         rule = resolve_document_rule(text, documents)
-        return MeasuredText(every[:n_texts], "text-file", text_file, documents=rule, documents_in_source=len(every))
+        note = training_file_note(text_file, checkpoint, every[:n_texts], rule) if checkpoint is not None else None
+        return MeasuredText(every[:n_texts], "text-file", text_file, documents=rule, documents_in_source=len(every),
+                            note=note)
     data = recorded_data(checkpoint) if checkpoint is not None else None
     count = n_texts if n_texts is not None else fallback_n_texts
     if data is None:
@@ -233,6 +235,39 @@ def measured_text(
         return MeasuredText(_synthetic_val_documents(data, count), "synthetic", f"data.seed {data.seed}",
                             split="val" if data.val_fraction > 0 else "train")
     return _training_documents(data, checkpoint, n_texts)
+
+
+def _is_training_file(text_file: str, data: Any, checkpoint: str) -> bool:
+    """Whether ``text_file`` holds the model's training corpus: the bytes its recorded
+    fingerprint describes, or (a run recorded without one) the recorded path itself."""
+    from bilinear_lens.data.corpus import resolved_source
+    from bilinear_lens.data.fingerprint import find_difference
+
+    recorded = recorded_fingerprint(checkpoint)
+    if recorded is not None:
+        return find_difference(recorded, text_file) is None
+    return str(Path(text_file).expanduser().resolve()) == resolved_source(data.source)
+
+
+def training_file_note(text_file: str, checkpoint: str, documents: list[str], rule: Optional[str]) -> Optional[str]:
+    """A note for a ``--text-file`` that is the model's own training file (``None`` for any
+    other file): measured there, the documents the model was trained on count alongside its
+    validation documents, so losses read low and effects are measured on seen text. With
+    training's document rule the note says how many of ``documents`` were in the training
+    split (:func:`~bilinear_lens.data.corpus.is_val_document`, training's own split)."""
+    from bilinear_lens.data.corpus import is_local_source, is_val_document, text_file_rule
+
+    data = recorded_data(checkpoint)
+    if data is None or not is_local_source(data.source) or not _is_training_file(text_file, data, checkpoint):
+        return None
+    remedy = "leave out --text-file to measure its val split only"
+    training_rule = text_file_rule(text_file, data.documents)
+    if rule != training_rule or rule == "file" or data.val_fraction == 0:
+        return f"--text-file is the model's training file ({data.source}): the text measured includes text it was " \
+               f"trained on; {remedy}"
+    trained = sum(not is_val_document(t, data.val_fraction, data.seed) for t in documents)
+    return (f"--text-file is the model's training file ({data.source}): {trained} of the {len(documents)} documents "
+            f"taken were in its training split; {remedy}")
 
 
 def capped_stream(tokenizer: Any, texts: Iterable[str], max_tokens: int, progress: bool = False,

@@ -119,12 +119,17 @@ def test_polytope_names_the_text_its_rule_and_document_count(checkpoints, capsys
     argv = ["--checkpoint", str(checkpoints / "local"), "--text-file", str(corpus), "--max-tokens", "100", "--quiet"]
     assert polytope_cmd.main(argv) == 0
     first = capsys.readouterr().out.splitlines()[0]
+    trained = sum(not is_val_document(t, 0.25, 3) for t in STORIES)
     assert first == (f"measured on --text-file {corpus}, documents: endoftext (--documents auto), "
-                     f"{len(STORIES)} documents; labels: token")
+                     f"{len(STORIES)} documents [--text-file is the model's training file ({corpus}): {trained} of "
+                     f"the {len(STORIES)} documents taken were in its training split; leave out --text-file to measure "
+                     "its val split only]; labels: token")
     assert polytope_cmd.main([*argv, "--documents", "file", "--json"]) == 0
     text = json.loads(capsys.readouterr().out)["text"]
     assert text == {"origin": "text-file", "source": str(corpus), "documents": "file", "rule": "file",
-                    "documents_in_file": 1, "labels": "token"}
+                    "documents_in_file": 1, "labels": "token",
+                    "note": f"--text-file is the model's training file ({corpus}): the text measured includes text it "
+                            "was trained on; leave out --text-file to measure its val split only"}
 
 
 def test_polytope_without_text_file_measures_the_models_val_documents(checkpoints, capsys):
@@ -155,3 +160,42 @@ def test_polytope_with_no_record_says_it_measured_synthetic_stories(checkpoints,
     assert polytope_cmd.main(["--checkpoint", str(checkpoints / "bare"), "--max-tokens", "300", "--quiet"]) == 0
     first = capsys.readouterr().out.splitlines()[0]
     assert first.startswith("measured on the built-in synthetic stories") and "records no training data" in first
+
+
+def test_text_file_that_is_the_training_file_says_how_much_was_trained_on(checkpoints, tmp_path, capsys):
+    """Issue 25 audit: a --text-file equal to the training corpus silently mixed training
+    documents into the measurement. Now the result says so and how many, and names the fix."""
+    corpus = checkpoints / "stories.txt"
+    measured = measured_text(str(corpus), str(checkpoints / "local"), n_texts=20)
+    trained = sum(not is_val_document(t, 0.25, 3) for t in STORIES[:20])
+    assert 0 < trained < 20  # both splits present: the count is a real count
+    assert measured.note == (f"--text-file is the model's training file ({corpus}): {trained} of the 20 documents "
+                             "taken were in its training split; leave out --text-file to measure its val split only")
+    other = tmp_path / "other.txt"
+    other.write_text("\n<|endoftext|>\n".join(STORIES[:20]), encoding="utf-8")  # other bytes: not the file
+    assert measured_text(str(other), str(checkpoints / "local"), n_texts=20).note is None
+    assert measured_text(str(corpus), str(checkpoints / "bare"), n_texts=20).note is None  # no record
+    argv = ["--checkpoint", str(checkpoints / "local"), "--text-file", str(corpus), "--n-texts", "20",
+            "--seq-len", "16", "--top", "2", "--quiet"]
+    assert ablate_cmd.main([*argv, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["text"]["note"] == measured.note and report["measured_on"].endswith(f"[{measured.note}]")
+
+
+def test_a_copy_of_the_training_file_is_recognised_by_its_fingerprint(tmp_path, monkeypatch):
+    from bilinear_lens.training.loop import train
+
+    corpus = tmp_path / "stories.txt"
+    corpus.write_text("\n<|endoftext|>\n".join(STORIES), encoding="utf-8")
+    recipe = RunConfig.from_dict({
+        "model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_mlp": 64, "n_ctx": 16, "seed": 0},
+        "data": {"source": str(corpus), "vocab_size": 300, "val_fraction": 0.25, "seed": 3,
+                 "cache_dir": str(tmp_path / "cache")},
+        "train": {"steps": 1, "batch_size": 4, "log_every": 0, "eval_every": 0, "device": "cpu", "num_threads": 1},
+    }, where="test recipe")
+    final = train(recipe, tmp_path / "run", progress=False).final_checkpoint
+    copy = tmp_path / "copy.txt"
+    copy.write_bytes(corpus.read_bytes())
+    note = measured_text(str(copy), str(final), n_texts=None).note
+    trained = sum(not is_val_document(t, 0.25, 3) for t in STORIES)
+    assert note is not None and f"{trained} of the {len(STORIES)} documents taken were in its training split" in note
