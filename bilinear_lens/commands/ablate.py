@@ -114,7 +114,7 @@ def _sweep(args: argparse.Namespace, model: Any, tokens: torch.Tensor, spec: Any
         from bilinear_lens.sae.ablation import feature_ablation_sweep
 
         table = feature_ablation_sweep(model, tokens, args.layer, spec, ablations_per_pass=args.ablations_per_pass,
-                                       progress=not args.quiet, **common)
+                                       progress=not args.quiet, documents=documents, **common)
         return table, "delta_feature"
     target = {} if spec is None else {"logit_diff": spec} if isinstance(spec, tuple) else {"logit": spec}
     table = ablation_sweep(model, tokens, args.layer, ablations_per_pass=args.ablations_per_pass,

@@ -21,21 +21,21 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from bilinear_lens.activations.ablation import NeuronTable, loss_metric
+from bilinear_lens.activations.ablation import NeuronTable
 from bilinear_lens.activations.ablation.neuron_hooks import NeuronsLike, neuron_hook_name, neuron_indices
-from bilinear_lens.activations.ablation.sweep import copies_forward, resolve_ablations_per_pass
+from bilinear_lens.activations.ablation.sweep import cluster_labels, copies_forward, resolve_ablations_per_pass
+from bilinear_lens.activations.ablation.uncertainty import (
+    Clusters,
+    clustered_standard_error,
+    effect_p_values,
+    false_discovery_q_values,
+)
 from bilinear_lens.activations.ablation.values import check_tokens, replacement
 from bilinear_lens.activations.capture import run_capturing
 from bilinear_lens.models.hook_names import check_hook_names
+from bilinear_lens.models.model import next_token_loss
 from bilinear_lens.weights.directions import FeatureDirection
 from bilinear_lens.progress import progress_bar
-
-
-def _feature_and_loss(model: Any, tokens: Tensor, feature: FeatureDirection) -> tuple[float, float]:
-    """Clean mean feature activation and mean next-token loss."""
-    hook = feature.sae.cfg.hook_name
-    logits, acts = run_capturing(model, tokens, [hook], return_type="logits")
-    return float(feature.sae.encode(acts[hook])[..., feature.index].mean()), float(loss_metric(tokens)(logits))
 
 
 @torch.no_grad()
@@ -50,13 +50,18 @@ def feature_ablation_sweep(
     neurons: Optional[NeuronsLike] = None,
     progress: bool = False,
     ablations_per_pass: Optional[int] = None,
+    documents: Optional[Int[Tensor, "batch pos"]] = None,
 ) -> NeuronTable:
     """For each neuron of layer ``layer`` (``neurons``, default all): ``delta_feature``
     (mean activation of SAE feature ``feature.index`` over ``tokens``, ablated minus clean)
-    and ``delta_loss``. ``method="mean"``/``"resample"`` take values from ``tokens``.
+    and ``delta_loss``, each with ``_se`` / ``_p`` / ``_q`` columns as
+    :func:`~bilinear_lens.activations.ablation.ablation_sweep` gives (standard errors
+    clustered by ``documents``, default one cluster per row; Benjamini-Hochberg over the
+    swept neurons). ``method="mean"``/``"resample"`` take values from ``tokens``.
     ``ablations_per_pass`` neurons share one forward pass (default: about
     :data:`~bilinear_lens.activations.ablation.DEFAULT_TOKENS_PER_PASS` tokens per pass)."""
     check_tokens(tokens, d_vocab=model.cfg.d_vocab, min_pos=2)
+    labels = cluster_labels(tokens, documents)
     if not 0 <= feature.index < feature.sae.cfg.d_sae:
         raise ValueError(f"feature index {feature.index} out of range [0, {feature.sae.cfg.d_sae})")
     check_hook_names(model.hook_dict, [feature.sae.cfg.hook_name], where=type(model).__name__)
@@ -64,11 +69,14 @@ def feature_ablation_sweep(
     indices = torch.arange(model.cfg.d_mlp) if neurons is None else neuron_indices(neurons, model.cfg.d_mlp)
     values = replacement(model, hook_name, method, None if method == "zero" else tokens, seed)
     per_pass = resolve_ablations_per_pass(ablations_per_pass, tokens)
-    clean_feature, clean_loss = _feature_and_loss(model, tokens, feature)
+    clusters = {"feature": Clusters.of(labels), "loss": Clusters.of(labels[:, 1:])}  # a loss: the token predicted
+    clean_f, clean_nll = _clean_values(model, tokens, feature)
+    clean_feature, clean_loss = float(clean_f.double().mean()), float(clean_nll.double().mean())
+    clean_sums = {"feature": clusters["feature"].sums(clean_f), "loss": clusters["loss"].sums(clean_nll)}
     forward = copies_forward(model, tokens, layer, hook)
-    loss = loss_metric(tokens)
     sae_hook, batch = feature.sae.cfg.hook_name, tokens.shape[0]
-    deltas = torch.empty(indices.shape[0], 2, dtype=torch.float64)
+    sums = {name: torch.empty(indices.shape[0], c.n_clusters, dtype=torch.float64) for name, c in clusters.items()}
+    means = torch.empty(indices.shape[0], 2, dtype=torch.float64)
     with progress_bar(total=indices.shape[0], desc=f"{method}-ablating {hook_name}", unit="neuron", enabled=progress) as bar:
         for start in range(0, indices.shape[0], per_pass):
             chunk = indices[start : start + per_pass]
@@ -76,12 +84,29 @@ def feature_ablation_sweep(
             seen: list[Tensor] = []
             with model.hooks(fwd_hooks=[(sae_hook, lambda act, hook: seen.append(act))]):
                 logits = forward(chunk, values).view(k, batch, *tokens.shape[1:], -1)
-            if seen:  # [k * batch, pos, d_in]: the copies, stacked along batch
-                f = feature.sae.encode(seen[-1])[..., feature.index].reshape(k, -1).mean(-1).double().cpu()
-            else:  # upstream of the ablation: not re-run, and unchanged
-                f = torch.full((k,), clean_feature, dtype=torch.float64)
-            losses = torch.stack([loss(copy).double().cpu() for copy in logits])
-            deltas[start : start + k] = torch.stack([f - clean_feature, losses - clean_loss], dim=-1)
+            # [k, batch, pos]: the copies' feature activations (upstream of the ablation: clean, not re-run)
+            f = (feature.sae.encode(seen[-1])[..., feature.index].reshape(k, *tokens.shape) if seen
+                 else clean_f[None].expand(k, *tokens.shape))
+            for j, copy in enumerate(logits):
+                per_token = {"feature": f[j], "loss": next_token_loss(copy, tokens.to(copy.device), per_token=True)}
+                for name, v in per_token.items():
+                    sums[name][start + j] = clusters[name].sums(v)
+                means[start + j] = torch.stack([f[j].double().mean().cpu(), per_token["loss"].double().mean().cpu()])
             bar.update(k)
-    columns = {"neuron": indices, "delta_feature": deltas[:, 0], "delta_loss": deltas[:, 1]}
-    return NeuronTable(layer, hook, method, columns, {"feature": clean_feature, "loss": clean_loss})
+    columns = {"neuron": indices, "delta_feature": means[:, 0] - clean_feature, "delta_loss": means[:, 1] - clean_loss}
+    for name, c in clusters.items():
+        se = clustered_standard_error(sums[name] - clean_sums[name], c.sizes)
+        p = effect_p_values(columns[f"delta_{name}"], se, c.n_clusters)
+        columns.update({f"delta_{name}_se": se, f"delta_{name}_p": p, f"delta_{name}_q": false_discovery_q_values(p)})
+    uncertainty = {"clusters": "rows" if documents is None else "documents",
+                   "n_clusters": {name: c.n_clusters for name, c in clusters.items()}}
+    return NeuronTable(layer, hook, method, columns, {"feature": clean_feature, "loss": clean_loss}, uncertainty)
+
+
+def _clean_values(model: Any, tokens: Tensor, feature: FeatureDirection) -> tuple[Tensor, Tensor]:
+    """The clean run's feature activation at each token ``[batch, pos]`` and loss of each
+    predicted token ``[batch, pos - 1]``."""
+    hook = feature.sae.cfg.hook_name
+    logits, acts = run_capturing(model, tokens, [hook], return_type="logits")
+    return (feature.sae.encode(acts[hook])[..., feature.index],
+            next_token_loss(logits, tokens.to(logits.device), per_token=True))

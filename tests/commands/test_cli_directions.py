@@ -115,10 +115,15 @@ def test_ablate_ranks_by_the_feature(root, capsys):
     model = load_model(root)
     from bilinear_lens.training.measured_text import measured_rows
 
-    tokens = measured_rows(model, str(root / "m"), n_texts=2, seq_len=16).rows
-    table = feature_ablation_sweep(model, tokens, 0, FeatureDirection(load_sae(root / "out"), 2))
+    measured = measured_rows(model, str(root / "m"), n_texts=2, seq_len=16)
+    table = feature_ablation_sweep(model, measured.rows, 0, FeatureDirection(load_sae(root / "out"), 2),
+                                   documents=measured.document_ids)
     expected = table.top(3, by="delta_feature").rows()
     assert [r["neuron"] for r in result["neurons"]] == [r["neuron"] for r in expected]
+    # the feature's effects carry uncertainty too, clustered as the CLI's loss effects are
+    assert result["se_column"] == "delta_feature_se" and result["q_column"] == "delta_feature_q"
+    assert [r["delta_feature_q"] for r in result["neurons"]] == [r["delta_feature_q"] for r in expected]
+    assert result["n_distinguishable"] == int((table["delta_feature_q"] < 0.05).sum())
     rc, out, _ = run(root, capsys, "ablate", "--checkpoint", "{root}/m", "--token", " happy", "--n-texts", "2",
                      "--seq-len", "16", "--top", "3", "--json")
     assert rc == 0 and json.loads(out)["ranked_by"] == "|delta_logit|"

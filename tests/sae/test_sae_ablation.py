@@ -83,3 +83,45 @@ def test_bridge_runs_whole_forwards_with_the_same_numbers(model):
     # the bridge has no restart inside the MLP: whole forwards, same float64 numbers (1e-10 as the neuron sweep)
     for column in ("delta_feature", "delta_loss"):
         torch.testing.assert_close(theirs.columns[column], ours.columns[column], rtol=0, atol=1e-10)
+
+
+def test_feature_effects_carry_document_clustered_uncertainty(model):
+    """As ablation_sweep: ``delta_feature_se`` is the CR1 standard error over documents of the
+    per-token feature deltas (here computed one hooked forward per neuron), with t p-values and
+    Benjamini-Hochberg q-values over the swept neurons."""
+    import math
+
+    from scipy import stats
+
+    from bilinear_lens.activations.ablation.uncertainty import false_discovery_q_values
+
+    tokens = torch.randint(0, model.cfg.d_vocab, (4, 10), generator=torch.Generator().manual_seed(5))
+    documents = torch.tensor([0, 0, 1, 2])[:, None].expand(-1, 10).clone()
+    sae = make_sae("blocks.1.hook_resid_post")
+    hook = sae.cfg.hook_name
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=[hook])
+    feature = FeatureDirection(sae, int(sae.encode(cache[hook]).mean((0, 1)).argmax()))
+    neurons = [0, 3, 7, 8]
+    table = feature_ablation_sweep(model, tokens, 0, feature, neurons=neurons, documents=documents)
+    assert table.uncertainty == {"clusters": "documents", "n_clusters": {"feature": 3, "loss": 3}}
+
+    def per_token():
+        with torch.no_grad():
+            _, c = model.run_with_cache(tokens, names_filter=[hook])
+            return sae.encode(c[hook])[..., feature.index].double().reshape(-1)
+
+    clean = per_token()
+    docs = documents.reshape(-1)
+    for i, n in enumerate(neurons):
+        with ablate_neurons(model, 0, [n]):
+            d = per_token() - clean
+        m = d.mean()
+        spread = sum(float((d[docs == g].sum() - (docs == g).sum() * m) ** 2) for g in range(3))
+        se = math.sqrt(3 / 2 * spread) / d.numel()
+        assert table["delta_feature_se"][i].item() == pytest.approx(se, rel=1e-8, abs=1e-15)
+        if se > 0:
+            t = abs(m.item()) / se
+            assert table["delta_feature_p"][i].item() == pytest.approx(2 * stats.t.sf(t, df=2), rel=1e-6)
+    assert torch.allclose(table["delta_feature_q"], false_discovery_q_values(table["delta_feature_p"]), equal_nan=True)
+    assert not torch.isnan(table["delta_loss_se"]).any()

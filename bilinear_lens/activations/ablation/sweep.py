@@ -234,7 +234,7 @@ def ablation_sweep(
     naming them (``tokens``, ``reference``, ``position``, ``documents``, ...).
     """
     check_tokens(tokens, d_vocab=model.cfg.d_vocab, min_pos=2)
-    labels = _cluster_labels(tokens, documents)
+    labels = cluster_labels(tokens, documents)
     hook_name = neuron_hook_name(model, layer, hook)
     indices = _all_or_given(neurons, model.cfg.d_mlp)
     reference = tokens if reference is None and method != "zero" else reference
@@ -263,7 +263,7 @@ def ablation_sweep(
     return NeuronTable(layer, hook, method, columns, baseline, uncertainty)
 
 
-def _cluster_labels(tokens: Tensor, documents: Optional[Tensor]) -> Tensor:
+def cluster_labels(tokens: Tensor, documents: Optional[Tensor]) -> Tensor:
     """``documents`` checked against ``tokens`` (same shape, integers), or one label per row."""
     if documents is None:
         return row_clusters(tokens)
