@@ -183,7 +183,8 @@ def measured_documents(args: argparse.Namespace) -> tuple[list[str], dict[str, A
         rule = resolve_document_rule(read_text_file(args.text_file), args.documents)
         return documents, {"origin": "text-file", "source": args.text_file, "documents": args.documents,
                            "rule": rule, "documents_in_file": len(documents),
-                           "note": training_file_note(args.text_file, args.checkpoint, documents, rule)}
+                           "note": training_file_note(args.text_file, args.checkpoint, documents, rule)
+                           if args.checkpoint is not None else None}
     if args.documents != "auto":
         raise UsageError(f"--documents {args.documents} applies to --text-file only; without it the model's own "
                          "training data is split as its run recorded (data.documents); give --text-file too")

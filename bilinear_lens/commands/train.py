@@ -151,7 +151,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         yield status_line("final checkpoint", result.final_checkpoint, result.steps, result.finished,
                           result.already_finished)
         if result.val_loss is not None:
-            yield (f"val loss {result.val_loss:.3f} nats vs unigram entropy {result.unigram_entropy:.3f} nats "
-                   f"(step {result.steps})")
+            at = result.steps if result.val_step == result.steps else \
+                f"{'?' if result.val_step is None else result.val_step}, the last evaluation before step {result.steps}"
+            yield f"val loss {result.val_loss:.3f} nats vs unigram entropy {result.unigram_entropy:.3f} nats (step {at})"
 
     return run_training("train", args.out, args.stop_at, run, report, is_main)

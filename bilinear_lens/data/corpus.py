@@ -494,7 +494,7 @@ def _cache_paths(cache_dir: Path, key: str, split: str) -> tuple[Path, Path]:
 
 
 def _stream_tokens(
-    pairs: Iterable[tuple[str, str]], tokenizer: Tokenizer, files: dict[str, Any], progress: bool
+    pairs: Iterable[tuple[str, str]], tokenizer: Tokenizer, files: dict[str, Any]
 ) -> dict[str, dict[str, int]]:
     """Append each ``(split, document)``'s tokens to its split's file (``files[split]``),
     encoding in batches of :data:`_ENCODE_BATCH_DOCS`; returns ``{split: {token_count, n_docs}}``."""
@@ -508,7 +508,7 @@ def _stream_tokens(
         counts[split]["n_docs"] += len(pending[split])
         pending[split].clear()
 
-    for split, text in progress_bar(pairs, desc="tokenizing", unit="doc", enabled=progress):
+    for split, text in pairs:
         pending[split].append(text)
         if len(pending[split]) >= _ENCODE_BATCH_DOCS:
             flush(split)
@@ -549,8 +549,11 @@ def build_token_cache(
     tmp_paths = {s: cache_dir / f"{key}.{s}.bin.tmp-{os.getpid()}" for s in splits}
     files = {s: open(tmp_paths[s], "wb") for s in splits}
     try:
-        pairs = assign_splits(texts, val_fraction, seed, whole_file)
-        counts = _stream_tokens(((s, t) for s, t in pairs if s in files), tokenizer, files, progress)
+        # progress counts the source's documents (a whole file is one, though its head and tail
+        # go to train and val as two pieces: the bar said "2 doc" for a one-document file)
+        documents = progress_bar(texts, desc="tokenizing", unit="doc", enabled=progress)
+        pairs = assign_splits(documents, val_fraction, seed, whole_file)
+        counts = _stream_tokens(((s, t) for s, t in pairs if s in files), tokenizer, files)
         for f in files.values():
             f.close()
         if sum(c["n_docs"] for c in counts.values()) == 0:

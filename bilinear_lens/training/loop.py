@@ -138,8 +138,10 @@ class TrainResult:
     """What :func:`train` returns.
 
     ``final_checkpoint``: ``out_dir/final`` (or the step checkpoint where ``stop_at``
-    stopped the run). ``val_loss``: validation loss at the last step (nats/token; ``None``
-    without a validation split). ``unigram_entropy``: entropy of the validation (else
+    stopped the run). ``val_loss``: the last validation loss (nats/token; ``None`` without a
+    validation split), evaluated at step ``val_step`` (the last step, or for a ``stop_at``
+    between evaluations the evaluation before it; ``None`` where a checkpoint written before
+    steps were recorded does not say). ``unigram_entropy``: entropy of the validation (else
     training) token distribution, the loss of the best context-free predictor, for
     comparison. ``metrics``: every record of ``metrics.jsonl``, resumed runs included.
     """
@@ -152,6 +154,7 @@ class TrainResult:
     unigram_entropy: float
     finished: bool = True  # False when stop_at ended the run before the schedule did
     already_finished: bool = False  # resumed a finished run: nothing trained, evaluated or written
+    val_step: Optional[int] = None  # the step val_loss was evaluated at (a --stop-at between evaluations: earlier)
 
 
 # --- schedule, optimizer, loss ------------------------------------------------------------
@@ -302,6 +305,8 @@ class Trainer:
         self.step, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
         self.meter = IntervalMeter()
         self.last_val: Optional[float] = None
+        self.last_val_step: Optional[int] = None  # the step last_val was evaluated at (None: unknown)
+        self.end_step = total_steps  # where fit() stops; set again by each fit()
         # Nothing in the loop draws random numbers today (no dropout; the data order has its
         # own seeded generator), but seed the global generators so any future stochastic op
         # is reproducible too; load_trainer_state restores their saved states instead.
@@ -334,6 +339,8 @@ class Trainer:
 
             raise CheckpointError(f"{self.resume_from}: metrics.val_loss = {val_loss!r} must be a number or null")
         self.last_val = None if val_loss is None else float(val_loss)
+        val_step = state.metrics.get("val_step")  # absent in checkpoints written before it was recorded
+        self.last_val_step = val_step if isinstance(val_step, int) and not isinstance(val_step, bool) else None
         self.task.load_data_state(state.data)
 
     @property
@@ -347,12 +354,14 @@ class Trainer:
         """Train to ``end_step`` (default: the end of the schedule) with a checkpoint there;
         at the end of the schedule also write ``out_dir/final``. Returns the last checkpoint."""
         end_step = self.total_steps if end_step is None else min(end_step, self.total_steps)
+        self.end_step = end_step
         if self.step == 0 and self.cfg.eval_every and self.task.baseline_eval:  # the untrained loss
-            self.last_val = self.task.evaluate()
-            self.log.append({**make_record(0, None, self.last_val, self.lr, None, 0, self.elapsed()),
-                             **self.task.record_fields(True)})
+            self.last_val, self.last_val_step = self.task.evaluate(), 0
+            fields = self.task.record_fields(True)
+            self.log.append({**make_record(0, None, self.last_val, self.lr, None, 0, self.elapsed()), **fields})
+            self._log_evaluation(fields, untrained=True)
         elif self.step >= end_step and self.resume_from is not None:  # nothing left to train
-            self.last_val = self.task.evaluate()
+            self.last_val, self.last_val_step = self.task.evaluate(), self.step
         self.bar = progress_bar(total=self.total_steps, initial=self.step, desc="train", unit="step",
                                 enabled=self.progress and self.env.is_main)
         try:
@@ -408,8 +417,19 @@ class Trainer:
     def _evaluate_if_needed(self) -> bool:
         due = bool(self.cfg.eval_every and self.step % self.cfg.eval_every == 0) or self.step == self.total_steps
         if due:
-            self.last_val = self.task.evaluate()
+            self.last_val, self.last_val_step = self.task.evaluate(), self.step
+            if self.step < self.end_step:  # the caller reports the last step itself (with its checkpoint)
+                self._log_evaluation(self.task.record_fields(True))
         return due
+
+    def _log_evaluation(self, fields: dict[str, Any], untrained: bool = False) -> None:
+        """One stderr line per evaluation (rank 0), so a run logged off a terminal shows its
+        validation curve as it goes, not only at the end (:func:`evaluation_line`)."""
+        if not self.env.is_main:
+            return
+        seconds_per_step = self.meter.seconds / self.meter.steps if self.meter.steps else None
+        logger.info("%s", evaluation_line(self.step, self.total_steps, self.last_val, fields,
+                                          None if untrained else self.meter.mean_loss(), seconds_per_step))
 
     def _log_if_needed(self, evaluated: bool) -> None:
         if not (evaluated or (self.cfg.log_every and self.step % self.cfg.log_every == 0)):
@@ -433,6 +453,7 @@ class Trainer:
         self.guard.check_state(self.step, self.task.model, self.optimizer)
         if self.env.is_main:
             metrics = {"elapsed_s": self.elapsed(), "tokens": self.tokens_seen, "val_loss": self.last_val,
+                       "val_step": self.last_val_step,
                        "train_loss": self.log.last_train_loss, "interval": self.meter.state()}
             scheduler = {"schedule": self.cfg.schedule, "total_steps": self.total_steps,
                          "next_lr": learning_rate(self.step, self.cfg, self.total_steps)}
@@ -442,6 +463,22 @@ class Trainer:
             self.task.after_checkpoint(path)
         self.env.barrier()
         self.guard.mark_good(path)
+
+
+def evaluation_line(step: int, total_steps: int, val_loss: Optional[float], fields: dict[str, Any],
+                    train_loss: Optional[float], seconds_per_step: Optional[float]) -> str:
+    """``step 40/300: val loss 3.2141 (train loss 3.3012, 0.21 s/step)``; a task's own
+    held-out metrics (``val_*`` fields, e.g. an SAE's ``val_mse``) replace ``val loss``, and
+    step 0 reads ``(untrained)``."""
+    own = {k: v for k, v in fields.items() if k.startswith("val_") and isinstance(v, (int, float))}
+    if own:
+        held_out = ", ".join(f"{k} {v:.4g}" for k, v in own.items())
+    else:
+        held_out = "val loss none (no val split)" if val_loss is None else f"val loss {val_loss:.4f}"
+    since = [f"train loss {train_loss:.4f}"] if train_loss is not None else []
+    since += [f"{seconds_per_step:.3g} s/step"] if seconds_per_step else []
+    tail = " (untrained)" if step == 0 else f" ({', '.join(since)})" if since else ""
+    return f"step {step}/{total_steps}: {held_out}{tail}"
 
 
 # --- the language model: train() ---------------------------------------------------------------
@@ -663,7 +700,8 @@ def _finished_result(out_dir: Path, ckpt_path: Path, total_steps: int) -> Option
     val_loss = read_train_state(final).metrics.get("val_loss")
     return TrainResult(final_checkpoint=final, val_loss=None if val_loss is None else float(val_loss),
                        steps=total_steps, metrics=read_metrics(out_dir / METRICS_FILE), out_dir=out_dir,
-                       unigram_entropy=float("nan"), already_finished=True)
+                       unigram_entropy=float("nan"), already_finished=True,
+                       val_step=total_steps)  # the schedule's last step always evaluates
 
 
 def _train(
@@ -707,8 +745,11 @@ def _train(
     final = trainer.fit(stop_at)
     if env.is_main:
         val = "none (no val split)" if trainer.last_val is None else f"{trainer.last_val:.4f}"
+        if trainer.last_val is not None and trainer.last_val_step != trainer.step:  # a stop between evaluations
+            val += f" (evaluated at step {'?' if trainer.last_val_step is None else trainer.last_val_step})"
         logger.info("step %d: val loss %s; checkpoint %s", trainer.step, val, final)
     return TrainResult(
         final_checkpoint=final, val_loss=trainer.last_val, steps=trainer.step, metrics=trainer.log.records,
         out_dir=out_dir, unigram_entropy=unigram_entropy(entropy_tokens), finished=trainer.finished,
+        val_step=trainer.last_val_step,
     )

@@ -41,7 +41,8 @@ def model(n_ctx: int) -> SimpleNamespace:
 def test_analysis_packs_as_the_polytope_cli(tmp_path: Path, n_ctx, max_tokens, warmup):
     text = tmp_path / "docs.txt"
     text.write_text("\n\n\n".join(DOCS) + "\n", encoding="utf-8")
-    args = SimpleNamespace(text_file=str(text), max_tokens=max_tokens or 10**6, warmup=warmup, seed=0, documents="auto")
+    args = SimpleNamespace(text_file=str(text), max_tokens=max_tokens or 10**6, warmup=warmup, seed=0, documents="auto",
+                           checkpoint=None)
     documents, _ = measured_documents(args)  # the CLI's reading of --text-file
     rows, mask, counts = _token_rows(model(n_ctx), documents, args.max_tokens, warmup, "docs.txt")
     packed = polytope_purity.pack_text(model(n_ctx), polytope_purity._read_documents(args), args)

@@ -12,7 +12,7 @@ from conftest import run_config
 
 
 def printed_val_loss(out: str) -> str:
-    match = re.search(r"^val loss (\S+) nats .* \(step (\d+)\)$", out, re.M)
+    match = re.search(r"^val loss (\S+) nats .* \(step (\d+)(?:, the last evaluation before step \d+)?\)$", out, re.M)
     assert match, out
     return f"{match.group(1)} at step {match.group(2)}"
 
@@ -24,6 +24,7 @@ def test_resume_prints_and_records_the_uninterrupted_val_loss(cache_dir, tmp_pat
 
     assert cli.main([*base, "--out", str(tmp_path / "straight"), "--stop-at", "6"]) == 0
     straight = printed_val_loss(capsys.readouterr().out)
+    assert straight.endswith("at step 4")  # evaluated at step 4 (eval_every 4), and said so
     assert cli.main([*base, "--out", str(tmp_path / "resumed"), "--stop-at", "5"]) == 0
     capsys.readouterr()
     assert cli.main([*base, "--out", str(tmp_path / "resumed"), "--resume", "--stop-at", "6"]) == 0

@@ -1,0 +1,44 @@
+"""The tokenizing progress counts the source's documents (issue 25 audit: a one-document
+``.txt`` read whole showed ``tokenizing: 2 doc``, its train head and val tail)."""
+
+from __future__ import annotations
+
+import pytest
+
+from bilinear_lens.data import corpus
+from bilinear_lens.data.synthetic import synthetic_stories
+from bilinear_lens.data.tokenizer import train_tokenizer
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Records what each tokenizing progress bar was given to count."""
+    seen: list[dict] = []
+    real = corpus.progress_bar
+
+    def recording(iterable=None, **kwargs):
+        record = {"desc": kwargs.get("desc"), "unit": kwargs.get("unit"), "n": 0}
+        seen.append(record)
+
+        def items():
+            for item in iterable:
+                record["n"] += 1
+                yield item
+
+        return real(items(), **kwargs)
+
+    monkeypatch.setattr(corpus, "progress_bar", recording)
+    return seen
+
+
+@pytest.mark.parametrize("whole_file, texts, n_docs", [
+    (True, ["\n\n".join(synthetic_stories(20, seed=1))], 1),  # one document: head to train, tail to val
+    (False, synthetic_stories(30, seed=2), 30),
+])
+def test_tokenizing_counts_source_documents_not_split_pieces(tmp_path, counted, whole_file, texts, n_docs):
+    tok = train_tokenizer(synthetic_stories(50, seed=0), vocab_size=300)
+    paths = corpus.build_token_cache(texts, tok, tmp_path, "k", val_fraction=0.2, seed=0, progress=True,
+                                     whole_file=whole_file)
+    [bar] = [r for r in counted if r["desc"] == "tokenizing"]
+    assert (bar["unit"], bar["n"]) == ("doc", n_docs)
+    assert set(paths) >= {"train", "val"}  # both splits written: the whole file did become two pieces
