@@ -7,7 +7,7 @@ import pytest
 
 from bilinear_lens.data import corpus
 from bilinear_lens.data.synthetic import synthetic_stories
-from bilinear_lens.data.tokenizer import train_tokenizer
+from fixtures.tokenizers import stories_backend
 
 
 @pytest.fixture
@@ -36,7 +36,7 @@ def counted(monkeypatch):
     (False, synthetic_stories(30, seed=2), 30),
 ])
 def test_tokenizing_counts_source_documents_not_split_pieces(tmp_path, counted, whole_file, texts, n_docs):
-    tok = train_tokenizer(synthetic_stories(50, seed=0), vocab_size=300)
+    tok = stories_backend(50, 300)  # trained once per session (tests/fixtures)
     paths = corpus.build_token_cache(texts, tok, tmp_path, "k", val_fraction=0.2, seed=0, progress=True,
                                      whole_file=whole_file)
     [bar] = [r for r in counted if r["desc"] == "tokenizing"]
