@@ -14,8 +14,8 @@ vs the dense-tensor baseline.
     directions) and on a *trained* model: layer 0 of ``training/configs/tinystories-1l-cpu.toml``
     (1 layer, d 512, d_mlp 2048, vocabulary 4096, ~5 epochs of the TinyStories sample in
     ``../shared/data``), all 4096 token directions. The model is trained on first use
-    (~5 minutes on 2 cores) into ``benchmarks/out/ts1l-cpu`` and reused; ``--trained-checkpoint
-    DIR`` takes any bilinear checkpoint instead (e.g. a converted paper model). ``--quick``
+    (~5 minutes on 2 idle cores, 1.1-1.3 s/step; 2-3x on shared cores) into
+    ``benchmarks/out/ts1l-cpu`` and reused; ``--trained-checkpoint DIR`` takes any bilinear checkpoint instead (e.g. a converted paper model). ``--quick``
     trains the tiny recipe for 40 steps instead. Accuracy of the atlas against today's
     exact result: max relative eigenvalue error and the largest principal angle between
     the two top-8 eigenvector subspaces (max and 99th percentile over directions). The

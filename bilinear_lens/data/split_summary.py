@@ -1,7 +1,8 @@
 """One status line saying how training cut its corpus into documents and which of them are
 validation (issue 25 audit: a 713-story ``.txt`` without ``<|endoftext|>`` lines became ONE
 document under ``auto``, its validation split the last 5% cut mid-story, and ``train``
-said only ``tokenizing: 2 doc``)::
+said only ``tokenizing: 2 doc``, counting the head and tail of the one document; it now
+counts documents, ``tokenizing: 1 doc``)::
 
     documents: file (auto: no <|endoftext|> lines in stories.txt), 1 document; val = its last 5% (cut mid-document)
     documents: endoftext (auto: <|endoftext|> lines in stories.txt), 714 documents; val = 36 whole documents (val_fraction 0.05, seed 0)
@@ -15,11 +16,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["documents_line"]
+__all__ = ["documents_line", "document_count"]
 
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def document_count(spec: Mapping[str, Any], n_train: int, n_val: int) -> int:
+    """Documents of a corpus cached under ``spec`` whose splits hold ``n_train`` and ``n_val``
+    pieces (the sidecars' ``n_docs``): their sum, except under the ``file`` rule, where the
+    pieces are the head and tail of the one document."""
+    return 1 if spec.get("documents") == "file" else n_train + n_val
 
 
 def _percent(fraction: float) -> str:

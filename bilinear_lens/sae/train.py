@@ -69,6 +69,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from bilinear_lens.data.split_summary import document_count
 from bilinear_lens.files.atomic import atomic_write_text
 from bilinear_lens.files.names import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
 from bilinear_lens.files.serialized import CheckpointError
@@ -282,10 +283,12 @@ def sae_text_line(recipe: SAERecipe, train_blocks: Any, val_blocks: Any) -> str:
     """The ``SAE text: ...`` status line: which text a resolved recipe trains on (the model's
     training data, the recipe's ``data.source``, or the synthetic fallback), e.g.
     ``SAE text: the model's training data (/abs/stories.txt, documents: endoftext), 714 documents``.
-    Documents are counted from the token cache's sidecars (train + val)."""
+    Documents are counted from the token cache's sidecars (:func:`document_count`: a whole
+    file cut into a train head and a val tail is 1)."""
     dc = recipe.data
     spec = train_blocks.meta.get("source") or {}
-    n = int(train_blocks.meta.get("n_docs", 0)) + (0 if val_blocks is None else int(val_blocks.meta.get("n_docs", 0)))
+    n = document_count(spec, int(train_blocks.meta.get("n_docs", 0)),
+                       0 if val_blocks is None else int(val_blocks.meta.get("n_docs", 0)))
     label, details = ("synthetic stories", [f"data.seed {dc.seed}"]) if dc.source == "synthetic" else (dc.source, [])
     if spec.get("documents"):
         details.append(f"documents: {spec['documents']}")

@@ -42,3 +42,18 @@ def test_tokenizing_counts_source_documents_not_split_pieces(tmp_path, counted, 
     [bar] = [r for r in counted if r["desc"] == "tokenizing"]
     assert (bar["unit"], bar["n"]) == ("doc", n_docs)
     assert set(paths) >= {"train", "val"}  # both splits written: the whole file did become two pieces
+
+
+def test_a_whole_file_is_one_document_in_the_sae_text_line(tmp_path):
+    """The sidecars count a whole file's head and tail; the SAE's status line counts it once."""
+    from types import SimpleNamespace
+
+    from bilinear_lens.data.split_summary import document_count
+    from bilinear_lens.sae.recipe import RECIPE_DATA, SAERecipe
+    from bilinear_lens.sae.train import sae_text_line
+
+    spec = {"source": str(tmp_path / "stories.txt"), "documents": "file"}
+    train, val = SimpleNamespace(meta={"source": spec, "n_docs": 1}), SimpleNamespace(meta={"n_docs": 1})
+    recipe = SAERecipe.from_dict({"data": {"source": spec["source"]}}, where="test recipe", data_origin=RECIPE_DATA)
+    assert sae_text_line(recipe, train, val).endswith("(recipe data.source, documents: file), 1 document")
+    assert document_count({"documents": "endoftext"}, 30, 10) == 40 and document_count(spec, 1, 0) == 1
