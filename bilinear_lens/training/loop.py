@@ -428,8 +428,13 @@ class Trainer:
         if not self.env.is_main:
             return
         seconds_per_step = self.meter.seconds / self.meter.steps if self.meter.steps else None
-        logger.info("%s", evaluation_line(self.step, self.total_steps, self.last_val, fields,
-                                          None if untrained else self.meter.mean_loss(), seconds_per_step))
+        line = evaluation_line(self.step, self.total_steps, self.last_val, fields,
+                               None if untrained else self.meter.mean_loss(), seconds_per_step)
+        if self.bar is not None:  # a terminal bar: cleared for the line, redrawn below it
+            self.bar.clear()
+        logger.info("%s", line)
+        if self.bar is not None:
+            self.bar.refresh()
 
     def _log_if_needed(self, evaluated: bool) -> None:
         if not (evaluated or (self.cfg.log_every and self.step % self.cfg.log_every == 0)):
