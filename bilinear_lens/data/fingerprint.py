@@ -24,7 +24,7 @@ from bilinear_lens.files.atomic import atomic_write_text
 from bilinear_lens.files.names import DATA_FINGERPRINT_FILE
 
 __all__ = ["DATA_FINGERPRINT_FILE", "FileFingerprint", "fingerprint_file", "write_fingerprint", "read_fingerprint",
-           "find_difference"]
+           "find_difference", "holds_recorded_bytes"]
 
 FINGERPRINT_FORMAT = "bilinear-lens-data-fingerprint"
 FINGERPRINT_VERSION = 1
@@ -95,3 +95,10 @@ def find_difference(recorded: FileFingerprint, path: str | os.PathLike[str]) -> 
         return FileFingerprint(str(resolved), stat.st_size, "", stat.st_mtime_ns)
     found = fingerprint_file(resolved)
     return None if found.sha256 == recorded.sha256 else found
+
+
+def holds_recorded_bytes(recorded: Optional[FileFingerprint], path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a file holding the bytes ``recorded`` describes (:func:`find_difference`);
+    ``False`` without a fingerprint or a file there. What makes a corpus at another path the
+    recorded one (moved, or a copy)."""
+    return recorded is not None and Path(path).expanduser().is_file() and find_difference(recorded, path) is None

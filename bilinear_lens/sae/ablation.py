@@ -24,12 +24,7 @@ from torch import Tensor
 from bilinear_lens.activations.ablation import NeuronTable
 from bilinear_lens.activations.ablation.neuron_hooks import NeuronsLike, neuron_hook_name, neuron_indices
 from bilinear_lens.activations.ablation.sweep import cluster_labels, copies_forward, resolve_ablations_per_pass
-from bilinear_lens.activations.ablation.uncertainty import (
-    Clusters,
-    clustered_standard_error,
-    effect_p_values,
-    false_discovery_q_values,
-)
+from bilinear_lens.activations.ablation.uncertainty import Clusters, uncertainty_columns, uncertainty_record
 from bilinear_lens.activations.ablation.values import check_tokens, replacement
 from bilinear_lens.activations.capture import run_capturing
 from bilinear_lens.models.hook_names import check_hook_names
@@ -76,7 +71,6 @@ def feature_ablation_sweep(
     forward = copies_forward(model, tokens, layer, hook)
     sae_hook, batch = feature.sae.cfg.hook_name, tokens.shape[0]
     sums = {name: torch.empty(indices.shape[0], c.n_clusters, dtype=torch.float64) for name, c in clusters.items()}
-    means = torch.empty(indices.shape[0], 2, dtype=torch.float64)
     with progress_bar(total=indices.shape[0], desc=f"{method}-ablating {hook_name}", unit="neuron", enabled=progress) as bar:
         for start in range(0, indices.shape[0], per_pass):
             chunk = indices[start : start + per_pass]
@@ -91,16 +85,14 @@ def feature_ablation_sweep(
                 per_token = {"feature": f[j], "loss": next_token_loss(copy, tokens.to(copy.device), per_token=True)}
                 for name, v in per_token.items():
                     sums[name][start + j] = clusters[name].sums(v)
-                means[start + j] = torch.stack([f[j].double().mean().cpu(), per_token["loss"].double().mean().cpu()])
             bar.update(k)
-    columns = {"neuron": indices, "delta_feature": means[:, 0] - clean_feature, "delta_loss": means[:, 1] - clean_loss}
-    for name, c in clusters.items():
-        se = clustered_standard_error(sums[name] - clean_sums[name], c.sizes)
-        p = effect_p_values(columns[f"delta_{name}"], se, c.n_clusters)
-        columns.update({f"delta_{name}_se": se, f"delta_{name}_p": p, f"delta_{name}_q": false_discovery_q_values(p)})
-    uncertainty = {"clusters": "rows" if documents is None else "documents",
-                   "n_clusters": {name: c.n_clusters for name, c in clusters.items()}}
-    return NeuronTable(layer, hook, method, columns, {"feature": clean_feature, "loss": clean_loss}, uncertainty)
+    delta_sums = {name: s - clean_sums[name] for name, s in sums.items()}
+    # each mean effect is its cluster sums' total over the values counted
+    columns = {"neuron": indices,
+               **{f"delta_{name}": d.sum(-1) / clusters[name].sizes.sum() for name, d in delta_sums.items()}}
+    columns.update(uncertainty_columns(columns, delta_sums, clusters))
+    return NeuronTable(layer, hook, method, columns, {"feature": clean_feature, "loss": clean_loss},
+                       uncertainty_record(documents, clusters))
 
 
 def _clean_values(model: Any, tokens: Tensor, feature: FeatureDirection) -> tuple[Tensor, Tensor]:

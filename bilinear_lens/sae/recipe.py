@@ -108,11 +108,6 @@ class SAERecipe:
     data_origin: str = ""  # one of DATA_ORIGINS once resolved; "" before
     data_note: str = ""  # what the SAE text line adds (a fallback, a recipe text that is not the model's)
 
-    @property
-    def uses_model_data(self) -> bool:
-        """The recipe names no text of its own: the SAE trains on the model's recorded data."""
-        return self.data_origin == MODEL_DATA or (not self.data_origin and "source" not in self.data_keys)
-
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {name: dataclasses.asdict(getattr(self, name)) for name in _SECTIONS}
 
@@ -267,10 +262,9 @@ def _holds_recorded_bytes(recorded_source: str, source: str, checkpoint: Union[s
     holds the bytes the checkpoint's ``data_fingerprint.json`` records (the model's training
     file, moved)."""
     from bilinear_lens.data.corpus import is_local_source, resolved_source
-    from bilinear_lens.data.fingerprint import find_difference
+    from bilinear_lens.data.fingerprint import holds_recorded_bytes
     from bilinear_lens.training.measured_text import recorded_fingerprint
 
     if not (is_local_source(recorded_source) and is_local_source(source)) or resolved_source(recorded_source) == source:
         return False
-    recorded = recorded_fingerprint(str(checkpoint))
-    return recorded is not None and Path(source).is_file() and find_difference(recorded, source) is None
+    return holds_recorded_bytes(recorded_fingerprint(str(checkpoint)), source)

@@ -378,14 +378,14 @@ def _moved_model_data(saved: SAERecipe, given: SAERecipe, checkpoint: Path) -> b
     the model's own local training file and the given path holds the bytes the model's
     ``data_fingerprint.json`` records (the one change of ``data.source`` a resume accepts)."""
     from bilinear_lens.data.corpus import is_local_source
-    from bilinear_lens.data.fingerprint import find_difference
+    from bilinear_lens.data.fingerprint import holds_recorded_bytes
     from bilinear_lens.training.measured_text import recorded_fingerprint
 
     source = given.data.source
     if saved.data_origin != MODEL_DATA or not (is_local_source(saved.data.source) and is_local_source(source)):
         return False
     recorded = recorded_fingerprint(str(checkpoint))
-    if recorded is None or not Path(source).is_file() or find_difference(recorded, source) is not None:
+    if not holds_recorded_bytes(recorded, source):
         return False
     logger.info("the model's training file moved: %s (saved) is now %s, the same bytes (%s); resuming on it",
                 saved.data.source, source, recorded.describe())

@@ -71,6 +71,7 @@ from bilinear_lens.data.corpus import TokenBlocks, corpus_fingerprint, is_local_
 from bilinear_lens.data.fingerprint import (
     DATA_FINGERPRINT_FILE,
     FileFingerprint,
+    holds_recorded_bytes,
     find_difference,
     read_fingerprint,
     write_fingerprint,
@@ -593,14 +594,17 @@ def _check_resume_recipe(run_config: RunConfig, ckpt_path: Path) -> None:
     saved = with_resolved_source(load_run_config(saved_file))
     recorded = read_fingerprint(ckpt_path / DATA_FINGERPRINT_FILE)
     refused = refused_differences(saved, run_config, ("data",))
-    if any(name == "data.source" for name, _, _ in refused) and _moved_corpus(saved, run_config, recorded, ckpt_path):
+    moved = any(name == "data.source" for name, _, _ in refused) and _moved_corpus(saved, run_config, recorded,
+                                                                                     ckpt_path)
+    if moved:
         refused = [d for d in refused if d[0] != "data.source"]
     if refused:
         raise ValueError(f"cannot resume from {ckpt_path}: the recipe ({run_config.source}) differs from the "
                          f"checkpoint's ({saved_file}) in {format_differences(refused)}; on resume only [train] "
                          "values and data.cache_dir may change" + _moved_hint(refused, run_config, recorded))
     source = Path(run_config.data.source)
-    if recorded is not None and is_local_source(run_config.data.source) and source.is_file():
+    if not moved and recorded is not None and is_local_source(run_config.data.source) and source.is_file():
+        # (a moved corpus was just checked byte for byte: not hashed a second time)
         found = find_difference(recorded, source)
         if found is not None:
             raise ValueError(f"cannot resume from {ckpt_path}: it was trained on {recorded.path} "
@@ -613,9 +617,9 @@ def _moved_corpus(saved: RunConfig, given: RunConfig, recorded: Optional[FileFin
     local files, a fingerprint recorded, and the given file holding exactly the recorded
     bytes (SHA-256). A changed file is left to the byte check, which names both digests."""
     source = given.data.source
-    if recorded is None or not (is_local_source(saved.data.source) and is_local_source(source)):
+    if not (is_local_source(saved.data.source) and is_local_source(source)):
         return False
-    if not Path(source).is_file() or find_difference(recorded, source) is not None:
+    if not holds_recorded_bytes(recorded, source):
         return False
     logger.info("the corpus moved: %s (recorded in %s) is now %s, the same bytes (%s); resuming on it",
                 saved.data.source, ckpt_path, source, recorded.describe())

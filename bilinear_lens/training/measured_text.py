@@ -241,11 +241,11 @@ def _is_training_file(text_file: str, data: Any, checkpoint: str) -> bool:
     """Whether ``text_file`` holds the model's training corpus: the bytes its recorded
     fingerprint describes, or (a run recorded without one) the recorded path itself."""
     from bilinear_lens.data.corpus import resolved_source
-    from bilinear_lens.data.fingerprint import find_difference
+    from bilinear_lens.data.fingerprint import holds_recorded_bytes
 
     recorded = recorded_fingerprint(checkpoint)
     if recorded is not None:
-        return find_difference(recorded, text_file) is None
+        return holds_recorded_bytes(recorded, text_file)
     return str(Path(text_file).expanduser().resolve()) == resolved_source(data.source)
 
 

@@ -25,10 +25,9 @@ from bilinear_lens.activations.ablation.install import HookFn
 from bilinear_lens.activations.ablation.metrics import MetricFn, evaluate, named_metrics, token_metrics
 from bilinear_lens.activations.ablation.uncertainty import (
     Clusters,
-    clustered_standard_error,
-    effect_p_values,
-    false_discovery_q_values,
     row_clusters,
+    uncertainty_columns,
+    uncertainty_record,
 )
 from bilinear_lens.activations.ablation.neuron_hooks import NeuronsLike, neuron_hook_name, neuron_indices
 from bilinear_lens.activations.ablation.table import NeuronTable
@@ -254,13 +253,9 @@ def ablation_sweep(
     columns = {"neuron": indices}
     columns.update({f"delta_{name}": deltas - baseline[name] for name, deltas in ablated.items()})
     # uncertainty after every delta column: the first value column stays the ranking default
-    for name, s in sums.items():
-        se = clustered_standard_error(s - baseline_sums[name], clusters[name].sizes)
-        p = effect_p_values(columns[f"delta_{name}"], se, clusters[name].n_clusters)
-        columns.update({f"delta_{name}_se": se, f"delta_{name}_p": p, f"delta_{name}_q": false_discovery_q_values(p)})
-    uncertainty = {"clusters": "rows" if documents is None else "documents",
-                   "n_clusters": {name: c.n_clusters for name, c in clusters.items()}}
-    return NeuronTable(layer, hook, method, columns, baseline, uncertainty)
+    delta_sums = {name: s - baseline_sums[name] for name, s in sums.items()}
+    columns.update(uncertainty_columns(columns, delta_sums, clusters))
+    return NeuronTable(layer, hook, method, columns, baseline, uncertainty_record(documents, clusters))
 
 
 def cluster_labels(tokens: Tensor, documents: Optional[Tensor]) -> Tensor:

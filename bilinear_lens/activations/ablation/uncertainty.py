@@ -26,7 +26,7 @@ expected share of false discoveries among those called distinguishable below ``a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ from scipy import stats
 from torch import Tensor
 
 __all__ = ["DEFAULT_FDR", "Clusters", "clustered_standard_error", "document_ids", "effect_p_values",
-           "false_discovery_q_values", "row_clusters"]
+           "false_discovery_q_values", "row_clusters", "uncertainty_columns", "uncertainty_record"]
 
 # The false discovery rate below which a sweep calls an effect distinguishable from zero.
 DEFAULT_FDR = 0.05
@@ -126,3 +126,24 @@ def false_discovery_q_values(p: Float[Tensor, "n"]) -> Float[Tensor, "n"]:
         q[finite] = torch.from_numpy(stats.false_discovery_control(p[finite].numpy(), method="bh"))
     return q
 
+
+
+def uncertainty_columns(
+    effects: Mapping[str, Float[Tensor, "n"]], delta_sums: Mapping[str, Float[Tensor, "n G"]],
+    clusters: Mapping[str, Clusters],
+) -> dict[str, Float[Tensor, "n"]]:
+    """``delta_X_se`` / ``delta_X_p`` / ``delta_X_q`` for each metric ``X`` of ``delta_sums``
+    (its per-cluster sums of ablated minus clean values, ``[n, G]``), from the effects
+    ``effects["delta_X"]`` and the metric's ``clusters``: the columns a sweep's table adds."""
+    columns: dict[str, Tensor] = {}
+    for name, sums in delta_sums.items():
+        se = clustered_standard_error(sums, clusters[name].sizes)
+        p = effect_p_values(effects[f"delta_{name}"], se, clusters[name].n_clusters)
+        columns.update({f"delta_{name}_se": se, f"delta_{name}_p": p, f"delta_{name}_q": false_discovery_q_values(p)})
+    return columns
+
+
+def uncertainty_record(documents: Optional[Tensor], clusters: Mapping[str, Clusters]) -> dict[str, Any]:
+    """``NeuronTable.uncertainty``: what the standard errors were clustered by, and how many."""
+    return {"clusters": "rows" if documents is None else "documents",
+            "n_clusters": {name: c.n_clusters for name, c in clusters.items()}}
